@@ -1,0 +1,1 @@
+"""Data layer: file io, manifests, importers, preparation, datasets and phantoms."""

@@ -1,0 +1,225 @@
+"""Read and write images as MONAI ``MetaTensor``s that keep their geometry.
+
+Arrays are channel-first: ``(C, H, W)`` for 2D, ``(C, X, Y, Z)`` for 3D, in the file's
+voxel order. ``MetaTensor.affine`` (4x4) maps voxel indices to world millimetres in
+RAS (NIfTI convention), so a NIfTI in and a NIfTI out share world coordinates.
+
+Readers are nibabel (NIfTI), pydicom through MONAI's ``PydicomReader`` (DICOM series
+folders), SimpleITK (NRRD/MHA/MHD), imageio (PNG/TIFF/JPEG/BMP) and NumPy (NPY/NPZ).
+Every failure becomes one :class:`~medsynth.errors.BadInputError` naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medsynth.errors import BadInputError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+NUMPY_SUFFIXES = (".npy", ".npz")
+DICOM_SUFFIXES = (".dcm",)
+READABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES + DICOM_SUFFIXES
+
+# ITK stores world coordinates in LPS; NIfTI/MONAI use RAS.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def suffix_of(path: str | Path) -> str:
+    """The lower-case extension, treating ``.nii.gz`` as one suffix."""
+    name = Path(path).name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return Path(name).suffix
+
+
+def is_readable(path: str | Path) -> bool:
+    """Whether :func:`load_image` knows the file's format (a folder counts as a DICOM series)."""
+    path = Path(path)
+    return path.is_dir() or suffix_of(path) in READABLE_SUFFIXES
+
+
+def spacing_of(affine: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Voxel spacing (mm) along each array axis, from a 4x4 (or 3x3 for 2D) affine."""
+    affine = np.asarray(affine, dtype=np.float64)
+    n = affine.shape[0] - 1
+    return np.linalg.norm(affine[:n, :n], axis=0)
+
+
+def check_finite(array: np.ndarray, path: str | Path) -> None:
+    """Refuse arrays holding NaN or Inf, naming the file and how many voxels."""
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise BadInputError(path, f"{int(bad.sum())} voxel(s) are NaN or Inf")
+
+
+def load_image(path: str | Path, dtype: np.dtype | type = np.float32) -> MetaTensor:
+    """Read an image file (or DICOM series folder) into a channel-first ``MetaTensor``.
+
+    Args:
+        path: NIfTI, NRRD/MHA/MHD, DICOM folder or file, PNG/TIFF/JPEG/BMP, NPY or NPZ.
+            An NPZ may hold ``image`` (or its first array) and ``affine``.
+        dtype: array type of the result (``np.int64`` for label maps).
+
+    Returns:
+        ``MetaTensor`` of shape ``(C, *spatial)`` with a 4x4 ``affine`` (identity for
+        pictures and plain NumPy files) and ``meta["filename_or_obj"]``.
+
+    Raises:
+        BadInputError: missing, unsupported, corrupt or truncated file, or NaN/Inf voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(path, "file not found")
+    suffix = suffix_of(path)
+    if not path.is_dir() and suffix not in READABLE_SUFFIXES:
+        raise BadInputError(path, f"unsupported file type '{suffix or path.name}' (readable: {', '.join(READABLE_SUFFIXES)})")
+    try:
+        if path.is_dir() or suffix in DICOM_SUFFIXES:
+            array, affine = _read_dicom(path)
+        elif suffix in NIFTI_SUFFIXES:
+            array, affine = _read_nifti(path)
+        elif suffix in ITK_SUFFIXES:
+            array, affine = _read_itk(path)
+        elif suffix in PICTURE_SUFFIXES:
+            array, affine = _read_picture(path)
+        else:
+            array, affine = _read_numpy(path)
+    except BadInputError:
+        raise
+    except Exception as exc:  # every reader fails differently on corrupt files
+        raise BadInputError(path, f"cannot read image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated'})") from None
+    if array.size == 0:
+        raise BadInputError(path, "image is empty")
+    check_finite(array, path)
+    tensor = MetaTensor(torch.as_tensor(np.ascontiguousarray(array).astype(dtype)), affine=torch.as_tensor(affine, dtype=torch.float64))
+    tensor.meta["filename_or_obj"] = str(path)
+    return tensor
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    array = np.asarray(image.dataobj)
+    if array.ndim == 5 and array.shape[3] == 1:  # NIfTI vector images are (X, Y, Z, 1, C)
+        array = array[:, :, :, 0, :]
+    array = np.moveaxis(array, -1, 0) if array.ndim == 4 else array[None]
+    return array, image.affine
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    return _from_sitk(image)
+
+
+def _from_sitk(image) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C])
+    dim = image.GetDimension()
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = np.moveaxis(array, -1, 0)
+    else:
+        array = array[None]
+    array = np.transpose(array, (0, *range(dim, 0, -1)))  # -> (C, X, Y, Z)
+    direction = np.asarray(image.GetDirection()).reshape(dim, dim)
+    affine = np.eye(4)
+    affine[:dim, :dim] = direction @ np.diag(image.GetSpacing())
+    affine[:dim, 3] = image.GetOrigin()
+    return array, _LPS_TO_RAS @ affine
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from monai.data import PydicomReader
+
+    reader = PydicomReader(affine_lps_to_ras=True)
+    array, meta = reader.get_data(reader.read(str(path)))
+    array = np.asarray(array)
+    array = array[None] if array.ndim in (2, 3) else np.moveaxis(array, -1, 0)
+    return array, np.asarray(meta["affine"], dtype=np.float64)
+
+
+def _read_picture(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import imageio.v3 as iio
+
+    array = np.asarray(iio.imread(path))
+    # Integer pictures are scaled to [0, 1] by their type's range (8-bit: /255).
+    scale = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
+    if array.ndim == 3:  # (H, W, C): colour pictures become grey, as the recipes expect one channel
+        array = array[..., :3].mean(axis=-1) if array.shape[-1] >= 3 else array[..., 0]
+    if array.ndim != 2:
+        raise BadInputError(path, f"expected a 2D picture, got shape {array.shape}")
+    return (array.astype(np.float32) / scale)[None], np.eye(4)
+
+
+def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if suffix_of(path) == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            keys = list(data.keys())
+            if not keys:
+                raise BadInputError(path, "NPZ holds no arrays")
+            array = data["image"] if "image" in keys else data[keys[0]]
+            affine = data["affine"] if "affine" in keys else np.eye(4)
+    else:
+        array, affine = np.load(path, allow_pickle=False), np.eye(4)
+    if array.ndim not in (2, 3, 4):
+        raise BadInputError(path, f"expected a 2D or 3D array (optionally channel-first), got shape {array.shape}")
+    return (array[None] if array.ndim in (2, 3) and not _looks_channel_first(array) else array), affine
+
+
+def _looks_channel_first(array: np.ndarray) -> bool:
+    # A 3-D NumPy array is a volume unless its first axis is a small channel axis (e.g. a 2D flow (2, H, W)).
+    return array.ndim == 3 and array.shape[0] <= 4 and min(array.shape[1:]) > 4
+
+
+def save_image(image: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor | None = None) -> Path:
+    """Write a channel-first image, keeping its affine.
+
+    NIfTI files get ``affine`` (or the ``MetaTensor``'s own); more than one channel is
+    written as a NIfTI vector image ``(X, Y, Z, 1, C)``. PNG files take one-channel 2D
+    images with float values in [0, 1] (clipped) or integer values. NPY files hold the
+    raw array; NPZ files the array and the affine.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if affine is None:
+        affine = image.affine if isinstance(image, MetaTensor) else np.eye(4)
+    affine = np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    suffix = suffix_of(path)
+    if suffix in NIFTI_SUFFIXES:
+        import nibabel as nib
+
+        if array.shape[0] == 1:
+            data = array[0]
+        else:
+            spatial = np.moveaxis(array, 0, -1)
+            data = spatial[..., None, :] if array.ndim == 4 else spatial
+        header = nib.Nifti1Header()
+        if array.shape[0] > 1 and array.ndim == 4:
+            header.set_intent("vector")
+        nib.save(nib.Nifti1Image(data, affine, header=header), str(path))
+    elif suffix in PICTURE_SUFFIXES:
+        import imageio.v3 as iio
+
+        data = array[0] if array.ndim == 3 else array
+        if np.issubdtype(data.dtype, np.floating):
+            data = (np.clip(data, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        iio.imwrite(path, data)
+    elif suffix == ".npy":
+        np.save(path, array)
+    elif suffix == ".npz":
+        np.savez_compressed(path, image=array, affine=affine)
+    else:
+        raise BadInputError(path, f"cannot write file type '{suffix}'")
+    return path
