@@ -1,0 +1,156 @@
+"""The Python API: phantom -> prepare -> train -> sample -> evaluate -> report.
+
+The CLI (`medsynth ...`) calls exactly these functions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from medsynth.config import dump_config, load_config, read_yaml, validate_config
+from medsynth.errors import BadInputError, MedsynthError
+from medsynth.recipes import get_recipe
+from medsynth.recipes.base import Recipe, SampleRequest
+from medsynth.runs import Run
+from medsynth.training import MedsynthModule, build_trainer, export_weights, load_weights, seed_everything
+
+console = Console(stderr=True)
+
+PHANTOMS = ("cilia", "cardiac", "lung", "coronary")
+
+
+def phantom(kind: str, out: str | Path, n: int = 10, seed: int = 0, size: int | None = None, **options: Any) -> Path:
+    """Write a procedural phantom dataset (see DESIGN.md, Phantoms) and return its folder.
+
+    ``n`` is the number of images per class for ``cilia`` and of subjects otherwise.
+    """
+    out = Path(out)
+    if kind == "cilia":
+        from medsynth.data.phantoms.cilia import make_cilia_dataset
+
+        return make_cilia_dataset(out, n_per_class=n, size=size or 64, seed=seed, progress=True)
+    if kind == "cardiac":
+        from medsynth.data.phantoms.cardiac import make_cardiac_dataset
+
+        return make_cardiac_dataset(out, n=n, seed=seed, **({"size": size} if size else {}), **options)
+    if kind == "lung":
+        from medsynth.data.phantoms.lung import make_lung_dataset
+
+        return make_lung_dataset(out, n=n, seed=seed, **({"size": size} if size else {}), **options)
+    if kind == "coronary":
+        from medsynth.data.phantoms.coronary import make_coronary_dataset
+
+        return make_coronary_dataset(out, n=n, seed=seed, **({"size": size} if size else {}), **options)
+    raise MedsynthError(f"unknown phantom '{kind}' (known: {', '.join(PHANTOMS)})")
+
+
+def prepare(src: str | Path, out: str | Path, recipe: str | None = None, **settings: Any) -> Path:
+    """Import ``src`` (any supported layout) and prepare it for training into ``out``."""
+    from medsynth.data.prepare import prepare_dataset
+
+    if recipe is not None:
+        get_recipe(recipe)  # refuse unknown recipes before any work
+    return prepare_dataset(src, out, **settings)
+
+
+def train(
+    recipe: str | None = None,
+    data: str | Path | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Run:
+    """Train a recipe into a run directory, or continue one (``resume``) with its full state."""
+    if resume is not None:
+        run = Run.open(resume)
+        saved = read_yaml(run.config_path)
+        chosen = get_recipe(str(saved.get("recipe")))
+        if recipe is not None and recipe != chosen.name:
+            raise MedsynthError(f"{run.path}: this run trains '{chosen.name}', not '{recipe}'")
+        if not run.last_checkpoint.exists():
+            raise BadInputError(run.path, "no checkpoints/last.ckpt to resume from")
+        if data is not None:
+            saved["data_dir"] = str(Path(data).resolve())
+        settings = load_config(chosen.config_class, config, overrides, base=saved)
+        shutil.copyfile(run.config_path, run.prev_config_path)
+        checkpoint: Path | None = run.last_checkpoint
+    else:
+        if recipe is None:
+            raise MedsynthError("train: name a recipe, or --resume RUN")
+        chosen = get_recipe(recipe)
+        if data is None:
+            raise MedsynthError("train: --data DIR (a prepared dataset) is required")
+        settings = load_config(chosen.config_class, config, overrides, base={"recipe": chosen.name, "data_dir": str(Path(data).resolve())})
+        run = Run.create(out or Path("runs") / f"{chosen.name}-{time.strftime('%Y%m%d-%H%M%S')}", force=force)
+        checkpoint = None
+    if not (Path(settings.data_dir) / "dataset.json").exists():
+        raise BadInputError(settings.data_dir, "not a prepared dataset (no dataset.json); run `medsynth prepare` first")
+    settings = chosen.resolve_config(settings)
+    dump_config(settings, run.config_path)
+    seed_everything(settings.train)
+    module = chosen.build_module(settings)
+    trainer = build_trainer(settings.train, run, monitor=chosen.monitor, progress=progress)
+    trainer.fit(module, chosen.build_datamodule(settings), ckpt_path=checkpoint, weights_only=True)
+    if trainer.is_global_zero:
+        export_weights(module, settings, run.weights_path)
+    return run
+
+
+def load_run(run: str | Path) -> tuple[Run, Recipe, MedsynthModule]:
+    """An existing run, its recipe and its trained module (weights loaded safely, eval mode)."""
+    opened = Run.open(run)
+    saved = read_yaml(opened.config_path)
+    chosen = get_recipe(str(saved.get("recipe")))
+    settings = validate_config(chosen.config_class, saved, str(opened.config_path))
+    return opened, chosen, load_weights(chosen.build_module(settings), opened)
+
+
+def sample(run: str | Path, n: int = 16, mode: str = "random", class_name: str | None = None,
+           condition: str | Path | None = None, out: str | Path | None = None, seed: int = 0, force: bool = False) -> list[Path]:
+    """Generate ``n`` samples (per class where the recipe has classes) into ``out`` (default RUN/samples)."""
+    opened, chosen, module = load_run(run)
+    target = Path(out) if out is not None else opened.samples
+    existing = target / mode
+    if existing.exists() and any(existing.iterdir()) and not force:
+        raise MedsynthError(f"{existing}: samples already exist; use --force to overwrite or --out for another folder")
+    if n < 1:
+        raise MedsynthError(f"--n must be at least 1 (got {n})")
+    request = SampleRequest(n=n, mode=mode, class_name=class_name, condition=Path(condition) if condition else None, seed=seed)
+    return chosen.sample(module, request, target)
+
+
+def evaluate(run: str | Path, data: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a run against its (or another) prepared dataset; results merge into metrics.json."""
+    opened, chosen, module = load_run(run)
+    data_dir = Path(data) if data is not None else Path(module.config.data_dir or "")
+    if not (data_dir / "dataset.json").exists():
+        raise BadInputError(data_dir, "not a prepared dataset (no dataset.json)")
+    metrics = chosen.evaluate(opened, module, data_dir)
+    opened.write_metrics(metrics)
+    return metrics
+
+
+def report(run: str | Path) -> Path:
+    """Write RUN/report.html: curves, recipe figures, metrics and config."""
+    from medsynth.report.html import write_report
+
+    opened, chosen, module = load_run(run)
+    sections = [(section.title, section.html) for section in chosen.report_sections(opened, module)]
+    return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections)
+
+
+def demo(recipe: str = "cvae", out: str | Path = "demo-output", force: bool = False) -> Path:
+    """The whole chain on a phantom: phantom -> prepare -> train -> sample -> evaluate -> report."""
+    from medsynth.demo import DEMOS
+
+    if recipe not in DEMOS:
+        raise MedsynthError(f"no demo for recipe '{recipe}' (demos: {', '.join(DEMOS)})")
+    return DEMOS[recipe](Path(out), force=force)

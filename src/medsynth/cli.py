@@ -1,0 +1,125 @@
+"""The `medsynth` command: parses arguments, calls :mod:`medsynth.api`, prints errors as one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from medsynth import __version__
+from medsynth.errors import MedsynthError
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.replace("x", ",").split(",") if v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsynth", description="Conditional generative synthesis of medical images and motion.")
+    parser.add_argument("--version", action="version", version=f"medsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("phantom", help="write a procedural phantom dataset with exact ground truth")
+    p.add_argument("kind", choices=["cilia", "cardiac", "lung", "coronary"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=10, help="images per class (cilia) or subjects")
+    p.add_argument("--size", type=int, default=None, help="image size in voxels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=None, help="cardiac: frames per cycle")
+    p.add_argument("--modality", choices=["ct", "mri"], default=None, help="cardiac: contrast")
+    p.add_argument("--flow-pairs", action="store_true", help="cardiac: also write template_img_N.npy + flow_N.npy pairs")
+
+    p = sub.add_parser("prepare", help="import a dataset and prepare it for training")
+    p.add_argument("src")
+    p.add_argument("--out", required=True)
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--size", type=int, default=None, help="square/cubic output size")
+    p.add_argument("--keep-aspect", action="store_true", help="pad instead of stretching to the size")
+    p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,2")
+    p.add_argument("--orientation", default=None, help="reorient 3D images, e.g. RAS")
+    p.add_argument("--normalize", choices=["percentile", "zscore", "ct", "none"], default="percentile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("train", help="train a recipe (or continue a run with --resume)")
+    p.add_argument("recipe", nargs="?", default=None)
+    p.add_argument("--data", default=None, help="prepared dataset folder")
+    p.add_argument("--config", default=None, help="YAML file or shipped config name (e.g. cvae-224)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="run directory (default runs/RECIPE-TIME)")
+    p.add_argument("--resume", default=None, metavar="RUN")
+    p.add_argument("--devices", default=None, help="shortcut for --set train.devices=...")
+    p.add_argument("--strategy", default=None, help="shortcut for --set train.strategy=... (e.g. ddp)")
+    p.add_argument("--force", action="store_true", help="start over in an existing run directory")
+
+    p = sub.add_parser("sample", help="generate from a trained run")
+    p.add_argument("run")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--class", dest="class_name", default=None)
+    p.add_argument("--condition", default=None, help="conditioning file or folder")
+    p.add_argument("--mode", default="random", choices=["random", "grid", "plane", "interpolate"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("evaluate", help="compute metrics.json for a run")
+    p.add_argument("run")
+    p.add_argument("--data", default=None)
+
+    p = sub.add_parser("report", help="write report.html for a run")
+    p.add_argument("run")
+
+    p = sub.add_parser("demo", help="phantom -> prepare -> train -> sample -> evaluate -> report")
+    p.add_argument("recipe", nargs="?", default="cvae")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--force", action="store_true")
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from medsynth import api
+
+    if args.command == "phantom":
+        options = {key: value for key, value in (("frames", args.frames), ("modality", args.modality)) if value is not None}
+        if args.flow_pairs:
+            options["flow_pairs"] = True
+        print(api.phantom(args.kind, args.out, n=args.n, seed=args.seed, size=args.size, **options))
+    elif args.command == "prepare":
+        settings = {"size": args.size, "keep_aspect": args.keep_aspect, "spacing": args.spacing, "orientation": args.orientation,
+                    "normalize": args.normalize, "seed": args.seed, "force": args.force}
+        print(api.prepare(args.src, args.out, recipe=args.recipe, **settings))
+    elif args.command == "train":
+        overrides = list(args.overrides)
+        overrides += [f"train.devices={args.devices}"] if args.devices else []
+        overrides += [f"train.strategy={args.strategy}"] if args.strategy else []
+        print(api.train(args.recipe, data=args.data, config=args.config, overrides=overrides, out=args.out,
+                        resume=args.resume, force=args.force).path)
+    elif args.command == "sample":
+        paths = api.sample(args.run, n=args.n, mode=args.mode, class_name=args.class_name, condition=args.condition,
+                           out=args.out, seed=args.seed, force=args.force)
+        print(f"{len(paths)} files written under {paths[0].parent.parent if paths else args.out}")
+    elif args.command == "evaluate":
+        import json
+
+        print(json.dumps(api.evaluate(args.run, data=args.data), indent=2))
+    elif args.command == "report":
+        print(api.report(args.run))
+    elif args.command == "demo":
+        api.demo(args.recipe, out=args.out, force=args.force)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_command(args)
+    except MedsynthError as exc:
+        print(f"medsynth: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medsynth: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Typed configs: pydantic models with defaults, loaded from YAML plus ``key=value`` overrides.
+
+Every recipe's config subclasses :class:`RecipeConfig` and adds its own ``model`` (and,
+where it needs them, ``data``/``sample``/``evaluate``) sections. Unknown keys and values
+of the wrong type are refused with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medsynth.errors import BadInputError, MedsynthError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+Precision = Literal["32", "32-true", "64", "bf16-mixed", "16-mixed", "bf16-true"]
+
+
+class StrictModel(BaseModel):
+    """A config section that refuses unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(StrictModel):
+    """Training loop settings shared by every recipe (Lightning Trainer + optimiser)."""
+
+    max_epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    precision: Precision = "32"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    seed: int = 0
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    num_workers: int = Field(0, ge=0)
+    log_every_n_steps: int = Field(10, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
+
+
+class RecipeConfig(StrictModel):
+    """Base of every recipe's config: the recipe name, the prepared data and training."""
+
+    recipe: str
+    data_dir: str | None = Field(None, description="prepared dataset folder (set by `medsynth train --data`)")
+    train: TrainConfig = TrainConfig()
+
+
+ConfigT = TypeVar("ConfigT", bound=RecipeConfig)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path, or the name of a shipped one (``cvae-224`` -> ``configs/cvae-224.yaml``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise BadInputError(path, f"no such config file (shipped configs: {known})")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, refusing anything else with one line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BadInputError(path, f"cannot read YAML ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(path, "expected a YAML mapping of config keys")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML: ``3``, ``1e-3``, ``[32, 64]``, ``null``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise MedsynthError(f"override '{item}': expected key=value, e.g. train.max_epochs=5")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise MedsynthError(f"override '{item}': '{part}' is not a config section")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return data
+
+
+def validate_config(config_cls: type[ConfigT], data: dict[str, Any], source: str = "config") -> ConfigT:
+    """Build a config, turning pydantic's report into one line naming the key."""
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        if error["type"] == "extra_forbidden":
+            raise MedsynthError(f"{source}: unknown config key '{key}'") from None
+        raise MedsynthError(f"{source}: {key}: {error['msg']} (got {error.get('input')!r})") from None
+
+
+def load_config(
+    config_cls: type[ConfigT],
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> ConfigT:
+    """Defaults <- ``base`` <- YAML file <- overrides, validated into ``config_cls``."""
+    data: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        resolved = resolve_config_path(path)
+        data = _deep_merge(data, read_yaml(resolved))
+        source = str(resolved)
+    return validate_config(config_cls, apply_overrides(data, list(overrides)), source)
+
+
+def dump_config(config: BaseModel, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged

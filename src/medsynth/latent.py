@@ -1,0 +1,66 @@
+"""Latent-space exploration shared by every recipe with a latent code (CVAE, flow-CVAE, DiffAE).
+
+Each function returns latent codes ``(N, D)``; a recipe decodes them. All randomness comes
+from the ``generator`` passed in, so the same seed gives the same codes bit for bit.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from medsynth.errors import MedsynthError
+
+
+class LatentMode(str, Enum):
+    """How ``medsynth sample`` chooses latent codes."""
+
+    RANDOM = "random"  # draws from the prior N(0, I)
+    GRID = "grid"  # a regular grid over two latent axes, the others at 0
+    PLANE = "plane"  # random draws restricted to a random 2D plane through the origin
+    INTERPOLATE = "interpolate"  # a path between the latents of two real images
+
+
+def random_latents(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws from N(0, I_dim): ``(n, dim)``."""
+    return torch.randn(n, dim, generator=generator)
+
+
+def grid_latents(dim: int, axes: tuple[int, int] = (0, 1), steps: int = 7, span: float = 2.5) -> torch.Tensor:
+    """A ``steps x steps`` grid over latent ``axes`` in [-span, span], row-major: ``(steps**2, dim)``."""
+    if not (0 <= axes[0] < dim and 0 <= axes[1] < dim) or axes[0] == axes[1]:
+        raise MedsynthError(f"grid axes {axes} must be two different latent axes in [0, {dim - 1}]")
+    values = torch.linspace(-span, span, steps)
+    rows, cols = torch.meshgrid(values, values, indexing="ij")
+    z = torch.zeros(steps * steps, dim)
+    z[:, axes[0]] = rows.reshape(-1)
+    z[:, axes[1]] = cols.reshape(-1)
+    return z
+
+
+def plane_basis(dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Two orthonormal directions of a random plane through the origin: ``(2, dim)``."""
+    q, _ = torch.linalg.qr(torch.randn(dim, 2, generator=generator))
+    return q.T.contiguous()
+
+
+def plane_latents(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` prior draws projected onto a random 2D plane: z = a u + b v, (a, b) ~ N(0, I_2)."""
+    basis = plane_basis(dim, generator)
+    return torch.randn(n, 2, generator=generator) @ basis
+
+
+def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int = 8, spherical: bool = True) -> torch.Tensor:
+    """A path from ``z0`` to ``z1`` (each ``(dim,)``): ``(steps, dim)``, ends included.
+
+    Spherical interpolation keeps intermediate codes at the prior's typical radius;
+    it falls back to linear when the codes are (anti)parallel.
+    """
+    t = torch.linspace(0.0, 1.0, steps)[:, None]
+    if spherical:
+        cos = torch.dot(z0, z1) / (z0.norm() * z1.norm()).clamp_min(1e-12)
+        omega = torch.arccos(cos.clamp(-1.0, 1.0))
+        if omega.abs() > 1e-4 and (torch.pi - omega).abs() > 1e-4:
+            return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+    return (1 - t) * z0 + t * z1

@@ -1,0 +1,65 @@
+"""What every recipe provides to the pipeline (train -> sample -> evaluate -> report)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+
+from medsynth.config import RecipeConfig
+from medsynth.runs import Run
+from medsynth.training import MedsynthModule
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What ``medsynth sample`` asks of a recipe."""
+
+    n: int = 16
+    mode: str = "random"
+    class_name: str | None = None  # None: every class
+    condition: Path | None = None  # a conditioning file or folder (label map, image)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A titled block of HTML for ``report.html``."""
+
+    title: str
+    html: str
+
+
+class Recipe(ABC):
+    """A generative system: its config, LightningModule, data, sampler, evaluation and report."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[RecipeConfig]]
+    monitor: ClassVar[str | None] = "val/loss"
+
+    def resolve_config(self, config: RecipeConfig) -> RecipeConfig:
+        """Fill the fields that depend on the data (channels, shapes, classes)."""
+        return config
+
+    @abstractmethod
+    def build_module(self, config: RecipeConfig) -> MedsynthModule:
+        """The LightningModule with fresh weights."""
+
+    @abstractmethod
+    def build_datamodule(self, config: RecipeConfig) -> L.LightningDataModule:
+        """The training/validation data."""
+
+    @abstractmethod
+    def sample(self, module: MedsynthModule, request: SampleRequest, out: Path) -> list[Path]:
+        """Generate, write files under ``out`` and return their paths."""
+
+    @abstractmethod
+    def evaluate(self, run: Run, module: MedsynthModule, data_dir: Path) -> dict[str, Any]:
+        """Metrics for ``metrics.json``."""
+
+    def report_sections(self, run: Run, module: MedsynthModule) -> list[ReportSection]:
+        """Recipe-specific blocks of the report (figures, grids)."""
+        return []

@@ -1,0 +1,291 @@
+"""Recipe ``cvae``: class-conditional VAE for 2D/3D images (cilia cross-sections, 5 defect classes).
+
+Generation draws z from the prior N(0, I) and decodes it with the requested class; it never
+resamples around stored posteriors of training images (the original's near-copies).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import SSIMLoss
+from pydantic import Field
+
+from medsynth.config import RecipeConfig, StrictModel
+from medsynth.data.datasets import PreparedDataModule, PreparedDataset, load_prepared_info
+from medsynth.data.io import save_image
+from medsynth.errors import MedsynthError
+from medsynth.evaluate.classifier import accuracy_by_class, classify, train_classifier
+from medsynth.evaluate.metrics import feature_mmd, ms_ssim_diversity, nearest_ssim
+from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
+from medsynth.nets.cvae import ConditionalVAE
+from medsynth.recipes.base import Recipe, ReportSection, SampleRequest
+from medsynth.report.html import figure_html, image_grid, save_figure
+from medsynth.runs import Run
+from medsynth.training import MedsynthModule
+
+
+class CVAEModelConfig(StrictModel):
+    """Network and loss. ``spatial_dims``, ``in_shape``, ``classes`` are filled from the data."""
+
+    spatial_dims: Literal[2, 3] | None = None
+    in_shape: list[int] | None = None
+    classes: list[str] = []
+    reference_affine: list[list[float]] | None = Field(None, description="affine given to generated 3D volumes")
+    latent_size: int = Field(32, ge=2)
+    channels: list[int] = [32, 64, 128, 256]
+    strides: list[int] = [2, 2, 2, 2]
+    embed_dim: int = Field(16, ge=1)
+    num_res_units: int = Field(1, ge=0)
+    recon_loss: Literal["mse", "l1", "bce"] = "bce"
+    ssim_weight: float = Field(0.0, ge=0)
+    kl_weight: float = Field(1.0, ge=0)
+    kl_warmup_epochs: float = Field(5.0, ge=0)
+
+
+class CVAEDataConfig(StrictModel):
+    augment: bool = Field(True, description="random flips and 90-degree turns (for rotation-invariant data)")
+
+
+class CVAEEvaluateConfig(StrictModel):
+    n_per_class: int = Field(64, ge=2)
+    classifier_epochs: int = Field(15, ge=1)
+    seed: int = 0
+
+
+class CVAEConfig(RecipeConfig):
+    recipe: Literal["cvae"] = "cvae"
+    model: CVAEModelConfig = CVAEModelConfig()
+    data: CVAEDataConfig = CVAEDataConfig()
+    evaluate: CVAEEvaluateConfig = CVAEEvaluateConfig()
+
+
+class CVAEModule(MedsynthModule):
+    """ELBO training: reconstruction (+ optional SSIM) + beta * KL with a linear warm-up of beta."""
+
+    config: CVAEConfig
+
+    def __init__(self, config: CVAEConfig):
+        super().__init__(config)
+        model = config.model
+        if model.spatial_dims is None or model.in_shape is None or not model.classes:
+            raise MedsynthError("cvae: model.spatial_dims, model.in_shape and model.classes are unset (train with --data)")
+        self.net = ConditionalVAE(
+            spatial_dims=model.spatial_dims, in_shape=model.in_shape, num_classes=len(model.classes),
+            latent_size=model.latent_size, channels=model.channels, strides=model.strides,
+            embed_dim=model.embed_dim, num_res_units=model.num_res_units,
+            output_activation="none" if model.recon_loss == "bce" else "sigmoid",
+        )
+        self.ssim = SSIMLoss(spatial_dims=model.spatial_dims, kernel_size=7) if model.ssim_weight > 0 else None
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from latents ``(B, D)`` and classes ``(B,)``."""
+        out = self.net.decode_latent(z, c)
+        return torch.sigmoid(out) if self.config.model.recon_loss == "bce" else out
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Posterior means ``(B, D)``."""
+        return self.net.encode_posterior(x, c)[0]
+
+    def kl_beta(self) -> float:
+        warmup = self.config.model.kl_warmup_epochs
+        if warmup <= 0 or self.trainer is None or self.trainer.num_training_batches in (0, float("inf")):
+            return self.config.model.kl_weight
+        progress = self.global_step / (warmup * self.trainer.num_training_batches)
+        return self.config.model.kl_weight * min(1.0, progress)
+
+    def _losses(self, batch: dict[str, Any], beta: float) -> dict[str, torch.Tensor]:
+        x, c = batch["image"], batch["class"]
+        out, mu, logvar, _ = self.net(x, c)
+        per_image = x[0].numel()
+        kind = self.config.model.recon_loss
+        if kind == "bce":
+            recon = F.binary_cross_entropy_with_logits(out, x, reduction="mean") * per_image
+            image = torch.sigmoid(out)
+        else:
+            recon = (F.mse_loss if kind == "mse" else F.l1_loss)(out, x, reduction="mean") * per_image
+            image = out
+        # KL(q(z|x,c) || N(0, I)), summed over latent dims, averaged over the batch.
+        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
+        loss = recon + beta * kl
+        if self.ssim is not None:
+            loss = loss + self.config.model.ssim_weight * self.ssim(image.float(), x.float()) * per_image
+        return {"loss": loss, "recon": recon, "kl": kl}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        beta = self.kl_beta()
+        losses = self._losses(batch, beta)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, on_step=True, on_epoch=True,
+                      batch_size=len(batch["image"]))
+        self.log("train/beta", beta, on_step=True, on_epoch=False)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self._losses(batch, self.config.model.kl_weight)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]))
+
+
+def _augment(sample: dict[str, Any]) -> dict[str, Any]:
+    # Flips and 90-degree turns only: they keep cross-sections realistic and need no interpolation.
+    image = sample["image"]
+    axes = (1, 2)
+    if torch.rand(()) < 0.5:
+        image = image.flip(1)
+    image = torch.rot90(image, int(torch.randint(0, 4, ())), dims=axes)
+    return {**sample, "image": image.contiguous()}
+
+
+class CVAERecipe(Recipe):
+    name = "cvae"
+    config_class = CVAEConfig
+
+    def resolve_config(self, config: CVAEConfig) -> CVAEConfig:
+        info = load_prepared_info(Path(config.data_dir))
+        if not info["classes"]:
+            raise MedsynthError(f"{config.data_dir}: cvae needs a dataset with classes (class-per-folder images)")
+        model = config.model.model_copy(update={
+            "spatial_dims": info["spatial_dims"], "in_shape": [info["in_channels"], *info["image_shape"]],
+            "classes": list(info["classes"]), "reference_affine": np.asarray(info["affine"]).tolist() if info.get("affine") is not None else None,
+        })
+        factor = int(np.prod(model.strides))
+        if any(size % factor for size in info["image_shape"]):
+            raise MedsynthError(f"cvae: image shape {info['image_shape']} must be divisible by {factor} (the product of model.strides)")
+        return config.model_copy(update={"model": model})
+
+    def build_module(self, config: CVAEConfig) -> CVAEModule:
+        return CVAEModule(config)
+
+    def build_datamodule(self, config: CVAEConfig) -> L.LightningDataModule:
+        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size,
+                                  num_workers=config.train.num_workers, seed=config.train.seed,
+                                  train_transform=_augment if config.data.augment and config.model.spatial_dims == 2 else None)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, module: CVAEModule, class_index: int, z: torch.Tensor) -> torch.Tensor:
+        """Decode latents ``(N, D)`` of one class: images ``(N, C, *spatial)`` in [0, 1]."""
+        module.eval()
+        c = torch.full((len(z),), class_index, dtype=torch.long)
+        return torch.cat([module.decode(chunk, c[: len(chunk)]) for chunk in z.split(64)]).clamp(0, 1)
+
+    def class_indices(self, module: CVAEModule, class_name: str | None) -> list[int]:
+        classes = module.config.model.classes
+        if class_name is None:
+            return list(range(len(classes)))
+        if class_name in classes:
+            return [classes.index(class_name)]
+        if class_name.isdigit() and int(class_name) < len(classes):
+            return [int(class_name)]
+        raise MedsynthError(f"unknown class '{class_name}' (this model knows: {', '.join(classes)})")
+
+    def latents(self, module: CVAEModule, request: SampleRequest, class_index: int) -> torch.Tensor:
+        dim = module.config.model.latent_size
+        generator = torch.Generator().manual_seed(request.seed * 1000 + class_index)
+        mode = LatentMode(request.mode)
+        if mode is LatentMode.RANDOM:
+            return random_latents(request.n, dim, generator)
+        if mode is LatentMode.GRID:
+            return grid_latents(dim, steps=max(2, round(request.n ** 0.5)))
+        if mode is LatentMode.PLANE:
+            return plane_latents(request.n, dim, generator)
+        real = self.real_images(module.config, "test", class_index) or self.real_images(module.config, "train", class_index)
+        if len(real) < 2:
+            raise MedsynthError(f"interpolate: need two real images of class '{module.config.model.classes[class_index]}' in {module.config.data_dir}")
+        order = torch.randperm(len(real), generator=generator)[:2]
+        pair = torch.stack([real[i] for i in order])
+        with torch.no_grad():
+            z = module.encode(pair, torch.full((2,), class_index, dtype=torch.long))
+        return interpolate_latents(z[0], z[1], steps=max(2, request.n))
+
+    def real_images(self, config: CVAEConfig, split: str, class_index: int | None = None) -> list[torch.Tensor]:
+        if config.data_dir is None or not Path(config.data_dir).exists():
+            return []
+        dataset = PreparedDataset(Path(config.data_dir), split=split)
+        return [item["image"] for item in dataset if class_index is None or item["class"] == class_index]
+
+    def sample(self, module: CVAEModule, request: SampleRequest, out: Path) -> list[Path]:
+        try:
+            LatentMode(request.mode)
+        except ValueError:
+            raise MedsynthError(f"unknown sampling mode '{request.mode}' (use: {', '.join(m.value for m in LatentMode)})") from None
+        written: list[Path] = []
+        model = module.config.model
+        suffix = ".png" if model.spatial_dims == 2 else ".nii.gz"
+        affine = np.asarray(model.reference_affine) if model.reference_affine is not None else None
+        for class_index in self.class_indices(module, request.class_name):
+            name = model.classes[class_index]
+            images = self.generate(module, class_index, self.latents(module, request, class_index))
+            folder = out / request.mode / name
+            for k, image in enumerate(images):
+                written.append(save_image(image, folder / f"{name}_{k:03d}{suffix}", affine=affine))
+            ncols = round(len(images) ** 0.5) if request.mode == "grid" else min(8, len(images))
+            save_figure(image_grid(list(images), ncols=ncols), out / request.mode / f"{name}.png")
+        return written
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, run: Run, module: CVAEModule, data_dir: Path) -> dict[str, Any]:
+        config = module.config.model_copy(update={"data_dir": str(data_dir)})
+        settings = module.config.evaluate
+        classes = config.model.classes
+        train = PreparedDataset(data_dir, split="train")
+        test = PreparedDataset(data_dir, split="test")
+        if len(test) == 0:
+            raise MedsynthError(f"{data_dir}: the prepared dataset has no test split to evaluate on")
+        train_x = torch.stack([item["image"] for item in train])
+        train_y = torch.tensor([item["class"] for item in train])
+        test_x = torch.stack([item["image"] for item in test])
+        test_y = torch.tensor([item["class"] for item in test])
+
+        classifier = train_classifier(train_x, train_y, len(classes), epochs=settings.classifier_epochs, seed=settings.seed)
+        real = classify(classifier, test_x)
+
+        request = SampleRequest(n=settings.n_per_class, seed=settings.seed)
+        generated = torch.cat([self.generate(module, k, self.latents(module, request, k)) for k in range(len(classes))])
+        generated_y = torch.arange(len(classes)).repeat_interleave(settings.n_per_class)
+        fake = classify(classifier, generated)
+
+        acc_real = accuracy_by_class(real.predictions, test_y, classes)
+        acc_fake = accuracy_by_class(fake.predictions, generated_y, classes)
+        nearest, _ = nearest_ssim(generated, train_x)
+        return {
+            "classifier_accuracy_real": acc_real.pop("all"),
+            "classifier_accuracy_generated": acc_fake.pop("all"),
+            "classifier_accuracy_real_per_class": acc_real,
+            "classifier_accuracy_generated_per_class": acc_fake,
+            "ms_ssim_generated_per_class": {n: ms_ssim_diversity(generated[generated_y == k]) for k, n in enumerate(classes)},
+            "ms_ssim_real_per_class": {n: ms_ssim_diversity(test_x[test_y == k]) for k, n in enumerate(classes)},
+            "mmd_classifier_features": feature_mmd(real.features, fake.features),
+            "memorisation_max_ssim": float(nearest.max()),
+            "memorisation_mean_ssim": float(nearest.mean()),
+            "n_generated_per_class": settings.n_per_class,
+            "n_test_real": len(test_x),
+        }
+
+    def report_sections(self, run: Run, module: CVAEModule) -> list[ReportSection]:
+        classes = module.config.model.classes
+        sections = []
+        rows, titles = [], []
+        for k, name in enumerate(classes):
+            real = self.real_images(module.config, "test", k)[:6]
+            fake = list(self.generate(module, k, self.latents(module, SampleRequest(n=6, seed=0), k)))
+            rows += real + [torch.zeros_like(fake[0])] * (6 - len(real)) + fake
+            titles += [f"real {name}"] * 6 + [f"generated {name}"] * 6
+        sections.append(ReportSection("Real (left) versus generated (right), per class", figure_html(image_grid(rows, ncols=12, titles=titles), "real vs generated")))
+        grid_request = SampleRequest(n=49, mode="grid")
+        traversal = self.generate(module, 0, self.latents(module, grid_request, 0))
+        sections.append(ReportSection(f"Latent traversal: class '{classes[0]}', axes 0 and 1 in [-2.5, 2.5]",
+                                      figure_html(image_grid(list(traversal), ncols=7, cell=0.9), "latent traversal")))
+        try:
+            path = self.generate(module, 0, self.latents(module, SampleRequest(n=8, mode="interpolate"), 0))
+            sections.append(ReportSection(f"Interpolation between two real '{classes[0]}' images (spherical, in latent space)",
+                                          figure_html(image_grid(list(path), ncols=8), "interpolation")))
+        except MedsynthError:
+            pass  # no real images of that class are at hand: the report goes without interpolation
+        return sections
