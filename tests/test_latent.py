@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsynth.errors import MedsynthError
+from medsynth.latent import grid_latents, interpolate_latents, plane_basis, plane_latents, random_latents
+
+
+def test_random_latents_reproducible():
+    a = random_latents(5, 8, torch.Generator().manual_seed(3))
+    b = random_latents(5, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (5, 8)
+
+
+def test_grid_spans_two_axes_only():
+    z = grid_latents(6, axes=(1, 4), steps=5, span=2.0)
+    assert z.shape == (25, 6)
+    assert torch.count_nonzero(z[:, [0, 2, 3, 5]]) == 0
+    assert z[:, 1].min() == -2.0 and z[:, 4].max() == 2.0
+    with pytest.raises(MedsynthError):
+        grid_latents(6, axes=(2, 2))
+
+
+def test_plane_latents_lie_in_a_plane():
+    z = plane_latents(50, 16, torch.Generator().manual_seed(0))
+    assert torch.linalg.matrix_rank(z) == 2
+    basis = plane_basis(16, torch.Generator().manual_seed(0))
+    assert torch.allclose(basis @ basis.T, torch.eye(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_interpolation_hits_both_ends(spherical):
+    z0, z1 = torch.randn(8, generator=torch.Generator().manual_seed(1)), torch.randn(8, generator=torch.Generator().manual_seed(2))
+    path = interpolate_latents(z0, z1, steps=6, spherical=spherical)
+    assert path.shape == (6, 8)
+    assert torch.allclose(path[0], z0, atol=1e-5) and torch.allclose(path[-1], z1, atol=1e-5)
