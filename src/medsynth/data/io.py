@@ -60,13 +60,14 @@ def check_finite(array: np.ndarray, path: str | Path) -> None:
             raise BadInputError(path, f"{int(bad.sum())} voxel(s) are NaN or Inf")
 
 
-def load_image(path: str | Path, dtype: np.dtype | type = np.float32) -> MetaTensor:
+def load_image(path: str | Path, dtype: np.dtype | type = np.float32, key: str = "image") -> MetaTensor:
     """Read an image file (or DICOM series folder) into a channel-first ``MetaTensor``.
 
     Args:
         path: NIfTI, NRRD/MHA/MHD, DICOM folder or file, PNG/TIFF/JPEG/BMP, NPY or NPZ.
-            An NPZ may hold ``image`` (or its first array) and ``affine``.
+            An NPZ may hold ``key`` (else ``image``, else its first array) and ``affine``.
         dtype: array type of the result (``np.int64`` for label maps).
+        key: the NPZ array to read (a prepared case holds ``image``, ``label`` and ``flow``).
 
     Returns:
         ``MetaTensor`` of shape ``(C, *spatial)`` with a 4x4 ``affine`` (identity for
@@ -89,9 +90,9 @@ def load_image(path: str | Path, dtype: np.dtype | type = np.float32) -> MetaTen
         elif suffix in ITK_SUFFIXES:
             array, affine = _read_itk(path)
         elif suffix in PICTURE_SUFFIXES:
-            array, affine = _read_picture(path)
+            array, affine = _read_picture(path, scale=np.issubdtype(dtype, np.floating))
         else:
-            array, affine = _read_numpy(path)
+            array, affine = _read_numpy(path, key)
     except BadInputError:
         raise
     except Exception as exc:  # every reader fails differently on corrupt files
@@ -99,6 +100,8 @@ def load_image(path: str | Path, dtype: np.dtype | type = np.float32) -> MetaTen
     if array.size == 0:
         raise BadInputError(path, "image is empty")
     check_finite(array, path)
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+        raise BadInputError(path, "holds non-integer values where integers (a label map) are expected")
     tensor = MetaTensor(torch.as_tensor(np.ascontiguousarray(array).astype(dtype)), affine=torch.as_tensor(affine, dtype=torch.float64))
     tensor.meta["filename_or_obj"] = str(path)
     return tensor
@@ -149,27 +152,28 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return array, np.asarray(meta["affine"], dtype=np.float64)
 
 
-def _read_picture(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_picture(path: Path, scale: bool) -> tuple[np.ndarray, np.ndarray]:
     import imageio.v3 as iio
 
     array = np.asarray(iio.imread(path))
-    # Integer pictures are scaled to [0, 1] by their type's range (8-bit: /255).
-    scale = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
+    # Integer pictures read as floats are scaled to [0, 1] by their type's range (8-bit: /255);
+    # read as integers (label maps) they keep their values.
+    divisor = float(np.iinfo(array.dtype).max) if scale and np.issubdtype(array.dtype, np.integer) else 1.0
     if array.ndim == 3:  # (H, W, C): colour pictures become grey, as the recipes expect one channel
         array = array[..., :3].mean(axis=-1) if array.shape[-1] >= 3 else array[..., 0]
     if array.ndim != 2:
         raise BadInputError(path, f"expected a 2D picture, got shape {array.shape}")
-    return (array.astype(np.float32) / scale)[None], np.eye(4)
+    return (array.astype(np.float32) / divisor)[None], np.eye(4)
 
 
-def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_numpy(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     if suffix_of(path) == ".npz":
         with np.load(path, allow_pickle=False) as data:
-            keys = list(data.keys())
+            keys = [k for k in data.keys() if k != "affine"]
             if not keys:
-                raise BadInputError(path, "NPZ holds no arrays")
-            array = data["image"] if "image" in keys else data[keys[0]]
-            affine = data["affine"] if "affine" in keys else np.eye(4)
+                raise BadInputError(path, "NPZ holds no image array")
+            array = data[next((k for k in (key, "image") if k in keys), keys[0])]
+            affine = data["affine"] if "affine" in data else np.eye(4)
     else:
         array, affine = np.load(path, allow_pickle=False), np.eye(4)
     if array.ndim not in (2, 3, 4):

@@ -1,0 +1,169 @@
+"""Torch datasets and a Lightning data module over a prepared dataset (``cases/<id>.npz``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medsynth.data.manifest import MANIFEST_NAME, SPLITS, Manifest
+from medsynth.errors import BadInputError, MedsynthError
+
+Sample = dict[str, Any]
+# Arrays a prepared case file may hold (its "meta" is for the cache, not for training).
+_ARRAY_KEYS = ("image", "affine", "label", "flow")
+
+
+def load_prepared_manifest(root: str | Path) -> Manifest:
+    """The manifest of a prepared dataset.
+
+    Raises:
+        BadInputError: no ``dataset.json``, or one that ``medsynth prepare`` did not write.
+    """
+    manifest = Manifest.load(root)
+    if manifest.prepare is None:
+        raise BadInputError(manifest.resolve(MANIFEST_NAME), "not a prepared dataset; run `medsynth prepare` first")
+    return manifest
+
+
+def load_prepared_info(root: str | Path) -> dict[str, Any]:
+    """What a recipe needs to size its model from a prepared dataset.
+
+    Returns:
+        ``spatial_dims``; ``in_channels``; ``image_shape`` (spatial, or ``None`` when cases
+        differ in shape); ``classes`` (ordered names); ``labels`` (label value -> name);
+        ``affine`` (4x4 of the first case, for writing samples with geometry);
+        ``flow_channels`` (0 without flows); ``has_label``; ``splits`` (cases per split).
+    """
+    manifest = load_prepared_manifest(root)
+    if not manifest.cases:
+        raise BadInputError(manifest.resolve(MANIFEST_NAME), "the prepared dataset holds no cases")
+    first = _read_case(manifest.resolve(manifest.cases[0].image))
+    shapes = {tuple(case.stats["prepared_shape"]) for case in manifest.cases}
+    return {
+        "spatial_dims": manifest.spatial_dims,
+        "in_channels": int(first["image"].shape[0]),
+        "image_shape": list(first["image"].shape[1:]) if len(shapes) == 1 else None,
+        "classes": list(manifest.classes),
+        "labels": {int(value): name for value, name in manifest.labels.items()},
+        "affine": first["affine"],
+        "flow_channels": int(first["flow"].shape[0]) if "flow" in first else 0,
+        "has_label": "label" in first,
+        "splits": {split: len(manifest.split_cases(split)) for split in SPLITS},
+    }
+
+
+def _read_case(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in _ARRAY_KEYS if key in data}
+    except Exception as exc:  # missing, truncated or foreign files fail in many ways
+        raise BadInputError(path, f"cannot read prepared case ({type(exc).__name__}); prepare the dataset again") from None
+
+
+class PreparedDataset(Dataset):
+    """The cases of one split of a prepared dataset.
+
+    Each item is a dict: ``image`` float32 ``(C, *spatial)``; ``class`` int (-1 without
+    classes); ``phase`` int (-1 without phases); ``affine`` float64 ``(4, 4)``; ``id`` str;
+    and, when the case has them, ``label`` int64 ``(1, *spatial)`` and ``flow`` float32
+    ``(D, *spatial)`` (displacement in voxels).
+
+    Args:
+        root: prepared dataset folder.
+        split: ``train``, ``val``, ``test`` or ``None`` for all cases.
+        transform: applied to each item dict (e.g. augmentation).
+        in_memory: keep the arrays after the first read (per worker process).
+    """
+
+    def __init__(self, root: str | Path, split: str | None = None, transform: Callable[[Sample], Sample] | None = None,
+                 in_memory: bool = False):
+        self.manifest = load_prepared_manifest(root)
+        self.cases = self.manifest.split_cases(split)
+        self.transform = transform
+        self.in_memory = in_memory
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def _arrays(self, index: int) -> dict[str, np.ndarray]:
+        if index in self._cache:
+            return self._cache[index]
+        arrays = _read_case(self.manifest.resolve(self.cases[index].image))
+        if self.in_memory:
+            self._cache[index] = arrays
+        return arrays
+
+    def __getitem__(self, index: int) -> Sample:
+        case = self.cases[index]
+        arrays = self._arrays(index)
+        # torch.tensor copies, so a transform cannot alter the cached arrays.
+        sample: Sample = {
+            "image": torch.tensor(arrays["image"], dtype=torch.float32),
+            "class": self.manifest.class_index(case.class_name) if case.class_name is not None else -1,
+            "phase": case.phase if case.phase is not None else -1,
+            "affine": torch.tensor(arrays["affine"], dtype=torch.float64),
+            "id": case.id,
+        }
+        if "label" in arrays:
+            sample["label"] = torch.tensor(arrays["label"], dtype=torch.long)
+        if "flow" in arrays:
+            sample["flow"] = torch.tensor(arrays["flow"], dtype=torch.float32)
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class PreparedDataModule(L.LightningDataModule):
+    """Train/val/test loaders over a prepared dataset.
+
+    The training loader shuffles with a generator seeded by ``seed``; validation uses the
+    test split when the val split is empty.
+
+    Args:
+        root: prepared dataset folder.
+        batch_size: items per batch.
+        num_workers: loader worker processes.
+        seed: seed of the training shuffle.
+        train_transform: applied to training items only.
+        in_memory: keep arrays in memory after the first read.
+    """
+
+    def __init__(self, root: str | Path, batch_size: int, num_workers: int = 0, seed: int = 0,
+                 train_transform: Callable[[Sample], Sample] | None = None, in_memory: bool = False):
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_transform = train_transform
+        self.in_memory = in_memory
+        self.datasets: dict[str, PreparedDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.datasets:
+            self.datasets = {split: PreparedDataset(self.root, split, self.train_transform if split == "train" else None,
+                                                    in_memory=self.in_memory) for split in SPLITS}
+
+    def _loader(self, dataset: PreparedDataset, shuffle: bool = False) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if len(self.datasets["train"]) == 0:
+            raise MedsynthError(f"{self.root}: the prepared dataset has no training cases")
+        return self._loader(self.datasets["train"], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.datasets["val"] if len(self.datasets["val"]) else self.datasets["test"])
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.datasets["test"])

@@ -1,0 +1,342 @@
+"""Importers: turn a dataset folder in a known layout into a :class:`Manifest`.
+
+Importers only list and check files (headers, not voxels); nothing is copied. Layouts:
+
+- a medsynth ``dataset.json`` (our own schema; phantoms write it),
+- nnU-Net v2 raw folders: ``imagesTr/<case>_0000<ending>`` (+ ``_0001``… channels),
+  ``labelsTr/<case><ending>``, ``dataset.json`` with ``channel_names``, ``labels``,
+  ``file_ending``,
+- Medical Segmentation Decathlon: ``dataset.json`` with a ``training`` list of
+  ``{"image", "label"}`` pairs,
+- ``template_img_<n>.npy`` + ``flow_<n>.npy`` pairs (+ optional ``affine_<n>.npy``),
+- class-per-folder 2D pictures: ``<root>/<Class>/<Class>_<n>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, suffix_of
+from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
+from medsynth.errors import BadInputError, MedsynthError
+
+# Image and label geometry must agree to this many millimetres (nnU-Net uses a similar tolerance).
+AFFINE_TOLERANCE = 1e-4
+
+
+def import_dataset(src: str | Path, out_dir: str | Path | None = None) -> Manifest:
+    """Recognise the layout of ``src`` and build its manifest.
+
+    Args:
+        src: dataset folder (any layout above).
+        out_dir: where to write ``dataset.json`` (paths relative to it, pointing to the
+            original files); ``None`` writes nothing and keeps paths relative to ``src``.
+
+    Raises:
+        MedsynthError: ``src`` is in no known layout.
+        BadInputError: a file of the dataset is unusable (names it).
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise BadInputError(src, "dataset folder not found")
+    manifest = _detect(src)(src)
+    if out_dir is not None:
+        manifest.save(out_dir)
+    return manifest
+
+
+def _detect(src: Path) -> Callable[[Path], Manifest]:
+    description = src / MANIFEST_NAME
+    if description.is_file():
+        data = _read_json(description)
+        if "cases" in data:
+            return Manifest.load
+        if "channel_names" in data and (src / "imagesTr").is_dir():
+            return import_nnunet
+        if "training" in data:
+            return import_decathlon
+    if any(src.glob("template_img_*.npy")):
+        return import_flow_pairs
+    if any(p.is_dir() and not p.name.startswith(".") for p in src.iterdir()) and not (src / "imagesTr").exists():
+        return import_class_folders
+    raise MedsynthError(
+        f"{src}: not a recognised dataset layout (expected a medsynth dataset.json, an nnU-Net v2 raw folder "
+        "[dataset.json + imagesTr/], a Decathlon folder [dataset.json with 'training'], template_img_<n>.npy + "
+        "flow_<n>.npy pairs, or one folder of 2D pictures per class)"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(path, f"cannot read JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(path, "expected a JSON object")
+    return data
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+# -- class-per-folder pictures ---------------------------------------------------------------
+
+
+def import_class_folders(src: str | Path) -> Manifest:
+    """One folder of 2D pictures per class; classes are the sorted folder names.
+
+    Raises:
+        BadInputError: an empty class folder, or a file that is not a picture (names it).
+    """
+    src = Path(src)
+    folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: dict[str, list[Path]] = {}
+    for folder in folders:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        for entry in entries:
+            if not entry.is_file() or suffix_of(entry) not in PICTURE_SUFFIXES:
+                raise BadInputError(entry, f"not a picture (class folders hold only {', '.join(PICTURE_SUFFIXES)} files)")
+        if not entries:
+            raise BadInputError(folder, "class folder holds no pictures")
+        files[folder.name] = entries
+    stems = [path.name[: -len(suffix_of(path))] for paths in files.values() for path in paths]
+    # Stems name subjects and case files; prefix the class only where stems repeat across folders.
+    unique = len(set(stems)) == len(stems)
+    cases = []
+    for class_name, paths in files.items():
+        for path in paths:
+            stem = path.name[: -len(suffix_of(path))]
+            case_id = stem if unique else f"{class_name}_{stem}"
+            cases.append(Case(id=case_id, subject=case_id, image=_relative(path, src), class_name=class_name))
+    return Manifest(name=src.name, spatial_dims=2, modality="picture", source="class-folders",
+                    classes=list(files), cases=cases).with_root(src)
+
+
+# -- nnU-Net v2 and Decathlon -------------------------------------------------------------
+
+
+def import_nnunet(src: str | Path) -> Manifest:
+    """An nnU-Net v2 raw folder (training cases of ``imagesTr``/``labelsTr``).
+
+    Every channel named in ``channel_names`` becomes one entry of the case's image list.
+
+    Raises:
+        BadInputError: a missing channel or label, or a label whose shape or affine differs
+            from its image (names the file).
+    """
+    src = Path(src)
+    description_path = src / MANIFEST_NAME
+    description = _read_json(description_path)
+    try:
+        ending = str(description["file_ending"])
+        channels = {int(k): str(v) for k, v in description["channel_names"].items()}
+        labels = _label_names(description["labels"], description_path)
+    except (KeyError, AttributeError, ValueError) as exc:
+        raise BadInputError(description_path, f"not an nnU-Net v2 dataset.json ({type(exc).__name__}: {exc})") from None
+    images, labels_dir = src / "imagesTr", src / "labelsTr"
+    pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(ending)}$")
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted(images.iterdir()):
+        match = pattern.match(path.name)
+        if path.name.startswith("."):
+            continue
+        if match is None:
+            raise BadInputError(path, f"not an nnU-Net image name (<case>_<XXXX>{ending})")
+        found.setdefault(match["case"], {})[int(match["channel"])] = path
+    if not found:
+        raise BadInputError(images, f"no images named <case>_0000{ending}")
+    cases = []
+    for case_id, by_channel in found.items():
+        missing = sorted(set(channels) - set(by_channel))
+        if missing:
+            raise BadInputError(images / f"{case_id}_{missing[0]:04d}{ending}", "channel file missing")
+        paths = [by_channel[c] for c in sorted(channels)]
+        label = labels_dir / f"{case_id}{ending}"
+        if labels_dir.is_dir() and not label.is_file():
+            raise BadInputError(label, "label file missing")
+        if label.is_file():
+            check_label_header(paths[0], label)
+        image = [_relative(p, src) for p in paths]
+        cases.append(Case(id=case_id, subject=case_id, image=image if len(image) > 1 else image[0],
+                          label=_relative(label, src) if label.is_file() else None))
+    return Manifest(name=str(description.get("name", src.name)), spatial_dims=_spatial_dims(cases[0], src),
+                    modality="+".join(channels[c] for c in sorted(channels)), source="nnunet-v2",
+                    labels=labels, cases=cases).with_root(src)
+
+
+def import_decathlon(src: str | Path) -> Manifest:
+    """A Medical Segmentation Decathlon folder (its ``training`` list of image/label pairs).
+
+    Raises:
+        BadInputError: a listed file is missing, or a label's geometry differs from its image.
+    """
+    src = Path(src)
+    description_path = src / MANIFEST_NAME
+    description = _read_json(description_path)
+    try:
+        labels = {str(int(k)): str(v) for k, v in description.get("labels", {}).items()}
+        pairs = [(str(item["image"]), item.get("label")) for item in description["training"]]
+        modality = "+".join(str(v) for v in description.get("modality", {}).values()) or "unknown"
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise BadInputError(description_path, f"not a Decathlon dataset.json ({type(exc).__name__}: {exc})") from None
+    cases = []
+    for image_name, label_name in pairs:
+        image = src / image_name
+        if not image.is_file():
+            raise BadInputError(image, "listed in dataset.json but not found")
+        if label_name is not None:
+            check_label_header(image, src / label_name)
+        case_id = image.name[: -len(suffix_of(image))]
+        cases.append(Case(id=case_id, subject=case_id, image=_relative(image, src),
+                          label=_relative(src / label_name, src) if label_name is not None else None))
+    if not cases:
+        raise BadInputError(description_path, "lists no training cases")
+    return Manifest(name=str(description.get("name", src.name)), spatial_dims=_spatial_dims(cases[0], src),
+                    modality=modality, source="decathlon", labels=labels, cases=cases).with_root(src)
+
+
+def _label_names(labels: dict[str, Any], path: Path) -> dict[str, str]:
+    # nnU-Net maps names to values; region-based training maps names to lists of values.
+    names = {}
+    for name, value in labels.items():
+        if not isinstance(value, int):
+            raise BadInputError(path, f"label '{name}' is region-based ({value}); only integer labels are supported")
+        names[str(value)] = str(name)
+    return names
+
+
+def _spatial_dims(case: Case, root: Path) -> int:
+    shape, _ = read_header(root / case.images[0])
+    if shape is None:
+        return 2 if suffix_of(case.images[0]) in PICTURE_SUFFIXES else 3
+    return 2 if len(shape) == 2 else 3
+
+
+def read_header(path: str | Path) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
+    """Spatial shape and 4x4 RAS affine from a file header, without reading voxels.
+
+    Returns ``(None, None)`` for formats whose header is not read here (pictures, DICOM,
+    NumPy); their geometry is checked after loading.
+
+    Raises:
+        BadInputError: missing file or unreadable header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, "file not found")
+    suffix = suffix_of(path)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            import nibabel as nib
+
+            image = nib.load(str(path))
+            return tuple(int(n) for n in image.shape[:3]), np.asarray(image.affine, dtype=np.float64)
+        if suffix in ITK_SUFFIXES:
+            return _itk_header(path)
+    except BadInputError:
+        raise
+    except Exception as exc:  # each library fails differently on a corrupt header
+        raise BadInputError(path, f"cannot read header ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+    return None, None
+
+
+def _itk_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    dim = reader.GetDimension()
+    affine = np.eye(4)
+    affine[:dim, :dim] = np.asarray(reader.GetDirection()).reshape(dim, dim) @ np.diag(reader.GetSpacing())
+    affine[:dim, 3] = reader.GetOrigin()
+    return tuple(int(n) for n in reader.GetSize()), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
+
+
+def check_label_header(image: Path, label: Path) -> None:
+    """Refuse a label whose header shape or affine differs from its image's.
+
+    Raises:
+        BadInputError: naming the label file.
+    """
+    image_shape, image_affine = read_header(image)
+    label_shape, label_affine = read_header(label)
+    if image_shape is not None and label_shape is not None:
+        check_same_grid(image_shape, image_affine, label_shape, label_affine, label, image)
+
+
+def check_same_grid(image_shape: tuple[int, ...], image_affine: np.ndarray, other_shape: tuple[int, ...],
+                    other_affine: np.ndarray, other: Path, image: Path) -> None:
+    """Refuse a label or flow whose spatial shape or affine (to 1e-4 mm) differs from its image's.
+
+    Raises:
+        BadInputError: naming ``other``.
+    """
+    if tuple(other_shape) != tuple(image_shape):
+        raise BadInputError(other, f"shape {tuple(other_shape)} differs from its image {image.name} {tuple(image_shape)}")
+    difference = float(np.abs(np.asarray(other_affine) - np.asarray(image_affine)).max())
+    if difference > AFFINE_TOLERANCE:
+        raise BadInputError(other, f"affine differs from its image {image.name} (by up to {difference:.3g} mm)")
+
+
+# -- template/flow NumPy pairs --------------------------------------------------------------
+
+_PAIR_NAME = re.compile(r"^(?P<kind>template_img|flow|affine)_(?P<n>.+)\.npy$")
+
+
+def import_flow_pairs(src: str | Path) -> Manifest:
+    """``template_img_<n>.npy`` images with their ``flow_<n>.npy`` (and optional ``affine_<n>.npy``).
+
+    Flows are displacement fields in voxels of their template, channel-first ``(3, X, Y, Z)``
+    or channel-last ``(X, Y, Z, 3)``.
+
+    Raises:
+        BadInputError: a template without its flow (or the reverse), or mismatched shapes.
+    """
+    src = Path(src)
+    groups: dict[str, dict[str, Path]] = {}
+    for path in sorted(src.glob("*.npy")):
+        match = _PAIR_NAME.match(path.name)
+        if match is not None:
+            groups.setdefault(match["n"], {})[match["kind"]] = path
+    cases = []
+    for n, files in sorted(groups.items(), key=lambda item: _natural_key(item[0])):
+        if "template_img" not in files:
+            orphan = files.get("flow") or files["affine"]
+            raise BadInputError(orphan, f"no matching template_img_{n}.npy")
+        template = files["template_img"]
+        if "flow" not in files:
+            raise BadInputError(template, f"no matching flow_{n}.npy")
+        _check_pair(template, files["flow"])
+        cases.append(Case(id=f"case_{n}", subject=f"case_{n}", image=_relative(template, src),
+                          flow=_relative(files["flow"], src),
+                          affine=_relative(files["affine"], src) if "affine" in files else None))
+    return Manifest(name=src.name, spatial_dims=3, modality="CT", source="flow-pairs", cases=cases).with_root(src)
+
+
+def _natural_key(text: str) -> tuple[int, int | str]:
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    try:
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    except Exception as exc:  # corrupt or pickled NumPy files
+        raise BadInputError(path, f"cannot read NumPy header ({type(exc).__name__})") from None
+
+
+def _check_pair(template: Path, flow: Path) -> None:
+    shape = _npy_shape(template)
+    spatial = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+    if len(spatial) != 3:
+        raise BadInputError(template, f"expected a 3D volume, got shape {shape}")
+    flow_shape = _npy_shape(flow)
+    if flow_shape not in ((3, *spatial), (*spatial, 3)):
+        raise BadInputError(flow, f"shape {flow_shape} is not a 3-component field on its template's grid {spatial}")

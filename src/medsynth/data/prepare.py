@@ -1,0 +1,522 @@
+"""Prepare an imported dataset for training: resample, normalise, resize, split by subject.
+
+``prepare_dataset(src, out)`` writes::
+
+    out/dataset.json      the manifest: ``split`` filled, ``prepare`` = settings, images -> cases/<id>.npz
+    out/cases/<id>.npz    image float32 (C, *spatial), affine (4, 4), optional label int16 (1, *spatial),
+                          optional flow float32 (D, *spatial) in voxels of the prepared grid,
+                          meta (JSON: the cache stamp and the case's statistics)
+    out/stats.csv         one row per case; intensities are the source image's, before normalisation
+    out/fingerprint.json  dataset-wide shapes, spacings, foreground intensities, class and label counts
+
+Transforms are MONAI's, applied to ``MetaTensor``s so that MONAI updates the affine; a case
+is only resampled when ``spacing``/``orientation``/``size`` ask for it, otherwise its
+affine is kept exactly. Flows are resampled as world-space (mm) vectors and converted to
+voxels of the prepared grid at the end. Rerunning with the same settings reuses every case
+whose sources have not changed (the stamp in its ``meta``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _io
+import json
+import math
+import os
+from collections import Counter
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    NormalizeIntensity,
+    Orientation,
+    Resize,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    Spacing,
+    SpatialPad,
+)
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from rich.console import Console
+from rich.progress import track
+
+from medsynth.data.importers import check_same_grid, import_dataset
+from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
+from medsynth.data.manifest import MANIFEST_NAME, SPLITS, Case, Manifest
+from medsynth.errors import BadInputError, MedsynthError
+
+CASES_DIR = "cases"
+STATS_COLUMNS = ("id", "subject", "class", "split", "original_shape", "original_spacing", "prepared_shape",
+                 "min", "max", "mean", "std", "p1", "p99")
+# Flows in these formats carry their own geometry and are stored in millimetres (DESIGN.md).
+_MM_FLOW_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+# Percentiles of large volumes are taken on a regular subsample of at most this many voxels.
+_PERCENTILE_SAMPLE = 1_000_000
+
+
+class Normalize(str, Enum):
+    """Intensity normalisation of prepared images."""
+
+    PERCENTILE = "percentile"  # percentiles[0]..percentiles[1] -> [0, 1] per channel, clipped
+    ZSCORE = "zscore"  # zero mean, unit variance per channel
+    CT = "ct"  # ct_window (HU) -> [0, 1], clipped
+    NONE = "none"
+
+
+class PrepareConfig(BaseModel):
+    """Preparation settings; stored in the prepared manifest's ``prepare`` with their hash."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: PositiveInt | None = Field(None, description="resize every spatial side to this many voxels")
+    keep_aspect: bool = Field(False, description="resize the longest side to `size` and pad the others")
+    spacing: tuple[PositiveFloat, ...] | None = Field(None, description="resample to this voxel spacing (mm); one value for all axes")
+    orientation: str | None = Field(None, description="reorient to these axis codes, e.g. RAS")
+    normalize: Normalize = Normalize.PERCENTILE
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrepareConfig:
+        if self.keep_aspect and self.size is None:
+            raise ValueError("keep_aspect needs a size")
+        if not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
+            raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
+        if self.ct_window[0] >= self.ct_window[1]:
+            raise ValueError(f"ct_window {self.ct_window} must be (low, high) with low < high")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave subjects for training")
+        if self.orientation is not None and (len(set(self.orientation.upper())) != len(self.orientation)
+                                             or set(self.orientation.upper()) - set("LRAPSI")):
+            raise ValueError(f"orientation '{self.orientation}' is not a code like RAS or LPS")
+        return self
+
+    def digest(self) -> str:
+        """A hash of the settings: prepared files are reused only under the same hash."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def check_dims(self, spatial_dims: int) -> None:
+        """Refuse a spacing or orientation of the wrong length for ``spatial_dims``."""
+        if self.spacing is not None and len(self.spacing) not in (1, spatial_dims):
+            raise MedsynthError(f"spacing {self.spacing} needs 1 or {spatial_dims} values for {spatial_dims}D images")
+        if self.orientation is not None and len(self.orientation) != spatial_dims:
+            raise MedsynthError(f"orientation '{self.orientation}' needs {spatial_dims} letters for {spatial_dims}D images")
+
+
+def prepare_dataset(src: str | Path, out: str | Path, config: PrepareConfig | None = None, *, force: bool = False,
+                    progress: bool = True, **settings: Any) -> Path:
+    """Import ``src`` and write a prepared dataset into ``out``.
+
+    Args:
+        src: a dataset folder in any layout :func:`~medsynth.data.importers.import_dataset` knows.
+        out: output folder (not inside ``src``).
+        config: the settings, or ``None`` to build them from ``settings``
+            (``size``, ``keep_aspect``, ``spacing``, ``orientation``, ``normalize``,
+            ``percentiles``, ``ct_window``, ``val_fraction``, ``test_fraction``, ``seed``).
+        force: replace a different prepared dataset in ``out``.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        MedsynthError: bad settings, or ``out`` holds a different prepared dataset and not ``force``.
+        BadInputError: an unusable source file (names it); cases already written are kept.
+    """
+    config = _build_config(config, settings)
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise MedsynthError(f"{out}: the output folder must not be inside the source folder {src}")
+    manifest = import_dataset(src)
+    config.check_dims(manifest.spatial_dims)
+    source = str(src.resolve())
+    _claim(out, source, config.digest(), force)
+    splits = _splits(manifest, config)
+
+    cases_dir = out / CASES_DIR
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    prepared = []
+    console = Console(stderr=True)
+    for case in track(manifest.cases, description="prepare", console=console, disable=not progress):
+        target = cases_dir / f"{case.id}.npz"
+        stamp = _stamp(manifest, case, config)
+        meta = _cached_meta(target, stamp)
+        if meta is None:
+            meta = _prepare_case(manifest, case, config, target, stamp)
+        prepared.append(_prepared_entry(case, meta, splits[case.subject]))
+    result = manifest.model_copy(update={"cases": prepared, "prepare": {
+        "settings": config.model_dump(mode="json"), "hash": config.digest(), "from": source}}).with_root(out)
+    _remove_stale(cases_dir, {case.id for case in prepared})
+    _write_stats(result, out / "stats.csv")
+    _write_json(out / "fingerprint.json", fingerprint(result))
+    result.save(out)  # last: a dataset.json means the preparation is complete
+    return out
+
+
+def _build_config(config: PrepareConfig | None, settings: dict[str, Any]) -> PrepareConfig:
+    if config is not None:
+        if settings:
+            raise MedsynthError(f"prepare: give a PrepareConfig or settings, not both ({', '.join(settings)})")
+        return config
+    try:
+        return PrepareConfig(**settings)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise MedsynthError(f"prepare: {problems}") from None
+
+
+def _claim(out: Path, source: str, digest: str, force: bool) -> None:
+    # Refuse to overwrite another prepared dataset (other source or settings) unless forced.
+    if not (out / MANIFEST_NAME).exists() or force:
+        return
+    try:
+        previous = Manifest.load(out).prepare or {}
+    except BadInputError:
+        previous = {}
+    if previous.get("from") == source and previous.get("hash") == digest:
+        return
+    what = "a different prepared dataset" if previous else "a dataset.json that is not a prepared dataset"
+    raise MedsynthError(f"{out}: holds {what} (other source or settings); pass --force to replace it")
+
+
+# -- splits -------------------------------------------------------------------------------
+
+
+def split_subjects(subject_classes: dict[str, str | None], val_fraction: float, test_fraction: float,
+                   seed: int) -> dict[str, str]:
+    """Assign each subject to ``train``/``val``/``test``, stratified by class, seeded.
+
+    Each class's subjects are shuffled and cut by the fractions (rounded half up). A class
+    with at least 3 subjects gets at least one subject in every split whose fraction is
+    above 0; every class keeps at least one training subject.
+
+    Args:
+        subject_classes: subject -> its class (``None`` when the dataset has no classes).
+
+    Returns:
+        subject -> split.
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict[str | None, list[str]] = {}
+    for subject in sorted(subject_classes):
+        groups.setdefault(subject_classes[subject], []).append(subject)
+    assignment = {}
+    for group in sorted(groups, key=lambda name: (name is None, name or "")):
+        subjects = [groups[group][i] for i in rng.permutation(len(groups[group]))]
+        n = len(subjects)
+        n_test, n_val = math.floor(n * test_fraction + 0.5), math.floor(n * val_fraction + 0.5)
+        if n >= 3:
+            n_test, n_val = max(n_test, int(test_fraction > 0)), max(n_val, int(val_fraction > 0))
+        while n_test + n_val > n - 1:
+            if n_val >= n_test:
+                n_val -= 1
+            else:
+                n_test -= 1
+        for k, subject in enumerate(subjects):
+            assignment[subject] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+    return assignment
+
+
+def _splits(manifest: Manifest, config: PrepareConfig) -> dict[str, str]:
+    # A manifest that already splits every case (e.g. a prepared one) keeps its splits.
+    if manifest.cases and all(case.split is not None for case in manifest.cases):
+        given: dict[str, str] = {}
+        for case in manifest.cases:
+            if given.setdefault(case.subject, case.split) != case.split:
+                raise BadInputError(manifest.resolve(MANIFEST_NAME), f"subject '{case.subject}' is in splits {given[case.subject]} and {case.split}")
+        return given
+    classes: dict[str, Counter] = {}
+    for case in manifest.cases:
+        classes.setdefault(case.subject, Counter())[case.class_name] += 1
+    # A subject's stratum is its most frequent class (ties: the first by name).
+    strata = {s: min(c.items(), key=lambda item: (-item[1], item[0] or ""))[0] for s, c in classes.items()}
+    return split_subjects(strata, config.val_fraction, config.test_fraction, config.seed)
+
+
+# -- one case -----------------------------------------------------------------------------
+
+
+def _sources(manifest: Manifest, case: Case) -> list[Path]:
+    return [manifest.resolve(p) for p in (*case.images, case.label, case.flow, case.affine) if p is not None]
+
+
+def _stamp(manifest: Manifest, case: Case, config: PrepareConfig) -> str:
+    # Settings plus each source file's path, size and modification time.
+    parts = [config.digest()]
+    for path in _sources(manifest, case):
+        stat = path.stat() if path.exists() else None
+        parts.append(f"{path.resolve()}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cached_meta(target: Path, stamp: str) -> dict[str, Any] | None:
+    if not target.exists():
+        return None
+    try:
+        with np.load(target, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+    except Exception:  # an unreadable or foreign file is simply prepared again
+        return None
+    return meta if meta.get("stamp") == stamp else None
+
+
+def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target: Path, stamp: str) -> dict[str, Any]:
+    dims = manifest.spatial_dims
+    image = _load_case_image(manifest, case)
+    label = _load_label(manifest, case, image) if case.label is not None else None
+    flow = _load_flow(manifest, case, image) if case.flow is not None else None
+    mask = label.numpy()[0] > 0 if label is not None else None
+    foreground = image.numpy()[:, mask] if mask is not None and mask.any() else None
+    meta: dict[str, Any] = {
+        "stamp": stamp,
+        "original_shape": list(image.shape[1:]),
+        "original_spacing": [round(float(s), 6) for s in spacing_of(image.affine)[:dims]],
+        "intensity": intensity_stats(image.numpy()),
+        "foreground": intensity_stats(foreground) if foreground is not None else None,
+    }
+
+    image, label, flow = _resample(image, label, flow, config, dims)
+    image = _normalize(image, config)
+    image, label, flow = _resize(image, label, flow, config, dims)
+
+    arrays = {"image": image.numpy().astype(np.float32), "affine": image.affine.numpy().astype(np.float64)}
+    if label is not None:
+        arrays["label"] = label.numpy().round().astype(np.int16)
+        values, counts = np.unique(arrays["label"], return_counts=True)
+        meta["label_voxels"] = {str(int(v)): int(c) for v, c in zip(values, counts)}
+    if flow is not None:
+        arrays["flow"] = _world_to_voxels(flow.numpy(), arrays["affine"], dims).astype(np.float32)
+    meta["channels"] = int(arrays["image"].shape[0])
+    meta["prepared_shape"] = list(arrays["image"].shape[1:])
+    _save_npz(target, {**arrays, "meta": np.array(json.dumps(meta))})
+    return meta
+
+
+def _load_case_image(manifest: Manifest, case: Case) -> MetaTensor:
+    """The case's channels stacked ``(C, *spatial)``, with its affine sidecar applied."""
+    paths = [manifest.resolve(p) for p in case.images]
+    channels = [load_image(p) for p in paths]
+    for path, channel in zip(paths[1:], channels[1:]):
+        check_same_grid(channels[0].shape[1:], channels[0].affine.numpy(), channel.shape[1:], channel.affine.numpy(), path, paths[0])
+    image = MetaTensor(torch.cat([c.as_tensor() for c in channels]), affine=channels[0].affine)
+    if image.ndim - 1 != manifest.spatial_dims:
+        raise BadInputError(paths[0], f"expected a {manifest.spatial_dims}D image (channel-first {manifest.spatial_dims + 1} axes), got shape {tuple(image.shape)}")
+    if case.affine is not None:
+        image.affine = torch.as_tensor(_read_affine(manifest.resolve(case.affine)))
+    return image
+
+
+def _read_affine(path: Path) -> np.ndarray:
+    try:
+        affine = np.load(path, allow_pickle=False).astype(np.float64)
+    except Exception as exc:  # corrupt or pickled NumPy files
+        raise BadInputError(path, f"cannot read affine ({type(exc).__name__})") from None
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise BadInputError(path, f"expected a finite, invertible 4x4 affine, got shape {affine.shape}")
+    return affine
+
+
+def _load_label(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
+    path = manifest.resolve(case.label)
+    label = load_image(path, dtype=np.int64, key="label")
+    check_same_grid(image.shape[1:], image.affine.numpy(), label.shape[1:], label.affine.numpy(), path, manifest.resolve(case.images[0]))
+    if label.shape[0] != 1:
+        raise BadInputError(path, f"a label map has one channel, got {label.shape[0]}")
+    values = label.numpy()
+    if values.min() < np.iinfo(np.int16).min or values.max() > np.iinfo(np.int16).max:
+        raise BadInputError(path, "label values do not fit in int16")
+    unknown = sorted(set(np.unique(values).tolist()) - {int(k) for k in manifest.labels}) if manifest.labels else []
+    if unknown:
+        raise BadInputError(path, f"label value(s) {unknown[:5]} are not in the dataset's labels {sorted(int(k) for k in manifest.labels)}")
+    return label
+
+
+def _load_flow(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
+    """The case's flow as world-space (mm, RAS) vectors ``(D, *spatial)`` on the image's grid.
+
+    NumPy flows are displacements in voxels of their image; image-format flows (NIfTI, ITK)
+    are millimetres in world (RAS) axes with their own affine (as medsynth writes them).
+    """
+    path = manifest.resolve(case.flow)
+    dims = manifest.spatial_dims
+    spatial = tuple(image.shape[1:])
+    flow = load_image(path, key="flow")
+    array = flow.numpy()
+    if array.shape[0] == 1 and array.ndim == dims + 2:  # a channel-last field read as one channel
+        array = array[0]
+    if array.shape == (*spatial, dims):
+        array = np.moveaxis(array, -1, 0)
+    if array.shape != (dims, *spatial):
+        raise BadInputError(path, f"shape {tuple(flow.shape)} is not a {dims}-component field on its image's grid {spatial}")
+    affine = image.affine.numpy()
+    if suffix_of(path) in _MM_FLOW_SUFFIXES:
+        check_same_grid(spatial, affine, spatial, flow.affine.numpy(), path, manifest.resolve(case.images[0]))
+    else:
+        array = np.einsum("ij,j...->i...", affine[:dims, :dims], array)
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32)), affine=image.affine)
+
+
+def _world_to_voxels(flow: np.ndarray, affine: np.ndarray, dims: int) -> np.ndarray:
+    """World (mm) displacement vectors ``(D, *spatial)`` -> voxels of the grid of ``affine``."""
+    return np.einsum("ij,j...->i...", np.linalg.inv(affine[:dims, :dims]), flow)
+
+
+def _resample(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | None, config: PrepareConfig,
+              dims: int) -> tuple[MetaTensor, MetaTensor | None, MetaTensor | None]:
+    # Only when asked: otherwise the affine must stay exactly the source's.
+    if config.orientation is not None:
+        orient = Orientation(axcodes=config.orientation.upper(), labels=None)
+        image, label, flow = orient(image), _maybe(orient, label), _maybe(orient, flow)
+    if config.spacing is not None:
+        pixdim = config.spacing * dims if len(config.spacing) == 1 else config.spacing
+        image = Spacing(pixdim=pixdim, mode="bilinear")(image)
+        label = _maybe(Spacing(pixdim=pixdim, mode="nearest"), label)
+        flow = _maybe(Spacing(pixdim=pixdim, mode="bilinear"), flow)
+    return image, label, flow
+
+
+def _normalize(image: MetaTensor, config: PrepareConfig) -> MetaTensor:
+    if config.normalize is Normalize.PERCENTILE:
+        low, high = config.percentiles
+        return ScaleIntensityRangePercentiles(low, high, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)(image)
+    if config.normalize is Normalize.ZSCORE:
+        return NormalizeIntensity(channel_wise=True)(image)
+    if config.normalize is Normalize.CT:
+        low, high = config.ct_window
+        return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
+    return image
+
+
+def _resize(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | None, config: PrepareConfig,
+            dims: int) -> tuple[MetaTensor, MetaTensor | None, MetaTensor | None]:
+    if config.size is None:
+        return image, label, flow
+    linear = "bilinear" if dims == 2 else "trilinear"
+    # keep_aspect: the longest side becomes `size`, the others are padded to it.
+    size, mode = (config.size, "longest") if config.keep_aspect else ((config.size,) * dims, "all")
+    smooth = Resize(size, size_mode=mode, mode=linear, anti_aliasing=True)
+    image, flow = smooth(image), _maybe(smooth, flow)
+    label = _maybe(Resize(size, size_mode=mode, mode="nearest"), label)
+    if config.keep_aspect:
+        full = (config.size,) * dims
+        # Pad with the image's darkest value: background in CT, MR and pictures alike.
+        image = SpatialPad(full, value=float(image.min()))(image)
+        label, flow = _maybe(SpatialPad(full), label), _maybe(SpatialPad(full), flow)
+    return image, label, flow
+
+
+def _maybe(transform, tensor: MetaTensor | None) -> MetaTensor | None:
+    return None if tensor is None else transform(tensor)
+
+
+def _save_npz(target: Path, arrays: dict[str, np.ndarray]) -> None:
+    # Atomic: a temporary file in the same folder, flushed, then renamed over the target.
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+
+
+def _prepared_entry(case: Case, meta: dict[str, Any], split: str) -> Case:
+    path = f"{CASES_DIR}/{case.id}.npz"
+    stats = {k: v for k, v in meta.items() if k != "stamp"}
+    return case.model_copy(update={"image": path, "label": path if case.label is not None else None,
+                                   "flow": path if case.flow is not None else None, "affine": None,
+                                   "split": split, "stats": stats})
+
+
+def _remove_stale(cases_dir: Path, ids: set[str]) -> None:
+    # Only our own files inside out/cases: cases no longer in the dataset, and leftover temporaries.
+    for path in cases_dir.iterdir():
+        stale = path.suffix == ".npz" and path.stem not in ids
+        if path.is_file() and (stale or (path.name.startswith(".") and path.name.endswith(".npz.tmp"))):
+            path.unlink()
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def intensity_stats(values: np.ndarray) -> dict[str, float]:
+    """min, max, mean, std and the 0.5/1/99/99.5 percentiles of an array (all its values)."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    sample = flat[:: max(1, flat.size // _PERCENTILE_SAMPLE)]
+    p = np.percentile(sample, [0.5, 1.0, 99.0, 99.5])
+    return {"n": int(flat.size), "min": float(flat.min()), "max": float(flat.max()), "mean": float(flat.mean()),
+            "std": float(flat.std()), "p0_5": float(p[0]), "p1": float(p[1]), "p99": float(p[2]), "p99_5": float(p[3])}
+
+
+def _shape_text(values: list[float]) -> str:
+    return "x".join(f"{v:g}" for v in values)
+
+
+def _write_stats(manifest: Manifest, path: Path) -> None:
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(STATS_COLUMNS)
+    for case in manifest.cases:
+        stats = case.stats
+        writer.writerow([case.id, case.subject, case.class_name or "", case.split, _shape_text(stats["original_shape"]),
+                         _shape_text(stats["original_spacing"]), _shape_text(stats["prepared_shape"]),
+                         *(f"{stats['intensity'][k]:.6g}" for k in ("min", "max", "mean", "std", "p1", "p99"))])
+    _write_text(path, buffer.getvalue())
+
+
+def fingerprint(manifest: Manifest) -> dict[str, Any]:
+    """Dataset-wide summary of a prepared manifest (from the cases' ``stats``).
+
+    Intensities are the source images', over the foreground (label > 0) where a case has a
+    label: min/max over all voxels, mean/std pooled exactly, and the 0.5/99.5 percentiles
+    as the median of the cases' percentiles.
+    """
+    stats = [case.stats for case in manifest.cases]
+    regions = [s["foreground"] or s["intensity"] for s in stats]
+    n = sum(r["n"] for r in regions)
+    mean = sum(r["n"] * r["mean"] for r in regions) / n
+    variance = sum(r["n"] * (r["std"] ** 2 + r["mean"] ** 2) for r in regions) / n - mean**2
+    label_voxels: Counter = Counter()
+    for s in stats:
+        label_voxels.update(s.get("label_voxels", {}))
+
+    def summary(key: str) -> dict[str, list[float]]:
+        values = np.asarray([s[key] for s in stats], dtype=np.float64)
+        return {"median": np.median(values, axis=0).tolist(), "min": values.min(axis=0).tolist(), "max": values.max(axis=0).tolist()}
+
+    return {
+        "n_cases": len(stats),
+        "n_subjects": len(manifest.subjects()),
+        "spatial_dims": manifest.spatial_dims,
+        "modality": manifest.modality,
+        "original_shape": summary("original_shape"),
+        "original_spacing": summary("original_spacing"),
+        "prepared_shape": summary("prepared_shape"),
+        "intensity": {
+            "over": "foreground" if all(s["foreground"] for s in stats) else "image" if not any(s["foreground"] for s in stats) else "foreground where labelled",
+            "min": min(r["min"] for r in regions), "max": max(r["max"] for r in regions),
+            "mean": mean, "std": math.sqrt(max(variance, 0.0)),
+            "p0_5": float(np.median([r["p0_5"] for r in regions])), "p99_5": float(np.median([r["p99_5"] for r in regions])),
+        },
+        "class_counts": {name: sum(case.class_name == name for case in manifest.cases) for name in manifest.classes},
+        "label_counts": {manifest.labels.get(value, value): count for value, count in sorted(label_voxels.items(), key=lambda kv: int(kv[0]))},
+        "splits": {split: {"cases": len(cases), "subjects": len({c.subject for c in cases})}
+                   for split in SPLITS for cases in [manifest.split_cases(split)]},
+    }
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=1) + "\n")

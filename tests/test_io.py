@@ -1,0 +1,152 @@
+"""Image io: every format keeps its geometry; every bad file is refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medsynth.data.io import load_image, save_image, spacing_of
+from medsynth.errors import BadInputError
+
+# An oblique (rotated about z) affine with anisotropic spacing.
+OBLIQUE = np.array([
+    [0.8 * np.cos(0.3), -1.1 * np.sin(0.3), 0.0, -40.5],
+    [0.8 * np.sin(0.3), 1.1 * np.cos(0.3), 0.0, 12.25],
+    [0.0, 0.0, 2.5, 7.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+
+
+def _corners(shape: tuple[int, ...]) -> np.ndarray:
+    """Homogeneous voxel coordinates of the outer corners of a 3D grid, ``(4, 8)``."""
+    extent = [(-0.5, n - 0.5) for n in shape]
+    grid = np.array(np.meshgrid(*extent, indexing="ij")).reshape(3, -1)
+    return np.vstack([grid, np.ones(grid.shape[1])])
+
+
+def test_nifti_round_trip_keeps_voxels_and_affine(tmp_path: Path) -> None:
+    array = np.random.default_rng(0).normal(size=(1, 6, 5, 4)).astype(np.float32)
+    path = save_image(array, tmp_path / "a.nii.gz", affine=OBLIQUE)
+    image = load_image(path)
+    assert image.shape == (1, 6, 5, 4)
+    np.testing.assert_allclose(image.affine.numpy(), OBLIQUE, atol=1e-5)
+    np.testing.assert_array_equal(image.numpy(), array)
+    np.testing.assert_allclose(spacing_of(image.affine)[:3], [0.8, 1.1, 2.5], atol=1e-6)
+
+
+def test_nifti_vector_image_round_trip(tmp_path: Path) -> None:
+    field = np.random.default_rng(1).normal(size=(3, 4, 5, 6)).astype(np.float32)
+    path = save_image(field, tmp_path / "flow.nii.gz", affine=OBLIQUE)
+    np.testing.assert_array_equal(load_image(path).numpy(), field)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_itk_files_keep_world_coordinates(tmp_path: Path, suffix: str) -> None:
+    array = np.random.default_rng(2).normal(size=(4, 5, 6)).astype(np.float32)  # ITK order (Z, Y, X)
+    itk = sitk.GetImageFromArray(array)
+    itk.SetSpacing((0.7, 1.3, 2.0))
+    itk.SetOrigin((-12.0, 30.5, 4.0))
+    rotation = sitk.VersorTransform((0.2, 0.5, 0.1), 0.4).GetMatrix()
+    itk.SetDirection(rotation)
+    sitk.WriteImage(itk, str(tmp_path / f"a{suffix}"))
+
+    image = load_image(tmp_path / f"a{suffix}")
+    assert image.shape == (1, 6, 5, 4)  # (C, X, Y, Z)
+    np.testing.assert_array_equal(image.numpy()[0], array.transpose(2, 1, 0))
+    corners = _corners(image.shape[1:])
+    lps = np.array([itk.TransformContinuousIndexToPhysicalPoint(tuple(c)) for c in corners[:3].T]).T
+    ras = lps * np.array([[-1.0], [-1.0], [1.0]])
+    np.testing.assert_allclose((image.affine.numpy() @ corners)[:3], ras, atol=1e-4)
+
+    # Written as NIfTI by us, nibabel sees the same world coordinates.
+    nifti = nib.load(str(save_image(image, tmp_path / "a.nii.gz")))
+    np.testing.assert_allclose((nifti.affine @ corners)[:3], ras, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(nifti.dataobj), array.transpose(2, 1, 0))
+
+
+def _write_dicom_series(folder: Path, slices: list[np.ndarray], spacing: tuple[float, float, float],
+                        origin: tuple[float, float, float]) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    series = generate_uid()
+    for k, pixels in enumerate(slices):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{k}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = series
+        ds.Modality, ds.InstanceNumber = "CT", k + 1
+        ds.Rows, ds.Columns = pixels.shape
+        ds.PixelSpacing = [spacing[1], spacing[0]]  # (between rows, between columns)
+        ds.SliceThickness = spacing[2]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + spacing[2] * k]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = pixels.astype(np.int16).tobytes()
+        ds.save_as(str(folder / f"{k}.dcm"), enforce_file_format=True)
+
+
+def test_dicom_series_folder(tmp_path: Path) -> None:
+    slices = [np.arange(20).reshape(4, 5) + 100 * k for k in range(3)]  # (rows, columns)
+    _write_dicom_series(tmp_path / "series", slices, spacing=(0.8, 0.5, 2.0), origin=(10.0, 20.0, 30.0))
+    image = load_image(tmp_path / "series")
+    assert image.shape == (1, 5, 4, 3)  # (C, columns, rows, slices)
+    np.testing.assert_array_equal(image.numpy()[0], np.stack(slices, axis=-1).transpose(1, 0, 2))
+    # Voxel (column 1, row 2, slice 1) lies at LPS (10 + 0.8, 20 + 1.0, 30 + 2.0), i.e. RAS (-10.8, -21, 32).
+    np.testing.assert_allclose(image.affine.numpy() @ [1, 2, 1, 1], [-10.8, -21.0, 32.0, 1.0], atol=1e-5)
+
+
+def test_png_reads_scaled_as_image_and_raw_as_label(tmp_path: Path) -> None:
+    import imageio.v3 as iio
+
+    pixels = np.array([[0, 1, 2], [255, 128, 0]], dtype=np.uint8)
+    iio.imwrite(tmp_path / "a.png", pixels)
+    image = load_image(tmp_path / "a.png")
+    assert image.shape == (1, 2, 3)
+    np.testing.assert_allclose(image.numpy()[0], pixels / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(load_image(tmp_path / "a.png", dtype=np.int64).numpy()[0], pixels)
+    np.testing.assert_array_equal(load_image(save_image(image, tmp_path / "b.png")).numpy(), image.numpy())
+
+
+def test_numpy_files(tmp_path: Path) -> None:
+    volume = np.random.default_rng(3).normal(size=(6, 7, 8)).astype(np.float32)
+    np.save(tmp_path / "v.npy", volume)
+    assert load_image(tmp_path / "v.npy").shape == (1, 6, 7, 8)
+    image = load_image(save_image(load_image(tmp_path / "v.npy"), tmp_path / "v.npz", affine=OBLIQUE))
+    np.testing.assert_array_equal(image.numpy()[0], volume)
+    np.testing.assert_allclose(image.affine.numpy(), OBLIQUE)
+    np.savez(tmp_path / "case.npz", image=volume[None], label=np.ones((1, 6, 7, 8), np.int16), affine=OBLIQUE)
+    assert load_image(tmp_path / "case.npz", dtype=np.int64, key="label").numpy().sum() == 6 * 7 * 8
+
+
+def test_truncated_nifti_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "cut.nii"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), OBLIQUE), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInputError, match="cut.nii"):
+        load_image(path)
+
+
+def test_nan_voxels_unsupported_files_and_fractional_labels_are_refused(tmp_path: Path) -> None:
+    volume = np.zeros((4, 4, 4), np.float32)
+    volume[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(BadInputError, match=r"nan\.nii\.gz: 1 voxel"):
+        load_image(tmp_path / "nan.nii.gz")
+    (tmp_path / "scan.xyz").write_text("?")
+    with pytest.raises(BadInputError, match=r"scan\.xyz: unsupported"):
+        load_image(tmp_path / "scan.xyz")
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 0.5, np.float32), np.eye(4)), str(tmp_path / "soft.nii.gz"))
+    with pytest.raises(BadInputError, match=r"soft\.nii\.gz: holds non-integer"):
+        load_image(tmp_path / "soft.nii.gz", dtype=np.int64)
