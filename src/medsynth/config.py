@@ -95,11 +95,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             if not isinstance(child, dict):
                 raise MedsynthError(f"override '{item}': '{part}' is not a config section")
             node = child
-        try:
-            node[leaf] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            node[leaf] = raw
+        node[leaf] = _parse_value(raw)
     return data
+
+
+def _parse_value(raw: str) -> Any:
+    """A YAML scalar or list; ``1e-4`` is a float (YAML 1.1 would keep it a string)."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def validate_config(config_cls: type[ConfigT], data: dict[str, Any], source: str = "config") -> ConfigT:

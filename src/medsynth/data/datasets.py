@@ -25,7 +25,10 @@ def load_prepared_manifest(root: str | Path) -> Manifest:
     Raises:
         BadInputError: no ``dataset.json``, or one that ``medsynth prepare`` did not write.
     """
-    manifest = Manifest.load(root)
+    try:
+        manifest = Manifest.load(root)
+    except BadInputError as exc:
+        raise BadInputError(exc.path, f"not a prepared dataset ({exc.problem}); run `medsynth prepare` first") from None
     if manifest.prepare is None:
         raise BadInputError(manifest.resolve(MANIFEST_NAME), "not a prepared dataset; run `medsynth prepare` first")
     return manifest

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.networks.layers import gaussian_1d, separable_filtering
 from monai.transforms import (
     NormalizeIntensity,
     Orientation,
@@ -374,12 +375,13 @@ def _resample(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | No
     # Only when asked: otherwise the affine must stay exactly the source's.
     if config.orientation is not None:
         orient = Orientation(axcodes=config.orientation.upper(), labels=None)
-        image, label, flow = orient(image), _maybe(orient, label), _maybe(orient, flow)
+        image, label, flow = (orient(t) if t is not None else None for t in (image, label, flow))
     if config.spacing is not None:
         pixdim = config.spacing * dims if len(config.spacing) == 1 else config.spacing
-        image = Spacing(pixdim=pixdim, mode="bilinear")(image)
-        label = _maybe(Spacing(pixdim=pixdim, mode="nearest"), label)
-        flow = _maybe(Spacing(pixdim=pixdim, mode="bilinear"), flow)
+        linear, nearest = Spacing(pixdim=pixdim, mode="bilinear"), Spacing(pixdim=pixdim, mode="nearest")
+        image = linear(image)
+        label = nearest(label) if label is not None else None
+        flow = linear(flow) if flow is not None else None
     return image, label, flow
 
 
@@ -399,22 +401,34 @@ def _resize(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | None
             dims: int) -> tuple[MetaTensor, MetaTensor | None, MetaTensor | None]:
     if config.size is None:
         return image, label, flow
-    linear = "bilinear" if dims == 2 else "trilinear"
-    # keep_aspect: the longest side becomes `size`, the others are padded to it.
-    size, mode = (config.size, "longest") if config.keep_aspect else ((config.size,) * dims, "all")
-    smooth = Resize(size, size_mode=mode, mode=linear, anti_aliasing=True)
-    image, flow = smooth(image), _maybe(smooth, flow)
-    label = _maybe(Resize(size, size_mode=mode, mode="nearest"), label)
+    shape = tuple(image.shape[1:])
+    if config.keep_aspect:  # the longest side becomes `size`, the others are padded to it
+        target = tuple(max(1, round(n * config.size / max(shape))) for n in shape)
+    else:
+        target = (config.size,) * dims
+    linear = Resize(target, mode="bilinear" if dims == 2 else "trilinear")
+    image = linear(_anti_alias(image, target))
+    flow = linear(_anti_alias(flow, target)) if flow is not None else None
+    label = Resize(target, mode="nearest-exact")(label) if label is not None else None
     if config.keep_aspect:
         full = (config.size,) * dims
         # Pad with the image's darkest value: background in CT, MR and pictures alike.
         image = SpatialPad(full, value=float(image.min()))(image)
-        label, flow = _maybe(SpatialPad(full), label), _maybe(SpatialPad(full), flow)
+        label, flow = (SpatialPad(full)(t) if t is not None else None for t in (label, flow))
     return image, label, flow
 
 
-def _maybe(transform, tensor: MetaTensor | None) -> MetaTensor | None:
-    return None if tensor is None else transform(tensor)
+def _anti_alias(image: MetaTensor, target: tuple[int, ...]) -> MetaTensor:
+    """Gaussian smoothing of the axes about to be down-sized (skimage's sigma), edges replicated.
+
+    MONAI's ``Resize(anti_aliasing=True)`` pads with zeros, which darkens the borders.
+    """
+    sigmas = [max(0.0, (n / t - 1.0) / 2.0) for n, t in zip(image.shape[1:], target)]
+    if not any(sigmas):
+        return image
+    kernels = [gaussian_1d(torch.tensor(s), truncated=4.0, normalize=True) if s > 0 else torch.ones(1) for s in sigmas]
+    smoothed = separable_filtering(image.as_tensor()[None].float(), kernels, mode="replicate")[0]
+    return MetaTensor(smoothed, affine=image.affine)
 
 
 def _save_npz(target: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -46,7 +46,7 @@ def nearest_ssim(generated: torch.Tensor, reference: torch.Tensor, batch_size: i
 
     The memorisation audit: an SSIM near 1 means a generated image copies a training image.
     """
-    metric = SSIMMetric(spatial_dims=generated.ndim - 2, kernel_size=7 if min(generated.shape[2:]) >= 32 else 3)
+    metric = SSIMMetric(spatial_dims=generated.ndim - 2, win_size=7 if min(generated.shape[2:]) >= 32 else 3, reduction="none")
     best_score, best_index = [], []
     for image in generated:
         scores = torch.cat([

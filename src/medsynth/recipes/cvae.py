@@ -194,7 +194,7 @@ class CVAERecipe(Recipe):
             return grid_latents(dim, steps=max(2, round(request.n ** 0.5)))
         if mode is LatentMode.PLANE:
             return plane_latents(request.n, dim, generator)
-        real = self.real_images(module.config, "test", class_index) or self.real_images(module.config, "train", class_index)
+        real = self.real_images(module.config, "test", class_index) + self.real_images(module.config, "train", class_index)
         if len(real) < 2:
             raise MedsynthError(f"interpolate: need two real images of class '{module.config.model.classes[class_index]}' in {module.config.data_dir}")
         order = torch.randperm(len(real), generator=generator)[:2]

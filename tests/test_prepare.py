@@ -1,0 +1,267 @@
+"""Preparation (geometry, normalisation, splits, cache, bad input) and the prepared datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import imageio.v3 as iio
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medsynth.data import prepare as prepare_module
+from medsynth.data.datasets import PreparedDataModule, PreparedDataset, load_prepared_info
+from medsynth.data.io import load_image, save_image
+from medsynth.data.manifest import Case, Manifest
+from medsynth.data.prepare import PrepareConfig, prepare_dataset, split_subjects
+from medsynth.errors import BadInputError, MedsynthError
+
+OBLIQUE = np.array([
+    [0.8 * np.cos(0.3), -1.1 * np.sin(0.3), 0.0, -40.5],
+    [0.8 * np.sin(0.3), 1.1 * np.cos(0.3), 0.0, 12.25],
+    [0.0, 0.0, 2.5, 7.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+
+
+def _nnunet(root: Path, n: int = 3, shape: tuple[int, ...] = (10, 8, 6), affine: np.ndarray = OBLIQUE) -> Path:
+    """``n`` single-channel cases with a two-label map (a box of 1s in a 0 background)."""
+    rng = np.random.default_rng(0)
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    for k in range(n):
+        nib.save(nib.Nifti1Image(rng.normal(100.0, 20.0, shape).astype(np.float32), affine), str(root / "imagesTr" / f"c{k}_0000.nii.gz"))
+        label = np.zeros(shape, np.uint8)
+        label[2:6, 2:5, 1:4] = 1
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"c{k}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1},
+                                                   "numTraining": n, "file_ending": ".nii.gz"}))
+    return root
+
+
+def _pictures(root: Path, classes: tuple[str, ...] = ("a", "b"), n: int = 4, shape: tuple[int, int] = (12, 24)) -> Path:
+    rng = np.random.default_rng(1)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for k in range(n):
+            iio.imwrite(root / name / f"{name}_{k}.png", rng.integers(20, 230, shape, dtype=np.uint8))
+    return root
+
+
+def _npz(out: Path, case_id: str) -> dict[str, np.ndarray]:
+    with np.load(out / "cases" / f"{case_id}.npz") as data:
+        return dict(data)
+
+
+# -- geometry -------------------------------------------------------------------------------
+
+
+def test_oblique_nifti_round_trip_without_resampling_keeps_affine_and_voxels(tmp_path: Path) -> None:
+    src = _nnunet(tmp_path / "raw")
+    out = prepare_dataset(src, tmp_path / "prepared", normalize="none", progress=False)
+    for k in range(3):
+        prepared = out / "cases" / f"c{k}.npz"
+        written = nib.load(str(save_image(load_image(prepared), tmp_path / f"c{k}.nii.gz")))
+        original = nib.load(str(src / "imagesTr" / f"c{k}_0000.nii.gz"))
+        np.testing.assert_allclose(written.affine, original.affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(original.dataobj))
+        label = load_image(prepared, dtype=np.int64, key="label")
+        np.testing.assert_array_equal(label.numpy()[0], np.asarray(nib.load(str(src / "labelsTr" / f"c{k}.nii.gz")).dataobj))
+    assert (out / "stats.csv").read_text().splitlines()[0] == "id,subject,class,split,original_shape,original_spacing,prepared_shape,min,max,mean,std,p1,p99"
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    assert fingerprint["n_cases"] == 3 and fingerprint["intensity"]["over"] == "foreground"
+    assert fingerprint["original_spacing"]["median"] == pytest.approx([0.8, 1.1, 2.5])
+    assert fingerprint["label_counts"] == {"background": 3 * (480 - 36), "organ": 3 * 36}
+
+
+def test_spacing_and_orientation_resample_labels_as_integers(tmp_path: Path) -> None:
+    out = prepare_dataset(_nnunet(tmp_path / "raw", n=1), tmp_path / "prepared", spacing=(1.5,), orientation="LPS", progress=False)
+    case = _npz(out, "c0")
+    assert nib.aff2axcodes(case["affine"]) == ("L", "P", "S")
+    np.testing.assert_allclose(np.linalg.norm(case["affine"][:3, :3], axis=0), [1.5, 1.5, 1.5], atol=1e-6)
+    assert case["label"].dtype == np.int16 and set(np.unique(case["label"])) == {0, 1}
+    assert case["image"].dtype == np.float32 and 0.0 <= case["image"].min() and case["image"].max() <= 1.0
+
+
+def test_resize_keeps_world_extent_and_keep_aspect_pads(tmp_path: Path) -> None:
+    src = _pictures(tmp_path / "raw")
+    out = prepare_dataset(src, tmp_path / "plain", size=8, progress=False)
+    case = _npz(out, "a_0")
+    assert case["image"].shape == (1, 8, 8)
+    np.testing.assert_allclose(np.diag(case["affine"])[:2], [12 / 8, 24 / 8])
+    out = prepare_dataset(src, tmp_path / "aspect", size=8, keep_aspect=True, progress=False)
+    image = _npz(out, "a_0")["image"]
+    assert image.shape == (1, 8, 8)
+    # 12 x 24 -> 4 x 8, padded by 2 rows on each side with the image's darkest value.
+    np.testing.assert_array_equal(image[0, :2], image.min())
+    np.testing.assert_array_equal(image[0, -2:], image.min())
+    assert image[0, 2:6].std() > 0
+
+
+@pytest.mark.parametrize("normalize", ["percentile", "zscore", "ct", "none"])
+def test_normalisation(tmp_path: Path, normalize: str) -> None:
+    src = tmp_path / "raw"
+    src.mkdir()
+    hu = np.linspace(-2000.0, 2000.0, 5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(src / "ct.nii.gz"))
+    Manifest(name="ct", spatial_dims=3, cases=[Case(id="ct", subject="s", image="ct.nii.gz")]).with_root(src).save(src)
+    image = _npz(prepare_dataset(src, tmp_path / "out", normalize=normalize, ct_window=(-1000.0, 1000.0), progress=False), "ct")["image"]
+    if normalize == "percentile":
+        assert image.min() == 0.0 and image.max() == 1.0
+    elif normalize == "zscore":
+        assert abs(image.mean()) < 1e-5 and image.std() == pytest.approx(1.0, abs=1e-4)
+    elif normalize == "ct":
+        np.testing.assert_allclose(image[0], np.clip((hu + 1000.0) / 2000.0, 0.0, 1.0), atol=1e-6)
+    else:
+        np.testing.assert_array_equal(image[0], hu)
+
+
+def test_flows_become_voxel_displacements_of_the_prepared_grid(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    flow = np.zeros((3, 8, 8, 8), np.float32)
+    flow[0] = 1.0  # one voxel along the first axis
+    np.save(pairs / "template_img_0.npy", np.random.default_rng(0).random((8, 8, 8), dtype=np.float32))
+    np.save(pairs / "flow_0.npy", np.moveaxis(flow, 0, -1))  # channel-last on disk
+    np.save(pairs / "affine_0.npy", np.diag([2.0, 2.0, 2.0, 1.0]))
+    case = _npz(prepare_dataset(pairs, tmp_path / "half", size=4, progress=False), "case_0")
+    np.testing.assert_allclose(np.diag(case["affine"]), [4.0, 4.0, 4.0, 1.0])
+    np.testing.assert_allclose(case["flow"][0], 0.5, atol=1e-5)  # 2 mm = half a 4 mm voxel
+    np.testing.assert_allclose(case["flow"][1:], 0.0, atol=1e-6)
+
+    # A NIfTI flow is millimetres in world (RAS) axes: one voxel along axis 0 of an oblique grid.
+    src = tmp_path / "nifti"
+    save_image(np.zeros((1, 6, 5, 4), np.float32), src / "img.nii.gz", affine=OBLIQUE)
+    world = np.broadcast_to(OBLIQUE[:3, 0, None, None, None], (3, 6, 5, 4)).astype(np.float32)
+    save_image(world, src / "dvf.nii.gz", affine=OBLIQUE)
+    Manifest(name="n", spatial_dims=3, cases=[Case(id="c", subject="s", image="img.nii.gz", flow="dvf.nii.gz")]).with_root(src).save(src)
+    voxels = _npz(prepare_dataset(src, tmp_path / "nifti-out", normalize="none", progress=False), "c")["flow"]
+    np.testing.assert_allclose(voxels[:, 0, 0, 0], [1.0, 0.0, 0.0], atol=1e-5)
+
+
+# -- splits ---------------------------------------------------------------------------------
+
+
+def test_split_subjects_is_stratified_and_seeded() -> None:
+    subjects = {f"{name}{k}": name for name, n in (("a", 3), ("b", 5), ("c", 10)) for k in range(n)}
+    splits = split_subjects(subjects, val_fraction=0.1, test_fraction=0.2, seed=0)
+    for name in "abc":
+        assert {splits[s] for s in subjects if subjects[s] == name} == {"train", "val", "test"}
+    assert splits == split_subjects(subjects, 0.1, 0.2, seed=0)
+    assert splits != split_subjects(subjects, 0.1, 0.2, seed=1)
+    assert set(split_subjects({"x": None, "y": None}, 0.1, 0.2, seed=0).values()) == {"train"}
+
+
+def test_cases_of_one_subject_share_a_split(tmp_path: Path) -> None:
+    src = tmp_path / "phases"
+    src.mkdir()
+    cases = []
+    for subject in range(10):
+        for phase in range(3):
+            np.save(src / f"s{subject}_p{phase}.npy", np.full((4, 4), subject + phase / 10, np.float32))
+            cases.append(Case(id=f"s{subject}_p{phase}", subject=f"s{subject}", image=f"s{subject}_p{phase}.npy", phase=phase))
+    Manifest(name="lung", spatial_dims=2, cases=cases).with_root(src).save(src)
+    prepared = Manifest.load(prepare_dataset(src, tmp_path / "out", normalize="none", progress=False))
+    by_subject: dict[str, set[str]] = {}
+    for case in prepared.cases:
+        by_subject.setdefault(case.subject, set()).add(case.split)
+    assert all(len(splits) == 1 for splits in by_subject.values())
+    assert {next(iter(s)) for s in by_subject.values()} == {"train", "val", "test"}
+
+
+# -- cache and output folder ----------------------------------------------------------------
+
+
+def test_rerun_reuses_prepared_cases_and_redoes_changed_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _pictures(tmp_path / "raw")
+    out = prepare_dataset(src, tmp_path / "out", size=8, progress=False)
+    prepared = []
+    original = prepare_module._prepare_case
+    monkeypatch.setattr(prepare_module, "_prepare_case", lambda manifest, case, *args: prepared.append(case.id) or original(manifest, case, *args))
+    prepare_dataset(src, out, size=8, progress=False)
+    assert prepared == []
+    changed = src / "b" / "b_1.png"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    prepare_dataset(src, out, size=8, progress=False)
+    assert prepared == ["b_1"]
+
+    with pytest.raises(MedsynthError, match="--force"):
+        prepare_dataset(src, out, size=16, progress=False)
+    (src / "b" / "b_3.png").unlink()
+    prepare_dataset(src, out, size=16, force=True, progress=False)
+    assert not (out / "cases" / "b_3.npz").exists() and _npz(out, "a_0")["image"].shape == (1, 16, 16)
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(MedsynthError, match="sise"):
+        prepare_dataset(".", "out", sise=8)
+    with pytest.raises(MedsynthError, match="keep_aspect needs a size"):
+        prepare_dataset(".", "out", keep_aspect=True)
+    assert PrepareConfig(size=8).digest() != PrepareConfig(size=16).digest()
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_nan_case_is_named_and_nothing_written_is_lost(tmp_path: Path) -> None:
+    src = _nnunet(tmp_path / "raw", n=2)
+    out = prepare_dataset(src, tmp_path / "out", progress=False)
+    before = (out / "dataset.json").read_text()
+    volume = np.zeros((10, 8, 6), np.float32)
+    volume[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(volume, OBLIQUE), str(src / "imagesTr" / "c9_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((10, 8, 6), np.uint8), OBLIQUE), str(src / "labelsTr" / "c9.nii.gz"))
+    with pytest.raises(BadInputError, match=r"c9_0000\.nii\.gz: 1 voxel\(s\) are NaN"):
+        prepare_dataset(src, out, progress=False)
+    assert (out / "dataset.json").read_text() == before
+    assert (out / "cases" / "c0.npz").exists() and (out / "cases" / "c1.npz").exists()
+
+
+def test_truncated_nifti_is_named(tmp_path: Path) -> None:
+    src = _nnunet(tmp_path / "raw", n=2)
+    path = src / "imagesTr" / "c1_0000.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInputError, match=r"c1_0000\.nii\.gz: cannot read image"):
+        prepare_dataset(src, tmp_path / "out", progress=False)
+
+
+def test_unknown_label_value_is_named(tmp_path: Path) -> None:
+    src = _nnunet(tmp_path / "raw", n=1)
+    nib.save(nib.Nifti1Image(np.full((10, 8, 6), 7, np.uint8), OBLIQUE), str(src / "labelsTr" / "c0.nii.gz"))
+    with pytest.raises(BadInputError, match=r"c0\.nii\.gz: label value\(s\) \[7\]"):
+        prepare_dataset(src, tmp_path / "out", progress=False)
+
+
+def test_label_affine_mismatch_found_after_loading(tmp_path: Path) -> None:
+    # A manifest-listed NumPy label has no header; its (identity) affine is checked after loading.
+    src = _nnunet(tmp_path / "raw", n=1)
+    np.save(src / "label.npy", np.zeros((10, 8, 6), np.int16))
+    Manifest(name="m", spatial_dims=3, cases=[Case(id="c", subject="s", image="imagesTr/c0_0000.nii.gz", label="label.npy")]).with_root(src).save(tmp_path / "m")
+    with pytest.raises(BadInputError, match=r"label\.npy: affine differs"):
+        prepare_dataset(tmp_path / "m", tmp_path / "out", progress=False)
+
+
+# -- datasets -------------------------------------------------------------------------------
+
+
+def test_prepared_dataset_and_datamodule(tmp_path: Path) -> None:
+    out = prepare_dataset(_nnunet(tmp_path / "raw", n=4), tmp_path / "out", val_fraction=0.0, test_fraction=0.25, progress=False)
+    info = load_prepared_info(out)
+    assert (info["spatial_dims"], info["in_channels"], info["image_shape"]) == (3, 1, [10, 8, 6])
+    assert info["labels"] == {0: "background", 1: "organ"} and info["splits"] == {"train": 3, "val": 0, "test": 1}
+    item = PreparedDataset(out, "test", in_memory=True)[0]
+    assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.long and item["class"] == -1
+    assert item["image"].shape == (1, 10, 8, 6) and item["label"].shape == (1, 10, 8, 6)
+
+    orders = []
+    for _ in range(2):
+        module = PreparedDataModule(out, batch_size=2, seed=3)
+        orders.append([batch["id"] for batch in module.train_dataloader()])
+        assert [b["id"] for b in module.val_dataloader()] == [b["id"] for b in module.test_dataloader()]
+    assert orders[0] == orders[1]
+    with pytest.raises(BadInputError, match="not a prepared dataset"):
+        PreparedDataset(tmp_path / "raw")
