@@ -147,7 +147,9 @@ class Manifest(BaseModel):
         return manifest.with_root(path.parent)
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``folder/dataset.json`` atomically; relative paths are rebased to ``folder``.
+        """Write ``folder/dataset.json`` atomically; this manifest is then rooted at ``folder``.
+
+        Relative case paths are rebased, so they still name the same files from ``folder``.
 
         Returns:
             The written file.

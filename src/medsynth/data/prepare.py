@@ -95,9 +95,10 @@ class PrepareConfig(BaseModel):
             raise ValueError(f"ct_window {self.ct_window} must be (low, high) with low < high")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave subjects for training")
-        if self.orientation is not None and (len(set(self.orientation.upper())) != len(self.orientation)
-                                             or set(self.orientation.upper()) - set("LRAPSI")):
-            raise ValueError(f"orientation '{self.orientation}' is not a code like RAS or LPS")
+        axes = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
+        if self.orientation is not None and (set(self.orientation.upper()) - set(axes)
+                                             or len({axes[c] for c in self.orientation.upper()}) != len(self.orientation)):
+            raise ValueError(f"orientation '{self.orientation}' is not a code like RAS or LPS (one letter per axis)")
         return self
 
     def digest(self) -> str:
@@ -170,7 +171,7 @@ def _build_config(config: PrepareConfig | None, settings: dict[str, Any]) -> Pre
     try:
         return PrepareConfig(**settings)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
         raise MedsynthError(f"prepare: {problems}") from None
 
 
@@ -184,8 +185,8 @@ def _claim(out: Path, source: str, digest: str, force: bool) -> None:
         previous = {}
     if previous.get("from") == source and previous.get("hash") == digest:
         return
-    what = "a different prepared dataset" if previous else "a dataset.json that is not a prepared dataset"
-    raise MedsynthError(f"{out}: holds {what} (other source or settings); pass --force to replace it")
+    what = "a prepared dataset of another source or settings" if previous else "a dataset.json that is not a prepared dataset"
+    raise MedsynthError(f"{out}: holds {what}; pass --force to replace it")
 
 
 # -- splits -------------------------------------------------------------------------------
@@ -295,7 +296,6 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
         meta["label_voxels"] = {str(int(v)): int(c) for v, c in zip(values, counts)}
     if flow is not None:
         arrays["flow"] = _world_to_voxels(flow.numpy(), arrays["affine"], dims).astype(np.float32)
-    meta["channels"] = int(arrays["image"].shape[0])
     meta["prepared_shape"] = list(arrays["image"].shape[1:])
     _save_npz(target, {**arrays, "meta": np.array(json.dumps(meta))})
     return meta

@@ -283,10 +283,13 @@ class FlowSchedule:
             x: the initial noise (B, C, *S); its size drives the optional timestep transform.
 
         Returns:
-            t_0 = T > t_1 > .. > t_N = 0, shape (N + 1,).
+            t_0 = T > t_1 > .. > t_N = 0, shape (N + 1,): int64 with discrete timesteps, else float32.
         """
         self.scheduler.set_timesteps(steps, device=x.device, input_img_size_numel=math.prod(x.shape[2:]))
-        return torch.cat([self.scheduler.timesteps, self.scheduler.timesteps.new_zeros(1)])
+        ts = self.scheduler.timesteps
+        if ts.is_floating_point():  # MONAI stores continuous timesteps as float16 (0.5 resolution near T)
+            ts = ts.float()
+        return torch.cat([ts, ts.new_zeros(1)])
 
 
 def make_schedule(

@@ -59,10 +59,20 @@ _TAPER_KEEP = 0.45  # exponent on the calibre ratio where the minimum radius app
 _BLUR_VOXELS = 0.6  # partial-volume / scanner blur sigma
 _NOISE_GRAIN_VOXELS = 0.7  # CT noise is correlated over about a voxel
 
+# Calibres (FOV units, before vessel_scale) at the start and end of each branch.
+_CALIBRES = {"lm": (0.021, 0.019), "lad": (0.018, 0.008), "d1": (0.012, 0.007), "lcx": (0.017, 0.009),
+             "om1": (0.012, 0.007), "rca": (0.019, 0.011), "pda": (0.011, 0.006)}
+_VESSEL_SCALE = (0.85, 1.15)  # range of the per-subject factor on all calibres
+_THINNEST = _VESSEL_SCALE[0] * min(min(c) for c in _CALIBRES.values())  # gets MIN_VESSEL_VOXELS
+
 # Heart frame before per-subject rotation (patient RAS): the apex points left, anterior
 # and inferior; the septal axis towards the right and anterior.
 _LONG_AXIS = np.array([-0.55, 0.5, -0.65])
 _SEPTAL_HINT = np.array([0.7, 0.7, 0.0])
+# Directions (l, s, t) of the coronary ostia on the aortic root: above the LV outflow, the
+# left sinus facing the LV side and the right sinus the RV side, about 100 degrees apart.
+_LEFT_OSTIUM = (-0.5, 0.0, -0.85)
+_RIGHT_OSTIUM = (-0.1, 1.0, 0.1)
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,8 @@ class CoronaryParams:
         diaphragm: Height (z) of the top of the diaphragm dome.
         body_size: Body ellipse semi-axes (x, y).
         fat_pad: Thickness of mediastinal fat kept around the heart and vessels.
+        lung_vessels: End points of the pulmonary arteries drawn in the lungs, each
+            from the hilum on its side.
         contrast_hu: Attenuation of the enhanced left heart, aorta and coronaries (HU).
         right_contrast: Right heart and pulmonary artery HU as a fraction of ``contrast_hu``.
         myocardium_hu: Myocardium (HU).
@@ -127,6 +139,7 @@ class CoronaryParams:
     diaphragm: float
     body_size: tuple[float, float]
     fat_pad: float
+    lung_vessels: tuple[tuple[float, float, float], ...]
     contrast_hu: float
     right_contrast: float
     myocardium_hu: float
@@ -189,11 +202,13 @@ def sample_coronary_params(rng: np.random.Generator) -> CoronaryParams:
         aortic_root=jitter((-0.1, 0.11, -0.05), 0.02),
         aorta_radius=float(u(0.12, 0.15)),
         pa_radius=float(u(0.1, 0.13)),
-        vessel_scale=float(u(0.85, 1.15)),
+        vessel_scale=float(u(*_VESSEL_SCALE)),
         lcx_reach=float(u(0.4, 0.65)),
         diaphragm=float(u(-0.62, -0.48)),
         body_size=(float(u(1.5, 1.7)), float(u(1.0, 1.15))),
         fat_pad=float(u(0.05, 0.1)),
+        lung_vessels=tuple((float(side * u(0.6, 1.3)), float(u(-1.0, 0.5)), float(u(-0.6, 0.9)))
+                           for side in (-1, 1) for _ in range(6)),
         contrast_hu=contrast,
         right_contrast=float(u(0.82, 1.0)),
         myocardium_hu=float(u(80.0, 120.0)),
@@ -240,7 +255,7 @@ class _Grid:
         self.step = self.SIGNS * self.spacing / self.half_fov  # FOV units per voxel, signed
         self.voxel = float(np.abs(self.step).max())  # coarsest voxel in FOV units
         centre_index = (size - 1) / 2.0
-        self.axes = tuple((np.arange(size) - centre_index) * step for step in self.step)
+        self.axes = tuple(((np.arange(size) - centre_index) * step).astype(np.float32) for step in self.step)
         self.affine = np.eye(4)
         self.affine[:3, :3] = np.diag(self.SIGNS * self.spacing)
         self.affine[:3, 3] = np.asarray(centre_mm) - self.SIGNS * self.spacing * centre_index
@@ -251,8 +266,9 @@ class _Grid:
 
     def local(self, origin: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, ...]:
         """Coordinates of every voxel along the rows of ``frame`` from ``origin``: three ``(X, Y, Z)`` arrays."""
-        x, y, z = (axis - o for axis, o in zip(self.axes, origin))
-        return tuple(x[:, None, None] * row[0] + y[None, :, None] * row[1] + z[None, None, :] * row[2] for row in frame)
+        x, y, z = (axis - float(o) for axis, o in zip(self.axes, origin))
+        return tuple(x[:, None, None] * float(row[0]) + y[None, :, None] * float(row[1]) + z[None, None, :] * float(row[2])
+                     for row in frame)
 
 
 def _index_range(axis: np.ndarray, low: float, high: float) -> slice:
@@ -283,8 +299,9 @@ def _tube_distance(grid: _Grid, points: np.ndarray, radii: np.ndarray, reach: fl
     return field
 
 
-def _ellipsoid(coords: tuple[np.ndarray, ...], centre: tuple[float, ...], semi: tuple[float, ...]) -> np.ndarray:
-    return sum(((c - m) / a) ** 2 for c, m, a in zip(coords, centre, semi)) <= 1.0
+def _ellipsoid(coords: tuple[np.ndarray, ...], centre: tuple[float, ...], semi: tuple[float, ...], grow: float = 0.0) -> np.ndarray:
+    """Inside an axis-aligned ellipsoid whose semi-axes are lengthened by ``grow``."""
+    return sum(((c - m) / (a + grow)) ** 2 for c, m, a in zip(coords, centre, semi)) <= 1.0
 
 
 class _Heart:
@@ -337,11 +354,6 @@ class _Heart:
         return phi[anterior[nearest]], phi[posterior[nearest]]
 
 
-# Calibres (FOV units, before vessel_scale) at the start and end of each branch.
-_CALIBRES = {"lm": (0.021, 0.019), "lad": (0.018, 0.008), "d1": (0.012, 0.007), "lcx": (0.017, 0.009),
-             "om1": (0.012, 0.007), "rca": (0.019, 0.011), "pda": (0.011, 0.006)}
-
-
 def _coronary_paths(heart: _Heart) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Each branch's surface points and outward normals (patient FOV coordinates) and calibres.
 
@@ -356,12 +368,13 @@ def _coronary_paths(heart: _Heart) -> dict[str, tuple[np.ndarray, np.ndarray, np
     root_radius = 1.25 * p.aorta_radius
     paths = {}
 
-    def from_ostium(target: np.ndarray, target_normal: np.ndarray, towards: np.ndarray, n: int = 10):
-        """A proximal segment from the aortic root to ``target``, bowing out through ``towards``."""
-        ostium = root + root_radius * (towards - root) / np.linalg.norm(towards - root)
+    def from_ostium(target: np.ndarray, target_normal: np.ndarray, facing: tuple[float, float, float], n: int = 10):
+        """A proximal segment from the ostium on the aortic root that faces ``facing`` (l, s, t) to ``target``."""
+        facing = np.asarray(facing) / np.linalg.norm(facing)
+        ostium = root + root_radius * facing
+        control = ostium + 0.3 * np.linalg.norm(target - ostium) * facing
         k = np.linspace(0.0, 1.0, n)[:, None]
-        # Quadratic Bezier: leaves the root, passes near ``towards`` and lands on the target.
-        points = (1 - k) ** 2 * ostium + 2 * k * (1 - k) * towards + k**2 * target
+        points = (1 - k) ** 2 * ostium + 2 * k * (1 - k) * control + k**2 * target  # quadratic Bezier
         return points, k * target_normal
 
     # Left tree: LM to the bifurcation on the anterior base, then LAD, LCx and side branches.
@@ -371,8 +384,7 @@ def _coronary_paths(heart: _Heart) -> dict[str, tuple[np.ndarray, np.ndarray, np
     lad_phi = anterior - groove_margin
     lad_points, lad_normals = heart.epicardium(lad_l, lad_phi)
     bifurcation, bif_normal = lad_points[0], lad_normals[0]
-    over_base = np.array([-0.08, *(0.85 * bifurcation[1:])])  # the LM crosses above the LV base
-    paths["lm"] = from_ostium(bifurcation, bif_normal, over_base)
+    paths["lm"] = from_ostium(bifurcation, bif_normal, _LEFT_OSTIUM)
     paths["lad"] = (lad_points, lad_normals)
 
     gap = 2 * math.pi - (posterior[0] - anterior[0])  # azimuths of the LV not covered by the RV
@@ -395,16 +407,16 @@ def _coronary_paths(heart: _Heart) -> dict[str, tuple[np.ndarray, np.ndarray, np
                      rv_c[2] + rv_a[2] * shrink * np.sin(psi)], axis=-1)
     ring_normals = np.stack([np.zeros_like(psi), np.cos(psi) / rv_a[1], np.sin(psi) / rv_a[2]], axis=-1)
     ring_normals /= np.linalg.norm(ring_normals, axis=-1, keepdims=True)
-    length_s, radius_s = heart.epi
-    inside_lv = (ring[:, 0] / length_s) ** 2 + (ring[:, 1] ** 2 + ring[:, 2] ** 2) / radius_s**2 < 1.0
-    crux_index = int(np.argmax(inside_lv & (psi > 0))) or len(psi) - 1  # the ring meets the LV posteriorly
+    # Follow the ring until it comes within 0.05 of the LV epicardium posteriorly, then join the crux.
+    near_lv = (ring[:, 0] / (length + 0.05)) ** 2 + (ring[:, 1] ** 2 + ring[:, 2] ** 2) / (heart.epi[1] + 0.05) ** 2 < 1.0
+    crux_index = int(np.argmax(near_lv & (psi > 0))) or len(psi)
     keep = np.linspace(0, crux_index - 1, 30).round().astype(int)
     pda_l = np.linspace(l_av, 0.7 * length, 30)
     _, pda_posterior = heart.grooves(pda_l)
     pda_points, pda_normals = heart.epicardium(pda_l, pda_posterior + groove_margin)
     rca_points = np.concatenate([ring[keep], pda_points[:1]])
     rca_normals = np.concatenate([ring_normals[keep], pda_normals[:1]])
-    proximal = from_ostium(rca_points[0], rca_normals[0], 0.5 * (root + rca_points[0]) + 0.3 * rca_normals[0] * root_radius)
+    proximal = from_ostium(rca_points[0], rca_normals[0], _RIGHT_OSTIUM)
     paths["rca"] = (np.concatenate([proximal[0][:-1], rca_points]), np.concatenate([proximal[1][:-1], rca_normals]))
     paths["pda"] = (pda_points, pda_normals)
 
@@ -435,11 +447,10 @@ def coronary_centrelines(params: CoronaryParams, size: int, spacing: tuple[float
 def _centrelines(params: CoronaryParams, grid: _Grid) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Branch centrelines (FOV units) and render radii for ``grid``."""
     paths = _coronary_paths(_Heart(params))
-    thinnest = min(calibre.min() for _, _, calibre in paths.values())
     floor = MIN_VESSEL_VOXELS * grid.voxel
     result = {}
     for name, (points, normals, calibre) in paths.items():
-        radius = np.maximum(calibre, floor * (calibre / thinnest) ** _TAPER_KEEP)
+        radius = np.maximum(calibre, floor * (calibre / _THINNEST) ** _TAPER_KEEP)
         result[name] = (points + normals * radius[:, None], radius)
     return result
 
@@ -468,6 +479,7 @@ def render_coronary(params: CoronaryParams, size: int, spacing: tuple[float, flo
     labels = np.zeros(shape, dtype=np.int16)
     hu = np.full(shape, -1000.0, dtype=np.float32)
     blood_left, blood_right = params.contrast_hu, params.contrast_hu * params.right_contrast
+    pad = params.fat_pad
 
     def paint(mask: np.ndarray, label: int, value: float) -> None:
         mask = np.broadcast_to(mask, shape)
@@ -477,77 +489,91 @@ def render_coronary(params: CoronaryParams, size: int, spacing: tuple[float, flo
     # Thorax, in patient coordinates.
     x, y, z = grid.axes[0][:, None, None], grid.axes[1][None, :, None], grid.axes[2][None, None, :]
     bx, by = params.body_size
-    body_centre_y = -0.25
+    body_y = -0.25
 
-    def body_ellipse(scale: float, inset: float = 0.0) -> np.ndarray:
-        return (x / (bx * scale - inset)) ** 2 + ((y - body_centre_y) / (by * scale - inset)) ** 2 <= 1.0
+    def body_ellipse(inset: float) -> np.ndarray:
+        return (x / (bx - inset)) ** 2 + ((y - body_y) / (by - inset)) ** 2 <= 1.0
 
-    paint(body_ellipse(1.0), BACKGROUND, params.fat_hu)
-    paint(body_ellipse(1.0, 0.08), BACKGROUND, 40.0)  # chest-wall muscle
-    thorax = body_ellipse(1.0, 0.16)
+    paint(body_ellipse(0.0), BACKGROUND, params.fat_hu)
+    paint(body_ellipse(0.08), BACKGROUND, 40.0)  # chest-wall muscle
+    thorax = body_ellipse(0.16)
     paint(thorax, BACKGROUND, params.fat_hu)
-    abdomen = thorax & (z < params.diaphragm - 0.5 * ((x - 0.2) ** 2 + (y - body_centre_y) ** 2))
+    abdomen = thorax & (z < params.diaphragm - 0.5 * ((x - 0.2) ** 2 + (y - body_y) ** 2))
     paint(abdomen, BACKGROUND, 60.0)
     paint(abdomen & (x > -0.15), BACKGROUND, 70.0)  # liver, under the right dome
-    spine_y = body_centre_y - by + 0.4
-    spine = (x / 0.19) ** 2 + ((y - spine_y) / 0.17) ** 2 <= 1.0
-    paint(spine, BACKGROUND, 650.0)  # cortical shell
-    paint((x / 0.16) ** 2 + ((y - spine_y) / 0.14) ** 2 <= 1.0, BACKGROUND, 230.0)
+    spine_y = body_y - by + 0.4
 
-    # Great vessels as tubes.
+    def spine(grow: float) -> np.ndarray:
+        return (x / (0.19 + grow)) ** 2 + ((y - spine_y) / (0.17 + grow)) ** 2 <= 1.0
+
+    paint(spine(0.0), BACKGROUND, 650.0)  # cortical shell round cancellous bone
+    paint(spine(-0.03), BACKGROUND, 230.0)
+
+    # Great vessels: distances to tube surfaces, kept up to the fat pad for the mediastinum.
     root = heart.to_patient(np.asarray(params.aortic_root))
     up = np.array([0.12, 0.08, 1.0]) / np.linalg.norm([0.12, 0.08, 1.0])
-    aorta = np.stack([root, root + 0.3 * up, root + 0.3 * up + np.array([0.03, -0.03, 1.5])])
-    descending = np.array([[-0.25, spine_y + 0.3, -2.0], [-0.25, spine_y + 0.3, 2.0]])
     rvot = heart.to_patient(np.array([-0.02, params.rv_centre[1] + 0.02, params.rv_centre[2] - 0.6 * params.rv_size[2]]))
     pa_top = rvot + np.array([-0.2, -0.08, 0.42])
-    left_pa = pa_top + np.array([-0.3, -0.3, 0.1])
-    right_pa = pa_top + np.array([0.6, -0.28, 0.06])
-    tubes = {
-        "aorta": _tube_distance(grid, aorta, np.full(3, params.aorta_radius), 0.0),
-        "root": _tube_distance(grid, root[None].repeat(2, 0), np.full(2, 1.25 * params.aorta_radius), 0.0),
-        "descending": _tube_distance(grid, descending, np.full(2, 0.85 * params.aorta_radius), 0.0),
-        "pa": _tube_distance(grid, np.stack([rvot, pa_top, left_pa]), params.pa_radius * np.array([1.0, 1.0, 0.75]), 0.0),
-        "right_pa": _tube_distance(grid, np.stack([pa_top, right_pa]), params.pa_radius * np.array([0.8, 0.7]), 0.0),
-    }
-    paint(tubes["descending"] <= 0, AORTA, blood_left)
+    hila = (pa_top + np.array([-0.3, -0.3, 0.1]), pa_top + np.array([0.6, -0.28, 0.06]))  # left, right
+    aorta = np.minimum(
+        _tube_distance(grid, np.stack([root, root + 0.3 * up, root + 0.3 * up + np.array([0.03, -0.03, 1.5])]),
+                       np.full(3, params.aorta_radius), pad),
+        _tube_distance(grid, np.stack([root, root]), np.full(2, 1.25 * params.aorta_radius), pad))
+    descending = _tube_distance(grid, np.array([[-0.25, spine_y + 0.3, -2.0], [-0.25, spine_y + 0.3, 2.0]]),
+                                np.full(2, 0.85 * params.aorta_radius), pad)
+    pulmonary = np.minimum(
+        _tube_distance(grid, np.stack([rvot, pa_top, hila[0]]), params.pa_radius * np.array([1.0, 1.0, 0.75]), pad),
+        _tube_distance(grid, np.stack([pa_top, hila[1]]), params.pa_radius * np.array([0.8, 0.7]), pad))
+    paint(descending <= 0, AORTA, blood_left)
 
-    # Chambers, in the heart frame.
+    # Chambers, in the heart frame; ``grow`` offsets a surface outwards (for the fat pad).
     l, s, t = grid.local(heart.base, heart.frame)
     rho2 = s**2 + t**2
     length, radius = heart.epi
-    epicardium = ((l / length) ** 2 + rho2 / radius**2 <= 1.0) & (l >= -0.3 * params.wall)
-    cavity = ((l / params.lv_length) ** 2 + rho2 / params.lv_radius**2 <= 1.0) & (l >= 0.0)
-    rv_outer = _ellipsoid((l, s, t), params.rv_centre, heart.rv_outer) & (l >= -params.rv_wall) & ~epicardium
-    rv_cavity = _ellipsoid((l, s, t), params.rv_centre, params.rv_size) & (l >= 0.0) & ~epicardium
-    paint(_ellipsoid((l, s, t), params.la_centre, params.la_size), LA, blood_left)
-    paint(_ellipsoid((l, s, t), params.ra_centre, params.ra_size), RA, blood_right)
-    paint(epicardium, MYOCARDIUM, params.myocardium_hu)
-    paint(cavity, LV, blood_left)
-    paint(rv_outer, BACKGROUND, params.myocardium_hu)  # RV free wall: unlabelled, as in TotalSegmentator
-    paint(rv_cavity, RV, blood_right)
-    paint((tubes["pa"] <= 0) | (tubes["right_pa"] <= 0), PULMONARY_ARTERY, blood_right)
-    paint((tubes["aorta"] <= 0) | (tubes["root"] <= 0), AORTA, blood_left)
+
+    def epicardium(grow: float) -> np.ndarray:
+        return ((l / (length + grow)) ** 2 + rho2 / (radius + grow) ** 2 <= 1.0) & (l >= -0.3 * params.wall - grow)
+
+    def rv(semi: tuple[float, ...], grow: float = 0.0) -> np.ndarray:
+        return _ellipsoid((l, s, t), params.rv_centre, semi, grow) & (l >= params.rv_size[0] - semi[0] - grow)
+
+    def atrium(centre: tuple[float, ...], semi: tuple[float, ...], grow: float = 0.0) -> np.ndarray:
+        return _ellipsoid((l, s, t), centre, semi, grow)
+
+    lv_wall = epicardium(0.0)
+    paint(atrium(params.la_centre, params.la_size), LA, blood_left)
+    paint(atrium(params.ra_centre, params.ra_size), RA, blood_right)
+    paint(lv_wall, MYOCARDIUM, params.myocardium_hu)
+    paint(((l / params.lv_length) ** 2 + rho2 / params.lv_radius**2 <= 1.0) & (l >= 0.0), LV, blood_left)
+    paint(rv(heart.rv_outer) & ~lv_wall, BACKGROUND, params.myocardium_hu)  # RV free wall: unlabelled, as in TotalSegmentator
+    paint(rv(params.rv_size) & ~lv_wall, RV, blood_right)
+    paint(pulmonary <= 0, PULMONARY_ARTERY, blood_right)
+    paint(aorta <= 0, AORTA, blood_left)
 
     # Lungs fill the thorax outside the mediastinal fat round the heart, vessels and spine.
-    solid = (labels != BACKGROUND) | rv_outer | spine
-    distance = ndimage.distance_transform_edt(~solid, sampling=np.abs(grid.step))
-    paint(thorax & ~abdomen & (distance > params.fat_pad), BACKGROUND, params.lung_hu)
+    mediastinum = (epicardium(pad) | rv(heart.rv_outer, pad) | atrium(params.la_centre, params.la_size, pad)
+                   | atrium(params.ra_centre, params.ra_size, pad) | (aorta <= pad) | (descending <= pad)
+                   | (pulmonary <= pad) | spine(pad))
+    lungs = thorax & ~abdomen & ~mediastinum
+    paint(lungs, BACKGROUND, params.lung_hu)
+    for end in params.lung_vessels:  # pulmonary arteries fanning out from the hilum on the vessel's side
+        hilum = hila[int(end[0] > 0)]
+        branch = np.stack([hilum, 0.5 * (hilum + np.asarray(end)) + np.array([0.0, 0.0, 0.1]), end])
+        paint(lungs & (_tube_distance(grid, branch, np.array([0.035, 0.022, 0.01]), 0.0) <= 0), BACKGROUND, blood_right)
 
     # Coronaries last, in a sleeve of epicardial fat that leaves the LV and aorta intact.
-    centrelines = _centrelines(params, grid)
-    sleeve_width = max(0.012, 1.2 * grid.voxel)  # covers every voxel touching a coronary
+    sleeve = max(0.012, 1.2 * grid.voxel)  # covers every voxel touching a coronary
     vessel = np.full(shape, np.inf, dtype=np.float32)
-    for points, radius in centrelines.values():
-        np.minimum(vessel, _tube_distance(grid, points, radius, sleeve_width), out=vessel)
-    paint((vessel <= sleeve_width) & ~np.isin(labels, (LV, MYOCARDIUM, AORTA)), BACKGROUND, params.fat_hu)
+    for points, radius in _centrelines(params, grid).values():
+        np.minimum(vessel, _tube_distance(grid, points, radius, sleeve), out=vessel)
+    paint((vessel <= sleeve) & ~np.isin(labels, (LV, MYOCARDIUM, AORTA)), BACKGROUND, params.fat_hu)
     paint(vessel <= 0, CORONARY, 0.95 * blood_left)
 
     image = ndimage.gaussian_filter(hu, _BLUR_VOXELS)
-    noise = np.random.default_rng(params.noise_seed).standard_normal(shape).astype(np.float32)
-    noise = ndimage.gaussian_filter(noise, _NOISE_GRAIN_VOXELS)
+    noise = ndimage.gaussian_filter(np.random.default_rng(params.noise_seed).standard_normal(shape, dtype=np.float32),
+                                    _NOISE_GRAIN_VOXELS)
     image += params.noise_hu / float(noise.std()) * noise
-    return image.astype(np.float32), labels, grid.affine
+    return image, labels, grid.affine
 
 
 def make_coronary_dataset(out: str | Path, n: int = 10, size: int = 32, seed: int = 0,
