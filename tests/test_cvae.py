@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from medsynth import api
 from medsynth.data.phantoms.cilia import make_cilia_dataset
@@ -107,3 +108,8 @@ def test_resume_after_sigkill_finishes_configured_epochs(prepared, tmp_path):
     assert final["epoch"] == epochs - 1
     assert final["global_step"] == epochs * steps_per_epoch
     assert (run / "prev_config.yaml").is_file() and (run / "model.safetensors").is_file()
+
+    # The resumed run continues exactly: the same weights as a run that was never killed.
+    uninterrupted = api.train("cvae", data=prepared, overrides=TINY + [f"train.max_epochs={epochs}"], out=tmp_path / "whole", progress=False)
+    resumed_weights, whole_weights = load_file(run / "model.safetensors"), load_file(uninterrupted.weights_path)
+    assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)

@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,2")
     p.add_argument("--orientation", default=None, help="reorient 3D images, e.g. RAS")
     p.add_argument("--normalize", choices=["percentile", "zscore", "ct", "none"], default="percentile")
+    p.add_argument("--ct-window", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="HU window for --normalize ct")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("train", help="train a recipe (or continue a run with --resume)")
     p.add_argument("recipe", nargs="?", default=None)
@@ -86,8 +88,10 @@ def run_command(args: argparse.Namespace) -> None:
         print(api.phantom(args.kind, args.out, n=args.n, seed=args.seed, size=args.size, **options))
     elif args.command == "prepare":
         settings = {"size": args.size, "keep_aspect": args.keep_aspect, "spacing": args.spacing, "orientation": args.orientation,
-                    "normalize": args.normalize, "seed": args.seed, "force": args.force}
-        print(api.prepare(args.src, args.out, recipe=args.recipe, **settings))
+                    "normalize": args.normalize, "seed": args.seed}
+        if args.ct_window:
+            settings["ct_window"] = tuple(args.ct_window)
+        print(api.prepare(args.src, args.out, recipe=args.recipe, force=args.force, progress=not args.no_progress, **settings))
     elif args.command == "train":
         overrides = list(args.overrides)
         overrides += [f"train.devices={args.devices}"] if args.devices else []

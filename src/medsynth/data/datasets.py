@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from medsynth.data.manifest import MANIFEST_NAME, SPLITS, Manifest
 from medsynth.errors import BadInputError, MedsynthError
@@ -124,8 +124,8 @@ class PreparedDataset(Dataset):
 class PreparedDataModule(L.LightningDataModule):
     """Train/val/test loaders over a prepared dataset.
 
-    The training loader shuffles with a generator seeded by ``seed``; validation uses the
-    test split when the val split is empty.
+    The training loader shuffles by ``(seed, epoch)``; validation uses the test split when
+    the val split is empty.
 
     Args:
         root: prepared dataset folder.
@@ -153,8 +153,11 @@ class PreparedDataModule(L.LightningDataModule):
                                                     in_memory=self.in_memory) for split in SPLITS}
 
     def _loader(self, dataset: PreparedDataset, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+        # A one-replica DistributedSampler shuffles by (seed, epoch), and Lightning calls its
+        # set_epoch: a resumed run sees the same order as an uninterrupted one (under DDP,
+        # Lightning shards it across ranks).
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

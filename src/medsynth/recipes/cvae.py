@@ -146,6 +146,8 @@ class CVAERecipe(Recipe):
 
     def resolve_config(self, config: CVAEConfig) -> CVAEConfig:
         info = load_prepared_info(Path(config.data_dir))
+        if info["image_shape"] is None:
+            raise MedsynthError(f"{config.data_dir}: cvae needs images of one shape; prepare with --size")
         if not info["classes"]:
             raise MedsynthError(f"{config.data_dir}: cvae needs a dataset with classes (class-per-folder images)")
         model = config.model.model_copy(update={
@@ -162,7 +164,7 @@ class CVAERecipe(Recipe):
 
     def build_datamodule(self, config: CVAEConfig) -> L.LightningDataModule:
         return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size,
-                                  num_workers=config.train.num_workers, seed=config.train.seed,
+                                  num_workers=config.train.num_workers, seed=config.train.seed, in_memory=True,
                                   train_transform=_augment if config.data.augment and config.model.spatial_dims == 2 else None)
 
     # -- generation ---------------------------------------------------------------------------
