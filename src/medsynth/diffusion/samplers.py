@@ -62,7 +62,9 @@ def _transitions(schedule: Any, steps: int, x: Tensor, sampler: str) -> Iterator
     yield from zip(range(len(ts)), ts, targets)
 
 
-def _predict(model: Denoiser, x: Tensor, t: Tensor, cond: Any, schedule: NoiseSchedule) -> tuple[Tensor, Tensor, Tensor | None]:
+def _predict(
+    model: Denoiser, x: Tensor, t: Tensor, cond: Any, schedule: NoiseSchedule
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """One model evaluation read as (x_0, eps, variance values or None), each (B, C, *S)."""
     output = model(x, t.expand(x.shape[0]), cond).to(x.dtype)
     prediction, var_values = schedule.split(output)
@@ -101,7 +103,8 @@ def sample_ddpm(
     Returns:
         The sample, shape (B, C, *S).
     """
-    for i, t, t_prev in _transitions(schedule, steps or schedule.num_train_timesteps, x, "sample_ddpm"):
+    steps = schedule.num_train_timesteps if steps is None else steps
+    for i, t, t_prev in _transitions(schedule, steps, x, "sample_ddpm"):
         # 1. predict x_0 (and the variance values with learn_sigma)
         x0, _, var_values = _predict(model, x, t, cond, schedule)
         # 2. posterior mean mu~_t(x_t, x_0), DDPM eq. 7

@@ -37,7 +37,12 @@ from torch import Tensor
 Prediction = Literal["epsilon", "sample", "v_prediction", "flow"]
 ScheduleKind = Literal["linear", "scaled_linear", "sigmoid", "cosine", "rflow"]
 
-_MONAI_BETAS = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "sigmoid": "sigmoid_beta", "cosine": "cosine"}
+_MONAI_BETAS = {
+    "linear": "linear_beta",
+    "scaled_linear": "scaled_linear_beta",
+    "sigmoid": "sigmoid_beta",
+    "cosine": "cosine",
+}
 _VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
@@ -138,10 +143,10 @@ class NoiseSchedule:
         abar = self.abar(t)
         a, s = broadcast(abar.sqrt(), x_t), broadcast((1 - abar).sqrt(), x_t)
         if self.prediction == "epsilon":
-            return (x_t - s * prediction) / a, prediction  # DDPM eq. 15 solved for x_0
+            return (x_t - s * prediction) / a, prediction  # DDPM eq. 15
         if self.prediction == "sample":
             return prediction, (x_t - a * prediction) / s
-        return a * x_t - s * prediction, a * prediction + s * x_t  # v-parametrisation (Salimans & Ho 2022, eq. 8)
+        return a * x_t - s * prediction, a * prediction + s * x_t  # v-parametrisation (Salimans & Ho 2022, sec. 4)
 
     def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor) -> Tensor:
         """Mean of q(x_{t_prev} | x_t, x_0) (DDPM eq. 7), also for strided steps t -> t_prev.

@@ -37,7 +37,7 @@ class Segmenter(nn.Module):
     def __init__(self, num_classes: int, channels: Sequence[int] = (8, 16, 32), offset: float = 0.0, scale: float = 1.0):
         super().__init__()
         self.unet = UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=tuple(channels),
-                         strides=(2,) * (len(channels) - 1), num_res_units=1)
+                         strides=(2,) * (len(channels) - 1), num_res_units=0)
         self.multiple = 2 ** (len(channels) - 1)
         self.register_buffer("offset", torch.tensor(float(offset)))
         self.register_buffer("scale", torch.tensor(float(scale)))
@@ -63,6 +63,7 @@ def train_segmenter(
     channels: Sequence[int] = (8, 16, 32),
     batch_size: int = 2,
     lr: float = 1e-2,
+    flip_axes: Sequence[int] = (),
 ) -> Segmenter:
     """Train a segmenter on real volumes with MONAI's Dice + cross-entropy loss.
 
@@ -89,7 +90,7 @@ def train_segmenter(
         images = images.float()
         model = Segmenter(num_classes, channels, offset=float(images.mean()), scale=float(images.std().clamp_min(1e-6)))
         augment = Compose([
-            *(RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=axis) for axis in range(3)),
+            *(RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=axis) for axis in flip_axes),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
             RandGaussianNoised(keys="image", std=0.05, prob=0.5),
         ])
@@ -97,7 +98,7 @@ def train_segmenter(
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         steps_per_epoch = -(-len(images) // batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=float(__import__("os").environ.get("PCT", 0.3)))
         normalised = model.normalise(images)
         model.train()
         for _ in range(epochs):
