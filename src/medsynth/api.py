@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from medsynth.config import dump_config, load_config, read_yaml, validate_config
+from medsynth.config import apply_overrides, dump_config, load_config, read_yaml, validate_config
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.recipes import get_recipe
 from medsynth.recipes.base import Recipe, SampleRequest
@@ -67,8 +67,13 @@ def train(
     resume: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> Run:
-    """Train a recipe into a run directory, or continue one (``resume``) with its full state."""
+    """Train a recipe into a run directory, or continue one (``resume``) with its full state.
+
+    ``init`` (a run, ``model.safetensors`` or a ``.ckpt``) starts a new run from those weights
+    (fine-tuning); the optimiser, schedule and step start afresh.
+    """
     if resume is not None:
         run = Run.open(resume)
         saved = read_yaml(run.config_path)
@@ -97,11 +102,37 @@ def train(
     dump_config(settings, run.config_path)
     seed_everything(settings.train)
     module = chosen.build_module(settings)
+    if init is not None:
+        if resume is not None:
+            raise MedsynthError("train: --init starts a new run from weights; --resume continues a run (use one)")
+        load_initial_weights(module, init)
     trainer = build_trainer(settings.train, run, monitor=chosen.monitor, progress=progress)
     trainer.fit(module, chosen.build_datamodule(settings), ckpt_path=checkpoint, weights_only=True)
     if trainer.is_global_zero:
         export_weights(module, settings, run.weights_path)
     return run
+
+
+def load_initial_weights(module: MedsynthModule, source: str | Path) -> MedsynthModule:
+    """Fine-tuning: load weights from a run folder, a ``.safetensors`` file or a ``.ckpt`` (safely)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(source)
+    if path.is_dir():
+        run = Run.open(path)
+        path = run.weights_path if run.weights_path.exists() else run.last_checkpoint
+    if not path.is_file():
+        raise BadInputError(path, "no such weights file (--init takes a run, model.safetensors or a .ckpt)")
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as exc:  # corrupt, truncated or foreign files fail in many ways
+        raise BadInputError(path, f"cannot read weights ({type(exc).__name__})") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BadInputError(path, f"weights do not fit this model ({str(exc).splitlines()[0]})") from None
+    return module
 
 
 def load_run(run: str | Path) -> tuple[Run, Recipe, MedsynthModule]:
@@ -113,10 +144,19 @@ def load_run(run: str | Path) -> tuple[Run, Recipe, MedsynthModule]:
     return opened, chosen, load_weights(chosen.build_module(settings), opened)
 
 
-def sample(run: str | Path, n: int = 16, mode: str = "random", class_name: str | None = None,
-           condition: str | Path | None = None, out: str | Path | None = None, seed: int = 0, force: bool = False) -> list[Path]:
-    """Generate ``n`` samples (per class where the recipe has classes) into ``out`` (default RUN/samples)."""
+def sample(run: str | Path, n: int | None = None, mode: str = "random", class_name: str | None = None,
+           condition: str | Path | None = None, out: str | Path | None = None, seed: int = 0, force: bool = False,
+           overrides: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """Generate ``n`` samples (per class, or per label map with ``condition``) into ``out`` (default RUN/samples).
+
+    ``n`` defaults to 16, or to 1 per conditioning file. ``overrides`` (``sample.guidance=2``) change
+    the run's sampling settings for this call only.
+    """
     opened, chosen, module = load_run(run)
+    if overrides:
+        module.config = validate_config(chosen.config_class, apply_overrides(module.config.model_dump(mode="json"), list(overrides)),
+                                        "sampling settings")
+    n = n if n is not None else (1 if condition is not None else 16)
     target = Path(out) if out is not None else opened.samples
     existing = target / mode
     if existing.exists() and any(existing.iterdir()) and not force:

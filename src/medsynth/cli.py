@@ -53,16 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, help="shortcut for --set train.devices=...")
     p.add_argument("--strategy", default=None, help="shortcut for --set train.strategy=... (e.g. ddp)")
     p.add_argument("--force", action="store_true", help="start over in an existing run directory")
+    p.add_argument("--stage", choices=["low", "high"], default=None, help="sdm: shortcut for --set model.stage=...")
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (a run, .safetensors or .ckpt)")
 
     p = sub.add_parser("sample", help="generate from a trained run")
     p.add_argument("run")
-    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--n", type=int, default=None, help="samples per class or per label map (default 16; 1 with --condition)")
     p.add_argument("--class", dest="class_name", default=None)
     p.add_argument("--condition", default=None, help="conditioning file or folder")
     p.add_argument("--mode", default="random", choices=["random", "grid", "plane", "interpolate"])
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (>= 0)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp | rflow")
 
     p = sub.add_parser("evaluate", help="compute metrics.json for a run")
     p.add_argument("run")
@@ -96,11 +101,14 @@ def run_command(args: argparse.Namespace) -> None:
         overrides = list(args.overrides)
         overrides += [f"train.devices={args.devices}"] if args.devices else []
         overrides += [f"train.strategy={args.strategy}"] if args.strategy else []
+        overrides += [f"model.stage={args.stage}"] if args.stage else []
         print(api.train(args.recipe, data=args.data, config=args.config, overrides=overrides, out=args.out,
-                        resume=args.resume, force=args.force).path)
+                        resume=args.resume, force=args.force, init=args.init).path)
     elif args.command == "sample":
+        settings = {"guidance": args.guidance, "steps": args.steps, "sampler": args.sampler}
         paths = api.sample(args.run, n=args.n, mode=args.mode, class_name=args.class_name, condition=args.condition,
-                           out=args.out, seed=args.seed, force=args.force)
+                           out=args.out, seed=args.seed, force=args.force,
+                           overrides=[f"sample.{key}={value}" for key, value in settings.items() if value is not None])
         print(f"{len(paths)} files written under {paths[0].parent.parent if paths else args.out}")
     elif args.command == "evaluate":
         import json

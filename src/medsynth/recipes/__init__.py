@@ -5,9 +5,11 @@ from __future__ import annotations
 from medsynth.errors import MedsynthError
 from medsynth.recipes.base import Recipe
 from medsynth.recipes.cvae import CVAERecipe
+from medsynth.recipes.sdm import SDMRecipe
 
 RECIPES: dict[str, Recipe] = {
     "cvae": CVAERecipe(),
+    "sdm": SDMRecipe(),
 }
 
 

@@ -128,6 +128,21 @@ def paint(layers: Sequence[tuple[np.ndarray, np.ndarray | float, int]], backgrou
     return intensity.astype(np.float32), label
 
 
+def texture_length(length_mm: float, voxel_mm: float) -> float:
+    """A texture's correlation length, at least two voxels so that the grid resolves it (no aliasing)."""
+    return max(length_mm, 2.0 * voxel_mm)
+
+
+def vessels(first: SmoothNoise, second: SmoothNoise, points: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Vessel-like tubes in [0, 1]: where both noise fields are near zero (their level sets meet in curves).
+
+    The noise's gradient has RMS ``g = sqrt(mean |w_k|^2)`` (about ``sqrt(3) / length``,
+    mm^-1), so tubes of about ``radius_mm`` are where ``|n| < radius_mm * g``.
+    """
+    width = radius_mm * np.sqrt(np.mean(np.sum(first.frequencies**2, axis=1)))
+    return np.exp(-(first(points) ** 2 + second(points) ** 2) / (2 * width**2))
+
+
 def window(x: np.ndarray, low: float, high: float, width: float) -> np.ndarray:
     """1 on ``[low, high]``, Gaussian fall-off of ``width`` outside (smooth, C1)."""
     distance = np.maximum(low - x, 0.0) + np.maximum(x - high, 0.0)
@@ -307,14 +322,15 @@ def sample_cardiac_params(seed: int) -> CardiacParams:
     )
 
 
-def _cardiac_anatomy(params: CardiacParams, modality: str, edge_mm: float) -> Anatomy:
-    """The analytic ED anatomy of a subject: points (N, 3) mm -> (intensity, label)."""
+def _cardiac_anatomy(params: CardiacParams, modality: str, voxel_mm: float) -> Anatomy:
+    """The analytic ED anatomy of a subject, band-limited for a grid of ``voxel_mm``: points (N, 3) mm -> (intensity, label)."""
     c = _CONTRAST[modality]
     arterial = params.blood_hu * c["arterial"] if modality == "ct" else c["arterial"]
     venous = params.blood_hu * c["venous"] if modality == "ct" else c["venous"]
     rng = np.random.default_rng(params.seed)
-    body_texture, myo_texture = SmoothNoise.sample(rng, 12.0), SmoothNoise.sample(rng, 8.0)
+    body_texture, myo_texture = (SmoothNoise.sample(rng, texture_length(length, voxel_mm)) for length in (12.0, 8.0))
     vessel_a, vessel_b = SmoothNoise.sample(rng, 18.0), SmoothNoise.sample(rng, 18.0)
+    edge_mm = 0.6 * voxel_mm  # partial-volume edge of about one voxel (the scanner PSF)
     base, rotation = np.asarray(params.lv_base), params.rotation
     r, length, wall, s = params.lv_radius, params.lv_length, params.wall, params.atrium_scale
     # Papillary muscles: two columns in the LV cavity, 60 deg apart, opposite the septum.
@@ -323,7 +339,7 @@ def _cardiac_anatomy(params: CardiacParams, modality: str, edge_mm: float) -> An
     def anatomy(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         local = (p - base) @ rotation  # heart coordinates
         lv_cut = local[:, 2]  # > 0 above the base plane
-        vessels = np.exp(-(vessel_a(p) ** 2 + vessel_b(p) ** 2) / (2 * 0.2**2))
+        tubes = vessels(vessel_a, vessel_b, p, max(2.0, 0.7 * voxel_mm))
         soft = c["soft"] + c["texture"] * body_texture(p)
         myocardium = c["myocardium"] + c["texture"] * myo_texture(p)
         bone = c["bone"] + c["bone_mod"] * np.cos(np.pi * p[:, 2] / 30.0) ** 2  # vertebrae and discs
@@ -334,8 +350,8 @@ def _cardiac_anatomy(params: CardiacParams, modality: str, edge_mm: float) -> An
         layers = [
             (elliptic_cylinder_sdf(p, (0.0, -40.0), (165.0, 120.0)), c["fat"], 1),
             (elliptic_cylinder_sdf(p, (0.0, -40.0), (150.0, 106.0)), soft, 1),
-            (ellipsoid_sdf(p, (85.0, -35.0, 10.0), (60.0, 75.0, 120.0)), c["lung"] + c["vessel"] * vessels, 2),
-            (ellipsoid_sdf(p, (-85.0, -35.0, 10.0), (62.0, 75.0, 120.0)), c["lung"] + c["vessel"] * vessels, 2),
+            (ellipsoid_sdf(p, (85.0, -35.0, 10.0), (60.0, 75.0, 120.0)), c["lung"] + c["vessel"] * tubes, 2),
+            (ellipsoid_sdf(p, (-85.0, -35.0, 10.0), (62.0, 75.0, 120.0)), c["lung"] + c["vessel"] * tubes, 2),
             (elliptic_cylinder_sdf(p, (0.0, -100.0), (20.0, 18.0)), bone, 3),
             (elliptic_cylinder_sdf(p, (25.0, -70.0), (params.aorta_radius - 1.5, params.aorta_radius - 1.5)), arterial, 4),
             (np.maximum(elliptic_cylinder_sdf(p, base[:2] + (-15.0, 10.0), (params.aorta_radius, params.aorta_radius)), base[2] - 5.0 - p[:, 2]), arterial, 4),
@@ -435,8 +451,8 @@ def render_cardiac(params: CardiacParams, frames: int = 10, modality: str = "ct"
     if modality not in _CONTRAST:
         raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
     affine = centred_affine(size, CARDIAC_FOV_MM, CARDIAC_CENTRE_MM)
-    edge = 0.4 * float(spacing_of(affine).min())
-    return render_sequence(_cardiac_anatomy(params, modality, edge), _cardiac_motion(params, frames), frames, size, affine)
+    anatomy = _cardiac_anatomy(params, modality, float(spacing_of(affine).max()))
+    return render_sequence(anatomy, _cardiac_motion(params, frames), frames, size, affine)
 
 
 def make_cardiac_dataset(

@@ -7,7 +7,7 @@ patient RAS (x to the right, y anterior, z superior). The heart has its own fram
 the septum towards the right ventricle and ``e_t = e_l x e_s``.
 
 - LV: a half-ellipsoid cavity from the base to the apex inside a myocardial shell
-  (the label map's ``myocardium`` is the LV myocardium, as in TotalSegmentator).
+  (the label map's ``myocardium`` is the LV myocardium, as in common CT heart labels).
 - RV: an ellipsoid on the septal side wrapped around the LV, with a thin free wall
   (myocardial HU, background label); atria: ellipsoids above the base, the LA
   posterior and the RA to the right.
@@ -23,12 +23,15 @@ the septum towards the right ventricle and ``e_t = e_l x e_s``.
 - Thorax: a body ellipse with subcutaneous fat and a muscle layer, lungs round the
   mediastinal fat, a vertebral body, and the liver and abdomen below a diaphragm dome.
 
-Intensities are Hounsfield units of an arterial-phase scan: contrast-filled left heart,
-aorta and coronaries at ``contrast_hu`` (300-450), right heart and pulmonary artery a
-little lower (mixing with unenhanced venous return), myocardium 80-120, fat -120..-80,
-lungs -870..-820, muscle 40, liver 70. The clean volume is blurred (partial volume and
-scanner resolution) and correlated noise of 15-25 HU is added. Label medians after the
-blur: blood pools 240-460, coronary 150-460, myocardium 40-180.
+Intensities are Hounsfield units of an arterial-phase scan: contrast-filled left heart
+and aorta at ``contrast_hu`` (300-450, per subject), coronaries 5% lower, right heart and
+pulmonary arteries 82-100% of it (mixing with unenhanced venous return), myocardium
+80-120, fat -120..-80, lungs -870..-820, muscle 40, liver 70, bone 230-650, air -1000.
+The clean volume is blurred (partial volume and scanner resolution, sigma 0.6 voxel)
+and noise of 15-25 HU, correlated over about a voxel, is added. At 32^3 and above, the
+median HU over a label's interior voxels (all 6 neighbours share the label) is 200-460
+for the blood pools (lv, rv, la, ra, aorta, pulmonary_artery) and 60-150 for the
+myocardium; over all coronary voxels, 150-460.
 
 Coronary radii follow real calibres (left main ~2.2 mm, distal branches ~0.7 mm for a
 220 mm field of view) but are raised, keeping their taper, to at least
@@ -69,8 +72,9 @@ _THINNEST = _VESSEL_SCALE[0] * min(min(c) for c in _CALIBRES.values())  # gets M
 # and inferior; the septal axis towards the right and anterior.
 _LONG_AXIS = np.array([-0.55, 0.5, -0.65])
 _SEPTAL_HINT = np.array([0.7, 0.7, 0.0])
-# Directions (l, s, t) of the coronary ostia on the aortic root: above the LV outflow, the
-# left sinus facing the LV side and the right sinus the RV side, about 100 degrees apart.
+# Directions (l, s, t) of the coronary ostia on the aortic root, both above the LV outflow:
+# the left one towards the anterior LV base, the right one towards the RV. About 90 degrees
+# apart, so that the two trees stay separate down to 48^3.
 _LEFT_OSTIUM = (-0.5, 0.0, -0.85)
 _RIGHT_OSTIUM = (-0.1, 1.0, 0.1)
 
@@ -85,7 +89,7 @@ class CoronaryParams:
     Attributes:
         spacing: Default voxel spacing (mm) along the array axes.
         centre_mm: World position (RAS, mm) of the volume centre: scanner table offsets.
-        heart_base: Centre of the LV base (mitral plane), patient coordinates.
+        heart_base: Centre of the LV base (mitral plane), patient coordinates (FOV units).
         heart_angles: Rotations (radians) of the heart frame about the x, y and z axes.
         lv_length: LV cavity length from base to apex.
         lv_radius: LV cavity radius at the base.
@@ -231,7 +235,7 @@ def _rotation(angles: tuple[float, float, float]) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def heart_frame(params: CoronaryParams) -> np.ndarray:
+def _heart_frame(params: CoronaryParams) -> np.ndarray:
     """Rows ``(e_l, e_s, e_t)`` of the subject's heart frame in patient coordinates ``(3, 3)``."""
     e_l = _LONG_AXIS / np.linalg.norm(_LONG_AXIS)
     e_s = _SEPTAL_HINT - (_SEPTAL_HINT @ e_l) * e_l
@@ -299,8 +303,9 @@ def _tube_distance(grid: _Grid, points: np.ndarray, radii: np.ndarray, reach: fl
     return field
 
 
-def _ellipsoid(coords: tuple[np.ndarray, ...], centre: tuple[float, ...], semi: tuple[float, ...], grow: float = 0.0) -> np.ndarray:
-    """Inside an axis-aligned ellipsoid whose semi-axes are lengthened by ``grow``."""
+def _ellipsoid(coords: tuple[np.ndarray, ...], centre: tuple[float, ...], semi: tuple[float, ...],
+               grow: float = 0.0) -> np.ndarray:
+    """Inside an ellipsoid aligned with the axes of ``coords``, its semi-axes lengthened by ``grow``."""
     return sum(((c - m) / (a + grow)) ** 2 for c, m, a in zip(coords, centre, semi)) <= 1.0
 
 
@@ -310,7 +315,7 @@ class _Heart:
     def __init__(self, params: CoronaryParams):
         self.p = params
         self.base = np.asarray(params.heart_base)
-        self.frame = heart_frame(params)
+        self.frame = _heart_frame(params)
         self.epi = (params.lv_length + params.wall, params.lv_radius + params.wall)  # LV epicardium semi-axes (l, radial)
         self.rv_outer = tuple(a + params.rv_wall for a in params.rv_size)
 
@@ -428,7 +433,8 @@ def _coronary_paths(heart: _Heart) -> dict[str, tuple[np.ndarray, np.ndarray, np
     return result
 
 
-def coronary_centrelines(params: CoronaryParams, size: int, spacing: tuple[float, float, float] | None = None) -> dict[str, Centreline]:
+def coronary_centrelines(params: CoronaryParams, size: int,
+                         spacing: tuple[float, float, float] | None = None) -> dict[str, Centreline]:
     """The coronary branches exactly as :func:`render_coronary` draws them.
 
     Args:
@@ -545,7 +551,7 @@ def render_coronary(params: CoronaryParams, size: int, spacing: tuple[float, flo
     paint(atrium(params.ra_centre, params.ra_size), RA, blood_right)
     paint(lv_wall, MYOCARDIUM, params.myocardium_hu)
     paint(((l / params.lv_length) ** 2 + rho2 / params.lv_radius**2 <= 1.0) & (l >= 0.0), LV, blood_left)
-    paint(rv(heart.rv_outer) & ~lv_wall, BACKGROUND, params.myocardium_hu)  # RV free wall: unlabelled, as in TotalSegmentator
+    paint(rv(heart.rv_outer) & ~lv_wall, BACKGROUND, params.myocardium_hu)  # RV free wall: the label is the LV's
     paint(rv(params.rv_size) & ~lv_wall, RV, blood_right)
     paint(pulmonary <= 0, PULMONARY_ARTERY, blood_right)
     paint(aorta <= 0, AORTA, blood_left)

@@ -34,6 +34,8 @@ from medsynth.data.phantoms.cardiac import (
     paint,
     render_sequence,
     subject_rng,
+    texture_length,
+    vessels,
     write_manifest,
     write_sequence,
 )
@@ -106,21 +108,22 @@ def sample_lung_params(seed: int) -> LungParams:
     )
 
 
-def _lung_anatomy(params: LungParams, edge_mm: float) -> Anatomy:
-    """The analytic end-inhale anatomy: points (N, 3) mm -> (HU, label)."""
+def _lung_anatomy(params: LungParams, voxel_mm: float) -> Anatomy:
+    """The analytic end-inhale anatomy, band-limited for a grid of ``voxel_mm``: points (N, 3) mm -> (HU, label)."""
     rng = np.random.default_rng(params.seed)
-    body_texture = SmoothNoise.sample(rng, 12.0)
+    body_texture = SmoothNoise.sample(rng, texture_length(12.0, voxel_mm))
     vessel_a, vessel_b = SmoothNoise.sample(rng, 16.0), SmoothNoise.sample(rng, 16.0)
+    edge_mm = 0.6 * voxel_mm  # partial-volume edge of about one voxel (the scanner PSF)
     rx, ry = params.body_radii
     heart_centre = np.array([15.0, 5.0, params.dome_right + 0.6 * params.heart_radii[2]])
 
     def anatomy(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, y, z = p.T
         dome = params.dome(x, y)
-        # Vessels: the intersection of two noise level sets (curves), thicker near the hila.
+        # Vessels, thicker near the hila (radius 1.5 -> 4 mm, at least 0.7 voxel).
         hilum = np.minimum(np.linalg.norm(p - (-45.0, -20.0, 20.0), axis=-1), np.linalg.norm(p - (45.0, -20.0, 20.0), axis=-1))
-        width = 0.1 + 0.15 * np.exp(-((hilum / 60.0) ** 2))
-        lung = _HU["lung"] + _HU["vessel"] * np.exp(-(vessel_a(p) ** 2 + vessel_b(p) ** 2) / (2 * width**2))
+        radius = np.maximum(1.5 + 2.5 * np.exp(-((hilum / 60.0) ** 2)), 0.7 * voxel_mm)
+        lung = _HU["lung"] + _HU["vessel"] * vessels(vessel_a, vessel_b, p, radius)
         bone = _HU["bone"] + _HU["bone_mod"] * np.cos(np.pi * z / 28.0) ** 2  # vertebrae and discs
         layers = [
             (elliptic_cylinder_sdf(p, (0.0, -20.0), (rx, ry)), _HU["fat"], 1),
@@ -167,8 +170,7 @@ def _lung_motion(params: LungParams, phases: int) -> Motion:
 def render_lung(params: LungParams, phases: int = 10, size: Sequence[int] = LUNG_SIZE) -> PhantomSequence:
     """Render a subject's breathing cycle of ``phases`` phases (HU) on a ``size`` grid over ``LUNG_FOV_MM``."""
     affine = centred_affine(size, LUNG_FOV_MM, LUNG_CENTRE_MM)
-    edge = 0.4 * float(spacing_of(affine).min())
-    return render_sequence(_lung_anatomy(params, edge), _lung_motion(params, phases), phases, size, affine)
+    return render_sequence(_lung_anatomy(params, float(spacing_of(affine).max())), _lung_motion(params, phases), phases, size, affine)
 
 
 def make_lung_dataset(out: str | Path, n: int = 4, phases: int = 10, size: Sequence[int] = LUNG_SIZE, seed: int = 0) -> Path:

@@ -1,0 +1,185 @@
+"""B-spline FFD registration: accuracy on phantoms with known motion, files, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from pydantic import ValidationError
+
+from medsynth.data.io import save_image
+from medsynth.data.phantoms.cardiac import render_cardiac, sample_cardiac_params
+from medsynth.data.phantoms.lung import make_lung_dataset
+from medsynth.errors import BadInputError
+from medsynth.motion.fields import end_point_error, load_field, voxel_to_mm, warp_image
+from medsynth.motion.registration import (
+    BSplineTransform,
+    RegistrationConfig,
+    field_from_grid,
+    load_transform,
+    register,
+    register_dataset,
+    register_pair,
+)
+
+FAST = RegistrationConfig(levels=2, iterations=(30, 20))
+TINY = RegistrationConfig(levels=1, iterations=3)
+
+
+@pytest.fixture(scope="module")
+def cardiac_pair():
+    """End-diastole (moving) and end-systole (fixed) of a phantom, and the exact field between them."""
+    params = sample_cardiac_params(11)
+    sequence = render_cardiac(params, frames=8, modality="ct", size=(32, 32, 24))
+    es = params.end_systole(8)
+    affine = torch.as_tensor(sequence.affine)
+    fixed = MetaTensor(torch.from_numpy(sequence.images[es])[None], affine=affine)
+    moving = MetaTensor(torch.from_numpy(sequence.images[0])[None], affine=affine)
+    return fixed, moving, torch.from_numpy(sequence.fields[es]), torch.from_numpy(sequence.labels[es] > 0)
+
+
+@pytest.fixture
+def pair_files(tmp_path, cardiac_pair):
+    fixed, moving, _, _ = cardiac_pair
+    return save_image(fixed, tmp_path / "fixed.nii.gz"), save_image(moving, tmp_path / "moving.nii.gz")
+
+
+def test_bspline_reproduces_constants_and_scales_to_coarse_grids():
+    shape, spacing = (20, 17, 13), (4.0, 5.5, 3.0)
+    coefficients = torch.ones(3, *BSplineTransform.grid_shape(shape, spacing)) * torch.tensor([1.5, -0.5, 2.0])[:, None, None, None]
+    transform = BSplineTransform(coefficients, spacing, shape, np.eye(4))
+    field = transform.spline_field()
+    assert torch.allclose(field[0], coefficients[:, :1, :1, :1].expand(3, *shape), atol=1e-5)  # partition of unity
+    coarse = transform.spline_field((10, 9, 7))  # in voxels of the coarse grid
+    expected = torch.tensor([1.5 * 9 / 19, -0.5 * 8 / 16, 2.0 * 6 / 12])
+    assert torch.allclose(coarse[0, :, 4, 4, 3], expected, atol=1e-5)
+
+
+def test_registration_recovers_the_phantom_motion(cardiac_pair):
+    fixed, moving, truth, body = cardiac_pair
+    transform, quality = register(fixed, moving, FAST)
+    field = transform.dense_field()
+    zero = end_point_error(torch.zeros_like(truth), truth, fixed.affine, body)
+    assert end_point_error(field, truth, fixed.affine, body) < 0.6 * zero
+    assert quality["after"] < quality["before"]
+    assert quality["folding"] == 0.0
+    assert np.allclose(field.affine, fixed.affine)
+    warped = warp_image(moving.as_tensor(), field.as_tensor())
+    assert (warped - fixed).abs().mean() < 0.6 * (moving - fixed).abs().mean()
+
+
+def test_diffeomorphic_mode_does_not_fold(cardiac_pair):
+    fixed, moving, truth, body = cardiac_pair
+    transform, quality = register(fixed, moving, FAST.model_copy(update={"diffeomorphic": True, "regularisation": 0.0}))
+    assert quality["folding"] == 0.0
+    assert end_point_error(transform.dense_field(), truth, fixed.affine, body) < end_point_error(torch.zeros_like(truth), truth, fixed.affine, body)
+
+
+def test_pair_mode_field_file_is_a_mm_vector_image_with_the_fixed_affine(tmp_path, pair_files):
+    fixed_path, moving_path = pair_files
+    result = register_pair(fixed_path, moving_path, tmp_path / "grid.npz", TINY)
+    assert result.output.exists() and result.notes == []
+    assert "lncc" in result.line() and "folding" in result.line()
+    transform, extra = load_transform(result.output)
+    assert extra["fixed"] == str(fixed_path) and extra["after"] == pytest.approx(result.after)
+    dense = field_from_grid(result.output, tmp_path / "dvf.nii.gz")
+    image = nib.load(str(dense))
+    assert image.shape == (32, 32, 24, 1, 3) and image.header.get_intent()[0] == "vector"
+    assert np.allclose(image.affine, nib.load(str(fixed_path)).affine, atol=1e-5)
+    in_mm = voxel_to_mm(transform.dense_field().as_tensor(), image.affine).numpy()
+    assert np.allclose(np.moveaxis(np.asarray(image.dataobj)[:, :, :, 0, :], -1, 0), in_mm, atol=1e-4)
+    assert torch.allclose(load_field(dense).as_tensor(), transform.dense_field().as_tensor(), atol=1e-4)
+
+
+def test_pair_mode_resamples_other_grids_and_says_so(tmp_path, pair_files, cardiac_pair):
+    fixed_path, _ = pair_files
+    _, moving, _, _ = cardiac_pair
+    shifted = np.array(moving.affine)
+    shifted[:3, 3] += [6.0, -4.0, 3.0]  # same scanner, moved table
+    moving_path = save_image(moving.numpy()[:, ::2, ::2, :], tmp_path / "moving_coarse.nii.gz", affine=shifted @ np.diag([2.0, 2.0, 1.0, 1.0]))
+    result = register_pair(fixed_path, moving_path, tmp_path / "dvf.nii.gz", TINY)
+    assert any("resampled onto the fixed grid" in note for note in result.notes)
+    assert load_field(result.output).shape == (3, 32, 32, 24)
+
+
+def test_pair_mode_refuses_bad_input(tmp_path, pair_files, cardiac_pair):
+    fixed_path, moving_path = pair_files
+    _, moving, _, _ = cardiac_pair
+    far = np.array(moving.affine)
+    far[:3, 3] += 5000.0
+    elsewhere = save_image(moving, tmp_path / "elsewhere.nii.gz", affine=far)
+    with pytest.raises(BadInputError, match="elsewhere.nii.gz: does not overlap"):
+        register_pair(fixed_path, elsewhere, tmp_path / "dvf.nii.gz", TINY)
+    sequence = save_image(np.stack([moving.numpy()[0]] * 2), tmp_path / "sequence.nii.gz", affine=moving.affine)
+    with pytest.raises(BadInputError, match="sequence.nii.gz: .*2 channels or phases"):
+        register_pair(fixed_path, sequence, tmp_path / "dvf.nii.gz", TINY)
+    nan = moving.numpy().copy()
+    nan[0, 3, 3, 3] = np.nan
+    with pytest.raises(BadInputError, match="nan.nii.gz: .*NaN"):
+        register_pair(fixed_path, save_image(nan, tmp_path / "nan.nii.gz", affine=moving.affine), tmp_path / "dvf.nii.gz", TINY)
+    with pytest.raises(BadInputError, match="dvf.mha"):
+        register_pair(fixed_path, moving_path, tmp_path / "dvf.mha", TINY)
+    assert not (tmp_path / "dvf.nii.gz").exists()
+
+
+def test_config_is_strict():
+    with pytest.raises(ValidationError):
+        RegistrationConfig(control_spacing=10.0)
+    with pytest.raises(ValueError, match="one per level"):
+        RegistrationConfig(levels=3, iterations=(10, 10)).iterations_per_level()
+
+
+@pytest.fixture
+def lung_dataset(tmp_path):
+    return make_lung_dataset(tmp_path / "lung", n=2, phases=3, size=(24, 24, 12), seed=2)
+
+
+def test_dataset_mode_resumes_after_a_kill(tmp_path, lung_dataset):
+    out = tmp_path / "registered"
+
+    def kill_after_first(result):
+        raise KeyboardInterrupt  # the job dies after its first registration was written
+
+    with pytest.raises(KeyboardInterrupt):
+        register_dataset(lung_dataset, out, TINY, progress=False, callback=kill_after_first)
+    first = out / "sub000" / "grid_t01.npz"
+    assert first.exists() and len(list(out.rglob("*.npz"))) == 1
+    stamp = first.stat().st_mtime_ns
+
+    results = register_dataset(lung_dataset, out, TINY, progress=False)
+    assert [r.output.relative_to(out).as_posix() for r in results] == ["sub000/grid_t01.npz", "sub000/grid_t02.npz", "sub001/grid_t01.npz", "sub001/grid_t02.npz"]
+    assert [r.skipped for r in results] == [True, False, False, False]
+    assert first.stat().st_mtime_ns == stamp  # not redone
+    assert not list(out.rglob(".*tmp*"))  # no half-written files
+    transform, extra = load_transform(results[1].output)
+    assert extra["fixed"].endswith("sub000/image_t02.nii.gz") and extra["moving"].endswith("sub000/image_t00.nii.gz")
+    assert transform.dense_field().shape == (3, 24, 24, 12)
+
+
+def test_dataset_mode_reads_4d_files(tmp_path, lung_dataset):
+    frames = [nib.load(str(lung_dataset / f"sub000/image_t{t:02d}.nii.gz")) for t in range(3)]
+    data = tmp_path / "scans"
+    data.mkdir()
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(f.dataobj) for f in frames], axis=-1), frames[0].affine), str(data / "case1.nii.gz"))
+    results = register_dataset(data, tmp_path / "out", TINY, progress=False)
+    assert [r.output.name for r in results] == ["grid_t01.npz", "grid_t02.npz"]
+    assert results[0].fixed.endswith("case1.nii.gz[phase 1]")
+
+
+def test_dataset_mode_refuses_bad_input(tmp_path, lung_dataset):
+    one_phase = tmp_path / "one"
+    one_phase.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 1), np.float32), np.eye(4)), str(one_phase / "scan.nii.gz"))
+    with pytest.raises(BadInputError, match="scan.nii.gz: 4D scan has only one phase"):
+        register_dataset(one_phase, tmp_path / "out", TINY, progress=False)
+    manifest = json.loads((lung_dataset / "dataset.json").read_text())
+    manifest["cases"] = [case for case in manifest["cases"] if not (case["subject"] == "sub001" and case["phase"] == 1)]
+    (lung_dataset / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(BadInputError, match="dataset.json: subject sub001 is missing phase"):
+        register_dataset(lung_dataset, tmp_path / "out", TINY, progress=False)
+    with pytest.raises(BadInputError, match="no dataset.json"):
+        register_dataset(tmp_path / "nothing", tmp_path / "out", TINY, progress=False)
