@@ -25,7 +25,6 @@ import torch
 
 from medsynth import api
 from medsynth.config import load_config
-from medsynth.data.datasets import PreparedDataModule
 from medsynth.recipes import get_recipe
 from medsynth.runs import Run
 from medsynth.training import build_trainer, seed_everything
@@ -69,7 +68,7 @@ def bare_epochs(prepared: Path, epochs: int) -> list[float]:
     config = recipe.resolve_config(load_config(recipe.config_class, "cvae-tiny", [], base={"recipe": "cvae", "data_dir": str(prepared)}))
     torch.manual_seed(0)
     module = recipe.build_module(config)
-    data = PreparedDataModule(prepared, batch_size=config.train.batch_size, seed=0, train_transform=recipe.build_datamodule(config).train_transform)
+    data = recipe.build_datamodule(config)  # the same loader settings (in-memory cache, augmentation)
     data.setup("fit")
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.train.lr)
     beta = config.model.kl_weight

@@ -26,7 +26,7 @@ from medsynth.motion.registration import (
     register_pair,
 )
 
-FAST = RegistrationConfig(levels=2, iterations=(30, 20))
+FAST = RegistrationConfig(levels=2, iterations=(60, 30))
 TINY = RegistrationConfig(levels=1, iterations=3)
 
 
@@ -74,9 +74,9 @@ def test_registration_recovers_the_phantom_motion(cardiac_pair):
 
 def test_diffeomorphic_mode_does_not_fold(cardiac_pair):
     fixed, moving, truth, body = cardiac_pair
-    transform, quality = register(fixed, moving, FAST.model_copy(update={"diffeomorphic": True, "regularisation": 0.0}))
-    assert quality["folding"] == 0.0
-    assert end_point_error(transform.dense_field(), truth, fixed.affine, body) < end_point_error(torch.zeros_like(truth), truth, fixed.affine, body)
+    transform, quality = register(fixed, moving, FAST.model_copy(update={"diffeomorphic": True}))
+    assert transform.diffeomorphic and quality["folding"] == 0.0
+    assert end_point_error(transform.dense_field(), truth, fixed.affine, body) < 0.6 * end_point_error(torch.zeros_like(truth), truth, fixed.affine, body)
 
 
 def test_pair_mode_field_file_is_a_mm_vector_image_with_the_fixed_affine(tmp_path, pair_files):
@@ -130,7 +130,7 @@ def test_config_is_strict():
     with pytest.raises(ValidationError):
         RegistrationConfig(control_spacing=10.0)
     with pytest.raises(ValueError, match="one per level"):
-        RegistrationConfig(levels=3, iterations=(10, 10)).iterations_per_level()
+        RegistrationConfig(levels=3, iterations=(10, 10))
 
 
 @pytest.fixture

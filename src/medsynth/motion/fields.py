@@ -84,8 +84,9 @@ def mm_to_voxel(ddf_mm: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torc
     return _unbatch(torch.einsum("ij,bj...->bi...", matrix, field), unbatched)
 
 
-@lru_cache(maxsize=8)
-def _warp_layer(mode: str, padding_mode: str) -> Warp:
+@lru_cache(maxsize=16)
+def _warp_layer(mode: str, padding_mode: str, dtype: torch.dtype, device: torch.device) -> Warp:
+    # Keyed by dtype and device too: a Warp caches its reference grid by shape only.
     return Warp(mode=mode, padding_mode=padding_mode)
 
 
@@ -103,7 +104,7 @@ def warp_image(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", p
     """
     field, unbatched = _batched(ddf)
     moving = image[None] if unbatched else image
-    warped = _warp_layer(mode, padding_mode)(moving.to(field.dtype), field)
+    warped = _warp_layer(mode, padding_mode, field.dtype, field.device)(moving.to(field.dtype), field)
     return _unbatch(warped, unbatched).to(image.dtype)
 
 
@@ -144,7 +145,12 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
         steps: number of squarings ``N``.
     """
     field, unbatched = _batched(velocity)
-    return _unbatch(DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")(field), unbatched)
+    return _unbatch(_integrator(steps, field.dtype, field.device)(field), unbatched)
+
+
+@lru_cache(maxsize=16)
+def _integrator(steps: int, dtype: torch.dtype, device: torch.device) -> DVF2DDF:
+    return DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")
 
 
 def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:

@@ -159,39 +159,40 @@ class _Figure:
             in_plane = [a for a in range(3) if a != axis]
             extent = (0.0, images.shape[1 + in_plane[0]] * spacing[in_plane[0]], 0.0, images.shape[1 + in_plane[1]] * spacing[in_plane[1]])
             image = plot.imshow(_plane(images[0], axis, index), cmap="gray", vmin=low, vmax=high, origin="lower", extent=extent, interpolation="nearest")
-            overlay = None
+            overlay, sample = None, (slice(None), slice(None))
             if magnitudes is not None and style == "magnitude":
                 overlay = plot.imshow(_plane(magnitudes[0], axis, index), cmap="inferno", vmin=0.0, vmax=peak, alpha=0.55, origin="lower", extent=extent, interpolation="bilinear")
             elif magnitudes is not None:
                 # Arrows every ``step`` voxels, drawn at their length in mm times ``gain`` (about one arrow spacing at the peak).
                 steps = [max(1, images.shape[1 + a] // arrows) for a in in_plane]
                 grid = np.meshgrid(*[(np.arange(0, images.shape[1 + a], s) + 0.5) * spacing[a] for a, s in zip(in_plane, steps)], indexing="ij")
-                self._sample = (slice(None, None, steps[1]), slice(None, None, steps[0]))
+                sample = (slice(None, None, steps[1]), slice(None, None, steps[0]))
                 gain = min(steps[0] * spacing[in_plane[0]], steps[1] * spacing[in_plane[1]]) / peak
-                u, v = self._arrows(0, axis, index, in_plane)
+                u, v = self._arrows(0, axis, index, in_plane, sample)
                 overlay = plot.quiver(grid[0].T, grid[1].T, u, v, color="yellow", angles="xy", scale_units="xy", scale=1.0 / gain, width=0.006)
                 plot.set_title(f"arrows x{gain:.1f}", fontsize=7, loc="right")
             plot.set_title(f"{[k for k, v in VIEWS.items() if v == axis][0]} {index}", fontsize=8, loc="left")
             plot.set_xticks([])
             plot.set_yticks([])
-            self.artists.append((image, overlay, axis, index, in_plane))
+            self.artists.append((image, overlay, axis, index, in_plane, sample))
         if magnitudes is not None and style == "magnitude":
             self.figure.colorbar(self.artists[0][1], ax=self.figure.axes, shrink=0.6, label="displacement (mm)")
         self.title = self.figure.suptitle("", fontsize=9)
 
-    def _arrows(self, t: int, axis: int, index: int, in_plane: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(_plane(self.fields_mm[t, a], axis, index)[self._sample] for a in in_plane)
+    def _arrows(self, t: int, axis: int, index: int, in_plane: list[int], sample: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+        """In-plane field components (mm) at the arrow positions of a panel."""
+        return tuple(_plane(self.fields_mm[t, a], axis, index)[sample] for a in in_plane)
 
     def draw(self, t: int, title: str) -> np.ndarray:
         """Show frame ``t`` and return the picture ``(H, W, 3)`` uint8."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-        for image, overlay, axis, index, in_plane in self.artists:
+        for image, overlay, axis, index, in_plane, sample in self.artists:
             image.set_data(_plane(self.images[t], axis, index))
             if overlay is not None and self.style == "magnitude":
                 overlay.set_data(_plane(np.linalg.norm(self.fields_mm[t], axis=0), axis, index))
             elif overlay is not None:
-                overlay.set_UVC(*self._arrows(t, axis, index, in_plane))
+                overlay.set_UVC(*self._arrows(t, axis, index, in_plane, sample))
         self.title.set_text(title)
         canvas = FigureCanvasAgg(self.figure)
         canvas.draw()

@@ -98,6 +98,10 @@ class SDMModelConfig(StrictModel):
     cond_drop_prob: float = Field(0.15, ge=0, lt=1, description="share of training samples without label map (CFG)")
 
 
+class SDMDataConfig(StrictModel):
+    patches_per_volume: int = Field(4, ge=1, description="high stage: random patches drawn from each volume of a batch")
+
+
 class SDMSampleConfig(StrictModel):
     sampler: SamplerName = "dpmpp"
     steps: int | None = Field(None, ge=1, description="None: ddpm all T, ddim 50, dpmpp 20, rflow 30")
@@ -118,6 +122,7 @@ class SDMEvaluateConfig(StrictModel):
 class SDMConfig(RecipeConfig):
     recipe: Literal["sdm"] = "sdm"
     model: SDMModelConfig = SDMModelConfig()
+    data: SDMDataConfig = SDMDataConfig()
     sample: SDMSampleConfig = SDMSampleConfig()
     evaluate: SDMEvaluateConfig = SDMEvaluateConfig()
 
@@ -304,10 +309,10 @@ class SDMModule(MedsynthModule):
         return self.random_patches(x0, cond, generator)
 
     def random_patches(self, x0: Tensor, cond: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """One random patch per volume, the same window of ``x0`` and ``cond``."""
+        """``data.patches_per_volume`` random patches per volume, the same windows of ``x0`` and ``cond``."""
         patch = self.config.model.patch_size
         xs, cs = [], []
-        for b in range(len(x0)):
+        for b in [b for b in range(len(x0)) for _ in range(self.config.data.patches_per_volume)]:
             starts = [int(torch.randint(0, s - p + 1, (), generator=generator)) for s, p in zip(x0.shape[2:], patch)]
             window = tuple(slice(s, s + p) for s, p in zip(starts, patch))
             xs.append(x0[(b, slice(None), *window)])

@@ -35,9 +35,11 @@ from medsynth.motion.fields import mm_to_voxel, save_field
 
 __all__ = [
     "CARDIAC_LABELS",
+    "CARDIAC_SIZE",
     "CardiacParams",
     "PhantomSequence",
     "SmoothNoise",
+    "cardiac_geometry",
     "make_cardiac_dataset",
     "render_cardiac",
     "render_sequence",
@@ -58,6 +60,15 @@ def centred_affine(size: Sequence[int], fov_mm: Sequence[float], centre_mm: Sequ
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = np.asarray(centre_mm, dtype=np.float64) - spacing * (np.asarray(size) - 1) / 2
     return affine
+
+
+def grid_size(size: int | Sequence[int], default: Sequence[int]) -> tuple[int, int, int]:
+    """A grid ``(X, Y, Z)``: as given, or for one number ``n``, ``(n, n, Z)`` with the default's aspect."""
+    if isinstance(size, int):
+        return (size, size, max(4, round(size * default[2] / default[0])))
+    if len(size) != 3 or min(size) < 4:
+        raise ValueError(f"size must be one int or (X, Y, Z) with every axis >= 4, got {size}")
+    return tuple(int(n) for n in size)
 
 
 def world_grid(size: Sequence[int], affine: np.ndarray) -> np.ndarray:
@@ -238,13 +249,16 @@ CARDIAC_LABELS = {
 # Field of view (mm) and its centre: a heart-centred cardiac reconstruction of the thorax.
 CARDIAC_FOV_MM = (220.0, 220.0, 160.0)
 CARDIAC_CENTRE_MM = (5.0, -15.0, 10.0)
+CARDIAC_SIZE = (64, 64, 32)
+# Offsets (mm, world) from the LV base centre of the left atrium's centre and of the aortic root.
+_LEFT_ATRIUM = np.array([10.0, -35.0, 18.0])
+_AORTIC_ROOT = np.array([-15.0, 10.0, 0.0])
 
-# Tissue intensities: CT in HU (arterial-phase contrast), cine MRI (bSSFP) in arbitrary units.
+# Tissue intensities: CT in HU (arterial-phase contrast; blood from the subject's
+# ``blood_hu``), cine MRI (bSSFP, bright blood) in arbitrary units.
 _CONTRAST = {
-    "ct": {"air": -1000.0, "fat": -90.0, "soft": 40.0, "lung": -850.0, "vessel": 550.0, "bone": 450.0, "bone_mod": 250.0,
-           "arterial": 1.0, "venous": 0.6, "myocardium": 110.0, "texture": 12.0},
-    "mri": {"air": 0.0, "fat": 0.9, "soft": 0.35, "lung": 0.04, "vessel": 0.25, "bone": 0.3, "bone_mod": 0.15,
-            "arterial": 1.0, "venous": 0.95, "myocardium": 0.22, "texture": 0.03},
+    "ct": {"air": -1000.0, "fat": -90.0, "soft": 40.0, "lung": -850.0, "vessel": 550.0, "bone": 450.0, "bone_mod": 250.0, "myocardium": 110.0, "texture": 12.0},
+    "mri": {"air": 0.0, "fat": 0.9, "soft": 0.35, "lung": 0.04, "vessel": 0.25, "bone": 0.3, "bone_mod": 0.15, "myocardium": 0.22, "texture": 0.03},
 }
 
 
@@ -264,7 +278,7 @@ class CardiacParams:
     rv_radius: float
     atrium_scale: float
     aorta_radius: float
-    blood_hu: float  # arterial blood pool (CT); venous blood is ``venous * blood_hu``
+    blood_hu: float  # contrast-enhanced (left-heart) blood pool in CT
     radial: float  # radial contraction amplitude (fraction)
     shortening: float  # longitudinal shortening (fraction of the length)
     twist: float  # base-to-apex twist at end-systole (rad)
@@ -325,8 +339,8 @@ def sample_cardiac_params(seed: int) -> CardiacParams:
 def _cardiac_anatomy(params: CardiacParams, modality: str, voxel_mm: float) -> Anatomy:
     """The analytic ED anatomy of a subject, band-limited for a grid of ``voxel_mm``: points (N, 3) mm -> (intensity, label)."""
     c = _CONTRAST[modality]
-    arterial = params.blood_hu * c["arterial"] if modality == "ct" else c["arterial"]
-    venous = params.blood_hu * c["venous"] if modality == "ct" else c["venous"]
+    # Left heart and aorta: contrast-enhanced; right heart: contrast mixed with unenhanced venous return.
+    arterial, venous = (params.blood_hu, 0.6 * params.blood_hu) if modality == "ct" else (1.0, 0.95)
     rng = np.random.default_rng(params.seed)
     body_texture, myo_texture = (SmoothNoise.sample(rng, texture_length(length, voxel_mm)) for length in (12.0, 8.0))
     vessel_a, vessel_b = SmoothNoise.sample(rng, 18.0), SmoothNoise.sample(rng, 18.0)
@@ -354,8 +368,8 @@ def _cardiac_anatomy(params: CardiacParams, modality: str, voxel_mm: float) -> A
             (ellipsoid_sdf(p, (-85.0, -35.0, 10.0), (62.0, 75.0, 120.0)), c["lung"] + c["vessel"] * tubes, 2),
             (elliptic_cylinder_sdf(p, (0.0, -100.0), (20.0, 18.0)), bone, 3),
             (elliptic_cylinder_sdf(p, (25.0, -70.0), (params.aorta_radius - 1.5, params.aorta_radius - 1.5)), arterial, 4),
-            (np.maximum(elliptic_cylinder_sdf(p, base[:2] + (-15.0, 10.0), (params.aorta_radius, params.aorta_radius)), base[2] - 5.0 - p[:, 2]), arterial, 4),
-            (ellipsoid_sdf(p, base + (10.0, -35.0, 18.0), (32.0 * s, 22.0 * s, 22.0 * s)), arterial, 5),
+            (np.maximum(elliptic_cylinder_sdf(p, (base + _AORTIC_ROOT)[:2], (params.aorta_radius, params.aorta_radius)), base[2] - 5.0 - p[:, 2]), arterial, 4),
+            (ellipsoid_sdf(p, base + _LEFT_ATRIUM, (32.0 * s, 22.0 * s, 22.0 * s)), arterial, 5),
             (ellipsoid_sdf(p, base + (-42.0, -5.0, 10.0), (24.0 * s, 26.0 * s, 30.0 * s)), venous, 6),
             (np.maximum(np.maximum(rv - 3.0, lv_cut - 0.1 * length), -lv_epi), myocardium, 1),  # RV free wall
             (np.maximum(np.maximum(rv, lv_cut - 0.1 * length), -lv_epi), venous, 7),
@@ -418,16 +432,15 @@ def cardiac_geometry(params: CardiacParams, frames: int, sax_slices: int = 10, p
     offsets = np.linspace(-5.0, -(params.lv_length - 5.0), sax_slices)
     spacing = float(abs(offsets[1] - offsets[0])) if sax_slices > 1 else 0.0
     sax = [{"origin": _vec(base + o * ez), "u": _vec(ex), "v": _vec(ey), "normal": _vec(ez)} for o in offsets]
-    # 3-chamber plane: through the long axis and the aortic root (LV outflow tract).
-    root = np.array([base[0] - 15.0, base[1] + 10.0, base[2]])
-    outflow = (root - base) - ((root - base) @ ez) * ez
-    outflow /= np.linalg.norm(outflow)
-    planes = {
-        "4ch": (ex, ez),  # through the LV and RV
-        "2ch": (ey, ez),  # through the LV and LA, orthogonal to the 4-chamber plane
-        "3ch": (outflow, ez),
-    }
-    lax = {name: {"origin": _vec(centre), "u": _vec(u), "v": _vec(v), "normal": _vec(np.cross(u, v))} for name, (u, v) in planes.items()}
+
+    def towards(offset: np.ndarray) -> np.ndarray:  # unit in-plane direction from the long axis to base + offset
+        radial = offset - (offset @ ez) * ez
+        return radial / np.linalg.norm(radial)
+
+    # Long-axis planes contain the long axis and one more structure: the RV (4-chamber), the
+    # left atrium (2-chamber) or the aortic root, i.e. the LV outflow tract (3-chamber).
+    planes = {"4ch": ex, "2ch": towards(_LEFT_ATRIUM), "3ch": towards(_AORTIC_ROOT)}
+    lax = {name: {"origin": _vec(centre), "u": _vec(u), "v": _vec(ez), "normal": _vec(np.cross(u, ez))} for name, u in planes.items()}
     return {
         "frames": frames,
         "ed_frame": 0,
@@ -438,15 +451,17 @@ def cardiac_geometry(params: CardiacParams, frames: int, sax_slices: int = 10, p
     }
 
 
-def render_cardiac(params: CardiacParams, frames: int = 10, modality: str = "ct", size: Sequence[int] = (64, 64, 32)) -> PhantomSequence:
+def render_cardiac(params: CardiacParams, frames: int = 10, modality: str = "ct", size: int | Sequence[int] = CARDIAC_SIZE) -> PhantomSequence:
     """Render a subject's cycle of ``frames`` frames on a ``size`` grid over the cardiac field of view.
 
     Args:
         params: the subject (see :func:`sample_cardiac_params`).
         frames: frames per cycle; frame 0 is end-diastole.
         modality: ``"ct"`` (HU, contrast-enhanced blood pool) or ``"mri"`` (cine bSSFP contrast).
-        size: grid ``(X, Y, Z)``; spacing is ``CARDIAC_FOV_MM / size`` (anisotropic allowed).
+        size: grid ``(X, Y, Z)``, or ``n`` for ``(n, n, n / 2)``; spacing is
+            ``CARDIAC_FOV_MM / size`` (anisotropic).
     """
+    size = grid_size(size, CARDIAC_SIZE)
     modality = modality.lower()
     if modality not in _CONTRAST:
         raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
@@ -460,7 +475,7 @@ def make_cardiac_dataset(
     n: int = 4,
     frames: int = 10,
     modality: str = "ct",
-    size: Sequence[int] = (64, 64, 32),
+    size: int | Sequence[int] = CARDIAC_SIZE,
     seed: int = 0,
     flow_pairs: bool = False,
 ) -> Path:
@@ -486,7 +501,7 @@ def make_cardiac_dataset(
         n: number of subjects.
         frames: frames per cardiac cycle (>= 2).
         modality: ``"ct"`` or ``"mri"``.
-        size: grid ``(X, Y, Z)``.
+        size: grid ``(X, Y, Z)``, or ``n`` for ``(n, n, n / 2)``.
         seed: dataset seed; subject ``i`` is drawn from ``(seed, i)``.
         flow_pairs: write the ``template_img``/``flow`` NumPy layout.
     """

@@ -30,6 +30,7 @@ from medsynth.data.phantoms.cardiac import (
     SmoothNoise,
     centred_affine,
     ellipsoid_sdf,
+    grid_size,
     elliptic_cylinder_sdf,
     paint,
     render_sequence,
@@ -167,13 +168,17 @@ def _lung_motion(params: LungParams, phases: int) -> Motion:
     return motion
 
 
-def render_lung(params: LungParams, phases: int = 10, size: Sequence[int] = LUNG_SIZE) -> PhantomSequence:
-    """Render a subject's breathing cycle of ``phases`` phases (HU) on a ``size`` grid over ``LUNG_FOV_MM``."""
+def render_lung(params: LungParams, phases: int = 10, size: int | Sequence[int] = LUNG_SIZE) -> PhantomSequence:
+    """Render a subject's breathing cycle of ``phases`` phases (HU) on a ``size`` grid over ``LUNG_FOV_MM``.
+
+    ``size`` is ``(X, Y, Z)``, or ``n`` for ``(n, n, n * 25 / 128)`` (the aspect of ``LUNG_SIZE``).
+    """
+    size = grid_size(size, LUNG_SIZE)
     affine = centred_affine(size, LUNG_FOV_MM, LUNG_CENTRE_MM)
     return render_sequence(_lung_anatomy(params, float(spacing_of(affine).max())), _lung_motion(params, phases), phases, size, affine)
 
 
-def make_lung_dataset(out: str | Path, n: int = 4, phases: int = 10, size: Sequence[int] = LUNG_SIZE, seed: int = 0) -> Path:
+def make_lung_dataset(out: str | Path, n: int = 4, phases: int = 10, size: int | Sequence[int] = LUNG_SIZE, seed: int = 0) -> Path:
     """Write ``n`` 4D CT subjects and return ``out``.
 
     Layout, with ``<out>/dataset.json`` (one case per subject and phase)::
@@ -187,7 +192,8 @@ def make_lung_dataset(out: str | Path, n: int = 4, phases: int = 10, size: Seque
         out: output folder (created).
         n: number of subjects.
         phases: breathing phases per cycle (>= 2).
-        size: grid ``(X, Y, Z)``; the default has the aspect of a 256 x 256 x 50 scan.
+        size: grid ``(X, Y, Z)``, or ``n`` for ``(n, n, n * 25 / 128)``; the default has the
+            aspect of a 256 x 256 x 50 scan.
         seed: dataset seed; subject ``i`` is drawn from ``(seed, i)``.
     """
     if phases < 2:
