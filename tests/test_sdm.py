@@ -21,12 +21,12 @@ from medsynth.data.datasets import PreparedDataset
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.evaluate.segmentation import seam_score, sliding_window_borders
 from medsynth.nets.patch_embedding import coordinate_channels, patch_coordinates
-from medsynth.recipes.sdm import PatchwiseDenoiser, SDMRecipe, low_res_affine
+from medsynth.recipes.sdm import PatchwiseDenoiser, SDMRecipe, downsample_image, low_res_affine, upsample_image
 
 # 16^3 prepared volumes; the low stage works on 8^3 (low_res_factor 2), the high stage on 8^3 patches.
 TINY = ["model.channels=[8, 16]", "model.attention_levels=[false, false]", "model.norm_num_groups=4",
         "model.num_head_channels=4", "model.spade_channels=8", "model.low_res_factor=2", "train.batch_size=2",
-        "train.num_threads=1", "train.lr=0.003", "sample.steps=4", "evaluate.n_generated=2", "evaluate.segmenter_epochs=1",
+        "train.num_threads=1", "train.lr=0.003", "model.prediction=v_prediction", "sample.steps=4", "evaluate.n_generated=2", "evaluate.segmenter_epochs=1",
         "evaluate.segmenter_channels=[4, 8]"]
 HIGH = ["model.stage=high", "model.patch_size=[8, 8, 8]"]
 
@@ -51,7 +51,7 @@ def low_run(prepared, tmp_path_factory):
 @pytest.fixture(scope="module")
 def high_run(prepared, low_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("high") / "run"
-    return api.train("sdm", data=prepared, overrides=TINY + HIGH + ["train.max_epochs=6", f"sample.low_res_run={low_run.path}"],
+    return api.train("sdm", data=prepared, overrides=TINY + HIGH + ["train.max_epochs=40", f"sample.low_res_run={low_run.path}"],
                      out=out, progress=False)
 
 
@@ -138,18 +138,27 @@ def test_training_refuses_a_patch_larger_than_the_volume(prepared, tmp_path):
 
 def test_high_stage_patched_sampling_is_seamless(high_run, prepared):
     # A volume twice the training patch in every dimension, denoised patch by patch at every step.
-    recipe = SDMRecipe()
     _, _, module = api.load_run(high_run.path)
+    recipe, patch = SDMRecipe(), module.config.model.patch_size
     case = PreparedDataset(prepared, split="test")[0]
     labels = module.classes_of(case["label"][None])
-    assert all(s >= 2 * p for s, p in zip(labels.shape[2:], module.config.model.patch_size))
-    settings = module.config.sample.model_copy(update={"steps": 10, "guidance": 1.0})
-    reference = recipe.references(module, labels, [0])  # the cascade: the low-res run's volume, upsampled
+    assert all(s >= 2 * p for s, p in zip(labels.shape[2:], patch))
+    reference = upsample_image(downsample_image(case["image"][None], 2), 2) * 2 - 1
+    settings = module.config.sample.model_copy(update={"steps": 10, "guidance": 1.0, "patch_overlap": 0.5})
     volume = recipe.to_units(recipe.generate(module, labels, [0], reference, settings), module)[0]
-    borders = sliding_window_borders(volume.shape[1:], module.config.model.patch_size, settings.patch_overlap)
+    borders = sliding_window_borders(volume.shape[1:], patch, settings.patch_overlap)
     assert all(borders)
     score = seam_score(volume, borders)
     assert abs(score["ratio"] - 1) <= 0.1, score
+
+    # The control: tiles sampled one by one (own noise, no blending) and put side by side show seams.
+    tiles = torch.zeros_like(volume[None])
+    starts = [(x, y, z) for x in (0, 8) for y in (0, 8) for z in (0, 8)]
+    for k, start in enumerate(starts):
+        window = (slice(None), slice(None), *(slice(s, s + p) for s, p in zip(start, patch)))
+        tiles[window] = recipe.to_units(module.generate(labels[window], [k], settings, reference[window]), module)
+    tiled = seam_score(tiles[0], sliding_window_borders(volume.shape[1:], patch, 0.0))
+    assert tiled["ratio"] > 1.1, tiled
 
 
 def test_init_fine_tunes_from_weights(prepared, low_run, tmp_path):
@@ -174,9 +183,10 @@ def test_evaluate_and_report(low_run, high_run):
 
 
 def test_resume_after_sigkill_restores_weights_optimiser_ema_and_step(prepared, tmp_path):
+    # The high stage draws its patches from the global RNG: an exact continuation also needs the RNG state.
     run = tmp_path / "killed"
-    epochs = 6
-    settings = TINY + [f"train.max_epochs={epochs}", "train.ema_decay=0.9"]
+    epochs = 8
+    settings = TINY + HIGH + [f"train.max_epochs={epochs}", "train.ema_decay=0.9"]
     command = [sys.executable, "-m", "medsynth.cli", "train", "sdm", "--data", str(prepared), "--out", str(run),
                *[arg for item in settings for arg in ("--set", item)]]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
