@@ -47,3 +47,20 @@ def test_console_script_has_no_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_register_and_render_commands(capsys, tmp_path):
+    from medsynth.data.phantoms.lung import make_lung_dataset
+    from medsynth.motion.fields import load_field
+
+    subject = make_lung_dataset(tmp_path / "lung", n=1, size=24, seed=0) / "sub000"
+    field = tmp_path / "field.nii.gz"
+    code, err = run_cli(capsys, "register", str(subject / "image_t05.nii.gz"), str(subject / "image_t00.nii.gz"),
+                        "--out", str(field), "--set", "levels=1", "--set", "iterations=5")
+    assert code == 0 and "folding" in err
+    loaded = load_field(field)
+    assert loaded.shape[0] == 3 and loaded.affine.shape == (4, 4)
+    code, _ = run_cli(capsys, "render", str(subject), "--out", str(tmp_path / "movie.gif"), "--style", "magnitude")
+    assert code == 0 and (tmp_path / "movie.gif").stat().st_size > 0
+    code, err = run_cli(capsys, "register", str(subject / "image_t05.nii.gz"), str(tmp_path / "nope.nii.gz"), "--out", str(field))
+    assert code == 2 and "nope.nii.gz" in err

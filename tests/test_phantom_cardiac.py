@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from medsynth.data.importers import import_flow_pairs
 from medsynth.data.io import load_image, spacing_of
+from medsynth.data.manifest import Manifest
 from medsynth.data.phantoms.cardiac import CARDIAC_LABELS, make_cardiac_dataset, render_cardiac, sample_cardiac_params
 from medsynth.motion.fields import jacobian_determinant, load_field, warp_image, warp_labels
 
@@ -31,6 +33,7 @@ def test_layout_manifest_and_geometry_of_files(dataset):
     assert manifest["spatial_dims"] == 3 and manifest["modality"] == "CT" and manifest["source"] == "phantom-cardiac"
     assert manifest["labels"] == {str(k): v for k, v in CARDIAC_LABELS.items()}
     assert len(manifest["cases"]) == 2 * FRAMES
+    assert Manifest.load(dataset).subjects() == ["sub000", "sub001"]  # importable as it is
     case = manifest["cases"][FRAMES + 3]
     assert case == {"id": "sub001_t03", "subject": "sub001", "image": "sub001/image_t03.nii.gz", "label": "sub001/label_t03.nii.gz", "phase": 3, "flow": "sub001/dvf_t03.nii.gz"}
     image, label, field = load_image(dataset / case["image"]), load_image(dataset / case["label"]), load_field(dataset / case["flow"])
@@ -116,6 +119,7 @@ def test_short_and_long_axis_planes(dataset):
 def test_flow_pairs_layout_is_the_exact_end_systole_pair(tmp_path, dataset):
     out = make_cardiac_dataset(tmp_path / "pairs", n=1, frames=FRAMES, size=SIZE, seed=3, flow_pairs=True)
     info = json.loads((out / "flow_pairs.json").read_text())
+    assert len(import_flow_pairs(out).cases) == 1  # the flow-pair importer reads it
     es = info["pairs"][0]["es_frame"]
     template, flow, affine = (np.load(out / f"{kind}_0.npy") for kind in ("template_img", "flow", "affine"))
     assert template.shape == SIZE and template.dtype == np.float32

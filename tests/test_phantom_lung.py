@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medsynth.data.io import load_image
+from medsynth.data.manifest import Manifest
 from medsynth.data.phantoms.lung import LUNG_LABELS, make_lung_dataset, render_lung, sample_lung_params
 from medsynth.motion.fields import jacobian_determinant, load_field, warp_image, warp_labels
 
@@ -26,6 +27,7 @@ def test_layout_and_manifest(tmp_path):
     assert manifest["modality"] == "CT" and manifest["source"] == "phantom-lung" and manifest["spatial_dims"] == 3
     assert manifest["labels"] == {str(k): v for k, v in LUNG_LABELS.items()}
     assert [case["phase"] for case in manifest["cases"]] == [0, 1, 2]
+    assert [case.flow for case in Manifest.load(out).cases] == [f"sub000/dvf_t{t:02d}.nii.gz" for t in range(3)]
     image, field = load_image(out / manifest["cases"][1]["image"]), load_field(out / manifest["cases"][1]["flow"])
     assert image.shape == (1, 24, 24, 12) and field.shape == (3, 24, 24, 12)
     assert np.allclose(image.affine, field.affine)

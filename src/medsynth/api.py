@@ -187,6 +187,41 @@ def report(run: str | Path) -> Path:
     return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections)
 
 
+def register(fixed: str | Path | None = None, moving: str | Path | None = None, out: str | Path | None = None,
+             data: str | Path | None = None, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+             reference_phase: int = 0, progress: bool = True) -> list[Any]:
+    """B-spline registration: a pair (``fixed``, ``moving`` -> ``out``) or a dataset (``data`` -> ``out`` folder).
+
+    Returns the :class:`~medsynth.motion.registration.RegistrationResult` of every pair.
+    """
+    from medsynth.motion.registration import RegistrationConfig, register_dataset, register_pair
+
+    if out is None:
+        raise MedsynthError("register: --out is required")
+    settings = validate_config(RegistrationConfig, apply_overrides(read_yaml(config) if config else {}, list(overrides)), "register")
+    if data is not None:
+        return register_dataset(data, out, settings, reference_phase=reference_phase, progress=progress,
+                                callback=lambda result: console.print(result.line()))
+    if fixed is None or moving is None:
+        raise MedsynthError("register: give FIXED MOVING --out FIELD, or --data DIR --out DIR")
+    result = register_pair(fixed, moving, out, settings)
+    console.print(result.line())
+    return [result]
+
+
+def render(frames: str | Path, out: str | Path, field: str | Path | None = None, still: bool = False, **options: Any) -> Path:
+    """A GIF of a 4D sequence (optionally with its fields), or a still figure of an image with a field."""
+    from medsynth.motion.render import render_movie, render_still
+
+    try:
+        if still:
+            options.pop("fps", None)
+            return render_still(frames, out, field=field, **options)
+        return render_movie(frames, out, field=field, **options)
+    except ValueError as exc:  # render reports mismatched inputs as ValueError
+        raise MedsynthError(f"{frames}: {exc}") from None
+
+
 def demo(recipe: str = "cvae", out: str | Path = "demo-output", force: bool = False) -> Path:
     """The whole chain on a phantom: phantom -> prepare -> train -> sample -> evaluate -> report."""
     from medsynth.demo import DEMOS

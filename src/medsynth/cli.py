@@ -69,6 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampler steps")
     p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp | rflow")
 
+    p = sub.add_parser("register", help="B-spline registration: FIXED MOVING --out FIELD, or --data DIR --out DIR")
+    p.add_argument("fixed", nargs="?", default=None)
+    p.add_argument("moving", nargs="?", default=None)
+    p.add_argument("--out", required=True, help="field NIfTI (pair) or output folder (dataset)")
+    p.add_argument("--data", default=None, help="dataset mode: a phase-series dataset or folder of 4D NIfTIs")
+    p.add_argument("--reference-phase", type=int, default=0)
+    p.add_argument("--config", default=None, help="YAML of registration settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. control_spacing_mm=15, diffeomorphic=true, similarity=mi")
+
+    p = sub.add_parser("render", help="GIF movie of a 4D sequence or field, or a still figure")
+    p.add_argument("frames", help="4D NIfTI, folder of 3D frames, or one 3D image")
+    p.add_argument("--out", required=True, help=".gif (movie) or .png (with --still)")
+    p.add_argument("--field", default=None, help="field file(s) in mm (one per frame, or one)")
+    p.add_argument("--still", action="store_true")
+    p.add_argument("--views", default="axial,coronal,sagittal")
+    p.add_argument("--slices", type=int, default=1)
+    p.add_argument("--anchor", choices=["middle", "first", "last"], default="middle")
+    p.add_argument("--style", choices=["quiver", "magnitude"], default="quiver")
+    p.add_argument("--fps", type=float, default=5.0)
+
     p = sub.add_parser("evaluate", help="compute metrics.json for a run")
     p.add_argument("run")
     p.add_argument("--data", default=None)
@@ -110,6 +131,12 @@ def run_command(args: argparse.Namespace) -> None:
                            out=args.out, seed=args.seed, force=args.force,
                            overrides=[f"sample.{key}={value}" for key, value in settings.items() if value is not None])
         print(f"{len(paths)} files written under {paths[0].parent.parent if paths else args.out}")
+    elif args.command == "register":
+        api.register(args.fixed, args.moving, out=args.out, data=args.data, config=args.config,
+                     overrides=args.overrides, reference_phase=args.reference_phase)
+    elif args.command == "render":
+        print(api.render(args.frames, args.out, field=args.field, still=args.still, views=tuple(args.views.split(",")),
+                         slices=args.slices, anchor=args.anchor, style=args.style, fps=args.fps))
     elif args.command == "evaluate":
         import json
 

@@ -26,6 +26,7 @@ __all__ = ["VIEWS", "load_fields", "load_frames", "render_movie", "render_still"
 
 View = Literal["axial", "coronal", "sagittal"]
 VIEWS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # the array axis each view slices along
+_VIEW_OF_AXIS = {axis: view for view, axis in VIEWS.items()}
 Anchor = Literal["middle", "first", "last"]
 Style = Literal["quiver", "magnitude"]
 
@@ -134,10 +135,8 @@ class _Figure:
     """A grid of panels (views x slices) whose data is replaced frame by frame."""
 
     def __init__(self, images: np.ndarray, affine: np.ndarray, fields: np.ndarray | None, views: Sequence[View], slices: int, anchor: Anchor, style: Style, window: tuple[float, float] | None, arrows: int):
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
         for view in views:
             if view not in VIEWS:
@@ -153,6 +152,7 @@ class _Figure:
         self.panels = [(VIEWS[view], index) for view in views for index in slice_indices(images.shape[1 + VIEWS[view]], slices, anchor)]
         columns = len(self.panels) // len(views)
         self.figure = Figure(figsize=(3.2 * columns, 3.2 * len(views) + 0.4), dpi=80, layout="constrained")
+        self.canvas = FigureCanvasAgg(self.figure)
         self.artists = []
         for number, (axis, index) in enumerate(self.panels):
             plot = self.figure.add_subplot(len(views), columns, number + 1)
@@ -171,7 +171,7 @@ class _Figure:
                 u, v = self._arrows(0, axis, index, in_plane, sample)
                 overlay = plot.quiver(grid[0].T, grid[1].T, u, v, color="yellow", angles="xy", scale_units="xy", scale=1.0 / gain, width=0.006)
                 plot.set_title(f"arrows x{gain:.1f}", fontsize=7, loc="right")
-            plot.set_title(f"{[k for k, v in VIEWS.items() if v == axis][0]} {index}", fontsize=8, loc="left")
+            plot.set_title(f"{_VIEW_OF_AXIS[axis]} {index}", fontsize=8, loc="left")
             plot.set_xticks([])
             plot.set_yticks([])
             self.artists.append((image, overlay, axis, index, in_plane, sample))
@@ -185,8 +185,6 @@ class _Figure:
 
     def draw(self, t: int, title: str) -> np.ndarray:
         """Show frame ``t`` and return the picture ``(H, W, 3)`` uint8."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
         for image, overlay, axis, index, in_plane, sample in self.artists:
             image.set_data(_plane(self.images[t], axis, index))
             if overlay is not None and self.style == "magnitude":
@@ -194,9 +192,8 @@ class _Figure:
             elif overlay is not None:
                 overlay.set_UVC(*self._arrows(t, axis, index, in_plane, sample))
         self.title.set_text(title)
-        canvas = FigureCanvasAgg(self.figure)
-        canvas.draw()
-        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+        self.canvas.draw()
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
 
 
 def render_movie(
