@@ -5,7 +5,7 @@
 volumes with their reference and position channels, batch 2 x 4 patches). Each model runs in a
 fresh process on synthetic batches (the step's cost does not depend on the values); the time is
 the median of the timed steps (forward, loss, backward, AdamW), the memory the growth of the
-process's peak RSS over the timed steps (CPU) or ``torch.cuda.max_memory_allocated`` (GPU).
+process's peak RSS from before the first step (CPU: activations, gradients, optimiser state) or ``torch.cuda.max_memory_allocated`` (GPU).
 
 ``sample``: sampling time per volume of a trained low-res run (default ``demo-output/sdm-run``,
 made by ``medsynth demo sdm``) with DDPM (1000 steps), DDIM (50) and DPM-Solver++(2M) (20), all with
@@ -72,16 +72,17 @@ def step_one(config_name: str, shape: list[int], steps: int, threads: int) -> di
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    one_step()  # warm-up: allocator, kernels
-    before = _rss_mib()
+    before = _rss_mib()  # model, optimiser (no state yet) and batch in memory
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    one_step()  # warm-up: allocator, kernels, optimiser state
     times = [one_step() for _ in range(steps)]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mib() - before
     x0, _ = module.training_pair(batch)
     return {"config": config_name, "stage": module.config.model.stage, "input": list(x0.shape), "device": device,
             "threads": threads, "step_s_median": statistics.median(times), "step_s_min": min(times),
-            "peak_mib": peak, "peak_kind": "cuda max allocated" if device == "cuda" else "peak RSS growth over the timed steps",
+            "peak_mib": peak, "peak_kind": "cuda max allocated" if device == "cuda" else "peak RSS growth over the steps (activations, gradients, AdamW state)",
+            "peak_rss_mib": _rss_mib(),
             "parameters": sum(p.numel() for p in module.parameters())}
 
 

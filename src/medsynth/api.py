@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from medsynth.config import apply_overrides, dump_config, load_config, read_yaml, validate_config
@@ -141,6 +142,8 @@ def load_run(run: str | Path) -> tuple[Run, Recipe, MedsynthModule]:
     saved = read_yaml(opened.config_path)
     chosen = get_recipe(str(saved.get("recipe")))
     settings = validate_config(chosen.config_class, saved, str(opened.config_path))
+    if settings.train.num_threads is not None:
+        torch.set_num_threads(settings.train.num_threads)
     return opened, chosen, load_weights(chosen.build_module(settings), opened)
 
 

@@ -120,9 +120,9 @@ class CVAEModule(MedsynthModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         beta = self.kl_beta()
         losses = self._losses(batch, beta)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, on_step=True, on_epoch=True,
-                      batch_size=len(batch["image"]))
-        self.log("train/beta", beta, on_step=True, on_epoch=False)
+        # Logged every `train.log_every_n_steps` steps only: per-step epoch aggregation costs ~5% of a CPU step.
+        if self.global_step % self.config.train.log_every_n_steps == 0:
+            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()} | {"train/beta": beta}, on_step=True, on_epoch=False)
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
