@@ -41,19 +41,18 @@ def feature_mmd(real: torch.Tensor, generated: torch.Tensor) -> float:
     return float(MMDMetric()((real[:n] - mean) / std, (generated[:n] - mean) / std))
 
 
-def nearest_ssim(generated: torch.Tensor, reference: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_ssim(generated: torch.Tensor, reference: torch.Tensor, candidates: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """For each generated image, the SSIM of its most similar reference image and that image's index.
 
     The memorisation audit: an SSIM near 1 means a generated image copies a training image.
+    SSIM is computed against the ``candidates`` nearest references in Euclidean distance (one
+    matrix product), not against all of them: a copy is also a Euclidean near neighbour,
+    and all-pairs SSIM costs minutes on a CPU for a few hundred images.
     """
     metric = SSIMMetric(spatial_dims=generated.ndim - 2, win_size=7 if min(generated.shape[2:]) >= 32 else 3, reduction="none")
-    best_score, best_index = [], []
-    for image in generated:
-        scores = torch.cat([
-            metric(image[None].expand(len(chunk), *image.shape).float(), chunk.float()).flatten()
-            for chunk in reference.split(batch_size)
-        ])
-        score, index = scores.max(dim=0)
-        best_score.append(score)
-        best_index.append(index)
-    return torch.stack(best_score), torch.stack(best_index)
+    distances = torch.cdist(generated.flatten(1).float(), reference.flatten(1).float())
+    nearest = distances.topk(min(candidates, len(reference)), largest=False).indices  # (N, k)
+    scores = metric(generated[:, None].expand(-1, nearest.shape[1], *generated.shape[1:]).flatten(0, 1).float(),
+                    reference[nearest.flatten()].float()).view(nearest.shape)
+    best_score, best_column = scores.max(dim=1)
+    return best_score, nearest.gather(1, best_column[:, None])[:, 0]
