@@ -35,7 +35,8 @@ def test_layout_manifest_and_geometry_of_files(dataset):
     assert len(manifest["cases"]) == 2 * FRAMES
     assert Manifest.load(dataset).subjects() == ["sub000", "sub001"]  # importable as it is
     case = manifest["cases"][FRAMES + 3]
-    assert case == {"id": "sub001_t03", "subject": "sub001", "image": "sub001/image_t03.nii.gz", "label": "sub001/label_t03.nii.gz", "phase": 3, "flow": "sub001/dvf_t03.nii.gz"}
+    expected = {"id": "sub001_t03", "subject": "sub001", "image": "sub001/image_t03.nii.gz", "label": "sub001/label_t03.nii.gz", "phase": 3, "flow": "sub001/dvf_t03.nii.gz"}
+    assert {key: case[key] for key in expected} == expected
     image, label, field = load_image(dataset / case["image"]), load_image(dataset / case["label"]), load_field(dataset / case["flow"])
     assert image.shape == (1, *SIZE) and field.shape == (3, *SIZE)
     assert np.allclose(image.affine, label.affine) and np.allclose(image.affine, field.affine)

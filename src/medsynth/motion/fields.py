@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.losses.deform import spatial_gradient_squared
 from monai.networks.blocks import DVF2DDF, Warp
 
-from medsynth.data.io import load_image, save_image, spacing_of
+from medsynth.data.io import load_image, save_image
 from medsynth.errors import BadInputError
 
 __all__ = [

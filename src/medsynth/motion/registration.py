@@ -15,7 +15,6 @@ every phase of every 4D case to a reference phase, resuming where a killed run s
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from pydantic import Field, model_validator
 
 from medsynth.config import StrictModel
 from medsynth.data.io import NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
+from medsynth.data.manifest import MANIFEST_NAME, Manifest
 from medsynth.errors import BadInputError
 from medsynth.motion.fields import bending_energy, folding_share, integrate_velocity, save_field, warp_image
 
@@ -460,25 +460,22 @@ def _phase_count(path: Path) -> int:
 
 def _find_cases(data_dir: Path, reference_phase: int) -> list[_Case]:
     """Cases of ``data_dir``: a ``dataset.json`` with ``subject``/``phase`` cases, or a folder of 4D NIfTI files."""
-    manifest = data_dir / "dataset.json"
-    if manifest.exists():
-        try:
-            entries = json.loads(manifest.read_text())["cases"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise BadInputError(manifest, f"cannot read the manifest's cases ({type(exc).__name__})") from None
+    manifest_path = data_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest = Manifest.load(manifest_path)
         cases: dict[str, _Case] = {}
-        for entry in entries:
-            if "subject" not in entry or "phase" not in entry:
-                raise BadInputError(manifest, f"case {entry.get('id', '?')} has no subject/phase: dataset mode needs phase series")
-            cases.setdefault(str(entry["subject"]), _Case(str(entry["subject"]))).phase_paths[int(entry["phase"])] = data_dir / entry["image"]
+        for entry in manifest.cases:
+            if entry.phase is None or not isinstance(entry.image, str):
+                raise BadInputError(manifest_path, f"case {entry.id} is not one phase of a series (dataset mode needs a phase and one image per case)")
+            cases.setdefault(entry.subject, _Case(entry.subject)).phase_paths[entry.phase] = manifest.resolve(entry.image)
         found = list(cases.values())
         for case in found:
             expected = set(range(max(case.phase_paths) + 1)) | {reference_phase}
             missing = sorted(expected - set(case.phase_paths))
             if missing:
-                raise BadInputError(manifest, f"subject {case.subject} is missing phase(s) {', '.join(map(str, missing))}")
+                raise BadInputError(manifest_path, f"subject {case.subject} is missing phase(s) {', '.join(map(str, missing))}")
             if len(case.phase_paths) < 2:
-                raise BadInputError(manifest, f"subject {case.subject} has only one phase")
+                raise BadInputError(manifest_path, f"subject {case.subject} has only one phase")
     else:
         files = sorted(p for p in data_dir.iterdir() if suffix_of(p) in NIFTI_SUFFIXES) if data_dir.is_dir() else []
         found = [_Case(p.name[: -len(suffix_of(p))], volume=p) for p in files]

@@ -31,6 +31,7 @@ from scipy.special import expit
 from scipy.spatial.transform import Rotation
 
 from medsynth.data.io import save_image, spacing_of
+from medsynth.data.manifest import Manifest
 from medsynth.motion.fields import mm_to_voxel, save_field
 
 __all__ = [
@@ -206,18 +207,8 @@ def write_sequence(sequence: PhantomSequence, out: Path, subject: str) -> list[d
 
 def write_manifest(out: Path, name: str, modality: str, source: str, labels: dict[int, str], cases: list[dict]) -> Path:
     """Write the project's ``dataset.json`` manifest (paths relative to ``out``)."""
-    manifest = {
-        "name": name,
-        "spatial_dims": 3,
-        "modality": modality,
-        "source": source,
-        "classes": [],
-        "labels": {str(k): v for k, v in labels.items()},
-        "cases": cases,
-    }
-    path = out / "dataset.json"
-    path.write_text(json.dumps(manifest, indent=1))
-    return path
+    manifest = Manifest(name=name, spatial_dims=3, modality=modality, source=source, classes=[], labels={str(k): v for k, v in labels.items()}, cases=cases)
+    return manifest.with_root(out).save(out)
 
 
 def subject_rng(seed: int, index: int) -> np.random.Generator:
