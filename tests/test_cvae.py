@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import train_until_killed
 
 from medsynth import api
 from medsynth.data.phantoms.cilia import make_cilia_dataset
@@ -85,21 +82,7 @@ def test_new_run_refuses_existing_run(prepared, trained):
 def test_resume_after_sigkill_finishes_configured_epochs(prepared, tmp_path):
     run = tmp_path / "killed"
     epochs = 12
-    command = [sys.executable, "-m", "medsynth.cli", "train", "cvae", "--data", str(prepared), "--out", str(run),
-               *[arg for item in TINY + [f"train.max_epochs={epochs}"] for arg in ("--set", item)]]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and process.poll() is None:
-            if last.exists() and torch.load(last, weights_only=True)["epoch"] >= 1:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, "training ended before it could be killed"
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
-    killed_at = torch.load(last, weights_only=True)
+    killed_at = train_until_killed(["cvae", "--data", str(prepared), *[arg for item in TINY + [f"train.max_epochs={epochs}"] for arg in ("--set", item)]], run)
     assert killed_at["epoch"] < epochs - 1 and not (run / "model.safetensors").exists()
 
     resumed = api.train(resume=run, progress=False)

@@ -3,11 +3,6 @@ sampling, bad input, fine-tuning, resume after SIGKILL, evaluation and report.""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import train_until_killed
 
 from medsynth import api, cli
 from medsynth.data.datasets import PreparedDataset
@@ -187,21 +184,8 @@ def test_resume_after_sigkill_restores_weights_optimiser_ema_and_step(prepared, 
     run = tmp_path / "killed"
     epochs = 8
     settings = TINY + HIGH + [f"train.max_epochs={epochs}", "train.ema_decay=0.9"]
-    command = [sys.executable, "-m", "medsynth.cli", "train", "sdm", "--data", str(prepared), "--out", str(run),
-               *[arg for item in settings for arg in ("--set", item)]]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and process.poll() is None:
-            if last.exists() and torch.load(last, weights_only=True)["epoch"] >= 1:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, "training ended before it could be killed"
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
-    killed_at = torch.load(last, weights_only=True)
+    killed_at = train_until_killed(["sdm", "--stage", "high", "--data", str(prepared),
+                                    *[arg for item in settings if item != "model.stage=high" for arg in ("--set", item)]], run)
     assert killed_at["epoch"] < epochs - 1 and not (run / "model.safetensors").exists()
     assert killed_at["optimizer_states"] and any("EMAWeightAveraging" in key for key in killed_at["callbacks"])
 
