@@ -101,6 +101,36 @@ def test_resize_keeps_world_extent_and_keep_aspect_pads(tmp_path: Path) -> None:
     assert image[0, 2:6].std() > 0
 
 
+@pytest.mark.parametrize("size", [4, 12])
+def test_crop_or_pad_around_the_foreground_keeps_voxels_spacing_and_world_positions(tmp_path: Path, size: int) -> None:
+    src = _nnunet(tmp_path / "raw", n=1)  # 10 x 8 x 6, a 4 x 3 x 3 box of label 1 at [2:6, 2:5, 1:4]
+    case = _npz(prepare_dataset(src, tmp_path / "out", size=size, crop=True, normalize="none", progress=False), "c0")
+    source = nib.load(str(src / "imagesTr" / "c0_0000.nii.gz"))
+    data = np.asarray(source.dataobj)
+    assert case["image"].shape == (1, size, size, size)
+    np.testing.assert_allclose(case["affine"][:3, :3], source.affine[:3, :3], atol=1e-6)  # same spacing and axes
+    # Prepared voxel i lies where source voxel i + offset lies, with the same value (or padding outside the source).
+    offset = (np.linalg.inv(source.affine) @ case["affine"])[:3, 3]
+    np.testing.assert_allclose(offset, np.round(offset), atol=1e-6)
+    index = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).reshape(-1, 3) + np.round(offset).astype(int)
+    inside = ((index >= 0) & (index < data.shape)).all(axis=1)
+    prepared = case["image"][0].reshape(-1)
+    np.testing.assert_array_equal(prepared[inside], data[tuple(index[inside].T)])
+    np.testing.assert_array_equal(prepared[~inside], data.min())
+    assert case["label"].sum() == 36  # the whole foreground box is kept
+    assert inside.all() == (size == 4)
+
+
+def test_recipe_fills_the_settings_not_given(tmp_path: Path) -> None:
+    from medsynth import api
+
+    src = _nnunet(tmp_path / "raw", n=1)
+    settings = Manifest.load(api.prepare(src, tmp_path / "sdm", recipe="sdm", size=4, progress=False)).prepare["settings"]
+    assert settings["normalize"] == "ct" and settings["crop"] is True
+    settings = Manifest.load(api.prepare(src, tmp_path / "given", recipe="sdm", normalize="none", progress=False)).prepare["settings"]
+    assert settings["normalize"] == "none"
+
+
 @pytest.mark.parametrize("normalize", ["percentile", "zscore", "ct", "none"])
 def test_normalisation(tmp_path: Path, normalize: str) -> None:
     src = tmp_path / "raw"
@@ -200,6 +230,8 @@ def test_settings_are_validated() -> None:
         prepare_dataset(".", "out", sise=8)
     with pytest.raises(MedsynthError, match="keep_aspect needs a size"):
         prepare_dataset(".", "out", keep_aspect=True)
+    with pytest.raises(MedsynthError, match="choose one"):
+        prepare_dataset(".", "out", size=8, keep_aspect=True, crop=True)
     assert PrepareConfig(size=8).digest() != PrepareConfig(size=16).digest()
 
 

@@ -51,11 +51,15 @@ def phantom(kind: str, out: str | Path, n: int = 10, seed: int = 0, size: int | 
 
 
 def prepare(src: str | Path, out: str | Path, recipe: str | None = None, **settings: Any) -> Path:
-    """Import ``src`` (any supported layout) and prepare it for training into ``out``."""
+    """Import ``src`` (any supported layout) and prepare it for training into ``out``.
+
+    ``recipe`` fills the settings not given with that recipe's ``prepare_defaults`` (sdm: CT
+    window normalisation, crop/pad to ``size`` instead of resizing).
+    """
     from medsynth.data.prepare import prepare_dataset
 
     if recipe is not None:
-        get_recipe(recipe)  # refuse unknown recipes before any work
+        settings = {**get_recipe(recipe).prepare_defaults, **settings}
     return prepare_dataset(src, out, **settings)
 
 

@@ -32,14 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="import a dataset and prepare it for training")
     p.add_argument("src")
     p.add_argument("--out", required=True)
-    p.add_argument("--recipe", default=None)
+    p.add_argument("--recipe", default=None, help="fill the settings not given with the recipe's (sdm: --normalize ct --crop)")
     p.add_argument("--size", type=int, default=None, help="square/cubic output size")
-    p.add_argument("--keep-aspect", action="store_true", help="pad instead of stretching to the size")
+    p.add_argument("--keep-aspect", action="store_true", default=None, help="pad instead of stretching to the size")
+    p.add_argument("--crop", action="store_true", default=None, help="crop/pad to the size around the label foreground, keeping the spacing")
     p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,2")
     p.add_argument("--orientation", default=None, help="reorient 3D images, e.g. RAS")
-    p.add_argument("--normalize", choices=["percentile", "zscore", "ct", "none"], default="percentile")
+    p.add_argument("--normalize", choices=["percentile", "zscore", "ct", "none"], default=None, help="default: percentile")
     p.add_argument("--ct-window", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="HU window for --normalize ct")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--force", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -113,10 +114,10 @@ def run_command(args: argparse.Namespace) -> None:
             options["flow_pairs"] = True
         print(api.phantom(args.kind, args.out, n=args.n, seed=args.seed, size=args.size, **options))
     elif args.command == "prepare":
-        settings = {"size": args.size, "keep_aspect": args.keep_aspect, "spacing": args.spacing, "orientation": args.orientation,
-                    "normalize": args.normalize, "seed": args.seed}
-        if args.ct_window:
-            settings["ct_window"] = tuple(args.ct_window)
+        given = {"size": args.size, "keep_aspect": args.keep_aspect, "crop": args.crop, "spacing": args.spacing,
+                 "orientation": args.orientation, "normalize": args.normalize, "seed": args.seed,
+                 "ct_window": tuple(args.ct_window) if args.ct_window else None}
+        settings = {key: value for key, value in given.items() if value is not None}
         print(api.prepare(args.src, args.out, recipe=args.recipe, force=args.force, progress=not args.no_progress, **settings))
     elif args.command == "train":
         overrides = list(args.overrides)

@@ -1,4 +1,4 @@
-"""Prepare an imported dataset for training: resample, normalise, resize, split by subject.
+"""Prepare an imported dataset for training: resample, normalise, resize or crop, split by subject.
 
 ``prepare_dataset(src, out)`` writes::
 
@@ -40,6 +40,7 @@ from monai.transforms import (
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
     Spacing,
+    SpatialCrop,
     SpatialPad,
 )
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
@@ -74,8 +75,10 @@ class PrepareConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: PositiveInt | None = Field(None, description="resize every spatial side to this many voxels")
+    size: PositiveInt | None = Field(None, description="every spatial side to this many voxels (resized, or cropped/padded with crop)")
     keep_aspect: bool = Field(False, description="resize the longest side to `size` and pad the others")
+    crop: bool = Field(False, description="reach `size` by cropping/padding around the label map's foreground, "
+                                          "keeping the spacing, instead of resizing")
     spacing: tuple[PositiveFloat, ...] | None = Field(None, description="resample to this voxel spacing (mm); one value for all axes")
     orientation: str | None = Field(None, description="reorient to these axis codes, e.g. RAS")
     normalize: Normalize = Normalize.PERCENTILE
@@ -89,6 +92,8 @@ class PrepareConfig(BaseModel):
     def _consistent(self) -> PrepareConfig:
         if self.keep_aspect and self.size is None:
             raise ValueError("keep_aspect needs a size")
+        if self.keep_aspect and self.crop:
+            raise ValueError("keep_aspect resizes and crop does not: choose one")
         if not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
             raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
         if self.ct_window[0] >= self.ct_window[1]:
@@ -121,7 +126,7 @@ def prepare_dataset(src: str | Path, out: str | Path, config: PrepareConfig | No
         src: a dataset folder in any layout :func:`~medsynth.data.importers.import_dataset` knows.
         out: output folder (not inside ``src``).
         config: the settings, or ``None`` to build them from ``settings``
-            (``size``, ``keep_aspect``, ``spacing``, ``orientation``, ``normalize``,
+            (``size``, ``keep_aspect``, ``crop``, ``spacing``, ``orientation``, ``normalize``,
             ``percentiles``, ``ct_window``, ``val_fraction``, ``test_fraction``, ``seed``).
         force: replace a different prepared dataset in ``out``.
         progress: show a progress bar on stderr.
@@ -287,7 +292,10 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
 
     image, label, flow = _resample(image, label, flow, config, dims)
     image = _normalize(image, config)
-    image, label, flow = _resize(image, label, flow, config, dims)
+    if config.crop:
+        image, label, flow = _crop_or_pad(image, label, flow, config, dims)
+    else:
+        image, label, flow = _resize(image, label, flow, config, dims)
 
     arrays = {"image": image.numpy().astype(np.float32), "affine": image.affine.numpy().astype(np.float64)}
     if label is not None:
@@ -415,6 +423,26 @@ def _resize(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | None
         # Pad with the image's darkest value: background in CT, MR and pictures alike.
         image = SpatialPad(full, value=float(image.min()))(image)
         label, flow = (SpatialPad(full)(t) if t is not None else None for t in (label, flow))
+    return image, label, flow
+
+
+def _crop_or_pad(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | None, config: PrepareConfig,
+                 dims: int) -> tuple[MetaTensor, MetaTensor | None, MetaTensor | None]:
+    """Every axis cropped or padded to ``size`` voxels around the centre of the label map's foreground
+    (the image's centre without one); the voxels and the spacing stay, the affine's origin moves."""
+    if config.size is None:
+        return image, label, flow
+    shape = np.asarray(image.shape[1:])
+    mask = label.numpy()[0] > 0 if label is not None else None
+    if mask is not None and mask.any():  # the centre of the foreground's bounding box
+        centre = np.array([(axis.min() + axis.max() + 1) / 2 for axis in np.nonzero(mask)])
+    else:
+        centre = shape / 2
+    start = np.clip(np.round(centre - config.size / 2).astype(int), 0, np.maximum(shape - config.size, 0))
+    crop = SpatialCrop(roi_start=start, roi_end=np.minimum(start + config.size, shape))
+    full = (config.size,) * dims
+    image = SpatialPad(full, value=float(image.min()))(crop(image))  # air in CT: the darkest value
+    label, flow = (SpatialPad(full)(crop(t)) if t is not None else None for t in (label, flow))
     return image, label, flow
 
 

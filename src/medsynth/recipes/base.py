@@ -39,6 +39,7 @@ class Recipe(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[RecipeConfig]]
     monitor: ClassVar[str | None] = "val/loss"
+    prepare_defaults: ClassVar[dict[str, Any]] = {}  # `medsynth prepare --recipe NAME` settings the user did not give
 
     def resolve_config(self, config: RecipeConfig) -> RecipeConfig:
         """Fill the fields that depend on the data (channels, shapes, classes)."""

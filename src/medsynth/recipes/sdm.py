@@ -19,10 +19,11 @@ condition of classifier-free guidance zeroes the label channels (an empty SPADE 
 reference and position. Training drops the label map with ``model.cond_drop_prob``; sampling
 guides with ``eps = eps(x|y) + s (eps(x|y) - eps(x|none))`` (``sample.guidance`` = s).
 
-Data: a dataset prepared with ``--normalize ct`` (HU window -> [0, 1]; generated volumes are
-written back in HU) or ``percentile``. What ``medsynth prepare`` does not do for sdm is done on
-the fly from the prepared case, so no extra files are needed: label values are remapped to
-contiguous classes (``model.label_values``), the low-resolution volumes and label maps are
+Data: ``medsynth prepare --recipe sdm`` resamples to ``--spacing``, clips and scales the HU window
+to [0, 1] (``--normalize ct``; generated volumes are written back in HU; ``percentile`` also works)
+and crops/pads to ``--size`` around the label map's foreground, keeping the spacing. The rest is
+done on the fly from the prepared case, so no extra files are needed: label values are remapped
+to contiguous classes (``model.label_values``), the low-resolution volumes and label maps are
 average-pooled (labels by majority vote), and the high stage's reference is the pooled volume
 upsampled back (trilinear).
 """
@@ -439,6 +440,8 @@ def _stem(path: Path) -> str:
 class SDMRecipe(Recipe):
     name = "sdm"
     config_class = SDMConfig
+    # HU window -> [0, 1] (written back in HU); --size crops/pads around the heart at the --spacing grid.
+    prepare_defaults = {"normalize": "ct", "crop": True}
 
     def resolve_config(self, config: SDMConfig) -> SDMConfig:
         data_dir = Path(config.data_dir)
