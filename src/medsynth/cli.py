@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from medsynth import __version__
 from medsynth.errors import MedsynthError
+
+
+# Notices from inside MONAI and Lightning that a user can do nothing about; they would bury
+# medsynth's own one-line results (e.g. a registration's quality line under 12 lines of them).
+_HARMLESS_WARNINGS = (
+    r"monai\.networks\.blocks\.Warp: Using PyTorch native grid_sample",
+    r"Using a non-tuple sequence for multidimensional indexing is deprecated",  # MONAI's BendingEnergyLoss
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's _pytree
+)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -150,6 +160,8 @@ def run_command(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for message in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     try:
         run_command(args)
     except MedsynthError as exc:
