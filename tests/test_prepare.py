@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from medsynth import api
 from medsynth.data import prepare as prepare_module
 from medsynth.data.datasets import PreparedDataModule, PreparedDataset, load_prepared_info
 from medsynth.data.io import load_image, save_image
@@ -122,8 +123,6 @@ def test_crop_or_pad_around_the_foreground_keeps_voxels_spacing_and_world_positi
 
 
 def test_recipe_fills_the_settings_not_given(tmp_path: Path) -> None:
-    from medsynth import api
-
     src = _nnunet(tmp_path / "raw", n=1)
     settings = Manifest.load(api.prepare(src, tmp_path / "sdm", recipe="sdm", size=4, progress=False)).prepare["settings"]
     assert settings["normalize"] == "ct" and settings["crop"] is True

@@ -47,7 +47,7 @@ def sdm_demo(out: Path, force: bool = False) -> Path:
     if not (raw / "dataset.json").exists() or force:
         api.phantom("coronary", raw, n=40, seed=0, size=24)
     _step("2/6 prepare (HU window -1000..1000 -> [0, 1])")
-    api.prepare(raw, prepared, recipe="sdm", normalize="ct", ct_window=(-1000.0, 1000.0), seed=0, progress=False)
+    api.prepare(raw, prepared, recipe="sdm", seed=0, progress=False)  # the recipe's defaults: CT window, crop
     _step("3/6 train sdm, low-res stage")
     run = api.train("sdm", data=prepared, config="sdm-tiny", out=run_dir, force=True)
     _step("4/6 sample (held-out label maps; one label-map file)")

@@ -292,10 +292,8 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
 
     image, label, flow = _resample(image, label, flow, config, dims)
     image = _normalize(image, config)
-    if config.crop:
-        image, label, flow = _crop_or_pad(image, label, flow, config, dims)
-    else:
-        image, label, flow = _resize(image, label, flow, config, dims)
+    if config.size is not None:
+        image, label, flow = (_crop_or_pad if config.crop else _resize)(image, label, flow, config, dims)
 
     arrays = {"image": image.numpy().astype(np.float32), "affine": image.affine.numpy().astype(np.float64)}
     if label is not None:
@@ -407,8 +405,6 @@ def _normalize(image: MetaTensor, config: PrepareConfig) -> MetaTensor:
 
 def _resize(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | None, config: PrepareConfig,
             dims: int) -> tuple[MetaTensor, MetaTensor | None, MetaTensor | None]:
-    if config.size is None:
-        return image, label, flow
     shape = tuple(image.shape[1:])
     if config.keep_aspect:  # the longest side becomes `size`, the others are padded to it
         target = tuple(max(1, round(n * config.size / max(shape))) for n in shape)
@@ -430,8 +426,6 @@ def _crop_or_pad(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor |
                  dims: int) -> tuple[MetaTensor, MetaTensor | None, MetaTensor | None]:
     """Every axis cropped or padded to ``size`` voxels around the centre of the label map's foreground
     (the image's centre without one); the voxels and the spacing stay, the affine's origin moves."""
-    if config.size is None:
-        return image, label, flow
     shape = np.asarray(image.shape[1:])
     mask = label.numpy()[0] > 0 if label is not None else None
     if mask is not None and mask.any():  # the centre of the foreground's bounding box
