@@ -18,7 +18,7 @@ from medsynth.errors import BadInputError, MedsynthError
 from medsynth.recipes import get_recipe
 from medsynth.recipes.base import Recipe, SampleRequest
 from medsynth.runs import Run
-from medsynth.training import MedsynthModule, build_trainer, export_weights, load_weights, seed_everything
+from medsynth.training import MedsynthModule, build_trainer, export_weights, load_module, load_state, seed_everything, weights_of
 
 console = Console(stderr=True)
 
@@ -120,35 +120,19 @@ def train(
 
 def load_initial_weights(module: MedsynthModule, source: str | Path) -> MedsynthModule:
     """Fine-tuning: load weights from a run folder, a ``.safetensors`` file or a ``.ckpt`` (safely)."""
-    import torch
-    from safetensors.torch import load_file
-
     path = Path(source)
     if path.is_dir():
-        run = Run.open(path)
-        path = run.weights_path if run.weights_path.exists() else run.last_checkpoint
+        path = weights_of(Run.open(path))
     if not path.is_file():
         raise BadInputError(path, "no such weights file (--init takes a run, model.safetensors or a .ckpt)")
-    try:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    except Exception as exc:  # corrupt, truncated or foreign files fail in many ways
-        raise BadInputError(path, f"cannot read weights ({type(exc).__name__})") from None
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise BadInputError(path, f"weights do not fit this model ({str(exc).splitlines()[0]})") from None
-    return module
+    return load_state(module, path)
 
 
-def load_run(run: str | Path) -> tuple[Run, Recipe, MedsynthModule]:
+def load_run(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Run, Recipe, MedsynthModule]:
     """An existing run, its recipe and its trained module (weights loaded safely, eval mode)."""
     opened = Run.open(run)
-    saved = read_yaml(opened.config_path)
-    chosen = get_recipe(str(saved.get("recipe")))
-    settings = validate_config(chosen.config_class, saved, str(opened.config_path))
-    if settings.train.num_threads is not None:
-        torch.set_num_threads(settings.train.num_threads)
-    return opened, chosen, load_weights(chosen.build_module(settings), opened)
+    chosen = get_recipe(str(read_yaml(opened.config_path).get("recipe")))
+    return opened, chosen, load_module(opened, chosen, overrides)
 
 
 def sample(run: str | Path, n: int | None = None, mode: str = "random", class_name: str | None = None,
@@ -159,10 +143,7 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
     ``n`` defaults to 16, or to 1 per conditioning file. ``overrides`` (``sample.guidance=2``) change
     the run's sampling settings for this call only.
     """
-    opened, chosen, module = load_run(run)
-    if overrides:
-        module.config = validate_config(chosen.config_class, apply_overrides(module.config.model_dump(mode="json"), list(overrides)),
-                                        "sampling settings")
+    opened, chosen, module = load_run(run, overrides)
     n = n if n is not None else (1 if condition is not None else 16)
     target = Path(out) if out is not None else opened.samples
     existing = target / mode

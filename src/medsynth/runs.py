@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medsynth.errors import BadInputError, MedsynthError
+
+TEMP_SUFFIX = ".medsynth-tmp"  # the atomic writer's temporary files end so
 
 
 @dataclass(frozen=True)
@@ -99,15 +102,28 @@ class Run:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: never a half file."""
+    """The one atomic writer: a uniquely named temporary file in the same folder, fsync of the
+    file, rename over ``path``, fsync of the folder. A kill leaves the old file or the new one,
+    never half of one; two writers never share a temporary file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete temporary files that a killed :func:`atomic_write_bytes` left in ``folder``."""
+    for stale in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import io
 import random
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
@@ -25,7 +26,7 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRa
 from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file, save
 
-from medsynth.config import RecipeConfig, TrainConfig
+from medsynth.config import RecipeConfig, TrainConfig, apply_overrides, read_yaml, validate_config
 from medsynth.errors import BadInputError
 from medsynth.runs import Run, atomic_write_bytes
 
@@ -126,16 +127,56 @@ def export_weights(module: torch.nn.Module, config: RecipeConfig, path: Path) ->
     return path
 
 
-def load_weights(module: torch.nn.Module, run: Run) -> torch.nn.Module:
-    """Load ``model.safetensors`` (or, if training never finished, ``last.ckpt`` safely)."""
-    if run.weights_path.exists():
-        state = load_file(str(run.weights_path))
-    elif run.last_checkpoint.exists():
-        state = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    else:
-        raise BadInputError(run.path, "run has no weights yet (no model.safetensors or checkpoints/last.ckpt)")
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``model.safetensors`` or a Lightning ``.ckpt``, read safely (never unpickled).
+
+    A truncated, corrupt or foreign file is refused with one line naming it.
+    """
     try:
-        module.load_state_dict(state)
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as exc:  # truncated, corrupt or foreign files fail in many ways
+        raise BadInputError(path, f"cannot read weights ({type(exc).__name__})") from None
+
+
+def load_state(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Load a weights file into ``module``; weights of another architecture get one line."""
+    try:
+        module.load_state_dict(read_weights(path))
     except RuntimeError as exc:
-        raise BadInputError(run.path, f"weights do not match the run's config ({str(exc).splitlines()[0]})") from None
-    return module.eval()
+        raise BadInputError(path, f"weights do not fit this model ({str(exc).splitlines()[0]})") from None
+    return module
+
+
+def weights_of(run: Run) -> Path:
+    """The run's weights file: ``model.safetensors``, or ``last.ckpt`` when training never finished."""
+    for path in (run.weights_path, run.last_checkpoint):
+        if path.exists():
+            return path
+    raise BadInputError(run.path, "run has no weights yet (no model.safetensors or checkpoints/last.ckpt)")
+
+
+class RecipeLike(Protocol):
+    """What :func:`load_module` needs of a recipe (the ground floor does not import ``recipes/``)."""
+
+    name: str
+    config_class: type[RecipeConfig]
+
+    def build_module(self, config: Any) -> MedsynthModule: ...
+
+
+def load_module(run: str | Path | Run, recipe: RecipeLike, overrides: Sequence[str] = ()) -> MedsynthModule:
+    """The trained module of a run, built by the recipe passed in, weights loaded safely, eval mode.
+
+    Used by the API and by any recipe that loads another run (sdm's high stage loads its low-res
+    run). ``overrides`` (``sample.guidance=2``) change the loaded config for this use only.
+    """
+    opened = run if isinstance(run, Run) else Run.open(run)
+    saved = read_yaml(opened.config_path)
+    if saved.get("recipe") != recipe.name:
+        raise BadInputError(opened.path, f"is a '{saved.get('recipe')}' run, not a '{recipe.name}' run")
+    config = validate_config(recipe.config_class, apply_overrides(saved, list(overrides)), str(opened.config_path))
+    if config.train.num_threads is not None:
+        torch.set_num_threads(config.train.num_threads)
+    return load_state(recipe.build_module(config), weights_of(opened)).eval()

@@ -121,6 +121,21 @@ class PreparedDataset(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
 
+def load_split(root: str | Path, split: str | None) -> list[Sample]:
+    """Every item of one split of a prepared dataset (``None``: all cases), read once, in manifest order.
+
+    The one way recipes and evaluation read real cases (see :class:`PreparedDataset` for an item).
+    """
+    dataset = PreparedDataset(root, split=split)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def stack_items(items: list[Sample], key: str) -> torch.Tensor:
+    """``items[i][key]`` stacked along a new first axis (tensors) or as a tensor (numbers)."""
+    values = [item[key] for item in items]
+    return torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
+
+
 class PreparedDataModule(L.LightningDataModule):
     """Train/val/test loaders over a prepared dataset.
 

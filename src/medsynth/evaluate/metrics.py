@@ -56,3 +56,25 @@ def nearest_ssim(generated: torch.Tensor, reference: torch.Tensor, candidates: i
                     reference[nearest.flatten()].float()).view(nearest.shape)
     best_score, best_column = scores.max(dim=1)
     return best_score, nearest.gather(1, best_column[:, None])[:, 0]
+
+
+def memorisation_audit(generated: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor | None = None) -> dict[str, float]:
+    """The memorisation audit of every recipe: how close each generated image is to a training image.
+
+    Args:
+        generated: ``(N, C, *S)`` generated images, same range as ``train``.
+        train: ``(M, C, *S)`` the training images the model saw.
+        held_out: ``(K, C, *S)`` real images the model never saw: their nearest-training SSIM is
+            the reference (what a new real image scores), so a generated score is judged against it.
+
+    Returns:
+        ``memorisation_max_ssim``, ``memorisation_mean_ssim`` and, with ``held_out``,
+        ``memorisation_max_ssim_real_reference`` / ``memorisation_mean_ssim_real_reference``.
+    """
+    nearest, _ = nearest_ssim(generated, train)
+    metrics = {"memorisation_max_ssim": float(nearest.max()), "memorisation_mean_ssim": float(nearest.mean())}
+    if held_out is not None and len(held_out):
+        reference, _ = nearest_ssim(held_out, train)
+        metrics.update({"memorisation_max_ssim_real_reference": float(reference.max()),
+                        "memorisation_mean_ssim_real_reference": float(reference.mean())})
+    return metrics

@@ -1,6 +1,6 @@
 """Deformation-field arithmetic and file io.
 
-Convention (see DESIGN.md): inside the code a deformation field ``u`` is a channel-first
+Convention (see DESIGN.md, :mod:`medsynth.data.fields`): inside the code a deformation field ``u`` is a channel-first
 displacement in **voxel** units, MONAI's DDF: :class:`monai.networks.blocks.Warp` samples
 the moving image at ``x + u(x)``, so ``warp_image(moving, u)(x) = moving(x + u(x))``
 ("pull" or backward field). On disk a field is a NIfTI vector image ``(X, Y, Z, 1, 3)``
@@ -15,16 +15,14 @@ Every function takes a batched field ``(B, n, *spatial)`` or an unbatched one
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.losses.deform import spatial_gradient_squared
 from monai.networks.blocks import DVF2DDF, Warp
 
-from medsynth.data.io import load_image, save_image
-from medsynth.errors import BadInputError
+# The unit conversion and field files live in data/ (one place); re-exported here.
+from medsynth.data.fields import batched_field, unbatch_field, load_field, mm_to_voxel, save_field, voxel_to_mm
 
 __all__ = [
     "bending_energy",
@@ -41,47 +39,6 @@ __all__ = [
     "warp_image",
     "warp_labels",
 ]
-
-
-def _batched(field: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(B, n, *S)`` view of a field and whether the input was unbatched ``(n, *S)``."""
-    if field.ndim >= 3 and field.shape[1] == field.ndim - 2 and field.shape[1] in (2, 3):
-        return field, False
-    if field.ndim >= 2 and field.shape[0] == field.ndim - 1 and field.shape[0] in (2, 3):
-        return field[None], True
-    raise ValueError(f"expected a displacement field (B, n, *spatial) or (n, *spatial) with n = 2 or 3 spatial dims, got shape {tuple(field.shape)}")
-
-
-def _unbatch(field: torch.Tensor, unbatched: bool) -> torch.Tensor:
-    return field[0] if unbatched else field
-
-
-def _linear_part(affine: np.ndarray | torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
-    matrix = torch.as_tensor(np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)[:n, :n])
-    return matrix.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
-
-
-def voxel_to_mm(ddf: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """World (RAS, mm) vectors of voxel displacements: ``affine[:n, :n] @ u``.
-
-    Args:
-        ddf: displacement in voxels, ``(B, n, *S)`` or ``(n, *S)``.
-        affine: the image's 4x4 voxel-to-world affine (its linear part carries spacing,
-            direction and any obliquity).
-
-    Returns:
-        The displacement in mm, same shape.
-    """
-    field, unbatched = _batched(torch.as_tensor(ddf))
-    matrix = _linear_part(affine, field.shape[1], field)
-    return _unbatch(torch.einsum("ij,bj...->bi...", matrix, field), unbatched)
-
-
-def mm_to_voxel(ddf_mm: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Voxel displacements of world (RAS, mm) vectors: ``inv(affine[:n, :n]) @ u_mm``; inverse of :func:`voxel_to_mm`."""
-    field, unbatched = _batched(torch.as_tensor(ddf_mm))
-    matrix = torch.linalg.inv(_linear_part(affine, field.shape[1], field))
-    return _unbatch(torch.einsum("ij,bj...->bi...", matrix, field), unbatched)
 
 
 @lru_cache(maxsize=16)
@@ -102,10 +59,10 @@ def warp_image(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", p
     Returns:
         The warped image, same shape and dtype as ``image``.
     """
-    field, unbatched = _batched(ddf)
+    field, unbatched = batched_field(ddf)
     moving = image[None] if unbatched else image
     warped = _warp_layer(mode, padding_mode, field.dtype, field.device)(moving.to(field.dtype), field)
-    return _unbatch(warped, unbatched).to(image.dtype)
+    return unbatch_field(warped, unbatched).to(image.dtype)
 
 
 def warp_labels(labels: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
@@ -144,8 +101,8 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
         velocity: velocity in voxels, ``(B, n, *S)`` or ``(n, *S)``.
         steps: number of squarings ``N``.
     """
-    field, unbatched = _batched(velocity)
-    return _unbatch(_integrator(steps, field.dtype, field.device)(field), unbatched)
+    field, unbatched = batched_field(velocity)
+    return unbatch_field(_integrator(steps, field.dtype, field.device)(field), unbatched)
 
 
 @lru_cache(maxsize=16)
@@ -161,11 +118,11 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B, *S)`` or ``(*S)`` for an unbatched field.
     """
-    field, unbatched = _batched(ddf)
+    field, unbatched = batched_field(ddf)
     n = field.shape[1]
     rows = [torch.stack(torch.gradient(field[:, i], dim=list(range(1, n + 1))), dim=-1) for i in range(n)]
     jacobian = torch.stack(rows, dim=-2) + torch.eye(n, dtype=field.dtype, device=field.device)
-    return _unbatch(torch.linalg.det(jacobian), unbatched)
+    return unbatch_field(torch.linalg.det(jacobian), unbatched)
 
 
 def folding_share(ddf: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -191,7 +148,7 @@ def bending_energy(ddf: torch.Tensor, spacing: tuple[float, ...] | np.ndarray | 
     Returns:
         Scalar tensor (mm^-2 with ``spacing``, voxel^-2 without), differentiable.
     """
-    field, _ = _batched(ddf)
+    field, _ = batched_field(ddf)
     n = field.shape[1]
     h = torch.ones(n, dtype=field.dtype, device=field.device) if spacing is None else torch.as_tensor(np.asarray(spacing, dtype=np.float64)).to(field)
     field = field * h.reshape(1, n, *([1] * n))  # displacement in mm
@@ -205,41 +162,8 @@ def bending_energy(ddf: torch.Tensor, spacing: tuple[float, ...] | np.ndarray | 
 
 def end_point_error(ddf: torch.Tensor, reference: torch.Tensor, affine: np.ndarray | torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Mean Euclidean distance in mm between two voxel fields (within ``mask``, shaped like the spatial part)."""
-    difference, _ = _batched(torch.as_tensor(ddf) - torch.as_tensor(reference))
+    difference, _ = batched_field(torch.as_tensor(ddf) - torch.as_tensor(reference))
     error = torch.linalg.vector_norm(voxel_to_mm(difference, affine), dim=1)  # (B, *S) mm
     if mask is not None:
         error = error[mask.to(error.device).expand_as(error).bool()]
     return float(error.mean())
-
-
-def save_field(ddf: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor) -> Path:
-    """Write a voxel field as a NIfTI vector image in mm with the image's affine.
-
-    Args:
-        ddf: displacement in voxels, ``(n, *S)`` (a batch of one is accepted).
-        path: ``.nii.gz`` / ``.nii`` file; nibabel reads it back as ``(X, Y, Z, 1, n)``
-            with intent ``vector``.
-        affine: the 4x4 affine of the image the field lives on.
-    """
-    field = torch.as_tensor(ddf)
-    if field.ndim >= 3 and field.shape[1] == field.ndim - 2 and field.shape[0] == 1:
-        field = field[0]
-    return save_image(voxel_to_mm(field.float(), affine).float(), path, affine=affine)
-
-
-def load_field(path: str | Path) -> MetaTensor:
-    """Read a mm vector NIfTI (or any image :func:`~medsynth.data.io.load_image` reads) as a voxel field.
-
-    Returns:
-        ``MetaTensor`` ``(n, *S)`` in voxels with the file's affine.
-
-    Raises:
-        BadInputError: unreadable file, NaN/Inf values, or a component count that is not
-            the number of spatial dimensions.
-    """
-    field = load_image(path)
-    spatial = field.ndim - 1
-    if field.shape[0] != spatial:
-        raise BadInputError(path, f"a displacement field needs {spatial} components (one per spatial dimension), this file has {field.shape[0]}")
-    voxels = mm_to_voxel(field.as_tensor(), field.affine)
-    return MetaTensor(voxels.float(), affine=field.affine, meta=field.meta)

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 
 from medsynth.config import RecipeConfig
+from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.training import MedsynthModule
 
@@ -25,20 +27,15 @@ class SampleRequest:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class ReportSection:
-    """A titled block of HTML for ``report.html``."""
-
-    title: str
-    html: str
-
-
 class Recipe(ABC):
     """A generative system: its config, LightningModule, data, sampler, evaluation and report."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[RecipeConfig]]
     monitor: ClassVar[str | None] = "val/loss"
+    monitor_mode: ClassVar[str] = "min"  # "max" for a monitored score that should grow
+    sample_modes: ClassVar[tuple[str, ...]] = ("random",)  # what `medsynth sample --mode` accepts for this recipe
+    headline_metrics: ClassVar[tuple[str, ...]] = ()  # metrics.json keys the demo prints and the report opens with
     prepare_defaults: ClassVar[dict[str, Any]] = {}  # `medsynth prepare --recipe NAME` settings the user did not give
 
     def resolve_config(self, config: RecipeConfig) -> RecipeConfig:
@@ -60,6 +57,10 @@ class Recipe(ABC):
     @abstractmethod
     def evaluate(self, run: Run, module: MedsynthModule, data_dir: Path) -> dict[str, Any]:
         """Metrics for ``metrics.json``."""
+
+    def callbacks(self, config: RecipeConfig) -> list[Callback]:
+        """Extra Lightning callbacks for this recipe's training (beside checkpointing, RNG, EMA)."""
+        return []
 
     def report_sections(self, run: Run, module: MedsynthModule) -> list[ReportSection]:
         """Recipe-specific blocks of the report (figures, grids)."""

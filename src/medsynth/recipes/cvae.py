@@ -24,7 +24,8 @@ from medsynth.evaluate.classifier import accuracy_by_class, classify, train_clas
 from medsynth.evaluate.metrics import feature_mmd, ms_ssim_diversity, nearest_ssim
 from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
-from medsynth.recipes.base import Recipe, ReportSection, SampleRequest
+from medsynth.recipes.base import Recipe, SampleRequest
+from medsynth.report.sections import ReportSection
 from medsynth.report.html import figure_html, image_grid, save_figure
 from medsynth.runs import Run
 from medsynth.training import MedsynthModule

@@ -60,9 +60,10 @@ from medsynth.diffusion import (
 )
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.nets.patch_embedding import coordinate_channels
-from medsynth.recipes.base import Recipe, ReportSection, SampleRequest
+from medsynth.recipes.base import Recipe, SampleRequest
+from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
-from medsynth.training import MedsynthModule, load_weights
+from medsynth.training import MedsynthModule, load_module
 
 Stage = Literal["low", "high"]
 SamplerName = Literal["ddpm", "ddim", "dpmpp", "rflow"]
@@ -508,14 +509,13 @@ class SDMRecipe(Recipe):
         path = module.config.sample.low_res_run
         if path is None:
             raise MedsynthError("sdm high stage: set sample.low_res_run to a trained low-res run (it makes the references)")
-        run = Run.open(path)
-        config = validate_config(SDMConfig, read_yaml(run.config_path), str(run.config_path))
+        low = load_module(path, self)
+        config = low.config
         if config.model.stage != "low":
-            raise BadInputError(run.path, f"sample.low_res_run must be a low-stage sdm run, this one is '{config.model.stage}'")
+            raise BadInputError(path, f"sample.low_res_run must be a low-stage sdm run, this one is '{config.model.stage}'")
         high = module.config.model
         if (config.model.low_res_factor, config.model.label_values) != (high.low_res_factor, high.label_values):
-            raise BadInputError(run.path, "low-res run has another low_res_factor or other classes than this high-res run")
-        low = load_weights(SDMModule(config), run)
+            raise BadInputError(path, "low-res run has another low_res_factor or other classes than this high-res run")
         return low.to(module.device), config.sample
 
     def references(self, module: SDMModule, labels: Tensor, seeds: Sequence[int]) -> Tensor:

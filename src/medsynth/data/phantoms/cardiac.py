@@ -32,7 +32,7 @@ from scipy.spatial.transform import Rotation
 
 from medsynth.data.io import save_image, spacing_of
 from medsynth.data.manifest import Manifest
-from medsynth.motion.fields import mm_to_voxel, save_field
+from medsynth.data.fields import mm_to_voxel, save_field
 
 __all__ = [
     "CARDIAC_LABELS",
