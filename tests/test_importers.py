@@ -64,7 +64,7 @@ def test_broken_manifests_are_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="dataset.json: manifest not found"):
         Manifest.load(tmp_path)
     (tmp_path / "dataset.json").write_text("{not json")
-    with pytest.raises(BadInputError, match="dataset.json: cannot read"):
+    with pytest.raises(BadInputError, match="dataset.json: manifest is not valid JSON at line 1"):
         Manifest.load(tmp_path)
     case = {"id": "x", "subject": "s", "image": "x.png"}
     (tmp_path / "dataset.json").write_text(json.dumps({"name": "d", "spatial_dims": 2, "cases": [case, case]}))

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medsynth.errors import BadInputError, MedsynthError
+from medsynth.runs import atomic_write_text, read_structured
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -21,9 +22,9 @@ Precision = Literal["32", "32-true", "64", "bf16-mixed", "16-mixed", "bf16-true"
 
 
 class StrictModel(BaseModel):
-    """A config section that refuses unknown keys."""
+    """A config section that refuses unknown keys and non-finite floats (``nan``, ``inf``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TrainConfig(StrictModel):
@@ -71,15 +72,24 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, refusing anything else with one line."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise BadInputError(path, f"cannot read YAML ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise BadInputError(path, "expected a YAML mapping of config keys")
-    return data
+    """Read a YAML mapping of config keys, refusing anything else with one line."""
+    return read_structured(path, "config")
+
+
+def format_validation_error(exc: ValidationError, source: str | Path) -> str:
+    """Pydantic's report as one line: ``<source>: <key>: <problem> (got <value>)``.
+
+    The first error is shown (the count when there are more); ``Value error, `` prefixes of
+    model validators are dropped and unknown keys are named as such.
+    """
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    more = f" (and {exc.error_count() - 1} more error(s))" if exc.error_count() > 1 else ""
+    if error["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{key}'{more}"
+    message = error["msg"].removeprefix("Value error, ")
+    shown = "" if error["type"].startswith("value_error") or "input" not in error else f" (got {error['input']!r})"
+    return f"{source}: {key + ': ' if key else ''}{message}{shown}{more}"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -118,11 +128,7 @@ def validate_config(config_cls: type[ConfigT], data: dict[str, Any], source: str
     try:
         return config_cls.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"]) or "(root)"
-        if error["type"] == "extra_forbidden":
-            raise MedsynthError(f"{source}: unknown config key '{key}'") from None
-        raise MedsynthError(f"{source}: {key}: {error['msg']} (got {error.get('input')!r})") from None
+        raise MedsynthError(format_validation_error(exc, source)) from None
 
 
 def load_config(
@@ -142,10 +148,9 @@ def load_config(
 
 
 def dump_config(config: BaseModel, path: str | Path) -> Path:
-    """Write the fully resolved config as YAML."""
+    """Write the fully resolved config as YAML (atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return path
 
 

@@ -9,6 +9,10 @@ RUN/metrics.json         evaluation results
 RUN/report.html          self-contained report
 RUN/model.safetensors    weights for sharing (config.yaml beside it rebuilds the model)
 ```
+
+It also holds the ground floor's two file primitives: the one atomic writer
+(:func:`atomic_write_bytes`) every file a kill could corrupt goes through, and the one reader of
+JSON/YAML files (:func:`read_structured`) that fails with one line naming the file.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from medsynth.errors import BadInputError, MedsynthError
 
@@ -87,18 +93,58 @@ class Run:
         return run
 
     def read_metrics(self) -> dict[str, Any]:
+        """``metrics.json`` (``{}`` before any evaluation); a broken file is refused with one line."""
         if not self.metrics_path.exists():
             return {}
-        try:
-            return json.loads(self.metrics_path.read_text())
-        except json.JSONDecodeError:
-            raise BadInputError(self.metrics_path, "not valid JSON") from None
+        return read_structured(self.metrics_path, "metrics")
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         """Merge ``metrics`` into ``metrics.json`` (atomically)."""
         merged = {**self.read_metrics(), **metrics}
         atomic_write_text(self.metrics_path, json.dumps(merged, indent=2, sort_keys=True))
         return self.metrics_path
+
+
+JSON_SUFFIXES = (".json",)
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def read_structured(path: str | Path, kind: str = "file") -> dict[str, Any]:
+    """The one reader of JSON and YAML files (by suffix; anything else is read as YAML, a superset of JSON).
+
+    Args:
+        path: the file.
+        kind: what the file should be, for the message (``"manifest"``, ``"config"`` ...).
+
+    Returns:
+        The mapping at the file's top level (an empty file is ``{}``).
+
+    Raises:
+        BadInputError: missing or unreadable file, invalid JSON/YAML, or a top level that
+            is not a mapping: one line naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, f"{kind} not found")
+    language = "JSON" if path.suffix.lower() in JSON_SUFFIXES else "YAML"
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if language == "JSON" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(path, f"cannot read {kind} ({type(exc).__name__})") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else _yaml_line(exc)
+        raise BadInputError(path, f"{kind} is not valid {language}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BadInputError(path, f"expected a {language} mapping ({kind}), got {type(data).__name__}")
+    return data
+
+
+def _yaml_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f" at line {mark.line + 1}" if mark is not None else ""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -127,7 +173,13 @@ def remove_stale_temps(folder: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any, indent: int = 1) -> None:
+    """``data`` as JSON (with a final newline) through :func:`atomic_write_bytes`."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
 def fsync_dir(folder: Path) -> None:

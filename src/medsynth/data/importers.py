@@ -14,7 +14,6 @@ Importers only list and check files (headers, not voxels); nothing is copied. La
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, suffix_of
+from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, itk_affine, suffix_of
 from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
 from medsynth.errors import BadInputError, MedsynthError
+from medsynth.runs import read_structured
 
 # Image and label geometry must agree to this many millimetres (nnU-Net uses a similar tolerance).
 AFFINE_TOLERANCE = 1e-4
@@ -73,13 +73,7 @@ def _detect(src: Path) -> Callable[[Path], Manifest]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(path, f"cannot read JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BadInputError(path, "expected a JSON object")
-    return data
+    return read_structured(path, "dataset description")
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -90,13 +84,20 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def import_class_folders(src: str | Path) -> Manifest:
-    """One folder of 2D pictures per class; classes are the sorted folder names.
+    """One folder of 2D pictures per class.
+
+    The classes' order (a class's index is its position) is the ``classes`` list of a
+    ``dataset.json`` beside the folders when there is one (e.g. a clinical order); otherwise
+    the folder names sorted alphabetically.
 
     Raises:
-        BadInputError: an empty class folder, or a file that is not a picture (names it).
+        BadInputError: an empty class folder, a file that is not a picture (names it), or a
+            ``classes`` list that does not name exactly the class folders.
     """
     src = Path(src)
     folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    order = _declared_classes(src, [folder.name for folder in folders])
+    folders.sort(key=lambda folder: order.index(folder.name))
     files: dict[str, list[Path]] = {}
     for folder in folders:
         entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
@@ -117,6 +118,21 @@ def import_class_folders(src: str | Path) -> Manifest:
             cases.append(Case(id=case_id, subject=case_id, image=_relative(path, src), class_name=class_name))
     return Manifest(name=src.name, spatial_dims=2, modality="picture", source="class-folders",
                     classes=list(files), cases=cases).with_root(src)
+
+
+def _declared_classes(src: Path, names: list[str]) -> list[str]:
+    """The class order ``src/dataset.json`` declares (``{"classes": [...]}``), else ``names`` sorted."""
+    path = src / MANIFEST_NAME
+    if not path.is_file():
+        return sorted(names)
+    declared = _read_json(path).get("classes")
+    if declared is None:
+        return sorted(names)
+    if not isinstance(declared, list) or not all(isinstance(name, str) for name in declared):
+        raise BadInputError(path, f"'classes' must be a list of class-folder names, got {declared!r}")
+    if sorted(declared) != sorted(names) or len(set(declared)) != len(declared):
+        raise BadInputError(path, f"'classes' {declared} must name each class folder once (folders: {', '.join(sorted(names))})")
+    return list(declared)
 
 
 # -- nnU-Net v2 and Decathlon -------------------------------------------------------------
@@ -181,7 +197,7 @@ def import_decathlon(src: str | Path) -> Manifest:
     description_path = src / MANIFEST_NAME
     description = _read_json(description_path)
     try:
-        labels = {str(int(k)): str(v) for k, v in description.get("labels", {}).items()}
+        labels = _by_value({str(int(k)): str(v) for k, v in description.get("labels", {}).items()})
         pairs = [(str(item["image"]), item.get("label")) for item in description["training"]]
         modality = "+".join(str(v) for v in description.get("modality", {}).values()) or "unknown"
     except (KeyError, AttributeError, TypeError, ValueError) as exc:
@@ -209,7 +225,12 @@ def _label_names(labels: dict[str, Any], path: Path) -> dict[str, str]:
         if not isinstance(value, int):
             raise BadInputError(path, f"label '{name}' is region-based ({value}); only integer labels are supported")
         names[str(value)] = str(name)
-    return names
+    return _by_value(names)
+
+
+def _by_value(labels: dict[str, str]) -> dict[str, str]:
+    # A label's value is its order (as nnU-Net and the Decathlon number them); names are never sorted.
+    return dict(sorted(labels.items(), key=lambda item: int(item[0])))
 
 
 def _spatial_dims(case: Case, root: Path) -> int:
@@ -253,11 +274,7 @@ def _itk_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
-    dim = reader.GetDimension()
-    affine = np.eye(4)
-    affine[:dim, :dim] = np.asarray(reader.GetDirection()).reshape(dim, dim) @ np.diag(reader.GetSpacing())
-    affine[:dim, 3] = reader.GetOrigin()
-    return tuple(int(n) for n in reader.GetSize()), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
+    return tuple(int(n) for n in reader.GetSize()), itk_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
 
 
 def check_label_header(image: Path, label: Path) -> None:

@@ -11,6 +11,9 @@ Every failure becomes one :class:`~medsynth.errors.BadInputError` naming the fil
 
 from __future__ import annotations
 
+import gzip
+import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from monai.data import MetaTensor
 
 from medsynth.errors import BadInputError
+from medsynth.runs import atomic_write_bytes
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -26,8 +30,23 @@ NUMPY_SUFFIXES = (".npy", ".npz")
 DICOM_SUFFIXES = (".dcm",)
 READABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES + DICOM_SUFFIXES
 
-# ITK stores world coordinates in LPS; NIfTI/MONAI use RAS.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# ITK and DICOM store world coordinates in LPS; NIfTI/MONAI use RAS. The one conversion:
+# ``LPS_TO_RAS @ affine_lps`` (it is its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def lps_to_ras(affine: np.ndarray) -> np.ndarray:
+    """A 4x4 voxel-to-LPS affine (ITK, DICOM) as voxel-to-RAS (NIfTI, MONAI), or back."""
+    return LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+
+
+def itk_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """The 4x4 voxel-to-RAS affine of an ITK header (direction cosines row-major, spacing, origin; all LPS)."""
+    dim = len(spacing)
+    affine = np.eye(4)
+    affine[:dim, :dim] = np.asarray(direction, dtype=np.float64).reshape(dim, dim) @ np.diag(spacing)
+    affine[:dim, 3] = origin
+    return lps_to_ras(affine)
 
 
 def suffix_of(path: str | Path) -> str:
@@ -113,7 +132,9 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     image = nib.load(str(path))
     array = np.asarray(image.dataobj)
     if array.ndim == 5 and array.shape[3] == 1:  # NIfTI vector images are (X, Y, Z, 1, C)
-        array = array[:, :, :, 0, :]
+        # Z = 1 is a 2D vector image, as ITK writes and reads them (the NIfTI standard has no 2D vectors).
+        array = array[:, :, 0, 0, :] if array.shape[2] == 1 else array[:, :, :, 0, :]
+        return np.moveaxis(array, -1, 0), image.affine
     array = np.moveaxis(array, -1, 0) if array.ndim == 4 else array[None]
     return array, image.affine
 
@@ -135,11 +156,7 @@ def _from_sitk(image) -> tuple[np.ndarray, np.ndarray]:
     else:
         array = array[None]
     array = np.transpose(array, (0, *range(dim, 0, -1)))  # -> (C, X, Y, Z)
-    direction = np.asarray(image.GetDirection()).reshape(dim, dim)
-    affine = np.eye(4)
-    affine[:dim, :dim] = direction @ np.diag(image.GetSpacing())
-    affine[:dim, 3] = image.GetOrigin()
-    return array, _LPS_TO_RAS @ affine
+    return array, itk_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
 
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -187,43 +204,54 @@ def _looks_channel_first(array: np.ndarray) -> bool:
 
 
 def save_image(image: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor | None = None) -> Path:
-    """Write a channel-first image, keeping its affine.
+    """Write a channel-first image ``(C, *spatial)``, keeping its affine, atomically.
 
     NIfTI files get ``affine`` (or the ``MetaTensor``'s own); more than one channel is
-    written as a NIfTI vector image ``(X, Y, Z, 1, C)``. PNG files take one-channel 2D
-    images with float values in [0, 1] (clipped) or integer values. NPY files hold the
-    raw array; NPZ files the array and the affine.
+    written as a NIfTI vector image ``(X, Y, Z, 1, C)`` (2D: ``(X, Y, 1, 1, C)``, as ITK
+    writes them), which :func:`load_image` reads back as ``(C, *spatial)``. PNG files take
+    one-channel 2D images with float values in [0, 1] (clipped) or integer values. NPY files
+    hold the raw array; NPZ files the array and the affine. The bytes are made in memory and
+    written through :func:`medsynth.runs.atomic_write_bytes`: a kill leaves no half file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if affine is None:
         affine = image.affine if isinstance(image, MetaTensor) else np.eye(4)
     affine = np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     suffix = suffix_of(path)
     if suffix in NIFTI_SUFFIXES:
-        import nibabel as nib
-
-        if array.shape[0] == 1:
-            data = array[0]
-        else:
-            spatial = np.moveaxis(array, 0, -1)
-            data = spatial[..., None, :] if array.ndim == 4 else spatial
-        header = nib.Nifti1Header()
-        if array.shape[0] > 1 and array.ndim == 4:
-            header.set_intent("vector")
-        nib.save(nib.Nifti1Image(data, affine, header=header), str(path))
+        data = _nifti_bytes(array, affine)
+        # nibabel's own gzip level (1); mtime 0 makes equal images equal files.
+        data = gzip.compress(data, compresslevel=1, mtime=0) if suffix == ".nii.gz" else data
     elif suffix in PICTURE_SUFFIXES:
         import imageio.v3 as iio
 
-        data = array[0] if array.ndim == 3 else array
-        if np.issubdtype(data.dtype, np.floating):
-            data = (np.clip(data, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        iio.imwrite(path, data)
-    elif suffix == ".npy":
-        np.save(path, array)
-    elif suffix == ".npz":
-        np.savez_compressed(path, image=array, affine=affine)
+        picture = array[0] if array.ndim == 3 else array
+        if np.issubdtype(picture.dtype, np.floating):
+            picture = (np.clip(picture, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        data = iio.imwrite("<bytes>", picture, extension=suffix)
+    elif suffix in NUMPY_SUFFIXES:
+        buffer = io.BytesIO()
+        if suffix == ".npy":
+            np.save(buffer, array)
+        else:
+            np.savez_compressed(buffer, image=array, affine=affine)
+        data = buffer.getvalue()
     else:
         raise BadInputError(path, f"cannot write file type '{suffix}'")
+    atomic_write_bytes(path, data)
     return path
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    """An uncompressed NIfTI-1 file of a channel-first array (vector image for several channels)."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    if array.shape[0] == 1:
+        data = array[0]
+    else:
+        spatial = np.moveaxis(array, 0, -1)  # (*spatial, C)
+        data = spatial[:, :, None, None, :] if array.ndim == 3 else spatial[..., None, :]
+        header.set_intent("vector")
+    return nib.Nifti1Image(data, affine, header=header).to_bytes()

@@ -13,7 +13,6 @@ in a manifest are relative to the folder holding its ``dataset.json``::
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from medsynth.config import format_validation_error
 from medsynth.errors import BadInputError, MedsynthError
+from medsynth.runs import atomic_write_json, read_structured
 
 MANIFEST_NAME = "dataset.json"
 SPLITS = ("train", "val", "test")
@@ -132,18 +133,11 @@ class Manifest(BaseModel):
         path = Path(path_or_dir)
         if path.is_dir():
             path = path / MANIFEST_NAME
-        if not path.is_file():
-            raise BadInputError(path, "manifest not found")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInputError(path, f"cannot read manifest ({exc})") from None
+        data = read_structured(path, "manifest")
         try:
             manifest = cls.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise BadInputError(path, f"invalid manifest: {where + ': ' if where else ''}{first['msg']} ({exc.error_count()} error(s))") from None
+            raise BadInputError(path, format_validation_error(exc, "invalid manifest")) from None
         return manifest.with_root(path.parent)
 
     def save(self, folder: str | Path) -> Path:
@@ -160,9 +154,7 @@ class Manifest(BaseModel):
             self.cases = [self._rebased(case, folder) for case in self.cases]
             self._root = folder
         path = folder / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json", by_alias=True), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.model_dump(mode="json", by_alias=True))
         return path
 
     def _rebased(self, case: Case, folder: Path) -> Case:

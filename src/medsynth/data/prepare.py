@@ -18,13 +18,9 @@ whose sources have not changed (the stamp in its ``meta``).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io as _io
+import io
 import json
-import math
-import os
-from collections import Counter
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -47,18 +43,21 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from rich.console import Console
 from rich.progress import track
 
+from medsynth.config import format_validation_error
+from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.data.importers import check_same_grid, import_dataset
 from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
-from medsynth.data.manifest import MANIFEST_NAME, SPLITS, Case, Manifest
+from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
+from medsynth.data.splits import split_subjects, subject_splits
+from medsynth.data.stats import STATS_COLUMNS, fingerprint, intensity_stats, write_stats
 from medsynth.errors import BadInputError, MedsynthError
+from medsynth.runs import atomic_write_bytes, atomic_write_json, remove_stale_temps
+
+__all__ = ["STATS_COLUMNS", "Normalize", "PrepareConfig", "fingerprint", "intensity_stats", "prepare_dataset", "split_subjects"]
 
 CASES_DIR = "cases"
-STATS_COLUMNS = ("id", "subject", "class", "split", "original_shape", "original_spacing", "prepared_shape",
-                 "min", "max", "mean", "std", "p1", "p99")
 # Flows in these formats carry their own geometry and are stored in millimetres (DESIGN.md).
 _MM_FLOW_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
-# Percentiles of large volumes are taken on a regular subsample of at most this many voxels.
-_PERCENTILE_SAMPLE = 1_000_000
 
 
 class Normalize(str, Enum):
@@ -146,7 +145,7 @@ def prepare_dataset(src: str | Path, out: str | Path, config: PrepareConfig | No
     config.check_dims(manifest.spatial_dims)
     source = str(src.resolve())
     _claim(out, source, config.digest(), force)
-    splits = _splits(manifest, config)
+    splits = subject_splits(manifest, config.val_fraction, config.test_fraction, config.seed)
 
     cases_dir = out / CASES_DIR
     cases_dir.mkdir(parents=True, exist_ok=True)
@@ -162,8 +161,8 @@ def prepare_dataset(src: str | Path, out: str | Path, config: PrepareConfig | No
     result = manifest.model_copy(update={"cases": prepared, "prepare": {
         "settings": config.model_dump(mode="json"), "hash": config.digest(), "from": source}}).with_root(out)
     _remove_stale(cases_dir, {case.id for case in prepared})
-    _write_stats(result, out / "stats.csv")
-    _write_json(out / "fingerprint.json", fingerprint(result))
+    write_stats(result, out / "stats.csv")
+    atomic_write_json(out / "fingerprint.json", fingerprint(result))
     result.save(out)  # last: a dataset.json means the preparation is complete
     return out
 
@@ -176,8 +175,7 @@ def _build_config(config: PrepareConfig | None, settings: dict[str, Any]) -> Pre
     try:
         return PrepareConfig(**settings)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-        raise MedsynthError(f"prepare: {problems}") from None
+        raise MedsynthError(format_validation_error(exc, "prepare")) from None
 
 
 def _claim(out: Path, source: str, digest: str, force: bool) -> None:
@@ -192,60 +190,6 @@ def _claim(out: Path, source: str, digest: str, force: bool) -> None:
         return
     what = "a prepared dataset of another source or settings" if previous else "a dataset.json that is not a prepared dataset"
     raise MedsynthError(f"{out}: holds {what}; pass --force to replace it")
-
-
-# -- splits -------------------------------------------------------------------------------
-
-
-def split_subjects(subject_classes: dict[str, str | None], val_fraction: float, test_fraction: float,
-                   seed: int) -> dict[str, str]:
-    """Assign each subject to ``train``/``val``/``test``, stratified by class, seeded.
-
-    Each class's subjects are shuffled and cut by the fractions (rounded half up). A class
-    with at least 3 subjects gets at least one subject in every split whose fraction is
-    above 0; every class keeps at least one training subject.
-
-    Args:
-        subject_classes: subject -> its class (``None`` when the dataset has no classes).
-
-    Returns:
-        subject -> split.
-    """
-    rng = np.random.default_rng(seed)
-    groups: dict[str | None, list[str]] = {}
-    for subject in sorted(subject_classes):
-        groups.setdefault(subject_classes[subject], []).append(subject)
-    assignment = {}
-    for group in sorted(groups, key=lambda name: (name is None, name or "")):
-        subjects = [groups[group][i] for i in rng.permutation(len(groups[group]))]
-        n = len(subjects)
-        n_test, n_val = math.floor(n * test_fraction + 0.5), math.floor(n * val_fraction + 0.5)
-        if n >= 3:
-            n_test, n_val = max(n_test, int(test_fraction > 0)), max(n_val, int(val_fraction > 0))
-        while n_test + n_val > n - 1:
-            if n_val >= n_test:
-                n_val -= 1
-            else:
-                n_test -= 1
-        for k, subject in enumerate(subjects):
-            assignment[subject] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
-    return assignment
-
-
-def _splits(manifest: Manifest, config: PrepareConfig) -> dict[str, str]:
-    # A manifest that already splits every case (e.g. a prepared one) keeps its splits.
-    if manifest.cases and all(case.split is not None for case in manifest.cases):
-        given: dict[str, str] = {}
-        for case in manifest.cases:
-            if given.setdefault(case.subject, case.split) != case.split:
-                raise BadInputError(manifest.resolve(MANIFEST_NAME), f"subject '{case.subject}' is in splits {given[case.subject]} and {case.split}")
-        return given
-    classes: dict[str, Counter] = {}
-    for case in manifest.cases:
-        classes.setdefault(case.subject, Counter())[case.class_name] += 1
-    # A subject's stratum is its most frequent class (ties: the first by name).
-    strata = {s: min(c.items(), key=lambda item: (-item[1], item[0] or ""))[0] for s, c in classes.items()}
-    return split_subjects(strata, config.val_fraction, config.test_fraction, config.seed)
 
 
 # -- one case -----------------------------------------------------------------------------
@@ -301,7 +245,8 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
         values, counts = np.unique(arrays["label"], return_counts=True)
         meta["label_voxels"] = {str(int(v)): int(c) for v, c in zip(values, counts)}
     if flow is not None:
-        arrays["flow"] = _world_to_voxels(flow.numpy(), arrays["affine"], dims).astype(np.float32)
+        # float64 here, as the vectors were resampled in mm: the conversion adds no rounding of its own.
+        arrays["flow"] = mm_to_voxel(torch.from_numpy(flow.numpy().astype(np.float64)), arrays["affine"]).numpy().astype(np.float32)
     meta["prepared_shape"] = list(arrays["image"].shape[1:])
     _save_npz(target, {**arrays, "meta": np.array(json.dumps(meta))})
     return meta
@@ -367,13 +312,8 @@ def _load_flow(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
     if suffix_of(path) in _MM_FLOW_SUFFIXES:
         check_same_grid(spatial, affine, spatial, flow.affine.numpy(), path, manifest.resolve(case.images[0]))
     else:
-        array = np.einsum("ij,j...->i...", affine[:dims, :dims], array)
+        array = voxel_to_mm(torch.from_numpy(np.asarray(array, dtype=np.float64)), affine).numpy()
     return MetaTensor(torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32)), affine=image.affine)
-
-
-def _world_to_voxels(flow: np.ndarray, affine: np.ndarray, dims: int) -> np.ndarray:
-    """World (mm) displacement vectors ``(D, *spatial)`` -> voxels of the grid of ``affine``."""
-    return np.einsum("ij,j...->i...", np.linalg.inv(affine[:dims, :dims]), flow)
 
 
 def _resample(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | None, config: PrepareConfig,
@@ -454,13 +394,9 @@ def _anti_alias(image: MetaTensor, target: tuple[int, ...]) -> MetaTensor:
 
 
 def _save_npz(target: Path, arrays: dict[str, np.ndarray]) -> None:
-    # Atomic: a temporary file in the same folder, flushed, then renamed over the target.
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(target, buffer.getvalue())
 
 
 def _prepared_entry(case: Case, meta: dict[str, Any], split: str) -> Case:
@@ -472,87 +408,8 @@ def _prepared_entry(case: Case, meta: dict[str, Any], split: str) -> Case:
 
 
 def _remove_stale(cases_dir: Path, ids: set[str]) -> None:
-    # Only our own files inside out/cases: cases no longer in the dataset, and leftover temporaries.
+    # Only our own files inside out/cases: cases no longer in the dataset, and temporaries a kill left.
+    remove_stale_temps(cases_dir)
     for path in cases_dir.iterdir():
-        stale = path.suffix == ".npz" and path.stem not in ids
-        if path.is_file() and (stale or (path.name.startswith(".") and path.name.endswith(".npz.tmp"))):
+        if path.is_file() and path.suffix == ".npz" and not path.name.startswith(".") and path.stem not in ids:
             path.unlink()
-
-
-# -- statistics ---------------------------------------------------------------------------
-
-
-def intensity_stats(values: np.ndarray) -> dict[str, float]:
-    """min, max, mean, std and the 0.5/1/99/99.5 percentiles of an array (all its values)."""
-    flat = np.asarray(values, dtype=np.float64).ravel()
-    sample = flat[:: max(1, flat.size // _PERCENTILE_SAMPLE)]
-    p = np.percentile(sample, [0.5, 1.0, 99.0, 99.5])
-    return {"n": int(flat.size), "min": float(flat.min()), "max": float(flat.max()), "mean": float(flat.mean()),
-            "std": float(flat.std()), "p0_5": float(p[0]), "p1": float(p[1]), "p99": float(p[2]), "p99_5": float(p[3])}
-
-
-def _shape_text(values: list[float]) -> str:
-    return "x".join(f"{v:g}" for v in values)
-
-
-def _write_stats(manifest: Manifest, path: Path) -> None:
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(STATS_COLUMNS)
-    for case in manifest.cases:
-        stats = case.stats
-        writer.writerow([case.id, case.subject, case.class_name or "", case.split, _shape_text(stats["original_shape"]),
-                         _shape_text(stats["original_spacing"]), _shape_text(stats["prepared_shape"]),
-                         *(f"{stats['intensity'][k]:.6g}" for k in ("min", "max", "mean", "std", "p1", "p99"))])
-    _write_text(path, buffer.getvalue())
-
-
-def fingerprint(manifest: Manifest) -> dict[str, Any]:
-    """Dataset-wide summary of a prepared manifest (from the cases' ``stats``).
-
-    Intensities are the source images', over the foreground (label > 0) where a case has a
-    label: min/max over all voxels, mean/std pooled exactly, and the 0.5/99.5 percentiles
-    as the median of the cases' percentiles.
-    """
-    stats = [case.stats for case in manifest.cases]
-    regions = [s["foreground"] or s["intensity"] for s in stats]
-    n = sum(r["n"] for r in regions)
-    mean = sum(r["n"] * r["mean"] for r in regions) / n
-    variance = sum(r["n"] * (r["std"] ** 2 + r["mean"] ** 2) for r in regions) / n - mean**2
-    label_voxels: Counter = Counter()
-    for s in stats:
-        label_voxels.update(s.get("label_voxels", {}))
-
-    def summary(key: str) -> dict[str, list[float]]:
-        values = np.asarray([s[key] for s in stats], dtype=np.float64)
-        return {"median": np.median(values, axis=0).tolist(), "min": values.min(axis=0).tolist(), "max": values.max(axis=0).tolist()}
-
-    return {
-        "n_cases": len(stats),
-        "n_subjects": len(manifest.subjects()),
-        "spatial_dims": manifest.spatial_dims,
-        "modality": manifest.modality,
-        "original_shape": summary("original_shape"),
-        "original_spacing": summary("original_spacing"),
-        "prepared_shape": summary("prepared_shape"),
-        "intensity": {
-            "over": "foreground" if all(s["foreground"] for s in stats) else "image" if not any(s["foreground"] for s in stats) else "foreground where labelled",
-            "min": min(r["min"] for r in regions), "max": max(r["max"] for r in regions),
-            "mean": mean, "std": math.sqrt(max(variance, 0.0)),
-            "p0_5": float(np.median([r["p0_5"] for r in regions])), "p99_5": float(np.median([r["p99_5"] for r in regions])),
-        },
-        "class_counts": {name: sum(case.class_name == name for case in manifest.cases) for name in manifest.classes},
-        "label_counts": {manifest.labels.get(value, value): count for value, count in sorted(label_voxels.items(), key=lambda kv: int(kv[0]))},
-        "splits": {split: {"cases": len(cases), "subjects": len({c.subject for c in cases})}
-                   for split in SPLITS for cases in [manifest.split_cases(split)]},
-    }
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(data, indent=1) + "\n")
