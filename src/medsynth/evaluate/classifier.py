@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import Classifier
 from monai.networks.layers import GaussianFilter
+from monai.networks.nets import Classifier
 from torch import nn
 
 
