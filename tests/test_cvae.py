@@ -96,3 +96,44 @@ def test_resume_after_sigkill_finishes_configured_epochs(prepared, tmp_path):
     uninterrupted = api.train("cvae", data=prepared, overrides=TINY + [f"train.max_epochs={epochs}"], out=tmp_path / "whole", progress=False)
     resumed_weights, whole_weights = load_file(run / "model.safetensors"), load_file(uninterrupted.weights_path)
     assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
+
+
+# -- every shipped cvae config builds, trains one step and decodes at its shipped size ----------
+
+SHIPPED_SIZES = {"cvae-tiny": 64, "cvae-224": 224, "cvae-448": 448}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_SIZES))
+def test_shipped_config_builds_trains_one_step_and_decodes(name):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from medsynth.config import load_config, resolve_config_path
+    from medsynth.recipes.cvae import CVAEConfig, CVAEModule
+
+    assert {p.stem for p in resolve_config_path("cvae-tiny").parent.glob("cvae-*.yaml")} == set(SHIPPED_SIZES)
+    size = SHIPPED_SIZES[name]
+    config = load_config(CVAEConfig, name, overrides=["model.spatial_dims=2", f"model.in_shape=[1, {size}, {size}]",
+                                                     "model.classes=[a, b]", "train.batch_size=1", "train.num_threads=1"])
+    torch.manual_seed(0)
+    module = CVAEModule(config)
+    items = [{"image": torch.rand(1, size, size), "class": k} for k in range(2)]
+    before = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+    # One optimiser step at the shipped precision (bf16-mixed for the large configs), no validation: cheap on a CPU.
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, accelerator="cpu", precision=config.train.precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=1))
+    assert any(not torch.equal(before[k], v) for k, v in module.net.state_dict().items()), "the training step changed no weight"
+    module.eval()
+    with torch.no_grad():
+        images = module.decode(torch.randn(2, config.model.latent_size), torch.tensor([0, 1]))
+    assert images.shape == (2, 1, size, size)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def test_evaluate_reports_real_references(trained):
+    metrics = api.evaluate(trained.path)
+    for key in ("mmd_classifier_features", "ms_ssim_generated", "memorisation_max_ssim", "memorisation_mean_ssim"):
+        assert f"{key}_real_reference" in metrics, key
+    assert metrics["ms_ssim_generated_per_class_real_reference"] == metrics["ms_ssim_real_per_class"]
+    assert 0.0 <= metrics["memorisation_max_ssim_real_reference"] <= 1.0

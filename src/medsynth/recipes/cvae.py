@@ -17,16 +17,16 @@ from monai.losses import SSIMLoss
 from pydantic import Field
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import PreparedDataModule, PreparedDataset, load_prepared_info
+from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_split, stack_items
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.classifier import accuracy_by_class, classify, train_classifier
-from medsynth.evaluate.metrics import feature_mmd, ms_ssim_diversity, nearest_ssim
+from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference
 from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
 from medsynth.recipes.base import Recipe, SampleRequest
-from medsynth.report.sections import ReportSection
 from medsynth.report.html import figure_html, image_grid, save_figure
+from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.training import MedsynthModule
 
@@ -82,7 +82,8 @@ class CVAEModule(MedsynthModule):
             embed_dim=model.embed_dim, num_res_units=model.num_res_units,
             output_activation="none" if model.recon_loss == "bce" else "sigmoid",
         )
-        self.ssim = SSIMLoss(spatial_dims=model.spatial_dims, kernel_size=7) if model.ssim_weight > 0 else None
+        # MONAI's SSIMLoss names its window `win_size`; 7 px suits the 64-448 px sizes shipped.
+        self.ssim = SSIMLoss(spatial_dims=model.spatial_dims, win_size=7) if model.ssim_weight > 0 else None
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from latents ``(B, D)`` and classes ``(B,)``."""
@@ -129,6 +130,11 @@ class CVAEModule(MedsynthModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self._losses(batch, self.config.model.kl_weight)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]))
+
+
+def _mean_finite(values: Any) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _augment(sample: dict[str, Any]) -> dict[str, Any]:
@@ -209,8 +215,7 @@ class CVAERecipe(Recipe):
     def real_images(self, config: CVAEConfig, split: str, class_index: int | None = None) -> list[torch.Tensor]:
         if config.data_dir is None or not Path(config.data_dir).exists():
             return []
-        dataset = PreparedDataset(Path(config.data_dir), split=split)
-        return [item["image"] for item in dataset if class_index is None or item["class"] == class_index]
+        return [item["image"] for item in load_split(Path(config.data_dir), split) if class_index is None or item["class"] == class_index]
 
     def sample(self, module: CVAEModule, request: SampleRequest, out: Path) -> list[Path]:
         try:
@@ -234,17 +239,15 @@ class CVAERecipe(Recipe):
     # -- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self, run: Run, module: CVAEModule, data_dir: Path) -> dict[str, Any]:
-        config = module.config.model_copy(update={"data_dir": str(data_dir)})
+        """Classifier accuracy (real test vs generated), feature MMD, MS-SSIM diversity and the memorisation
+        audit; each distribution metric also as ``<metric>_real_reference`` on held-out real images."""
         settings = module.config.evaluate
-        classes = config.model.classes
-        train = PreparedDataset(data_dir, split="train")
-        test = PreparedDataset(data_dir, split="test")
-        if len(test) == 0:
+        classes = module.config.model.classes
+        train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
+        if not test:
             raise MedsynthError(f"{data_dir}: the prepared dataset has no test split to evaluate on")
-        train_x = torch.stack([item["image"] for item in train])
-        train_y = torch.tensor([item["class"] for item in train])
-        test_x = torch.stack([item["image"] for item in test])
-        test_y = torch.tensor([item["class"] for item in test])
+        train_x, train_y = stack_items(train, "image"), stack_items(train, "class")
+        test_x, test_y = stack_items(test, "image"), stack_items(test, "class")
 
         classifier = train_classifier(train_x, train_y, len(classes), epochs=settings.classifier_epochs, seed=settings.seed)
         real = classify(classifier, test_x)
@@ -256,17 +259,22 @@ class CVAERecipe(Recipe):
 
         acc_real = accuracy_by_class(real.predictions, test_y, classes)
         acc_fake = accuracy_by_class(fake.predictions, generated_y, classes)
-        nearest, _ = nearest_ssim(generated, train_x)
+        diversity_generated = {n: ms_ssim_diversity(generated[generated_y == k]) for k, n in enumerate(classes)}
+        diversity_real = {n: ms_ssim_diversity(test_x[test_y == k]) for k, n in enumerate(classes)}
         return {
             "classifier_accuracy_real": acc_real.pop("all"),
             "classifier_accuracy_generated": acc_fake.pop("all"),
             "classifier_accuracy_real_per_class": acc_real,
             "classifier_accuracy_generated_per_class": acc_fake,
-            "ms_ssim_generated_per_class": {n: ms_ssim_diversity(generated[generated_y == k]) for k, n in enumerate(classes)},
-            "ms_ssim_real_per_class": {n: ms_ssim_diversity(test_x[test_y == k]) for k, n in enumerate(classes)},
+            # Diversity: mean MS-SSIM within a class (lower = more diverse); the reference is the real test images'.
+            "ms_ssim_generated_per_class": diversity_generated,
+            "ms_ssim_real_per_class": diversity_real,
+            "ms_ssim_generated_per_class_real_reference": diversity_real,
+            "ms_ssim_generated": _mean_finite(diversity_generated.values()),
+            "ms_ssim_generated_real_reference": _mean_finite(diversity_real.values()),
             "mmd_classifier_features": feature_mmd(real.features, fake.features),
-            "memorisation_max_ssim": float(nearest.max()),
-            "memorisation_mean_ssim": float(nearest.mean()),
+            "mmd_classifier_features_real_reference": real_reference(feature_mmd, real.features, seed=settings.seed),
+            **memorisation_audit(generated, train_x, held_out=test_x),
             "n_generated_per_class": settings.n_per_class,
             "n_test_real": len(test_x),
         }
