@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from medsynth.config import CONFIG_DIR, apply_overrides, load_config
+from medsynth.config import CONFIG_DIR, apply_overrides, dump_config, format_validation_error, load_config
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.recipes import RECIPES, get_recipe
+from medsynth.runs import read_structured
 
 
 def test_overrides_parse_yaml_values():
@@ -42,3 +44,50 @@ def test_shipped_configs_validate(path):
 def test_missing_config_file_lists_shipped(tmp_path):
     with pytest.raises(BadInputError, match="cvae-tiny"):
         load_config(get_recipe("cvae").config_class, tmp_path / "nope.yaml")
+
+
+# -- one structured-file reader and one pydantic-error formatter ------------------------------
+
+
+def test_read_structured_reads_json_and_yaml_by_suffix(tmp_path):
+    (tmp_path / "a.json").write_text('{"a": [1, 2]}')
+    (tmp_path / "a.yaml").write_text("a: [1, 2]\n")
+    (tmp_path / "empty.yml").write_text("")
+    assert read_structured(tmp_path / "a.json") == read_structured(tmp_path / "a.yaml") == {"a": [1, 2]}
+    assert read_structured(tmp_path / "empty.yml") == {}
+
+
+@pytest.mark.parametrize(("name", "text", "problem"), [
+    ("bad.json", '{"a": 1,\n', r"bad\.json: settings is not valid JSON at line 2"),
+    ("bad.yaml", "a: [1, 2\nb: 3\n", r"bad\.yaml: settings is not valid YAML at line \d"),
+    ("list.json", "[1, 2]", r"list\.json: expected a JSON mapping \(settings\), got list"),
+    ("missing.yaml", None, r"missing\.yaml: settings not found"),
+])
+def test_read_structured_fails_with_one_line(tmp_path, name, text, problem):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(BadInputError, match=problem) as caught:
+        read_structured(tmp_path / name, "settings")
+    assert "\n" not in str(caught.value)
+
+
+def test_validation_errors_are_one_line_naming_source_and_key():
+    config_class = get_recipe("cvae").config_class
+    with pytest.raises(ValidationError) as caught:
+        config_class.model_validate({"train": {"max_epochs": 0, "lr": -1}})
+    line = format_validation_error(caught.value, "my.yaml")
+    assert line.startswith("my.yaml: train.max_epochs: Input should be greater than or equal to 1 (got 0)")
+    assert line.endswith("(and 1 more error(s))") and "\n" not in line
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-.inf"])
+def test_configs_refuse_non_finite_floats(value):
+    with pytest.raises(MedsynthError, match=r"config: train\.lr: Input should be a finite number"):
+        load_config(get_recipe("cvae").config_class, overrides=[f"train.lr={value}"])
+
+
+def test_dump_config_is_atomic_and_round_trips(tmp_path):
+    config = load_config(get_recipe("cvae").config_class, "cvae-tiny")
+    path = dump_config(config, tmp_path / "run" / "config.yaml")
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+    assert load_config(get_recipe("cvae").config_class, path) == config

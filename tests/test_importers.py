@@ -171,3 +171,52 @@ def test_unknown_layout(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(MedsynthError, match="not a recognised dataset layout"):
         import_dataset(tmp_path)
+
+
+# -- class order ----------------------------------------------------------------------------
+
+
+def test_class_folders_keep_a_declared_order(tmp_path: Path) -> None:
+    src = _pictures(tmp_path / "raw", {"normal": 1, "cp_defect": 1, "oda_defect": 1})
+    (src / "dataset.json").write_text(json.dumps({"name": "cilia", "classes": ["normal", "oda_defect", "cp_defect"]}))
+    manifest = import_dataset(src)
+    assert manifest.classes == ["normal", "oda_defect", "cp_defect"]
+    assert manifest.class_index("cp_defect") == 2
+    assert [case.class_name for case in manifest.cases] == ["normal", "oda_defect", "cp_defect"]
+
+
+def test_class_folders_without_a_declared_order_are_alphabetical(tmp_path: Path) -> None:
+    src = _pictures(tmp_path / "raw", {"normal": 1, "cp_defect": 1})
+    (src / "dataset.json").write_text(json.dumps({"name": "cilia"}))
+    assert import_dataset(src).classes == ["cp_defect", "normal"]
+
+
+def test_declared_classes_must_name_the_folders(tmp_path: Path) -> None:
+    src = _pictures(tmp_path / "raw", {"normal": 1, "cp_defect": 1})
+    (src / "dataset.json").write_text(json.dumps({"classes": ["normal", "ida_defect"]}))
+    with pytest.raises(BadInputError, match=r"dataset\.json: 'classes' \['normal', 'ida_defect'\] must name each class folder once"):
+        import_dataset(src)
+    (src / "dataset.json").write_text(json.dumps({"classes": "normal"}))
+    with pytest.raises(BadInputError, match="'classes' must be a list"):
+        import_dataset(src)
+
+
+def test_a_medsynth_manifest_keeps_its_class_order(tmp_path: Path) -> None:
+    cases = [Case(id=f"c{k}", subject=f"c{k}", image=f"c{k}.png", class_name=name) for k, name in enumerate(["zeta", "alpha"])]
+    Manifest(name="m", spatial_dims=2, classes=["zeta", "alpha"], cases=cases).save(tmp_path)
+    assert import_dataset(tmp_path).classes == ["zeta", "alpha"]
+
+
+def test_nnunet_labels_keep_their_values_and_names_unsorted(tmp_path: Path) -> None:
+    src = _nnunet(tmp_path / "raw")
+    description = json.loads((src / "dataset.json").read_text())
+    description["labels"] = {"zona": 2, "background": 0, "apex": 1}
+    (src / "dataset.json").write_text(json.dumps(description))
+    assert list(import_dataset(src).labels.items()) == [("0", "background"), ("1", "apex"), ("2", "zona")]
+
+
+def test_broken_dataset_description_is_one_line(tmp_path: Path) -> None:
+    src = _nnunet(tmp_path / "raw")
+    (src / "dataset.json").write_text('{"channel_names": {"0": "T2"},\n "labels": }')
+    with pytest.raises(BadInputError, match=r"raw/dataset\.json: dataset description is not valid JSON at line 2"):
+        import_dataset(src)

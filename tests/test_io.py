@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsynth.data.io import load_image, save_image, spacing_of
+from medsynth.data.io import LPS_TO_RAS, load_image, lps_to_ras, save_image, spacing_of
 from medsynth.errors import BadInputError
 
 # An oblique (rotated about z) affine with anisotropic spacing.
@@ -38,10 +38,41 @@ def test_nifti_round_trip_keeps_voxels_and_affine(tmp_path: Path) -> None:
     np.testing.assert_allclose(spacing_of(image.affine)[:3], [0.8, 1.1, 2.5], atol=1e-6)
 
 
-def test_nifti_vector_image_round_trip(tmp_path: Path) -> None:
-    field = np.random.default_rng(1).normal(size=(3, 4, 5, 6)).astype(np.float32)
-    path = save_image(field, tmp_path / "flow.nii.gz", affine=OBLIQUE)
-    np.testing.assert_array_equal(load_image(path).numpy(), field)
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 4, 5), (1, 4, 5, 6), (1, 4, 5), (2, 4, 5, 6)],
+                         ids=["3d-vector", "2d-multichannel", "3d-single", "2d-single", "3d-two-channel"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nifti_round_trip_keeps_channels_first(tmp_path: Path, shape: tuple[int, ...], suffix: str) -> None:
+    array = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    path = save_image(array, tmp_path / f"image{suffix}", affine=OBLIQUE)
+    image = load_image(path)
+    assert image.shape == shape
+    np.testing.assert_array_equal(image.numpy(), array)
+    np.testing.assert_allclose(image.affine.numpy(), OBLIQUE, atol=1e-5)
+
+
+def test_2d_vector_nifti_is_what_itk_reads_as_2d(tmp_path: Path) -> None:
+    array = np.random.default_rng(3).normal(size=(2, 4, 5)).astype(np.float32)
+    itk = sitk.ReadImage(str(save_image(array, tmp_path / "flow2d.nii.gz")))
+    assert (itk.GetDimension(), itk.GetNumberOfComponentsPerPixel(), itk.GetSize()) == (2, 2, (4, 5))
+
+
+def test_save_image_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
+    for name in ("a.nii.gz", "a.nii", "a.png", "a.npy", "a.npz"):
+        save_image(np.zeros((1, 4, 5), np.float32), tmp_path / name)
+    save_image(np.ones((1, 4, 5), np.float32), tmp_path / "a.nii.gz")  # replaced, not appended to
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii", "a.nii.gz", "a.npy", "a.npz", "a.png"]
+    np.testing.assert_array_equal(load_image(tmp_path / "a.nii.gz").numpy(), np.ones((1, 4, 5)))
+    # nibabel can read what the in-memory writer compressed
+    assert nib.load(str(tmp_path / "a.nii.gz")).shape == (4, 5)
+
+
+def test_lps_to_ras_is_one_sign_flip_and_its_own_inverse() -> None:
+    affine = OBLIQUE.copy()
+    flipped = lps_to_ras(affine)
+    np.testing.assert_array_equal(flipped[:2], -affine[:2])
+    np.testing.assert_array_equal(flipped[2:], affine[2:])
+    np.testing.assert_array_equal(lps_to_ras(flipped), affine)
+    np.testing.assert_array_equal(LPS_TO_RAS @ LPS_TO_RAS, np.eye(4))
 
 
 @pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
