@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from medsynth import api
+from medsynth import api, runs
 from medsynth.data import prepare as prepare_module
 from medsynth.data.datasets import PreparedDataModule, PreparedDataset, load_prepared_info
 from medsynth.data.io import load_image, save_image
 from medsynth.data.manifest import Case, Manifest
 from medsynth.data.prepare import PrepareConfig, prepare_dataset, split_subjects
 from medsynth.errors import BadInputError, MedsynthError
+from medsynth.runs import TEMP_SUFFIX
 
 OBLIQUE = np.array([
     [0.8 * np.cos(0.3), -1.1 * np.sin(0.3), 0.0, -40.5],
@@ -224,9 +225,30 @@ def test_rerun_reuses_prepared_cases_and_redoes_changed_ones(tmp_path: Path, mon
     assert not (out / "cases" / "b_3.npz").exists() and _npz(out, "a_0")["image"].shape == (1, 16, 16)
 
 
+def test_a_killed_write_leaves_only_a_temporary_that_the_next_run_removes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _pictures(tmp_path / "raw")
+    out = tmp_path / "out"
+
+    def killed(path, data):  # the atomic writer killed after writing its temporary file
+        (Path(path).parent / f".{Path(path).name}.x{TEMP_SUFFIX}").write_bytes(data[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "atomic_write_bytes", killed)
+    monkeypatch.setattr(prepare_module, "atomic_write_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(src, out, size=8, progress=False)
+    assert [p.name for p in (out / "cases").iterdir()] == [f".a_0.npz.x{TEMP_SUFFIX}"]
+    monkeypatch.undo()
+    prepare_dataset(src, out, size=8, progress=False)
+    assert sorted(p.name for p in (out / "cases").iterdir()) == [f"{c}_{k}.npz" for c in "ab" for k in range(4)]
+    assert sorted(p.name for p in out.iterdir()) == ["cases", "dataset.json", "fingerprint.json", "stats.csv"]
+
+
 def test_settings_are_validated() -> None:
-    with pytest.raises(MedsynthError, match="sise"):
+    with pytest.raises(MedsynthError, match="prepare: unknown config key 'sise'"):
         prepare_dataset(".", "out", sise=8)
+    with pytest.raises(MedsynthError, match=r"prepare: val_fraction: Input should be less than 1"):
+        prepare_dataset(".", "out", val_fraction=1.5)
     with pytest.raises(MedsynthError, match="keep_aspect needs a size"):
         prepare_dataset(".", "out", keep_aspect=True)
     with pytest.raises(MedsynthError, match="choose one"):
