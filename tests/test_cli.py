@@ -160,3 +160,30 @@ def test_register_data_prints_each_quality_line_once(capsys, tmp_path):
 def test_register_config_takes_a_file_or_a_shipped_name(capsys, tmp_path):
     code, err = run_cli(capsys, "register", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--config", "no-such-config")
     assert code == 2 and "shipped configs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_is_data_run_by_one_function(monkeypatch, capsys, tmp_path):
+    """run_demo calls the API in order with the demo's data and prints the recipe's headline metrics."""
+    from medsynth import api, demo
+    from medsynth.recipes import get_recipe
+    from medsynth.runs import Run
+
+    calls = []
+    run = Run.create(tmp_path / "cvae-run")
+    metrics = {"classifier_accuracy_real": 0.91, "classifier_accuracy_generated": 0.5, "memorisation_max_ssim": 0.4,
+               "memorisation_max_ssim_real_reference": 0.3, "mmd_classifier_features": 9.0}
+    monkeypatch.setattr(api, "phantom", lambda kind, out, **kw: calls.append(("phantom", kind, kw)) or out)
+    monkeypatch.setattr(api, "prepare", lambda src, out, **kw: calls.append(("prepare", kw)) or out)
+    monkeypatch.setattr(api, "train", lambda recipe, **kw: calls.append(("train", recipe, kw["config"])) or run)
+    monkeypatch.setattr(api, "sample", lambda path, **kw: calls.append(("sample", kw["mode"], kw["n"])) or [])
+    monkeypatch.setattr(api, "evaluate", lambda path, **kw: metrics)
+    monkeypatch.setattr(api, "report", lambda path: run.report_path)
+    demo.run_demo("cvae", out=tmp_path, progress=False)
+    spec = demo.DEMOS["cvae"]
+    assert calls[0] == ("phantom", spec.phantom, {"n": spec.n, "seed": 0, "size": spec.size, "progress": False})
+    assert calls[2] == ("train", "cvae", spec.config)
+    assert [c[1:] for c in calls if c[0] == "sample"] == [(call.mode, call.n) for call in spec.samples]
+    err = capsys.readouterr().err
+    for name in get_recipe("cvae").headline_metrics:
+        assert name in err
+    assert "memorisation_max_ssim_real_reference" in err and "mmd_classifier_features" not in err
