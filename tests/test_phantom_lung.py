@@ -22,7 +22,7 @@ def sequence():
 
 
 def test_layout_and_manifest(tmp_path):
-    out = make_lung_dataset(tmp_path / "lung", n=1, phases=3, size=(24, 24, 12), seed=1)
+    out = make_lung_dataset(tmp_path / "lung", n=1, frames=3, size=(24, 24, 12), seed=1)
     manifest = json.loads((out / "dataset.json").read_text())
     assert manifest["modality"] == "CT" and manifest["source"] == "phantom-lung" and manifest["spatial_dims"] == 3
     assert manifest["labels"] == {str(k): v for k, v in LUNG_LABELS.items()}

@@ -135,7 +135,7 @@ def test_config_is_strict():
 
 @pytest.fixture
 def lung_dataset(tmp_path):
-    return make_lung_dataset(tmp_path / "lung", n=2, phases=3, size=(24, 24, 12), seed=2)
+    return make_lung_dataset(tmp_path / "lung", n=2, frames=3, size=(24, 24, 12), seed=2)
 
 
 def test_dataset_mode_resumes_after_a_kill(tmp_path, lung_dataset):

@@ -1,6 +1,8 @@
-"""The Python API: phantom -> prepare -> train -> sample -> evaluate -> report.
+"""The Python API: phantom -> prepare -> train -> sample -> evaluate -> report; register; render.
 
-The CLI (`medsynth ...`) calls exactly these functions.
+The CLI (`medsynth ...`) calls exactly these functions (and :mod:`medsynth.demo`, which sits
+above this module). Lightning, torch and the recipes are imported inside the functions that
+need them, so ``import medsynth.api`` and the commands that train nothing start fast.
 """
 
 from __future__ import annotations
@@ -8,46 +10,29 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from rich.console import Console
-
-from medsynth.config import apply_overrides, dump_config, load_config, read_yaml, validate_config
+from medsynth.config import apply_overrides, dump_config, load_config, read_yaml, resolve_config_path, validate_config
+from medsynth.console import note
+from medsynth.data.phantoms import get_phantom
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.recipes import get_recipe
-from medsynth.recipes.base import Recipe, SampleRequest
 from medsynth.runs import Run
-from medsynth.training import MedsynthModule, build_trainer, export_weights, load_module, load_state, seed_everything, weights_of
 
-console = Console(stderr=True)
+if TYPE_CHECKING:  # imported inside the functions that train or load a model: Lightning costs seconds
+    from medsynth.recipes.base import Recipe
+    from medsynth.training import MedsynthModule
 
-PHANTOMS = ("cilia", "cardiac", "lung", "coronary")
 
-
-def phantom(kind: str, out: str | Path, n: int = 10, seed: int = 0, size: int | None = None, **options: Any) -> Path:
+def phantom(kind: str, out: str | Path, n: int = 10, seed: int = 0, size: int | None = None, progress: bool = True,
+            **options: Any) -> Path:
     """Write a procedural phantom dataset (see DESIGN.md, Phantoms) and return its folder.
 
-    ``n`` is the number of images per class for ``cilia`` and of subjects otherwise.
+    ``n`` is the number of images per class for ``cilia`` and of subjects otherwise;
+    ``options`` are the phantom's own (``frames``: cardiac frames or lung breathing phases per
+    cycle; ``modality``, ``flow_pairs``: cardiac; ``spacing``: coronary), refused if unknown.
     """
-    out = Path(out)
-    if kind == "cilia":
-        from medsynth.data.phantoms.cilia import make_cilia_dataset
-
-        return make_cilia_dataset(out, n_per_class=n, size=size or 64, seed=seed, progress=True)
-    if kind == "cardiac":
-        from medsynth.data.phantoms.cardiac import make_cardiac_dataset
-
-        return make_cardiac_dataset(out, n=n, seed=seed, **({"size": size} if size else {}), **options)
-    if kind == "lung":
-        from medsynth.data.phantoms.lung import make_lung_dataset
-
-        return make_lung_dataset(out, n=n, seed=seed, **({"size": size} if size else {}), **options)
-    if kind == "coronary":
-        from medsynth.data.phantoms.coronary import make_coronary_dataset
-
-        return make_coronary_dataset(out, n=n, seed=seed, **({"size": size} if size else {}), **options)
-    raise MedsynthError(f"unknown phantom '{kind}' (known: {', '.join(PHANTOMS)})")
+    return get_phantom(kind).make(out, n=n, seed=seed, size=size, progress=progress, **options)
 
 
 def prepare(src: str | Path, out: str | Path, recipe: str | None = None, **settings: Any) -> Path:
@@ -79,6 +64,8 @@ def train(
     ``init`` (a run, ``model.safetensors`` or a ``.ckpt``) starts a new run from those weights
     (fine-tuning); the optimiser, schedule and step start afresh.
     """
+    from medsynth.training import build_trainer, export_weights, seed_everything
+
     if resume is not None:
         run = Run.open(resume)
         saved = read_yaml(run.config_path)
@@ -111,7 +98,8 @@ def train(
         if resume is not None:
             raise MedsynthError("train: --init starts a new run from weights; --resume continues a run (use one)")
         load_initial_weights(module, init)
-    trainer = build_trainer(settings.train, run, monitor=chosen.monitor, progress=progress)
+    trainer = build_trainer(settings.train, run, monitor=chosen.monitor, monitor_mode=chosen.monitor_mode, progress=progress,
+                            extra_callbacks=chosen.callbacks(settings))
     trainer.fit(module, chosen.build_datamodule(settings), ckpt_path=checkpoint, weights_only=True)
     if trainer.is_global_zero:
         export_weights(module, settings, run.weights_path)
@@ -120,6 +108,8 @@ def train(
 
 def load_initial_weights(module: MedsynthModule, source: str | Path) -> MedsynthModule:
     """Fine-tuning: load weights from a run folder, a ``.safetensors`` file or a ``.ckpt`` (safely)."""
+    from medsynth.training import load_state, weights_of
+
     path = Path(source)
     if path.is_dir():
         path = weights_of(Run.open(path))
@@ -130,20 +120,35 @@ def load_initial_weights(module: MedsynthModule, source: str | Path) -> Medsynth
 
 def load_run(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Run, Recipe, MedsynthModule]:
     """An existing run, its recipe and its trained module (weights loaded safely, eval mode)."""
-    opened = Run.open(run)
-    chosen = get_recipe(str(read_yaml(opened.config_path).get("recipe")))
+    from medsynth.training import load_module
+
+    opened, chosen = open_run(run)
     return opened, chosen, load_module(opened, chosen, overrides)
+
+
+def open_run(run: str | Path) -> tuple[Run, Recipe]:
+    """An existing run and its recipe, without loading weights."""
+    opened = Run.open(run)
+    return opened, get_recipe(str(read_yaml(opened.config_path).get("recipe")))
 
 
 def sample(run: str | Path, n: int | None = None, mode: str = "random", class_name: str | None = None,
            condition: str | Path | None = None, out: str | Path | None = None, seed: int = 0, force: bool = False,
-           overrides: list[str] | tuple[str, ...] = ()) -> list[Path]:
+           overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> list[Path]:
     """Generate ``n`` samples (per class, or per label map with ``condition``) into ``out`` (default RUN/samples).
 
-    ``n`` defaults to 16, or to 1 per conditioning file. ``overrides`` (``sample.guidance=2``) change
-    the run's sampling settings for this call only.
+    ``n`` defaults to 16, or to 1 per conditioning file. ``mode`` is one of the run's recipe's
+    ``sample_modes``. ``overrides`` (``sample.guidance=2``) change the run's sampling settings
+    for this call only. ``progress`` is accepted for the CLI's ``--no-progress``; sampling
+    shows no progress bar yet.
     """
-    opened, chosen, module = load_run(run, overrides)
+    from medsynth.recipes.base import SampleRequest
+    from medsynth.training import load_module
+
+    opened, chosen = open_run(run)
+    if mode not in chosen.sample_modes:
+        raise MedsynthError(f"sample: recipe '{chosen.name}' has no mode '{mode}' (its modes: {', '.join(chosen.sample_modes)})")
+    module = load_module(opened, chosen, overrides)
     n = n if n is not None else (1 if condition is not None else 16)
     target = Path(out) if out is not None else opened.samples
     existing = target / mode
@@ -155,8 +160,11 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
     return chosen.sample(module, request, target)
 
 
-def evaluate(run: str | Path, data: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a run against its (or another) prepared dataset; results merge into metrics.json."""
+def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run against its (or another) prepared dataset; results merge into metrics.json.
+
+    ``progress`` is accepted for the CLI's ``--no-progress``; evaluation shows no progress bar yet.
+    """
     opened, chosen, module = load_run(run)
     data_dir = Path(data) if data is not None else Path(module.config.data_dir or "")
     if not (data_dir / "dataset.json").exists():
@@ -167,12 +175,13 @@ def evaluate(run: str | Path, data: str | Path | None = None) -> dict[str, Any]:
 
 
 def report(run: str | Path) -> Path:
-    """Write RUN/report.html: curves, recipe figures, metrics and config."""
+    """Write RUN/report.html: the recipe's headline metrics beside their references, its figures,
+    curves, every metric and the config."""
     from medsynth.report.html import write_report
 
     opened, chosen, module = load_run(run)
     sections = [(section.title, section.html) for section in chosen.report_sections(opened, module)]
-    return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections)
+    return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections, headline=chosen.headline_metrics)
 
 
 def register(fixed: str | Path | None = None, moving: str | Path | None = None, out: str | Path | None = None,
@@ -186,14 +195,17 @@ def register(fixed: str | Path | None = None, moving: str | Path | None = None, 
 
     if out is None:
         raise MedsynthError("register: --out is required")
-    settings = validate_config(RegistrationConfig, apply_overrides(read_yaml(config) if config else {}, list(overrides)), "register")
+    source = resolve_config_path(config) if config else None
+    settings = validate_config(RegistrationConfig, apply_overrides(read_yaml(source) if source else {}, list(overrides)),
+                               str(source or "register"))
     if data is not None:
+        # With a progress bar, register_dataset prints each quality line under it; without, we do.
         return register_dataset(data, out, settings, reference_phase=reference_phase, progress=progress,
-                                callback=lambda result: console.print(result.line()))
+                                callback=None if progress else lambda result: note(result.line()))
     if fixed is None or moving is None:
         raise MedsynthError("register: give FIXED MOVING --out FIELD, or --data DIR --out DIR")
     result = register_pair(fixed, moving, out, settings)
-    console.print(result.line())
+    note(result.line())
     return [result]
 
 
@@ -208,12 +220,3 @@ def render(frames: str | Path, out: str | Path, field: str | Path | None = None,
         return render_movie(frames, out, field=field, **options)
     except ValueError as exc:  # render reports mismatched inputs as ValueError
         raise MedsynthError(f"{frames}: {exc}") from None
-
-
-def demo(recipe: str = "cvae", out: str | Path = "demo-output", force: bool = False) -> Path:
-    """The whole chain on a phantom: phantom -> prepare -> train -> sample -> evaluate -> report."""
-    from medsynth.demo import DEMOS
-
-    if recipe not in DEMOS:
-        raise MedsynthError(f"no demo for recipe '{recipe}' (demos: {', '.join(DEMOS)})")
-    return DEMOS[recipe](Path(out), force=force)

@@ -1,70 +1,100 @@
-"""``medsynth demo``: each recipe's whole chain on a phantom, sized to finish in minutes on a CPU."""
+"""``medsynth demo``: each recipe's whole chain on a phantom, sized to finish in minutes on a CPU.
+
+A demo is data (:class:`Demo`: the phantom and its options, the prepare settings, the
+recipe and its shipped config, the sample calls); :func:`run_demo` runs any of them:
+phantom -> prepare -> train -> sample -> evaluate -> report, then prints the recipe's
+headline metrics beside their references. This module sits above :mod:`medsynth.api`.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medsynth import api
+from medsynth.console import console, step
+from medsynth.errors import MedsynthError
+from medsynth.recipes import get_recipe
+from medsynth.report.headline import headlines, rounded
 
 
-def _step(message: str) -> None:
-    api.console.print(f"[bold cyan]medsynth demo[/] {message}")
+@dataclass(frozen=True)
+class SampleCall:
+    """One ``api.sample`` call of a demo.
+
+    ``condition`` is a file of the phantom's folder (relative to it); ``out`` a folder under
+    the run's ``samples/`` (default: the samples folder itself).
+    """
+
+    n: int | None = None
+    mode: str = "random"
+    condition: str | None = None
+    out: str | None = None
 
 
-def cvae_demo(out: Path, force: bool = False) -> Path:
-    """Cilia phantom -> prepare (64 px) -> train ``cvae`` (configs/cvae-tiny.yaml) -> sample -> evaluate -> report."""
-    start = time.time()
-    raw, prepared, run_dir = out / "cilia", out / "cilia-prepared", out / "cvae-run"
-    _step("1/6 cilia phantom (5 classes)")
-    if not (raw / "normal").exists() or force:
-        api.phantom("cilia", raw, n=160, seed=0, size=64)
-    _step("2/6 prepare")
-    api.prepare(raw, prepared, size=64, normalize="none", seed=0)
-    _step("3/6 train cvae")
-    run = api.train("cvae", data=prepared, config="cvae-tiny", out=run_dir, force=True)
-    _step("4/6 sample (random, grid, interpolate)")
-    for mode, n in (("random", 16), ("grid", 49), ("interpolate", 8)):
-        api.sample(run.path, n=n, mode=mode, seed=0, force=True)
-    _step("5/6 evaluate")
-    metrics = api.evaluate(run.path)
-    _step("6/6 report")
+@dataclass(frozen=True)
+class Demo:
+    """One recipe's demo: what to make, how to prepare it, what to train and sample."""
+
+    recipe: str
+    config: str  # a shipped config name (configs/<name>.yaml)
+    phantom: str
+    n: int  # images per class (cilia) or subjects
+    size: int
+    summary: str  # the phantom step's line
+    phantom_options: dict[str, Any] = field(default_factory=dict)
+    prepare: dict[str, Any] = field(default_factory=dict)  # api.prepare settings (``recipe`` fills the rest)
+    samples: tuple[SampleCall, ...] = (SampleCall(),)
+    seed: int = 0
+
+
+DEMOS: dict[str, Demo] = {
+    # Cilia phantom -> prepare (64 px) -> train cvae (configs/cvae-tiny.yaml) -> sample -> evaluate -> report.
+    "cvae": Demo(
+        recipe="cvae", config="cvae-tiny", phantom="cilia", n=160, size=64, summary="cilia phantom (5 classes)",
+        prepare={"size": 64, "normalize": "none"},
+        samples=(SampleCall(n=16), SampleCall(n=49, mode="grid"), SampleCall(n=8, mode="interpolate")),
+    ),
+    # Coronary phantom -> prepare (the recipe's defaults: HU window -1000..1000 -> [0, 1], crop) -> train the
+    # sdm low-res stage (configs/sdm-tiny.yaml) -> sample held-out label maps and one label-map file.
+    "sdm": Demo(
+        recipe="sdm", config="sdm-tiny", phantom="coronary", n=40, size=24, summary="coronary phantom (CTCA-like, 9 labels)",
+        prepare={"recipe": "sdm"},
+        samples=(SampleCall(n=4), SampleCall(condition="labelsTr/coronary_000.nii.gz", out="condition")),
+    ),
+}
+
+
+def run_demo(name: str = "cvae", out: str | Path = "demo-output", force: bool = False, progress: bool = True) -> Path:
+    """Run demo ``name`` into ``out`` and return its report; the phantom is kept unless ``force``."""
+    if name not in DEMOS:
+        raise MedsynthError(f"no demo for recipe '{name}' (demos: {', '.join(DEMOS)})")
+    demo, out, start = DEMOS[name], Path(out), time.time()
+    raw, prepared, run_dir = out / demo.phantom, out / f"{demo.phantom}-prepared", out / f"{demo.recipe}-run"
+    step("demo", f"1/6 {demo.summary}")
+    if force or not raw.is_dir() or not any(raw.iterdir()):
+        api.phantom(demo.phantom, raw, n=demo.n, seed=demo.seed, size=demo.size, progress=progress, **demo.phantom_options)
+    step("demo", "2/6 prepare")
+    api.prepare(raw, prepared, seed=demo.seed, progress=progress, **demo.prepare)
+    step("demo", f"3/6 train {demo.recipe}")
+    run = api.train(demo.recipe, data=prepared, config=demo.config, out=run_dir, force=True, progress=progress)
+    step("demo", "4/6 sample (" + ", ".join(call.mode if call.condition is None else "a label-map file" for call in demo.samples) + ")")
+    for call in demo.samples:
+        api.sample(run.path, n=call.n, mode=call.mode, condition=raw / call.condition if call.condition else None,
+                   out=run.samples / call.out if call.out else None, seed=demo.seed, force=True, progress=progress)
+    step("demo", "5/6 evaluate")
+    metrics = api.evaluate(run.path, progress=progress)
+    step("demo", "6/6 report")
     report = api.report(run.path)
-    shown = {k: round(v, 3) for k, v in metrics.items() if k.startswith(("classifier_accuracy", "memorisation")) and isinstance(v, float)}
-    api.console.print(json.dumps(shown, indent=2))
-    api.console.print(f"[bold green]done[/] in {time.time() - start:.0f} s: metrics {run.metrics_path}")
+    shown: dict[str, Any] = {}
+    for headline in headlines(metrics, get_recipe(demo.recipe).headline_metrics):
+        shown[headline.name] = rounded(headline.value)
+        if headline.reference_name:
+            shown[headline.reference_name] = rounded(headline.reference)
+    console.print(json.dumps(shown, indent=2))
+    console.print(f"[bold green]done[/] in {time.time() - start:.0f} s: metrics {run.metrics_path}")
     print(report)
     return report
-
-
-def sdm_demo(out: Path, force: bool = False) -> Path:
-    """Coronary phantom -> prepare (CT window) -> train ``sdm`` low stage (configs/sdm-tiny.yaml) -> sample -> evaluate -> report."""
-    start = time.time()
-    raw, prepared, run_dir = out / "coronary", out / "coronary-prepared", out / "sdm-run"
-    _step("1/6 coronary phantom (CTCA-like, 9 labels)")
-    if not (raw / "dataset.json").exists() or force:
-        api.phantom("coronary", raw, n=40, seed=0, size=24)
-    _step("2/6 prepare (HU window -1000..1000 -> [0, 1])")
-    api.prepare(raw, prepared, recipe="sdm", seed=0, progress=False)  # the recipe's defaults: CT window, crop
-    _step("3/6 train sdm, low-res stage")
-    run = api.train("sdm", data=prepared, config="sdm-tiny", out=run_dir, force=True)
-    _step("4/6 sample (held-out label maps; one label-map file)")
-    api.sample(run.path, n=4, seed=0, force=True)
-    api.sample(run.path, condition=raw / "labelsTr" / "coronary_000.nii.gz", out=run.samples / "condition", seed=0, force=True)
-    _step("5/6 evaluate (segmenter trained on real volumes, intensities per label, memorisation)")
-    metrics = api.evaluate(run.path)
-    _step("6/6 report")
-    report = api.report(run.path)
-    shown = {key: round(metrics[key], 3) for key in ("segmenter_dice_real", "segmenter_dice_generated", "segmenter_dice_ratio",
-                                                     "memorisation_max_ssim")}
-    for kind in ("real", "generated"):
-        shown[f"segmenter_dice_{kind}_coronary"] = round(metrics[f"segmenter_dice_{kind}_per_class"].get("coronary", float("nan")), 3)
-    api.console.print(json.dumps(shown, indent=2))
-    api.console.print(f"[bold green]done[/] in {time.time() - start:.0f} s: metrics {run.metrics_path}")
-    print(report)
-    return report
-
-
-DEMOS: dict[str, Callable[..., Path]] = {"cvae": cvae_demo, "sdm": sdm_demo}

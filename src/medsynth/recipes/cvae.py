@@ -150,6 +150,8 @@ def _augment(sample: dict[str, Any]) -> dict[str, Any]:
 class CVAERecipe(Recipe):
     name = "cvae"
     config_class = CVAEConfig
+    sample_modes = tuple(mode.value for mode in LatentMode)  # random, grid, plane, interpolate
+    headline_metrics = ("classifier_accuracy_real", "classifier_accuracy_generated", "memorisation_max_ssim")
 
     def resolve_config(self, config: CVAEConfig) -> CVAEConfig:
         info = load_prepared_info(Path(config.data_dir))

@@ -1,4 +1,8 @@
-"""A self-contained ``report.html``: figures embedded as base64 PNG, metrics as a table."""
+"""A self-contained ``report.html``: figures embedded as base64 PNG, metrics as a table.
+
+Figures are ``matplotlib.figure.Figure`` objects, never pyplot: no global state, so
+importing medsynth never changes a notebook's backend and figures need no closing.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from medsynth.runs import Run, atomic_write_text  # noqa: E402
+from medsynth.report.headline import headlines
+from medsynth.runs import Run, atomic_write_text
 
 
 def middle_slice(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -29,12 +31,13 @@ def middle_slice(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def image_grid(images: Sequence[torch.Tensor | np.ndarray], ncols: int = 8, titles: Sequence[str] | None = None,
-               vmin: float | None = 0.0, vmax: float | None = 1.0, cell: float = 1.3) -> plt.Figure:
+               vmin: float | None = 0.0, vmax: float | None = 1.0, cell: float = 1.3) -> Figure:
     """A grid figure of channel-first images (3D shown by their middle slice)."""
     n = max(1, len(images))
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + (0.3 if titles else 0)), squeeze=False)
+    fig = Figure(figsize=(cell * ncols, cell * nrows + (0.3 if titles else 0)))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for index, ax in enumerate(axes.flat):
         ax.axis("off")
         if index < len(images):
@@ -45,18 +48,17 @@ def image_grid(images: Sequence[torch.Tensor | np.ndarray], ncols: int = 8, titl
     return fig
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write the figure as an image file (PNG by its suffix) and return ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
-def figure_html(fig: plt.Figure, alt: str = "") -> str:
-    """An ``<img>`` tag holding the figure as base64 PNG (closes the figure)."""
+def figure_html(fig: Figure, alt: str = "") -> str:
+    """An ``<img>`` tag holding the figure as base64 PNG."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
     data = base64.b64encode(buffer.getvalue()).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
@@ -77,12 +79,13 @@ def read_scalars(tb_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def loss_curves(tb_dir: Path) -> plt.Figure | None:
+def loss_curves(tb_dir: Path) -> Figure | None:
     """Training and validation curves of every ``*loss*`` scalar (None when nothing was logged)."""
     series = {tag: data for tag, data in read_scalars(tb_dir).items() if "loss" in tag or "kl" in tag or "recon" in tag}
     if not series:
         return None
-    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 2.6), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(series), 2.6))
+    axes = fig.subplots(1, len(series), squeeze=False)
     for ax, (tag, (steps, values)) in zip(axes.flat, sorted(series.items())):
         order = np.argsort(steps)
         ax.plot(np.asarray(steps)[order], np.asarray(values)[order], lw=1)
@@ -91,6 +94,23 @@ def loss_curves(tb_dir: Path) -> plt.Figure | None:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value))
+
+
+def headline_table(metrics: dict[str, Any], names: Sequence[str]) -> str:
+    """The headline metrics, each beside its reference (``<metric>_real_reference`` or the ``_real`` score)."""
+    rows = [f"<tr><td>{html.escape(h.name)}</td><td>{_shown(h.value)}</td>"
+            f"<td>{_shown(h.reference) if h.reference_name else ''}</td>"
+            f"<td>{html.escape(h.reference_name or '')}</td></tr>" for h in headlines(metrics, names)]
+    if not rows:
+        return ""
+    return ('<table class="headline"><tr><th>metric</th><th>value</th><th>reference</th><th>reference is</th></tr>'
+            + "".join(rows) + "</table>")
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
@@ -102,8 +122,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
             for key, child in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), child)
         else:
-            shown = f"{value:.4g}" if isinstance(value, float) else html.escape(json.dumps(value) if isinstance(value, (list, tuple)) else str(value))
-            rows.append(f"<tr><td>{html.escape(prefix)}</td><td>{shown}</td></tr>")
+            rows.append(f"<tr><td>{html.escape(prefix)}</td><td>{_shown(value)}</td></tr>")
 
     walk("", metrics)
     return "<table><tr><th>metric</th><th>value</th></tr>" + "".join(rows) + "</table>"
@@ -115,18 +134,22 @@ table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;paddin
 img{max-width:100%}.meta{color:#666;font-size:.85em}"""
 
 
-def write_report(run: Run, title: str, sections: Sequence[tuple[str, str]]) -> Path:
-    """Write ``run/report.html`` from ``(title, html)`` sections, adding loss curves and metrics."""
+def write_report(run: Run, title: str, sections: Sequence[tuple[str, str]], headline: Sequence[str] = ()) -> Path:
+    """Write ``run/report.html``: the ``headline`` metrics beside their references, the
+    ``(title, html)`` sections, loss curves, then every metric and the config."""
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">run: {html.escape(str(run.path.resolve()))} &middot; {datetime.now():%Y-%m-%d %H:%M}</p>']
+    metrics = run.read_metrics()
+    top = headline_table(metrics, headline) if metrics else ""
+    if top:
+        parts.append("<h2>Headline metrics</h2>" + top)
+    for section_title, body in sections:
+        parts.append(f"<h2>{html.escape(section_title)}</h2>{body}")
     curves = loss_curves(run.tb) if run.tb.exists() else None
     if curves is not None:
         parts.append("<h2>Training curves</h2>" + figure_html(curves, "loss curves"))
-    for section_title, body in sections:
-        parts.append(f"<h2>{html.escape(section_title)}</h2>{body}")
-    metrics = run.read_metrics()
     if metrics:
-        parts.append("<h2>Metrics</h2>" + metrics_table(metrics))
+        parts.append("<h2>All metrics</h2>" + metrics_table(metrics))
     if run.config_path.exists():
         parts.append("<h2>Config</h2><pre>" + html.escape(run.config_path.read_text()) + "</pre>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"

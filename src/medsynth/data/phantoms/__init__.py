@@ -1,1 +1,98 @@
-"""Procedural phantoms with exact ground truth: each is a function of (parameters, seed)."""
+"""Procedural phantoms with exact ground truth: each is a function of (parameters, seed).
+
+:data:`PHANTOMS` names every phantom and gives it one interface,
+``PHANTOMS[kind].make(out, n, seed, size, progress, **options)``, with the options of each
+phantom checked by a small pydantic model. This module is cheap to import (no torch, no
+rendering code): a phantom's module is imported only when it is made.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+
+from medsynth.config import validate_config
+from medsynth.errors import MedsynthError
+
+
+class PhantomOptions(BaseModel):
+    """Options of one phantom beside ``out, n, seed, size, progress`` (unknown ones are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CiliaOptions(PhantomOptions):
+    """The cilia phantom takes no options."""
+
+
+class CardiacOptions(PhantomOptions):
+    frames: int = Field(10, ge=2, description="frames per cardiac cycle (frame 0: end-diastole)")
+    modality: Literal["ct", "mri"] = Field("ct", description="contrast: CT in HU or cine-MRI (bSSFP)")
+    flow_pairs: bool = Field(False, description="write template_img_N.npy + flow_N.npy pairs (end-systole -> end-diastole)")
+
+
+class LungOptions(PhantomOptions):
+    frames: int = Field(10, ge=2, description="breathing phases per cycle (phase 0: end-inhale)")
+
+
+class CoronaryOptions(PhantomOptions):
+    spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
+        None, description="voxel spacing (mm) of every subject; each subject's own (0.8-1.2 mm) if None")
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """One phantom: its summary, its options and where its dataset writer lives.
+
+    The writer ``<module>.<function>(out, n, seed=, size=, progress=, **options)`` takes ``n``
+    images per class (cilia) or subjects (the others); ``size=None`` keeps its default size.
+    """
+
+    name: str
+    summary: str
+    options: type[PhantomOptions]
+    module: str
+    function: str
+
+    def check(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options given, validated; one line naming the phantom and the option otherwise."""
+        known = list(self.options.model_fields)
+        for key in options:
+            if key not in known:
+                takes = ", ".join(known) if known else "no options"
+                raise MedsynthError(f"phantom {self.name}: unknown option '{key}' ({self.name} takes {takes})")
+        checked = validate_config(self.options, options, f"phantom {self.name}")  # type: ignore[type-var]
+        return checked.model_dump(exclude_unset=True)
+
+    def make(self, out: str | Path, n: int = 10, seed: int = 0, size: int | None = None, progress: bool = True,
+             **options: Any) -> Path:
+        """Write the dataset into ``out`` and return it (see the phantom module for its layout)."""
+        checked = self.check(options)
+        if n < 1:
+            raise MedsynthError(f"phantom {self.name}: n must be at least 1 (got {n})")
+        writer = getattr(importlib.import_module(self.module), self.function)
+        sized = {} if size is None else {"size": size}
+        return Path(writer(Path(out), n, seed=seed, progress=progress, **sized, **checked))
+
+
+PHANTOMS: dict[str, Phantom] = {
+    "cilia": Phantom("cilia", "2D cilia cross-sections, 5 classes (n images per class, 64 px)", CiliaOptions,
+                     "medsynth.data.phantoms.cilia", "make_cilia_dataset"),
+    "cardiac": Phantom("cardiac", "3D+t beating heart in a thorax with exact fields (CT or cine MRI)", CardiacOptions,
+                       "medsynth.data.phantoms.cardiac", "make_cardiac_dataset"),
+    "lung": Phantom("lung", "4D CT breathing thorax with exact fields per phase", LungOptions,
+                    "medsynth.data.phantoms.lung", "make_lung_dataset"),
+    "coronary": Phantom("coronary", "CTCA-like volumes with a 9-class heart label map (nnU-Net layout)", CoronaryOptions,
+                        "medsynth.data.phantoms.coronary", "make_coronary_dataset"),
+}
+
+
+def get_phantom(kind: str) -> Phantom:
+    """The phantom called ``kind``, or a one-line error listing the known ones."""
+    if kind not in PHANTOMS:
+        raise MedsynthError(f"unknown phantom '{kind}' (known: {', '.join(PHANTOMS)})")
+    return PHANTOMS[kind]

@@ -1,5 +1,8 @@
 """Procedural CT coronary angiography (CTCA) volumes with a 9-class heart label map.
 
+(One file over 450 lines: the heart frame, the coronary centrelines and the painter share
+private geometry that no other module uses; split, each part would import the others'.)
+
 A subject is drawn in *FOV units*: millimetres divided by half the mean field of view,
 so the volume spans about [-1, 1] along each axis whatever its size, and the axes are
 patient RAS (x to the right, y anterior, z superior). The heart has its own frame:

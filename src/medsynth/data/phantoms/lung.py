@@ -23,15 +23,15 @@ import numpy as np
 from scipy.special import expit
 
 from medsynth.data.io import spacing_of
-from medsynth.data.phantoms.cardiac import (
+from medsynth.data.phantoms._scene import (
     Anatomy,
     Motion,
     PhantomSequence,
     SmoothNoise,
     centred_affine,
     ellipsoid_sdf,
-    grid_size,
     elliptic_cylinder_sdf,
+    grid_size,
     paint,
     render_sequence,
     subject_rng,
@@ -40,6 +40,7 @@ from medsynth.data.phantoms.cardiac import (
     write_manifest,
     write_sequence,
 )
+from medsynth.errors import MedsynthError
 
 __all__ = ["LUNG_LABELS", "LungParams", "make_lung_dataset", "render_lung", "sample_lung_params"]
 
@@ -178,7 +179,8 @@ def render_lung(params: LungParams, phases: int = 10, size: int | Sequence[int] 
     return render_sequence(_lung_anatomy(params, float(spacing_of(affine).max())), _lung_motion(params, phases), phases, size, affine)
 
 
-def make_lung_dataset(out: str | Path, n: int = 4, phases: int = 10, size: int | Sequence[int] = LUNG_SIZE, seed: int = 0) -> Path:
+def make_lung_dataset(out: str | Path, n: int = 4, seed: int = 0, size: int | Sequence[int] = LUNG_SIZE, progress: bool = False,
+                      frames: int = 10) -> Path:
     """Write ``n`` 4D CT subjects and return ``out``.
 
     Layout, with ``<out>/dataset.json`` (one case per subject and phase)::
@@ -191,20 +193,23 @@ def make_lung_dataset(out: str | Path, n: int = 4, phases: int = 10, size: int |
     Args:
         out: output folder (created).
         n: number of subjects.
-        phases: breathing phases per cycle (>= 2).
+        seed: dataset seed; subject ``i`` is drawn from ``(seed, i)``.
         size: grid ``(X, Y, Z)``, or ``n`` for ``(n, n, n * 25 / 128)``; the default has the
             aspect of a 256 x 256 x 50 scan.
-        seed: dataset seed; subject ``i`` is drawn from ``(seed, i)``.
+        progress: show a progress bar on stderr.
+        frames: breathing phases per cycle (>= 2); named ``frames`` as every phantom's time axis.
     """
-    if phases < 2:
-        raise ValueError(f"a breathing cycle needs at least 2 phases, got {phases}")
+    from tqdm import tqdm
+
+    if frames < 2:
+        raise MedsynthError(f"phantom lung: a breathing cycle needs at least 2 phases (frames), got {frames}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cases = []
-    for index in range(n):
+    for index in tqdm(range(n), desc="lung phantom", disable=not progress):
         params = sample_lung_params(int(subject_rng(seed, index).integers(2**31)))
         subject = f"sub{index:03d}"
-        cases += write_sequence(render_lung(params, phases, size), out, subject)
+        cases += write_sequence(render_lung(params, frames, size), out, subject)
         (out / subject / "params.json").write_text(json.dumps(asdict(params), indent=1))
     write_manifest(out, "phantom-lung", "CT", "phantom-lung", LUNG_LABELS, cases)
     return out
