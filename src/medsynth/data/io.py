@@ -16,9 +16,9 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from monai.data import MetaTensor
 
 from medsynth.errors import BadInputError
 from medsynth.runs import atomic_write_bytes
@@ -28,6 +28,10 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 NUMPY_SUFFIXES = (".npy", ".npz")
 DICOM_SUFFIXES = (".dcm",)
+if TYPE_CHECKING:  # torch and MONAI load only when an image is read: `medsynth phantom` starts without them
+    import torch
+    from monai.data import MetaTensor
+
 READABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES + DICOM_SUFFIXES
 
 # ITK and DICOM store world coordinates in LPS; NIfTI/MONAI use RAS. The one conversion:
@@ -121,6 +125,9 @@ def load_image(path: str | Path, dtype: np.dtype | type = np.float32, key: str =
     check_finite(array, path)
     if np.issubdtype(dtype, np.integer) and np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
         raise BadInputError(path, "holds non-integer values where integers (a label map) are expected")
+    import torch
+    from monai.data import MetaTensor
+
     tensor = MetaTensor(torch.as_tensor(np.ascontiguousarray(array).astype(dtype)), affine=torch.as_tensor(affine, dtype=torch.float64))
     tensor.meta["filename_or_obj"] = str(path)
     return tensor
@@ -215,9 +222,10 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | Path, affine: np.nd
     """
     path = Path(path)
     if affine is None:
-        affine = image.affine if isinstance(image, MetaTensor) else np.eye(4)
-    affine = np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        affine = getattr(image, "affine", None)  # a MetaTensor carries its own
+        affine = np.eye(4) if affine is None else affine
+    affine = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, dtype=np.float64)
+    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     suffix = suffix_of(path)
     if suffix in NIFTI_SUFFIXES:
         data = _nifti_bytes(array, affine)

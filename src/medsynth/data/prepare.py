@@ -40,11 +40,11 @@ from monai.transforms import (
     SpatialPad,
 )
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
-from rich.console import Console
 from rich.progress import track
 
 from medsynth.config import format_validation_error
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
+from medsynth.console import console
 from medsynth.data.importers import check_same_grid, import_dataset
 from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
 from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
@@ -150,7 +150,7 @@ def prepare_dataset(src: str | Path, out: str | Path, config: PrepareConfig | No
     cases_dir = out / CASES_DIR
     cases_dir.mkdir(parents=True, exist_ok=True)
     prepared = []
-    console = Console(stderr=True)
+
     for case in track(manifest.cases, description="prepare", console=console, disable=not progress):
         target = cases_dir / f"{case.id}.npz"
         stamp = _stamp(manifest, case, config)
