@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from medsynth.config import RecipeConfig
+from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.guidance import NullCondition, classifier_free_guidance
 from medsynth.diffusion.objectives import DiffusionLoss
 from medsynth.diffusion.samplers import Denoiser
@@ -74,18 +75,26 @@ class DiffusionModule(MedsynthModule):
 
     @torch.no_grad()
     def generate(self, shape: Sequence[int], cond: Any, settings: SamplerConfig, seeds: Sequence[int]) -> Tensor:
-        """Samples, one per seed: item i's initial noise and per-step noise from its own generator.
+        """Samples, one per seed, in sampler calls of ``settings.batch_size`` items.
+
+        Item i's initial noise and per-step noise come from its own generator, so an item does
+        not depend on the batch it is sampled in.
 
         Args:
             shape: one item's shape (C, *S).
-            cond: the condition of the batch (len(seeds) items), on the module's device.
-            settings: sampler, steps, guidance, eta.
-            seeds: one seed per item (:func:`medsynth.seeds.item_seed`).
+            cond: the condition of all len(seeds) items (a tensor, a Condition or None), on the module's device.
+            settings: sampler, steps, guidance, eta, batch size.
+            seeds: one seed per item (:func:`medsynth.seeds.item_seeds`).
 
         Returns:
             x_0, shape (len(seeds), C, *S), not clamped.
         """
         self.eval()
-        generators = item_generators(seeds)  # CPU: the same numbers on every device
-        noise = item_noise(shape, generators).to(self.device)
-        return run_sampler(self.denoiser(settings), noise, self.schedule, cond, settings, generators)
+        model, outputs = self.denoiser(settings), []
+        for start in range(0, len(seeds), settings.batch_size):
+            part = slice(start, start + settings.batch_size)
+            generators = item_generators(seeds[part])  # on the CPU: the same numbers on every device
+            noise = item_noise(shape, generators).to(self.device)
+            part_cond = cond.map(lambda v: v[part]) if isinstance(cond, Condition) else None if cond is None else cond[part]
+            outputs.append(run_sampler(model, noise, self.schedule, part_cond, settings, generators))
+        return torch.cat(outputs)
