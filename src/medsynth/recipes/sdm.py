@@ -1,8 +1,7 @@
 """Recipe ``sdm``: 3D CT synthesis from a semantic label map (SPADE) with classifier-free guidance.
 
-Two stages, each a run of its own (``medsynth train sdm --stage low|high``), each a small stage
-object below (:class:`LowStage`, :class:`HighStage`) that says its conditions, training pair,
-sampling grid and checks:
+Two stages, each a run of its own (``--stage low|high``) and a small object below that says its
+conditions, training pair, sampling grid and checks:
 
 - **low**: the whole volume at low resolution (the prepared volume average-pooled by
   ``model.low_res_factor``), a SPADE diffusion UNet conditioned on the one-hot label map.
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from medsynth.config import RecipeConfig, StrictModel
 from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_prepared_manifest, load_split, stack_items
-from medsynth.data.io import READABLE_SUFFIXES, load_image, save_image, suffix_of
+from medsynth.data.io import load_image, save_image
 from medsynth.diffusion.cascade import downsample_image, downsample_labels, low_res_affine, one_hot, upsample_image
 from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.denoiser import ConditionedDenoiser
@@ -47,7 +46,7 @@ from medsynth.diffusion.schedule import make_schedule
 from medsynth.diffusion.unet import build_unet
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.nets.patch_embedding import coordinate_channels
-from medsynth.recipes.base import Recipe, SampleRequest
+from medsynth.recipes.base import Recipe, SampleRequest, condition_files, condition_name
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seeds
@@ -308,23 +307,6 @@ def read_label_map(path: Path, module: SDMModule) -> tuple[Tensor, np.ndarray]:
     return labels, np.asarray(image.affine, dtype=np.float64)
 
 
-def condition_files(condition: Path) -> list[Path]:
-    """A label-map file, or the label maps in a folder (sorted by name)."""
-    if condition.is_dir():
-        files = sorted(p for p in condition.iterdir() if p.is_file() and suffix_of(p) in READABLE_SUFFIXES)
-        if not files:
-            raise BadInputError(condition, "folder holds no label-map files")
-        return files
-    if not condition.exists():
-        raise BadInputError(condition, "file not found")
-    return [condition]
-
-
-def _stem(path: Path) -> str:
-    suffix = suffix_of(path)
-    return path.name[: -len(suffix)] if suffix and path.name.lower().endswith(suffix) else path.stem
-
-
 # -- the recipe ---------------------------------------------------------------------------------
 
 
@@ -408,7 +390,7 @@ class SDMRecipe(Recipe):
         if request.condition is not None:
             for path in condition_files(Path(request.condition)):
                 labels, affine = read_label_map(path, module)
-                jobs += [(_stem(path) if request.n == 1 else f"{_stem(path)}_{k:02d}", labels, affine) for k in range(request.n)]
+                jobs += [(condition_name(path) if request.n == 1 else f"{condition_name(path)}_{k:02d}", labels, affine) for k in range(request.n)]
         else:  # label maps of the prepared dataset's held-out cases, cycled
             cases = self.real_cases(module, ("test", "val", "train"))
             if not cases:
