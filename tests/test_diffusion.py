@@ -14,9 +14,16 @@ from monai.networks.schedulers import DDPMScheduler as MonaiDDPMScheduler
 from monai.networks.schedulers import RFlowScheduler
 
 from medsynth.diffusion import (
+    SAMPLERS,
+    Condition,
+    ConditionedDenoiser,
     DiffusionLoss,
-    MonaiDenoiser,
+    PatchwiseDenoiser,
+    SamplerConfig,
     build_unet,
+    drop_condition,
+    null_condition,
+    run_sampler,
     classifier_free_guidance,
     make_schedule,
     sample_ddim,
@@ -26,7 +33,10 @@ from medsynth.diffusion import (
     spaced_timesteps,
     vlb_terms,
 )
+from medsynth.config import validate_config
+from medsynth.diffusion.sampling import SamplerName
 from medsynth.errors import MedsynthError
+from medsynth.seeds import item_generators, item_noise, item_seed
 
 T = 1000
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
@@ -384,9 +394,9 @@ needs_einops = pytest.mark.skipif(importlib.util.find_spec("einops") is None,
 
 def test_monai_unet_denoiser_trains_and_samples_in_bf16():
     torch.manual_seed(0)
-    unet = build_unet(2, 1, learn_sigma=True, num_class_embeds=3, **_TINY_UNET)
+    unet = build_unet(2, 1, 1, learn_sigma=True, num_class_embeds=3, **_TINY_UNET)
     assert unet.out_channels == 2
-    model, x, y = MonaiDenoiser(unet, "class_labels"), _noise((2, 1, 8, 8)), torch.tensor([0, 1])
+    model, x, y = ConditionedDenoiser(unet, tensor_as="class_labels"), _noise((2, 1, 8, 8)), torch.tensor([0, 1])
     schedule = make_schedule("linear", learn_sigma=True)
     loss, _ = DiffusionLoss(schedule, cond_drop_prob=0.5, null_cond=torch.tensor(2))(model, x.clamp(-1, 1), y)
     loss.backward()
@@ -401,16 +411,16 @@ def test_monai_unet_denoiser_trains_and_samples_in_bf16():
 def test_flash_attention_changes_the_kernel_not_the_maths():
     args = {**_TINY_UNET, "attention_levels": (False, True), "num_head_channels": 4}
     torch.manual_seed(0)
-    flash, plain = build_unet(2, 1, **args), build_unet(2, 1, use_flash_attention=False, **args)
+    flash, plain = build_unet(2, 1, 1, **args), build_unet(2, 1, 1, use_flash_attention=False, **args)
     plain.load_state_dict(flash.state_dict())
     x, t = _noise((2, 1, 8, 8)), torch.tensor([10, 900])
     with torch.no_grad():
-        torch.testing.assert_close(MonaiDenoiser(flash)(x, t), MonaiDenoiser(plain)(x, t), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ConditionedDenoiser(flash)(x, t), ConditionedDenoiser(plain)(x, t), rtol=1e-4, atol=1e-5)
 
 
 @needs_einops
 def test_spade_unet_denoiser():
-    model = MonaiDenoiser(build_unet(2, 1, label_nc=3, **_TINY_UNET), "seg")
+    model = ConditionedDenoiser(build_unet(2, 1, 1, label_nc=3, **_TINY_UNET), tensor_as="seg")
     seg = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 8, 8)), 3).permute(0, 3, 1, 2).float()
     with torch.no_grad():
         out = sample_dpmpp_2m(classifier_free_guidance(model, 1.5, torch.zeros_like), _noise((2, 1, 8, 8)),
@@ -430,3 +440,144 @@ def test_bad_arguments():
         make_schedule("quadratic")
     with pytest.raises(ValueError, match="prediction"):
         make_schedule("linear", prediction="flow")
+
+
+# --- sampler registry, settings, per-item seeds ----------------------------------------------------
+
+
+def test_sampler_registry_and_config():
+    assert set(SAMPLERS) == set(SamplerName.__args__)  # the config's names are the registry's
+    config = SamplerConfig()
+    assert [SamplerConfig(sampler=name).steps_for(make_schedule()) for name in SAMPLERS] == [T, 50, 20, 30]
+    assert config.model_copy(update={"steps": 7}).steps_for(make_schedule()) == 7
+    for bad, word in [({"guidance": float("inf")}, "guidance"), ({"guidance": -1}, "guidance"), ({"eta": 2}, "eta"),
+                      ({"sampler": "euler"}, "sampler"), ({"steps": 0}, "steps")]:
+        with pytest.raises(MedsynthError, match=word) as info:
+            validate_config(SamplerConfig, bad, "sample")
+        assert "\n" not in str(info.value)
+
+
+def test_run_sampler_checks_schedule_and_steps_in_one_line():
+    x = _noise()
+    with pytest.raises(MedsynthError, match="does not fit") as info:
+        run_sampler(_toy_model, x, make_schedule("rflow"), None, SamplerConfig(sampler="ddim"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(MedsynthError, match="exceeds"):
+        run_sampler(_toy_model, x, make_schedule(), None, SamplerConfig(sampler="ddim", steps=T + 1))
+    ours = run_sampler(_toy_model, x, make_schedule(), None, SamplerConfig(sampler="ddim", steps=5))
+    assert torch.equal(ours, sample_ddim(_toy_model, x, make_schedule(), steps=5))
+
+
+def test_importing_the_sampler_registry_is_cheap():
+    import subprocess
+    import sys
+
+    code = ("import sys; from medsynth.diffusion.sampling import SAMPLERS; "
+            "print(any(m.split('.')[0] in ('monai', 'lightning') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_item_seed_helper():
+    assert item_seed(3, 4) == 3 * 100_003 + 4 and item_seed(3, 4, stride=1000) == 3004
+    noise = item_noise((2, 3), item_generators([7, 8]))
+    assert torch.equal(noise[1], torch.randn(2, 3, generator=torch.Generator().manual_seed(8)))
+
+
+@pytest.mark.parametrize("sampler, kwargs", [(sample_ddpm, {"steps": 6}), (sample_ddim, {"steps": 6, "eta": 1.0})])
+def test_per_item_generators_make_a_sample_independent_of_its_batch(sampler, kwargs):
+    seeds, schedule = [11, 12, 13], make_schedule("linear")
+    generators = item_generators(seeds)
+    batch = sampler(_toy_model, item_noise((2, 4, 4), generators), schedule, generator=generators, **kwargs)
+    alone_gen = item_generators(seeds[1:2])
+    alone = sampler(_toy_model, item_noise((2, 4, 4), alone_gen), schedule, generator=alone_gen, **kwargs)
+    torch.testing.assert_close(alone[0], batch[1], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one per item"):
+        sampler(_toy_model, _noise(), schedule, generator=item_generators([1]), **kwargs)
+
+
+# --- structured conditions: guidance and drop-out ------------------------------------------------
+
+NULL = {"seg": torch.zeros_like, "class_labels": torch.tensor(5)}
+
+
+def _structured():
+    return Condition(concat=torch.full((4, 1, 2, 2), 7.0), seg=torch.ones(4, 3, 2, 2), class_labels=torch.tensor([0, 1, 2, 3]),
+                     vector=torch.ones(4, 2))
+
+
+def test_null_and_drop_of_a_structured_condition():
+    cond = _structured()
+    null = null_condition(cond, NULL)
+    assert (null.seg == 0).all() and (null.class_labels == 5).all()
+    assert torch.equal(null.concat, cond.concat) and torch.equal(null.vector, cond.vector)  # parts not named are kept
+    dropped = drop_condition(cond, NULL, torch.tensor([True, False, True, False]))
+    assert dropped.class_labels.tolist() == [5, 1, 5, 3] and dropped.seg.flatten(1).amax(1).tolist() == [0, 1, 0, 1]
+    assert torch.equal(dropped.concat, cond.concat)
+    with pytest.raises(ValueError, match="unknown parts"):
+        null_condition(cond, {"labels": torch.tensor(0)})
+
+
+def test_guidance_on_a_structured_condition():
+    def model(x, t, cond):  # eps(x | c) = x + class + seg mean + concat
+        return x + cond.class_labels.view(-1, 1, 1, 1) + cond.seg.mean(1, keepdim=True) + cond.concat
+
+    cond, x, t = _structured(), torch.zeros(4, 1, 2, 2), torch.full((4,), 10)
+    eps_c, eps_u = model(x, t, cond), model(x, t, null_condition(cond, NULL))
+    torch.testing.assert_close(classifier_free_guidance(model, 2.0, NULL)(x, t, cond), eps_c + 2 * (eps_c - eps_u))
+
+
+def test_loss_drops_the_named_parts_of_a_structured_condition():
+    seen = []
+    cond = Condition(concat=torch.ones(200, 1, 4, 4), seg=torch.ones(200, 3, 4, 4))
+    DiffusionLoss(make_schedule(), cond_drop_prob=0.3, null_cond={"seg": torch.zeros_like})(
+        lambda x, t, c: seen.append(c) or x[:, :1], _noise((200, 1, 4, 4)), cond)
+    dropped = (seen[-1].seg.flatten(1) == 0).all(1)
+    assert 0.2 < dropped.float().mean() < 0.4 and (seen[-1].concat == 1).all()
+
+
+@needs_einops
+def test_conditioned_denoiser_routes_every_part():
+    torch.manual_seed(0)
+    unet = build_unet(2, 1 + 2, 1, label_nc=3, num_class_embeds=4, with_conditioning=True, cross_attention_dim=5,
+                      **{**_TINY_UNET, "attention_levels": (False, True), "num_head_channels": 4})
+    for parameter in unet.parameters():  # MONAI zero-initialises output layers: give every path a weight
+        torch.nn.init.normal_(parameter, std=0.2)
+    model = ConditionedDenoiser(unet)
+    cond = Condition(concat=torch.randn(2, 2, 8, 8), seg=torch.ones(2, 3, 8, 8) / 3, class_labels=torch.tensor([1, 2]),
+                     vector=torch.randn(2, 5))
+    x, t = _noise((2, 1, 8, 8)), torch.tensor([10, 900])
+    with torch.no_grad():
+        out = model(x, t, cond)
+        assert out.shape == (2, 1, 8, 8)
+        for part, other in [("concat", torch.zeros(2, 2, 8, 8)), ("seg", torch.zeros(2, 3, 8, 8)),
+                            ("class_labels", torch.tensor([3, 3])), ("vector", torch.zeros(2, 5))]:
+            assert not torch.allclose(model(x, t, cond.replace(**{part: other})), out), part
+    with pytest.raises(TypeError, match="tensor_as"):
+        model(x, t, torch.zeros(2, 3, 8, 8))
+
+
+# --- patch-wise denoising ------------------------------------------------------------------------
+
+
+def test_patchwise_denoiser_is_exact_for_a_pointwise_model():
+    # A voxel-wise model gives the same answer in every patch: the blend must reproduce it exactly.
+    def model(x, t, cond):
+        return x * 2 + cond[:, :1] + t.view(-1, 1, 1, 1, 1)
+
+    x, cond = torch.randn(2, 1, 12, 10, 16), torch.randn(2, 3, 12, 10, 16)
+    t = torch.tensor([5, 5])
+    patched = PatchwiseDenoiser(model, (8, 8, 8), overlap=0.5, batch_size=3)(x, t, cond)
+    assert torch.allclose(patched, model(x, t, cond), atol=1e-5)
+    with pytest.raises(MedsynthError, match="larger than the volume"):
+        PatchwiseDenoiser(model, (16, 8, 8))(x, t, cond)
+
+
+def test_patchwise_denoiser_splits_a_structured_condition():
+    def model(x, t, cond):  # voxel-wise in the spatial parts, per item in the class label
+        return x + cond.seg[:, :1] - cond.concat[:, 1:] + cond.class_labels.view(-1, 1, 1, 1, 1)
+
+    x = torch.randn(2, 1, 12, 10, 16)
+    cond = Condition(seg=torch.randn(2, 2, 12, 10, 16), concat=torch.randn(2, 2, 12, 10, 16), class_labels=torch.tensor([1, 4]))
+    patched = PatchwiseDenoiser(model, (8, 8, 8), overlap=0.5, batch_size=2)(x, torch.tensor([5, 5]), cond)
+    assert torch.allclose(patched, model(x, None, cond), atol=1e-5)

@@ -18,7 +18,8 @@ from medsynth.data.datasets import PreparedDataset
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.evaluate.segmentation import seam_score, sliding_window_borders
 from medsynth.nets.patch_embedding import coordinate_channels, patch_coordinates
-from medsynth.recipes.sdm import PatchwiseDenoiser, SDMRecipe, downsample_image, low_res_affine, upsample_image
+from medsynth.diffusion.cascade import downsample_image, low_res_affine, upsample_image
+from medsynth.recipes.sdm import SDMRecipe
 
 # 16^3 prepared volumes; the low stage works on 8^3 (low_res_factor 2), the high stage on 8^3 patches.
 TINY = ["model.channels=[8, 16]", "model.attention_levels=[false, false]", "model.norm_num_groups=4",
@@ -61,19 +62,6 @@ def test_coordinate_channels():
     assert coords.shape == (3, 4, 5, 1)
     assert coords[0, 0, 0, 0] == -1 and coords[0, -1, 0, 0] == 1 and coords[1, 0, -1, 0] == 1 and (coords[2] == 0).all()
     assert torch.equal(patch_coordinates((8, 8, 8), (2, 4, 0), (4, 4, 8)), coordinate_channels((8, 8, 8))[:, 2:6, 4:8, 0:8])
-
-
-def test_patchwise_denoiser_is_exact_for_a_pointwise_model():
-    # A voxel-wise model gives the same answer in every patch: the blend must reproduce it exactly.
-    def model(x, t, cond):
-        return x * 2 + cond[:, :1] + t.view(-1, 1, 1, 1, 1)
-
-    x, cond = torch.randn(2, 1, 12, 10, 16), torch.randn(2, 3, 12, 10, 16)
-    t = torch.tensor([5, 5])
-    patched = PatchwiseDenoiser(model, (8, 8, 8), overlap=0.5, batch_size=3)(x, t, cond)
-    assert torch.allclose(patched, model(x, t, cond), atol=1e-5)
-    with pytest.raises(MedsynthError, match="larger than the volume"):
-        PatchwiseDenoiser(model, (16, 8, 8))(x, t, cond)
 
 
 def test_low_stage_samples_label_map_with_its_affine(low_run, raw, tmp_path):
@@ -153,7 +141,7 @@ def test_high_stage_patched_sampling_is_seamless(high_run, prepared):
     starts = [(x, y, z) for x in (0, 8) for y in (0, 8) for z in (0, 8)]
     for k, start in enumerate(starts):
         window = (slice(None), slice(None), *(slice(s, s + p) for s, p in zip(start, patch)))
-        tiles[window] = recipe.to_units(module.generate(labels[window], [k], settings, reference[window]), module)
+        tiles[window] = recipe.to_units(module.volumes(labels[window], [k], settings, reference[window]), module)
     tiled = seam_score(tiles[0], sliding_window_borders(volume.shape[1:], patch, 0.0))
     assert tiled["ratio"] > 1.1, tiled
 
@@ -170,7 +158,8 @@ def test_init_fine_tunes_from_weights(prepared, low_run, tmp_path):
 
 def test_evaluate_and_report(low_run, high_run):
     metrics = api.evaluate(low_run.path)
-    for key in ("segmenter_dice_real", "segmenter_dice_generated", "memorisation_max_ssim", "intensity_real_per_label"):
+    for key in ("segmenter_dice_real", "segmenter_dice_generated", "memorisation_max_ssim", "intensity_real_per_label",
+                "memorisation_max_ssim_real_reference", "memorisation_real_test_max_ssim", *SDMRecipe.headline_metrics):
         assert key in metrics
     assert "coronary" in metrics["segmenter_dice_generated_per_class"] and metrics["intensity_units"] == "HU"
     report = api.report(low_run.path).read_text()

@@ -46,6 +46,9 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
     log_every_n_steps: int = Field(10, ge=1)
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
+    accumulate_grad_batches: int = Field(1, ge=1, description="batches whose gradients are summed per optimiser step")
+    checkpoint_every_n_steps: int | None = Field(
+        None, ge=1, description="also save checkpoints/last.ckpt every N optimiser steps (epochs of hours); None: per epoch only")
 
 
 class RecipeConfig(StrictModel):

@@ -82,19 +82,34 @@ class MedsynthModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss", progress: bool = True,
-                  extra_callbacks: list[Callback] | None = None) -> L.Trainer:
-    """A Trainer writing into the run directory (checkpoints, TensorBoard)."""
+def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss", monitor_mode: str = "min",
+                  progress: bool = True, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    """A Trainer writing into the run directory (checkpoints, TensorBoard).
+
+    Args:
+        train: the loop settings (epochs, precision, devices, accumulation, step checkpoints).
+        run: the run directory.
+        monitor: the logged metric that picks ``best.ckpt`` (None: no best checkpoint).
+        monitor_mode: ``"min"`` or ``"max"`` (the recipe's ``monitor_mode``).
+        progress: show a progress bar.
+        extra_callbacks: the recipe's own callbacks (``Recipe.callbacks(config)``).
+    """
+    if monitor_mode not in ("min", "max"):
+        raise ValueError(f"monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
     checkpoint = ModelCheckpoint(
-        dirpath=run.checkpoints, filename="best", monitor=monitor, mode="min",
+        dirpath=run.checkpoints, filename="best", monitor=monitor, mode=monitor_mode,
         save_top_k=1 if monitor else 0, save_last=True, every_n_epochs=1, enable_version_counter=False,
     )
     callbacks: list[Callback] = [checkpoint, RNGStateCallback(), LearningRateMonitor(logging_interval="epoch")]
+    if train.checkpoint_every_n_steps is not None:
+        # A second checkpoint callback that only refreshes last.ckpt, every N optimiser steps.
+        callbacks.append(ModelCheckpoint(dirpath=run.checkpoints, save_top_k=0, save_last=True,
+                                         every_n_train_steps=train.checkpoint_every_n_steps, enable_version_counter=False))
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if train.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=train.ema_decay))
-    callbacks.extend(extra_callbacks or [])
+    callbacks.extend(extra_callbacks)
     return L.Trainer(
         default_root_dir=run.path,
         max_epochs=train.max_epochs,
@@ -104,6 +119,7 @@ def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss"
         strategy=train.strategy,
         precision=train.precision,
         gradient_clip_val=train.grad_clip,
+        accumulate_grad_batches=train.accumulate_grad_batches,
         logger=TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],

@@ -5,41 +5,59 @@
 - :mod:`.objectives`: :class:`DiffusionLoss` (MSE on the target, improved DDPM's hybrid loss,
   condition dropout for classifier-free guidance).
 - :mod:`.samplers`: DDPM, DDIM, DPM-Solver++(2M), rectified flow; one signature.
-- :mod:`.guidance`: classifier-free guidance as a model wrapper.
-- :mod:`.unet`: MONAI's diffusion UNets as denoisers ``model(x_t, t, cond)``.
+- :mod:`.sampling`: the ``SAMPLERS`` registry, :class:`SamplerConfig` (every diffusion recipe's
+  ``sample`` section) and :func:`run_sampler`.
+- :mod:`.condition`: :class:`Condition`, a structured condition (concat, seg, class labels, vector).
+- :mod:`.guidance`: classifier-free guidance as a model wrapper; condition drop-out.
+- :mod:`.unet` / :mod:`.denoiser`: MONAI's diffusion UNets (:func:`build_unet`) as the
+  conditioned denoiser ``model(x_t, t, cond)``.
+- :mod:`.patches`: patch-wise denoising of whole volumes.
+- :mod:`.module`: :class:`DiffusionModule`, the generic LightningModule.
 
 EMA weights: Lightning's ``EMAWeightAveraging`` callback. Precision: Lightning's ``precision``
 flag (bf16-mixed); samplers and the loss keep their arithmetic in float32 or wider.
+
+Names are exported lazily (module ``__getattr__``): the CLI imports ``medsynth.diffusion.sampling``
+at parse time, and that must not pull MONAI or Lightning in through this package.
 """
 
-from medsynth.diffusion.guidance import classifier_free_guidance, drop_condition, null_condition
-from medsynth.diffusion.objectives import DiffusionLoss, vlb_terms
-from medsynth.diffusion.samplers import (
-    Denoiser,
-    sample_ddim,
-    sample_ddpm,
-    sample_dpmpp_2m,
-    sample_rflow,
-    spaced_timesteps,
-)
-from medsynth.diffusion.schedule import FlowSchedule, NoiseSchedule, make_schedule
-from medsynth.diffusion.unet import MonaiDenoiser, build_unet
+from __future__ import annotations
 
-__all__ = [
-    "Denoiser",
-    "DiffusionLoss",
-    "FlowSchedule",
-    "MonaiDenoiser",
-    "NoiseSchedule",
-    "build_unet",
-    "classifier_free_guidance",
-    "drop_condition",
-    "make_schedule",
-    "null_condition",
-    "sample_ddim",
-    "sample_ddpm",
-    "sample_dpmpp_2m",
-    "sample_rflow",
-    "spaced_timesteps",
-    "vlb_terms",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Condition": "condition",
+    "ConditionedDenoiser": "denoiser",
+    "Denoiser": "samplers",
+    "DiffusionLoss": "objectives",
+    "DiffusionModule": "module",
+    "FlowSchedule": "schedule",
+    "NoiseSchedule": "schedule",
+    "PatchwiseDenoiser": "patches",
+    "SAMPLERS": "sampling",
+    "SamplerConfig": "sampling",
+    "build_unet": "unet",
+    "classifier_free_guidance": "guidance",
+    "drop_condition": "guidance",
+    "make_schedule": "schedule",
+    "null_condition": "guidance",
+    "run_sampler": "sampling",
+    "sample_ddim": "samplers",
+    "sample_ddpm": "samplers",
+    "sample_dpmpp_2m": "samplers",
+    "sample_rflow": "samplers",
+    "spaced_timesteps": "samplers",
+    "vlb_terms": "objectives",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medsynth.diffusion' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"medsynth.diffusion.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

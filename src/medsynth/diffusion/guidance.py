@@ -10,42 +10,56 @@ condition for a random part of the batch (used by ``DiffusionLoss(cond_drop_prob
 
 The null condition is given either as a tensor broadcast to the condition's shape (a null class
 index ``torch.tensor(num_classes)``) or as a function of the condition (``torch.zeros_like`` for
-an empty SPADE label map).
+an empty SPADE label map). A structured :class:`~medsynth.diffusion.condition.Condition` takes a
+mapping ``{part: null}``: the parts it names are nulled, the others kept.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
+from medsynth.diffusion.condition import Condition, NullPart, NullParts, check_null_parts, null_part
 from medsynth.diffusion.samplers import Denoiser
 from medsynth.errors import MedsynthError
 
-NullCondition = Union[Tensor, Callable[[Tensor], Tensor]]
+# A tensor condition's null (tensor or function of it), or a Condition's {part: null} mapping.
+NullCondition = Union[NullPart, NullParts]
+AnyCondition = Union[Tensor, Condition]
 
 
-def null_condition(cond: Tensor, null_cond: NullCondition) -> Tensor:
-    """The null condition for a batch, same shape, dtype and device as ``cond``."""
-    if callable(null_cond):
-        return null_cond(cond)
-    return null_cond.to(device=cond.device, dtype=cond.dtype).expand_as(cond)
+def null_condition(cond: AnyCondition, null_cond: NullCondition) -> AnyCondition:
+    """The null condition for a batch, same shape, dtype and device as ``cond`` (part by part)."""
+    if isinstance(cond, Condition):
+        check_null_parts(cond, null_cond)
+        return cond.replace(**{name: null_part(value, null_cond[name]) for name, value in cond.parts().items() if name in null_cond})
+    return null_part(cond, null_cond)
 
 
-def drop_condition(cond: Tensor, null_cond: NullCondition, drop: Tensor) -> Tensor:
+def drop_condition(cond: AnyCondition, null_cond: NullCondition, drop: Tensor) -> AnyCondition:
     """Replaces the condition of the samples where ``drop`` is True by the null condition.
 
     Args:
-        cond: the batch's conditions, shape (B, ..).
-        null_cond: the null condition (tensor or function of ``cond``).
+        cond: the batch's conditions, a tensor (B, ..) or a :class:`Condition`.
+        null_cond: the null condition (tensor or function of ``cond``; ``{part: null}`` for a Condition).
         drop: shape (B,), bool.
 
     Returns:
-        The conditions, shape (B, ..).
+        The conditions, same type and shapes as ``cond``.
     """
+    if isinstance(cond, Condition):
+        check_null_parts(cond, null_cond)
+        return cond.replace(**{name: drop_condition(value, null_cond[name], drop)
+                               for name, value in cond.parts().items() if name in null_cond})
     mask = drop.to(cond.device).reshape(drop.shape + (1,) * (cond.ndim - 1))
-    return torch.where(mask, null_condition(cond, null_cond), cond)
+    return torch.where(mask, null_part(cond, null_cond), cond)
+
+
+def cat_conditions(first: AnyCondition, second: AnyCondition) -> AnyCondition:
+    """Two batches' conditions joined along the batch (tensors or Conditions)."""
+    return Condition.cat([first, second]) if isinstance(first, Condition) else torch.cat([first, second])
 
 
 def classifier_free_guidance(
@@ -77,7 +91,7 @@ def classifier_free_guidance(
     def guided(x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         if cond is None:
             raise ValueError("classifier-free guidance needs a condition, got None")
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null_condition(cond, null_cond)]))
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditions(cond, null_condition(cond, null_cond)))
         out_cond, out_null = out.chunk(2)
         c = x_t.shape[1] if learn_sigma else out_cond.shape[1]  # channels to guide
         # eps = eps(x | y) + s (eps(x | y) - eps(x | none))

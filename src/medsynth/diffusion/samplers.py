@@ -7,7 +7,9 @@
   wrapped model (:func:`medsynth.diffusion.guidance.classifier_free_guidance`), not a flag here.
 - ``x`` is the initial noise x_T, shape (B, C, *S): draw it from the same ``generator``.
 - ``generator`` supplies every noise draw inside (DDPM, DDIM with eta > 0): the same generator
-  state gives bit-identical samples on the same machine and library versions.
+  state gives bit-identical samples on the same machine and library versions. A list of
+  generators, one per batch item, makes each item's draws its own (the same volume alone or in a
+  batch; :func:`medsynth.seeds.item_generators`).
 - ``callback(i, t, x, x0)`` runs after step i with the timestep the model saw (0-dim), the new
   sample and the model's estimate of x_0; it observes and returns nothing.
 - The return value is always the final sample, shape (B, C, *S).
@@ -25,14 +27,18 @@ and keep x in float32; the update maths then stays in float32 with float64 coeff
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Sequence
+from typing import Any, Callable, Iterator, Protocol, Union
 
 import torch
 from torch import Tensor
 
 from medsynth.diffusion.schedule import FlowSchedule, NoiseSchedule, broadcast
+from medsynth.seeds import item_noise
 
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
+# One generator for the batch, or one per item (batch-independent samples, see medsynth.seeds).
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 class Denoiser(Protocol):
@@ -72,8 +78,13 @@ def _predict(
     return x0, eps, var_values
 
 
-def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+def _noise(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like x: from one generator, or item i from ``generator[i]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per item")
+    return item_noise(x.shape[1:], generator, x.dtype).to(x.device)
 
 
 def sample_ddpm(
@@ -83,7 +94,7 @@ def sample_ddpm(
     cond: Any = None,
     *,
     steps: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2), strided as in improved DDPM (sec. 4).
@@ -127,7 +138,7 @@ def sample_ddim(
     *,
     steps: int = 50,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021): deterministic for ``eta = 0``, DDPM-like for ``eta = 1``.
@@ -171,7 +182,7 @@ def sample_dpmpp_2m(
     cond: Any = None,
     *,
     steps: int = 20,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M): multistep second-order solver of the diffusion ODE in data prediction.
@@ -225,7 +236,7 @@ def sample_rflow(
     cond: Any = None,
     *,
     steps: int = 30,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Rectified flow: Euler steps on the predicted velocity v = x_0 - eps (Liu et al. 2022).

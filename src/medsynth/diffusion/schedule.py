@@ -30,8 +30,6 @@ import math
 from typing import Literal
 
 import torch
-from monai.networks.schedulers import NoiseSchedules, RFlowScheduler
-from monai.networks.schedulers.rectified_flow import timestep_transform
 from torch import Tensor
 
 Prediction = Literal["epsilon", "sample", "v_prediction", "flow"]
@@ -222,6 +220,8 @@ class FlowSchedule:
         base_img_size_numel: int = 32 * 32 * 32,
         spatial_dims: int = 3,
     ):
+        from monai.networks.schedulers import RFlowScheduler  # on use: `import medsynth.diffusion.sampling` stays MONAI-free
+
         self.scheduler = RFlowScheduler(
             num_train_timesteps=num_train_timesteps,
             use_discrete_timesteps=use_discrete_timesteps,
@@ -250,6 +250,8 @@ class FlowSchedule:
         if sched.use_discrete_timesteps:
             t = t.long()
         if sched.use_timestep_transform:
+            from monai.networks.schedulers.rectified_flow import timestep_transform
+
             t = timestep_transform(
                 t,
                 input_img_size_numel=math.prod(x0.shape[2:]),
@@ -326,6 +328,8 @@ def make_schedule(
         return FlowSchedule(num_train_timesteps, **schedule_args)  # type: ignore[arg-type]
     if kind not in _MONAI_BETAS:
         raise ValueError(f"schedule kind must be one of {(*_MONAI_BETAS, 'rflow')}, got {kind!r}")
+    from monai.networks.schedulers import NoiseSchedules  # on use, as in FlowSchedule
+
     betas = NoiseSchedules[_MONAI_BETAS[kind]](num_train_timesteps, **schedule_args)
     if isinstance(betas, tuple):  # MONAI's cosine returns (betas, alphas, alphas_cumprod)
         betas = betas[0]

@@ -1,10 +1,9 @@
-"""MONAI's diffusion UNets as medsynth denoisers.
+"""MONAI's diffusion UNets for medsynth's denoisers.
 
 :func:`build_unet` makes a ``DiffusionModelUNet`` or, with a label map (``label_nc``), a
-``SPADEDiffusionModelUNet``, with twice the output channels for a learned variance and PyTorch's
-fused attention (``scaled_dot_product_attention``: flash / memory-efficient kernels where the
-device has them) on by default. :class:`MonaiDenoiser` adapts either to the samplers' and loss's
-signature ``model(x_t, t, cond)``.
+``SPADEDiffusionModelUNet``, with PyTorch's fused attention (``scaled_dot_product_attention``:
+flash / memory-efficient kernels where the device has them) on by default. Wrap it in
+:class:`medsynth.diffusion.denoiser.ConditionedDenoiser` for the samplers and the loss.
 
 Gradient checkpointing: MONAI 1.6's diffusion UNets do not offer it (only ``AutoencoderKL`` and
 its SPADE variant have ``use_checkpoint``), and wrapping their blocks from outside would change
@@ -13,17 +12,15 @@ the state-dict keys; save memory with bf16, flash attention, latents or patches 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from monai.networks.nets import DiffusionModelUNet, SPADEDiffusionModelUNet
-from torch import Tensor, nn
-
-CondArg = Literal["class_labels", "seg", "context"]
 
 
 def build_unet(
     spatial_dims: int,
     in_channels: int,
+    out_channels: int,
     *,
     learn_sigma: bool = False,
     label_nc: int | None = None,
@@ -34,7 +31,8 @@ def build_unet(
 
     Args:
         spatial_dims: 2 or 3.
-        in_channels: channels C of x_t.
+        in_channels: the UNet's input channels: x_t's channels plus any concatenated condition.
+        out_channels: channels C of the prediction (x_t's channels).
         learn_sigma: output 2C channels (prediction, variance values) instead of C.
         label_nc: number of label-map channels: a SPADE UNet conditioned on ``seg``.
         use_flash_attention: use PyTorch's fused attention (same weights and maths; at 64^3 on a
@@ -43,34 +41,11 @@ def build_unet(
             ``num_res_blocks``, ``num_class_embeds``, ``with_conditioning``, ...).
 
     Returns:
-        The network; wrap it in :class:`MonaiDenoiser` for the samplers.
+        The network.
     """
-    out_channels = 2 * in_channels if learn_sigma else in_channels
-    common = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+    common = dict(spatial_dims=spatial_dims, in_channels=in_channels,
+                  out_channels=2 * out_channels if learn_sigma else out_channels,
                   use_flash_attention=use_flash_attention, **unet_args)
     if label_nc is None:
         return DiffusionModelUNet(**common)
     return SPADEDiffusionModelUNet(label_nc=label_nc, **common)
-
-
-class MonaiDenoiser(nn.Module):
-    """A MONAI diffusion UNet called as ``model(x_t, t, cond)``.
-
-    An ``nn.Module`` (not a closure) so that copies made for EMA or DDP carry their own weights.
-
-    Args:
-        unet: a ``DiffusionModelUNet`` or ``SPADEDiffusionModelUNet``.
-        cond_arg: the UNet argument the condition goes to: ``"class_labels"`` (class indices,
-            (B,)), ``"seg"`` (SPADE label map, (B, label_nc, *S)), ``"context"`` (cross-attention,
-            (B, N, D)); None for an unconditional UNet.
-    """
-
-    def __init__(self, unet: nn.Module, cond_arg: CondArg | None = None):
-        super().__init__()
-        self.unet = unet
-        self.cond_arg = cond_arg
-
-    def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """x_t (B, C, *S), t (B,), cond as ``cond_arg`` says -> output (B, C or 2C, *S)."""
-        kwargs = {} if self.cond_arg is None else {self.cond_arg: cond}
-        return self.unet(x_t, t, **kwargs)

@@ -11,6 +11,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from medsynth.config import RecipeConfig
+from medsynth.data.io import READABLE_SUFFIXES, suffix_of
+from medsynth.errors import BadInputError
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.training import MedsynthModule
@@ -65,3 +67,21 @@ class Recipe(ABC):
     def report_sections(self, run: Run, module: MedsynthModule) -> list[ReportSection]:
         """Recipe-specific blocks of the report (figures, grids)."""
         return []
+
+
+def condition_files(condition: Path) -> list[Path]:
+    """``SampleRequest.condition``: a file, or the readable files in a folder (sorted by name)."""
+    if condition.is_dir():
+        files = sorted(p for p in condition.iterdir() if p.is_file() and suffix_of(p) in READABLE_SUFFIXES)
+        if not files:
+            raise BadInputError(condition, "folder holds no readable condition files")
+        return files
+    if not condition.exists():
+        raise BadInputError(condition, "file not found")
+    return [condition]
+
+
+def condition_name(path: Path) -> str:
+    """A conditioning file's name without its (possibly double) suffix: ``case_001.nii.gz`` -> ``case_001``."""
+    suffix = suffix_of(path)
+    return path.name[: -len(suffix)] if suffix and path.name.lower().endswith(suffix) else path.stem

@@ -1,84 +1,65 @@
 """Recipe ``sdm``: 3D CT synthesis from a semantic label map (SPADE) with classifier-free guidance.
 
-Two stages, each a run of its own (``medsynth train sdm --stage low|high``):
+Two stages, each a run of its own (``--stage low|high``) and a small object below that says its
+conditions, training pair, sampling grid and checks:
 
 - **low**: the whole volume at low resolution (the prepared volume average-pooled by
-  ``model.low_res_factor``; 64^3 in the CTCA original, 16^3-24^3 in the CPU configs), a MONAI
-  ``SPADEDiffusionModelUNet`` conditioned on the one-hot label map.
-- **high**: patches of the prepared (high-resolution) volume. The UNet's input is the noisy patch,
-  the matching crop of the *reference* (the low-resolution volume upsampled back to the high-res
-  grid) and the patch's position (normalised whole-volume voxel coordinates, see
-  :mod:`medsynth.nets.patch_embedding`); the label-map patch conditions it through SPADE. At
-  sampling time the whole volume is denoised at once: every sampler step splits ``x_t`` into
-  overlapping patches, the model answers per patch, and the answers are blended with Gaussian
-  weights before the step (:class:`PatchwiseDenoiser`), so volumes larger than any training patch
-  come out without seams (the original stitched 16-slice slabs by histogram matching).
+  ``model.low_res_factor``), a SPADE diffusion UNet conditioned on the one-hot label map.
+- **high**: patches of the prepared volume. The UNet's input is the noisy patch, the matching crop
+  of the *reference* (the low-res volume upsampled back) and the patch's position (whole-volume
+  coordinates, :mod:`medsynth.nets.patch_embedding`); the label-map patch goes to SPADE. Sampling
+  denoises the whole volume patch by patch at every step (:mod:`medsynth.diffusion.patches`), so
+  volumes larger than any training patch come out without seams.
 
-Conditioning and guidance: the condition is ``cat(one-hot label map, extra channels)``; the null
-condition of classifier-free guidance zeroes the label channels (an empty SPADE map) and keeps the
-reference and position. Training drops the label map with ``model.cond_drop_prob``; sampling
-guides with ``eps = eps(x|y) + s (eps(x|y) - eps(x|none))`` (``sample.guidance`` = s).
+Guidance: the null condition is an empty label map (reference and position kept); training drops
+the label map with ``model.cond_drop_prob``; ``sample.guidance`` is s in
+``eps = eps(x|y) + s (eps(x|y) - eps(x|none))``.
 
-Data: ``medsynth prepare --recipe sdm`` resamples to ``--spacing``, clips and scales the HU window
-to [0, 1] (``--normalize ct``; generated volumes are written back in HU; ``percentile`` also works)
-and crops/pads to ``--size`` around the label map's foreground, keeping the spacing. The rest is
-done on the fly from the prepared case, so no extra files are needed: label values are remapped
-to contiguous classes (``model.label_values``), the low-resolution volumes and label maps are
-average-pooled (labels by majority vote), and the high stage's reference is the pooled volume
-upsampled back (trilinear).
+Data: ``medsynth prepare --recipe sdm`` (HU window to [0, 1], crop/pad around the labels); label
+values are remapped to contiguous classes (``model.label_values``), low-res volumes and label maps
+are average-pooled (labels by majority vote) on the fly.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.data.utils import compute_importance_map
-from monai.inferers import SlidingWindowSplitter
-from monai.networks.nets import SPADEDiffusionModelUNet
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from medsynth.config import RecipeConfig, StrictModel, read_yaml, validate_config
-from medsynth.data.datasets import PreparedDataModule, PreparedDataset, load_prepared_info, load_prepared_manifest
-from medsynth.data.io import READABLE_SUFFIXES, load_image, save_image, suffix_of
-from medsynth.diffusion import (
-    DiffusionLoss,
-    FlowSchedule,
-    classifier_free_guidance,
-    make_schedule,
-    sample_ddim,
-    sample_ddpm,
-    sample_dpmpp_2m,
-    sample_rflow,
-)
+from medsynth.config import RecipeConfig, StrictModel
+from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_prepared_manifest, load_split, stack_items
+from medsynth.data.io import load_image, save_image
+from medsynth.diffusion.cascade import downsample_image, downsample_labels, low_res_affine, one_hot, upsample_image
+from medsynth.diffusion.condition import Condition
+from medsynth.diffusion.denoiser import ConditionedDenoiser
+from medsynth.diffusion.module import DiffusionModule
+from medsynth.diffusion.patches import PatchwiseDenoiser
+from medsynth.diffusion.samplers import Denoiser
+from medsynth.diffusion.sampling import SamplerConfig
+from medsynth.diffusion.schedule import make_schedule
+from medsynth.diffusion.unet import build_unet
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.nets.patch_embedding import coordinate_channels
-from medsynth.recipes.base import Recipe, SampleRequest
+from medsynth.recipes.base import Recipe, SampleRequest, condition_files, condition_name
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
-from medsynth.training import MedsynthModule, load_module
+from medsynth.seeds import item_seeds
+from medsynth.training import load_module
 
-Stage = Literal["low", "high"]
-SamplerName = Literal["ddpm", "ddim", "dpmpp", "rflow"]
-DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp": 20, "rflow": 30}  # None: all T steps
 POSITION_CHANNELS = 3
-
-
-# -- configuration ------------------------------------------------------------------------------
 
 
 class SDMModelConfig(StrictModel):
     """Network, schedule and stage. ``image_shape``, ``classes``, ``label_values``,
     ``reference_affine`` and ``intensity_window`` are filled from the prepared data."""
 
-    stage: Stage = Field("low", description="low: whole low-res volume; high: high-res patches + low-res reference")
+    stage: Literal["low", "high"] = Field("low", description="low: whole low-res volume; high: high-res patches + low-res reference")
     image_shape: list[int] | None = Field(None, description="prepared (high-res) volume shape")
     classes: list[str] = []
     label_values: list[int] = Field([], description="label value of each class index (contiguous remapping)")
@@ -104,13 +85,9 @@ class SDMDataConfig(StrictModel):
     patches_per_volume: int = Field(4, ge=1, description="high stage: random patches drawn from each volume of a batch")
 
 
-class SDMSampleConfig(StrictModel):
-    sampler: SamplerName = "dpmpp"
-    steps: int | None = Field(None, ge=1, description="None: ddpm all T, ddim 50, dpmpp 20, rflow 30")
-    guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale s (0: plain conditional model)")
+class SDMSampleConfig(SamplerConfig):
     patch_overlap: float = Field(0.5, ge=0, lt=1, description="high stage: overlap of neighbouring patches (share of the patch)")
-    patch_batch: int = Field(8, ge=1, description="high stage: patches per forward pass")
-    batch_size: int = Field(4, ge=1, description="volumes per sampler call")
+    patch_batch: int = Field(8, ge=1, description="high stage: patch locations per forward pass")
     low_res_run: str | None = Field(None, description="high stage: the low-res run that makes the references")
 
 
@@ -129,258 +106,186 @@ class SDMConfig(RecipeConfig):
     evaluate: SDMEvaluateConfig = SDMEvaluateConfig()
 
 
-# -- tensors: label maps, resolutions, intensities ------------------------------------------------
+# -- the two stages ---------------------------------------------------------------------------------
 
 
-def one_hot(labels: Tensor, num_classes: int) -> Tensor:
-    """Class indices ``(B, 1, *S)`` to a one-hot map ``(B, num_classes, *S)`` (float32)."""
-    return F.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).float()
+class LowStage:
+    """The whole volume on the low-res grid (prepared grid / ``low_res_factor``), label map to SPADE."""
+
+    concat_channels = 0  # channels concatenated to x_t
+
+    def __init__(self, config: SDMConfig):
+        self.config, self.model, self.num_classes = config, config.model, len(config.model.classes)
+        self.multiple = 2 ** (len(self.model.channels) - 1)  # the UNet's total stride
+
+    @property
+    def grid_factor(self) -> int:
+        """Prepared grid / generated grid."""
+        return self.model.low_res_factor
+
+    def resolve_patch(self, shape: list[int], data_dir: Path) -> list[int] | None:
+        low = [s // self.model.low_res_factor for s in shape]
+        if any(s % self.multiple for s in low):
+            raise MedsynthError(f"sdm: low-res shape {low} must be divisible by {self.multiple} "
+                                f"(2^(levels-1) for model.channels {self.model.channels})")
+        return self.model.patch_size
+
+    def check_shape(self, path: Path | str, shape: tuple[int, ...]) -> None:
+        need = self.model.low_res_factor * self.multiple
+        if any(s % need for s in shape):
+            raise BadInputError(path, f"label map shape {list(shape)} must be divisible by {need} (low_res_factor x network stride)")
+
+    def condition(self, labels: Tensor, reference: Tensor | None = None) -> Condition:
+        """Class indices ``(B, 1, *S)`` on the prepared grid -> the low-res one-hot label map."""
+        return Condition(seg=one_hot(downsample_labels(labels, self.num_classes, self.grid_factor), self.num_classes))
+
+    def training_pair(self, image: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Condition]:
+        return downsample_image(image, self.grid_factor) * 2 - 1, self.condition(labels)
+
+    def denoiser(self, model: Denoiser, settings: SDMSampleConfig) -> Denoiser:
+        return model
+
+    def reference(self, recipe: SDMRecipe, module: SDMModule, labels: Tensor, seeds: Sequence[int],
+                  given: Tensor | None) -> Tensor | None:
+        return None
+
+    def evaluation_reference(self, module: SDMModule, images: Tensor) -> tuple[Tensor | None, str | None]:
+        return None, None
+
+    def extra_metrics(self, generated: Tensor, kind: str | None) -> dict[str, Any]:
+        return {}
 
 
-def downsample_image(image: Tensor, factor: int) -> Tensor:
-    """Average pooling ``(B, C, *S) -> (B, C, *S / factor)``: the low-res volume."""
-    return image if factor == 1 else F.avg_pool3d(image, factor)
+class HighStage(LowStage):
+    """Patches of the prepared grid; x_t concatenated with the reference (and position), label map to SPADE."""
+
+    def __init__(self, config: SDMConfig):
+        super().__init__(config)
+        self.concat_channels = 1 + (POSITION_CHANNELS if self.model.position_channels else 0)
+
+    @property
+    def grid_factor(self) -> int:
+        return 1
+
+    def resolve_patch(self, shape: list[int], data_dir: Path) -> list[int]:
+        m = self.multiple
+        patch = self.model.patch_size or [max(m, (s // 2) // m * m) for s in shape]
+        if len(patch) != 3:
+            raise MedsynthError(f"sdm: model.patch_size needs 3 sizes, got {patch}")
+        if any(p > s for p, s in zip(patch, shape)):
+            raise MedsynthError(f"sdm: model.patch_size {patch} is larger than the volume {shape} ({data_dir})")
+        if any(p % m for p in patch):
+            raise MedsynthError(f"sdm: model.patch_size {patch} must be divisible by {m} (2^(levels-1) for model.channels)")
+        return patch
+
+    def check_shape(self, path: Path | str, shape: tuple[int, ...]) -> None:
+        if any(s < p for s, p in zip(shape, self.model.patch_size)):
+            raise BadInputError(path, f"patch size {self.model.patch_size} is larger than the volume {list(shape)}")
+        if any(s % self.model.low_res_factor for s in shape):
+            raise BadInputError(path, f"label map shape {list(shape)} must be divisible by low_res_factor {self.model.low_res_factor}")
+
+    def condition(self, labels: Tensor, reference: Tensor | None = None) -> Condition:
+        """Class indices and reference ``(B, 1, *S)`` in [-1, 1] -> label map, reference + position."""
+        if reference is None:
+            raise MedsynthError("sdm high stage: sampling needs a low-res reference (sample.low_res_run)")
+        concat = [reference]
+        if self.model.position_channels:
+            coords = coordinate_channels(labels.shape[2:], device=labels.device)
+            concat.append(coords.expand(len(labels), *coords.shape))
+        return Condition(seg=one_hot(labels, self.num_classes), concat=torch.cat(concat, dim=1))
+
+    def training_pair(self, image: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Condition]:
+        """``data.patches_per_volume`` random patches per volume, the same windows of x_0 and every condition."""
+        factor = self.model.low_res_factor
+        x0, cond = image * 2 - 1, self.condition(labels, upsample_image(downsample_image(image, factor), factor) * 2 - 1)
+        windows = []
+        for b in [b for b in range(len(x0)) for _ in range(self.config.data.patches_per_volume)]:
+            starts = [int(torch.randint(0, s - p + 1, (), generator=generator)) for s, p in zip(x0.shape[2:], self.model.patch_size)]
+            windows.append((b, slice(None), *(slice(s, s + p) for s, p in zip(starts, self.model.patch_size))))
+        return torch.stack([x0[w] for w in windows]), cond.map(lambda part: torch.stack([part[w] for w in windows]))
+
+    def denoiser(self, model: Denoiser, settings: SDMSampleConfig) -> Denoiser:
+        return PatchwiseDenoiser(model, self.model.patch_size, settings.patch_overlap, settings.patch_batch)
+
+    def reference(self, recipe: SDMRecipe, module: SDMModule, labels: Tensor, seeds: Sequence[int],
+                  given: Tensor | None) -> Tensor:
+        """The given references, or the low-res run's volumes for the label maps, upsampled."""
+        if given is not None:
+            return given
+        low = recipe.low_res_module(module)
+        return upsample_image(low.volumes(labels, seeds, low.config.sample), self.model.low_res_factor)
+
+    def evaluation_reference(self, module: SDMModule, images: Tensor) -> tuple[Tensor | None, str | None]:
+        if module.config.sample.low_res_run is not None:
+            return None, "low-res run (cascade)"
+        # no low-res run: judge the high stage alone, on the real volumes' low-res references
+        factor = self.model.low_res_factor
+        return upsample_image(downsample_image(images, factor), factor) * 2 - 1, \
+            "real volumes, average-pooled and upsampled (super-resolution)"
+
+    def extra_metrics(self, generated: Tensor, kind: str | None) -> dict[str, Any]:
+        from medsynth.evaluate.segmentation import seam_score, sliding_window_borders
+
+        borders = sliding_window_borders(generated.shape[2:], self.model.patch_size, self.config.sample.patch_overlap)
+        scores = [seam_score(volume, borders) for volume in generated]
+        return {"reference": kind, **{f"seam_{key}": float(np.mean([s[key] for s in scores]))
+                                      for key in ("step_at_borders", "step_inside", "ratio")}}
 
 
-def downsample_labels(labels: Tensor, num_classes: int, factor: int) -> Tensor:
-    """Majority vote in each ``factor^3`` block: class indices ``(B, 1, *S) -> (B, 1, *S / factor)``."""
-    if factor == 1:
-        return labels
-    return F.avg_pool3d(one_hot(labels, num_classes), factor).argmax(dim=1, keepdim=True)
-
-
-def upsample_image(image: Tensor, factor: int) -> Tensor:
-    """Trilinear upsampling ``(B, C, *S) -> (B, C, *S * factor)`` (the high stage's reference)."""
-    return image if factor == 1 else F.interpolate(image, scale_factor=factor, mode="trilinear", align_corners=False)
-
-
-def low_res_affine(affine: np.ndarray, factor: int) -> np.ndarray:
-    """Affine of the grid average-pooled by ``factor``: voxels ``factor`` times larger, centred on their blocks."""
-    scale = np.diag([factor, factor, factor, 1.0])
-    scale[:3, 3] = (factor - 1) / 2.0
-    return np.asarray(affine, dtype=np.float64) @ scale
-
-
-def _zero_labels(cond: Tensor, label_nc: int) -> Tensor:
-    """The null condition: an empty label map, the extra channels (reference, position) kept."""
-    return torch.cat([torch.zeros_like(cond[:, :label_nc]), cond[:, label_nc:]], dim=1)
-
-
-# -- networks -----------------------------------------------------------------------------------
-
-
-class SDMDenoiser(nn.Module):
-    """MONAI's SPADE diffusion UNet as ``model(x_t, t, cond)``.
-
-    ``cond`` is ``(B, label_nc + E, *S)``: the one-hot label map (to SPADE's ``seg``) followed by E
-    extra channels concatenated to ``x_t`` at the input (high stage: reference + position).
-    """
-
-    def __init__(self, unet: nn.Module, label_nc: int):
-        super().__init__()
-        self.unet = unet
-        self.label_nc = label_nc
-
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """x_t (B, 1, *S), t (B,), cond (B, label_nc + E, *S) -> prediction (B, 1, *S)."""
-        seg, extra = cond[:, : self.label_nc], cond[:, self.label_nc:]
-        x = torch.cat([x_t, extra.to(x_t.dtype)], dim=1) if extra.shape[1] else x_t
-        return self.unet(x, t, seg=seg)
-
-
-class PatchwiseDenoiser:
-    """A patch-wise denoiser applied to a whole volume, with the samplers' signature.
-
-    Every call (one sampler step) splits ``x_t`` and the spatial condition into overlapping
-    patches (MONAI ``SlidingWindowSplitter``, replicate padding where the grid overruns the
-    volume), evaluates ``model`` on batches of patches and merges the outputs with Gaussian
-    weights (MONAI ``compute_importance_map``), so the sampler's update is taken on one
-    consistent whole-volume prediction and neighbouring patches cannot drift apart.
-
-    Args:
-        model: ``model(x_t, t, cond)`` on patches (e.g. the guided :class:`SDMDenoiser`).
-        patch_size: the model's patch, per axis.
-        overlap: overlap of neighbouring patches, a share of the patch in [0, 1).
-        batch_size: patches per forward pass.
-    """
-
-    def __init__(self, model: Callable[[Tensor, Tensor, Tensor], Tensor], patch_size: Sequence[int],
-                 overlap: float = 0.5, batch_size: int = 8):
-        self.model = model
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.overlap = overlap
-        self.batch_size = batch_size
-
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """x_t (B, C, *S), t (B,), cond (B, K, *S) with S >= patch -> output (B, C_out, *S)."""
-        shape = tuple(x_t.shape[2:])
-        if any(s < p for s, p in zip(shape, self.patch_size)):
-            raise MedsynthError(f"patch size {list(self.patch_size)} is larger than the volume {list(shape)}")
-        channels = x_t.shape[1]
-        splitter = SlidingWindowSplitter(patch_size=self.patch_size, overlap=self.overlap, pad_mode="replicate")
-        inputs = torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
-        padded = splitter.get_padded_shape(inputs)
-        weight = compute_importance_map(self.patch_size, mode="gaussian", device=x_t.device, dtype=torch.float32)
-        total = torch.zeros(x_t.shape[0], 1, *padded, device=x_t.device)
-        merged: Tensor | None = None
-        batch = x_t.shape[0]
-        pending: list[tuple[Tensor, Sequence[int]]] = []
-
-        def flush() -> None:
-            nonlocal merged
-            patches = torch.cat([patch for patch, _ in pending])  # (k B, C + K, *P), location-major
-            out = self.model(patches[:, :channels], t.repeat(len(pending)), patches[:, channels:]).float()
-            if merged is None:
-                merged = torch.zeros(batch, out.shape[1], *padded, device=x_t.device)
-            for k, (_, location) in enumerate(pending):
-                window = (slice(None), slice(None), *(slice(s, s + p) for s, p in zip(location, self.patch_size)))
-                merged[window] += out[k * batch:(k + 1) * batch] * weight
-                total[window] += weight
-            pending.clear()
-
-        for patch, location in splitter(inputs):
-            pending.append((patch, location))
-            if len(pending) == self.batch_size:
-                flush()
-        if pending:
-            flush()
-        assert merged is not None
-        crop = (slice(None), slice(None), *(slice(0, s) for s in shape))
-        return (merged / total)[crop].to(x_t.dtype)
+STAGES: dict[str, type[LowStage]] = {"low": LowStage, "high": HighStage}
 
 
 # -- the LightningModule ------------------------------------------------------------------------
 
 
-class SDMModule(MedsynthModule):
-    """Denoising loss of one stage; the batch's label map, low-res volume, reference and patch are made here."""
+class SDMModule(DiffusionModule):
+    """The denoiser of one stage; the batch's label map, low-res volume, reference and patch are made by the stage."""
 
     config: SDMConfig
 
     def __init__(self, config: SDMConfig):
-        super().__init__(config)
         model = config.model
         if model.image_shape is None or not model.classes:
             raise MedsynthError("sdm: model.image_shape and model.classes are unset (train with --data)")
         if model.stage == "high" and model.patch_size is None:
             raise MedsynthError("sdm: model.patch_size is unset for the high stage (train with --data)")
-        self.label_nc = len(model.classes)
-        extra = 0 if model.stage == "low" else 1 + (POSITION_CHANNELS if model.position_channels else 0)
-        unet = SPADEDiffusionModelUNet(
-            spatial_dims=3, in_channels=1 + extra, out_channels=1, label_nc=self.label_nc,
+        stage = STAGES[model.stage](config)
+        unet = build_unet(
+            3, 1 + stage.concat_channels, 1, label_nc=len(model.classes),
             channels=tuple(model.channels), attention_levels=tuple(model.attention_levels),
             num_res_blocks=model.num_res_blocks, norm_num_groups=model.norm_num_groups,
             num_head_channels=model.num_head_channels, spade_intermediate_channels=model.spade_channels,
             use_flash_attention=model.use_flash_attention,
         )
-        self.net = SDMDenoiser(unet, self.label_nc)
-        self.schedule = make_schedule(model.schedule, model.num_train_timesteps,
-                                      prediction="flow" if model.schedule == "rflow" else model.prediction)
-        self.null_cond = functools.partial(_zero_labels, label_nc=self.label_nc)
-        self.loss = DiffusionLoss(self.schedule, cond_drop_prob=model.cond_drop_prob, null_cond=self.null_cond)
+        schedule = make_schedule(model.schedule, model.num_train_timesteps,
+                                 prediction="flow" if model.schedule == "rflow" else model.prediction)
+        # The null condition: an empty label map; the reference and position channels are kept.
+        super().__init__(config, ConditionedDenoiser(unet), schedule, model.cond_drop_prob, {"seg": torch.zeros_like})
+        self.stage = stage
         lut = torch.full((max(model.label_values) + 1,), -1, dtype=torch.long)
         lut[torch.tensor(model.label_values)] = torch.arange(len(model.label_values))
         self.register_buffer("lut", lut, persistent=False)
-
-    @property
-    def factor(self) -> int:
-        return self.config.model.low_res_factor
 
     def classes_of(self, labels: Tensor) -> Tensor:
         """Prepared label values ``(B, 1, *S)`` to contiguous class indices."""
         return self.lut[labels.long()]
 
-    def conditions(self, labels: Tensor, reference: Tensor | None = None) -> Tensor:
-        """The condition of a whole volume: class indices ``(B, 1, *S)`` (+ reference in [-1, 1]) -> ``(B, K, *S)``."""
-        parts = [one_hot(labels, self.label_nc)]
-        if self.config.model.stage == "high":
-            parts.append(reference)
-            if self.config.model.position_channels:
-                coords = coordinate_channels(labels.shape[2:], device=labels.device)
-                parts.append(coords.expand(len(labels), *coords.shape))
-        return torch.cat(parts, dim=1)
-
-    def training_pair(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def training_pair(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, Condition]:
         """(x_0 in [-1, 1], condition) of a batch of prepared cases: low-res volumes or high-res patches."""
-        image, labels = batch["image"].float(), self.classes_of(batch["label"])
-        if self.config.model.stage == "low":
-            x0 = downsample_image(image, self.factor) * 2 - 1
-            return x0, self.conditions(downsample_labels(labels, self.label_nc, self.factor))
-        reference = upsample_image(downsample_image(image, self.factor), self.factor) * 2 - 1
-        x0, cond = image * 2 - 1, self.conditions(labels, reference)
-        return self.random_patches(x0, cond, generator)
+        return self.stage.training_pair(batch["image"].float(), self.classes_of(batch["label"]), generator)
 
-    def random_patches(self, x0: Tensor, cond: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """``data.patches_per_volume`` random patches per volume, the same windows of ``x0`` and ``cond``."""
-        patch = self.config.model.patch_size
-        xs, cs = [], []
-        for b in [b for b in range(len(x0)) for _ in range(self.config.data.patches_per_volume)]:
-            starts = [int(torch.randint(0, s - p + 1, (), generator=generator)) for s, p in zip(x0.shape[2:], patch)]
-            window = tuple(slice(s, s + p) for s, p in zip(starts, patch))
-            xs.append(x0[(b, slice(None), *window)])
-            cs.append(cond[(b, slice(None), *window)])
-        return torch.stack(xs), torch.stack(cs)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x0, cond = self.training_pair(batch)
-        loss, logs = self.loss(self.net, x0, cond)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=True, batch_size=len(x0))
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        # A private generator: the same t, noise and patches at every validation, and the global
-        # RNG (which a resumed run restores) untouched.
-        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        x0, cond = self.training_pair(batch, generator)
-        loss, logs = self.loss(self.net, x0, cond, generator)
-        self.log_dict({f"val/{k}": v for k, v in logs.items()}, prog_bar=True, on_epoch=True, batch_size=len(x0))
-
-    # -- generation ---------------------------------------------------------------------------
-
-    def guided(self, guidance: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        return classifier_free_guidance(self.net, guidance, self.null_cond)
+    def denoiser(self, settings: SDMSampleConfig) -> Denoiser:
+        return self.stage.denoiser(self.guided(settings.guidance), settings)
 
     @torch.no_grad()
-    def generate(self, labels: Tensor, seeds: Sequence[int], settings: SDMSampleConfig,
-                 reference: Tensor | None = None) -> Tensor:
-        """Volumes in [-1, 1] for label maps.
+    def volumes(self, labels: Tensor, seeds: Sequence[int], settings: SDMSampleConfig, reference: Tensor | None = None) -> Tensor:
+        """Volumes in [-1, 1] for class-index label maps ``(B, 1, *S)`` on the prepared grid, one seed each;
+        ``reference`` (high stage): the upsampled low-res volumes ``(B, 1, *S)`` in [-1, 1].
 
-        Args:
-            labels: class indices ``(B, 1, *S)`` on the prepared (high-res) grid.
-            seeds: one seed per volume (its initial noise; the first also seeds DDPM's per-step noise).
-            settings: sampler, steps, guidance, patch overlap.
-            reference: high stage: the upsampled low-res volumes ``(B, 1, *S)`` in [-1, 1].
-
-        Returns:
-            ``(B, 1, *S / low_res_factor)`` for the low stage, ``(B, 1, *S)`` for the high stage.
+        Returns ``(B, 1, *S / low_res_factor)`` for the low stage, ``(B, 1, *S)`` for the high stage.
         """
-        self.eval()
-        model = self.guided(settings.guidance)
-        if self.config.model.stage == "low":
-            cond = self.conditions(downsample_labels(labels, self.label_nc, self.factor))
-        else:
-            if reference is None:
-                raise MedsynthError("sdm high stage: sampling needs a low-res reference (sample.low_res_run)")
-            cond = self.conditions(labels, reference)
-            model = PatchwiseDenoiser(model, self.config.model.patch_size, settings.patch_overlap, settings.patch_batch)
-        noise = torch.stack([torch.randn(1, *cond.shape[2:], generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        generator = torch.Generator().manual_seed(int(seeds[0]))
-        x = run_sampler(model, noise.to(self.device), self.schedule, cond, settings, generator)
-        return x.clamp(-1, 1)
-
-
-def run_sampler(model: Callable, x: Tensor, schedule: Any, cond: Tensor, settings: SDMSampleConfig,
-                generator: torch.Generator | None) -> Tensor:
-    """Dispatch to the shared samplers by name (they share one signature)."""
-    steps = settings.steps if settings.steps is not None else DEFAULT_STEPS[settings.sampler]
-    if isinstance(schedule, FlowSchedule) != (settings.sampler == "rflow"):
-        raise MedsynthError(f"sampler '{settings.sampler}' does not fit the model's '{type(schedule).__name__}' "
-                            "(rectified flow takes 'rflow'; noise schedules 'ddpm', 'ddim' or 'dpmpp')")
-    if steps is not None and not isinstance(schedule, FlowSchedule) and steps > schedule.num_train_timesteps:
-        raise MedsynthError(f"--steps {steps} exceeds the model's {schedule.num_train_timesteps} training timesteps")
-    sampler = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m, "rflow": sample_rflow}[settings.sampler]
-    kwargs = {} if steps is None else {"steps": steps}
-    return sampler(model, x, schedule, cond, generator=generator, **kwargs)
+        cond = self.stage.condition(labels, reference)
+        return self.generate((1, *cond.seg.shape[2:]), cond, settings, seeds).clamp(-1, 1)
 
 
 # -- label maps from files ------------------------------------------------------------------------
@@ -392,47 +297,14 @@ def read_label_map(path: Path, module: SDMModule) -> tuple[Tensor, np.ndarray]:
     if image.ndim != 4 or image.shape[0] != 1:
         shape = list(image.shape[1:]) if image.shape[0] == 1 else [*image.shape[1:], image.shape[0]]
         raise BadInputError(path, f"label map has {len(shape)} dimension(s) {shape}; sdm needs a 3D label map (X, Y, Z)")
-    values = torch.unique(image.as_tensor())
     known = module.config.model.label_values
-    unknown = [int(v) for v in values if int(v) not in known]
+    unknown = [int(v) for v in torch.unique(image.as_tensor()) if int(v) not in known]
     if unknown:
         names = ", ".join(f"{v} {n}" for v, n in zip(known, module.config.model.classes))
         raise BadInputError(path, f"label value(s) {', '.join(map(str, unknown))} not among the classes this model was trained on ({names})")
     labels = module.classes_of(image.as_tensor()[None])
-    check_volume_shape(path, tuple(labels.shape[2:]), module)
+    module.stage.check_shape(path, tuple(labels.shape[2:]))
     return labels, np.asarray(image.affine, dtype=np.float64)
-
-
-def check_volume_shape(path: Path | str, shape: tuple[int, ...], module: SDMModule) -> None:
-    """A label map the stage can sample: divisible by the pooling and network strides, not smaller than a patch."""
-    model = module.config.model
-    multiple = 2 ** (len(model.channels) - 1)
-    if model.stage == "low":
-        need = model.low_res_factor * multiple
-        if any(s % need for s in shape):
-            raise BadInputError(path, f"label map shape {list(shape)} must be divisible by {need} (low_res_factor x network stride)")
-        return
-    if any(s < p for s, p in zip(shape, model.patch_size)):
-        raise BadInputError(path, f"patch size {model.patch_size} is larger than the volume {list(shape)}")
-    if any(s % model.low_res_factor for s in shape):
-        raise BadInputError(path, f"label map shape {list(shape)} must be divisible by low_res_factor {model.low_res_factor}")
-
-
-def condition_files(condition: Path) -> list[Path]:
-    """A label-map file, or the label maps in a folder (sorted by name)."""
-    if condition.is_dir():
-        files = sorted(p for p in condition.iterdir() if p.is_file() and suffix_of(p) in READABLE_SUFFIXES)
-        if not files:
-            raise BadInputError(condition, "folder holds no label-map files")
-        return files
-    if not condition.exists():
-        raise BadInputError(condition, "file not found")
-    return [condition]
-
-
-def _stem(path: Path) -> str:
-    suffix = suffix_of(path)
-    return path.name[: -len(suffix)] if suffix and path.name.lower().endswith(suffix) else path.stem
 
 
 # -- the recipe ---------------------------------------------------------------------------------
@@ -441,13 +313,14 @@ def _stem(path: Path) -> str:
 class SDMRecipe(Recipe):
     name = "sdm"
     config_class = SDMConfig
+    sample_modes = ("random",)
+    headline_metrics = ("segmenter_dice_real", "segmenter_dice_generated", "segmenter_dice_ratio", "memorisation_max_ssim")
     # HU window -> [0, 1] (written back in HU); --size crops/pads around the heart at the --spacing grid.
     prepare_defaults = {"normalize": "ct", "crop": True}
 
     def resolve_config(self, config: SDMConfig) -> SDMConfig:
         data_dir = Path(config.data_dir)
         info = load_prepared_info(data_dir)
-        model = config.model
         if info["spatial_dims"] != 3 or info["image_shape"] is None:
             raise MedsynthError(f"{data_dir}: sdm needs 3D volumes of one shape; prepare with --size")
         if not info["has_label"] or not info["labels"]:
@@ -458,25 +331,13 @@ class SDMRecipe(Recipe):
         if settings.get("normalize") not in ("ct", "percentile"):
             raise MedsynthError(f"{data_dir}: sdm needs intensities in [0, 1]; prepare with --normalize ct (CT, HU window) "
                                 f"or percentile, not '{settings.get('normalize')}'")
-        shape = list(info["image_shape"])
-        factor, multiple = model.low_res_factor, 2 ** (len(model.channels) - 1)
+        shape, factor = list(info["image_shape"]), config.model.low_res_factor
         if any(s % factor for s in shape):
             raise MedsynthError(f"sdm: volume shape {shape} is not divisible by model.low_res_factor {factor}")
-        patch = model.patch_size
-        if model.stage == "low" and any((s // factor) % multiple for s in shape):
-            raise MedsynthError(f"sdm: low-res shape {[s // factor for s in shape]} must be divisible by {multiple} "
-                                f"(2^(levels-1) for model.channels {model.channels})")
-        if model.stage == "high":
-            patch = patch or [max(multiple, (s // 2) // multiple * multiple) for s in shape]
-            if len(patch) != 3:
-                raise MedsynthError(f"sdm: model.patch_size needs 3 sizes, got {patch}")
-            if any(p > s for p, s in zip(patch, shape)):
-                raise MedsynthError(f"sdm: model.patch_size {patch} is larger than the volume {shape} ({data_dir})")
-            if any(p % multiple for p in patch):
-                raise MedsynthError(f"sdm: model.patch_size {patch} must be divisible by {multiple} (2^(levels-1) for model.channels)")
+        patch = STAGES[config.model.stage](config).resolve_patch(shape, data_dir)
         labels = dict(sorted(info["labels"].items()))
         window = settings.get("ct_window") if settings.get("normalize") == "ct" else None
-        model = model.model_copy(update={
+        model = config.model.model_copy(update={
             "image_shape": shape, "classes": list(labels.values()), "label_values": list(labels),
             "reference_affine": np.asarray(info["affine"]).tolist() if info.get("affine") is not None else None,
             "intensity_window": [float(v) for v in window] if window else None, "patch_size": patch,
@@ -493,8 +354,6 @@ class SDMRecipe(Recipe):
         return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size,
                                   num_workers=config.train.num_workers, seed=config.train.seed, in_memory=True)
 
-    # -- units ----------------------------------------------------------------------------------
-
     @staticmethod
     def to_units(x: Tensor, module: SDMModule) -> Tensor:
         """Model range [-1, 1] to the data's units: HU with a CT window, else [0, 1]."""
@@ -502,42 +361,24 @@ class SDMRecipe(Recipe):
         window = module.config.model.intensity_window
         return unit if window is None else window[0] + unit * (window[1] - window[0])
 
-    # -- references (high stage) ----------------------------------------------------------------
-
-    def low_res_module(self, module: SDMModule) -> tuple[SDMModule, SDMSampleConfig]:
+    def low_res_module(self, module: SDMModule) -> SDMModule:
         """The run named by ``sample.low_res_run``, checked against the high-res stage."""
         path = module.config.sample.low_res_run
         if path is None:
             raise MedsynthError("sdm high stage: set sample.low_res_run to a trained low-res run (it makes the references)")
         low = load_module(path, self)
-        config = low.config
-        if config.model.stage != "low":
-            raise BadInputError(path, f"sample.low_res_run must be a low-stage sdm run, this one is '{config.model.stage}'")
-        high = module.config.model
-        if (config.model.low_res_factor, config.model.label_values) != (high.low_res_factor, high.label_values):
+        model, high = low.config.model, module.config.model
+        if model.stage != "low":
+            raise BadInputError(path, f"sample.low_res_run must be a low-stage sdm run, this one is '{model.stage}'")
+        if (model.low_res_factor, model.label_values) != (high.low_res_factor, high.label_values):
             raise BadInputError(path, "low-res run has another low_res_factor or other classes than this high-res run")
-        return low.to(module.device), config.sample
-
-    def references(self, module: SDMModule, labels: Tensor, seeds: Sequence[int]) -> Tensor:
-        """The high stage's references: the low-res run's volumes for the label maps, upsampled."""
-        low, settings = self.low_res_module(module)
-        volumes = low.generate(labels, seeds, settings)
-        return upsample_image(volumes, module.factor)
+        return low.to(module.device)
 
     def generate(self, module: SDMModule, labels: Tensor, seeds: Sequence[int], reference: Tensor | None = None,
                  settings: SDMSampleConfig | None = None) -> Tensor:
-        """Volumes in [-1, 1] in batches of ``sample.batch_size`` (references from the low-res run when needed)."""
+        """Volumes in [-1, 1] for class-index label maps (references from the low-res run when needed)."""
         settings = settings or module.config.sample
-        outputs = []
-        for start in range(0, len(labels), settings.batch_size):
-            part, part_seeds = labels[start:start + settings.batch_size], seeds[start:start + settings.batch_size]
-            ref = None
-            if module.config.model.stage == "high":
-                ref = reference[start:start + settings.batch_size] if reference is not None else self.references(module, part, part_seeds)
-            outputs.append(module.generate(part, part_seeds, settings, ref))
-        return torch.cat(outputs)
-
-    # -- sampling -------------------------------------------------------------------------------
+        return module.volumes(labels, seeds, settings, module.stage.reference(self, module, labels, seeds, reference))
 
     def sample(self, module: SDMModule, request: SampleRequest, out: Path) -> list[Path]:
         if request.mode != "random":
@@ -549,7 +390,7 @@ class SDMRecipe(Recipe):
         if request.condition is not None:
             for path in condition_files(Path(request.condition)):
                 labels, affine = read_label_map(path, module)
-                jobs += [(_stem(path) if request.n == 1 else f"{_stem(path)}_{k:02d}", labels, affine) for k in range(request.n)]
+                jobs += [(condition_name(path) if request.n == 1 else f"{condition_name(path)}_{k:02d}", labels, affine) for k in range(request.n)]
         else:  # label maps of the prepared dataset's held-out cases, cycled
             cases = self.real_cases(module, ("test", "val", "train"))
             if not cases:
@@ -557,135 +398,95 @@ class SDMRecipe(Recipe):
             for k in range(request.n):
                 case = cases[k % len(cases)]
                 jobs.append((f"{case['id']}_{k:03d}", module.classes_of(case["label"][None]), case["affine"].numpy()))
-        folder = out / request.mode
-        written: list[Path] = []
-        model = module.config.model
-        factor = model.low_res_factor if model.stage == "low" else 1
+        model, factor = module.config.model, module.stage.grid_factor
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, (_, labels, _) in enumerate(jobs):
             by_shape.setdefault(tuple(labels.shape[2:]), []).append(index)
         volumes: dict[int, Tensor] = {}
         for indices in by_shape.values():
             labels = torch.cat([jobs[i][1] for i in indices]).to(module.device)
-            seeds = [request.seed * 100_003 + i for i in indices]
-            for i, volume in zip(indices, self.generate(module, labels, seeds)):
-                volumes[i] = volume
+            volumes.update(zip(indices, self.generate(module, labels, item_seeds(request.seed, indices))))
+        written, folder = [], out / request.mode
         for index, (name, labels, affine) in enumerate(jobs):
             grid_affine = low_res_affine(affine, factor)
             written.append(save_image(self.to_units(volumes[index], module).cpu(), folder / f"{name}.nii.gz", affine=grid_affine))
             if request.condition is None:
-                low = downsample_labels(labels, len(model.classes), factor)[0]
-                values = torch.tensor(model.label_values)[low]
+                values = torch.tensor(model.label_values)[downsample_labels(labels, len(model.classes), factor)[0]]
                 save_image(values.to(torch.int16), folder / "labels" / f"{name}.nii.gz", affine=grid_affine)
         return written
 
     def real_cases(self, module: SDMModule, splits: Sequence[str]) -> list[dict[str, Any]]:
+        """The prepared cases of the first non-empty split of ``splits`` (none without data)."""
         data_dir = module.config.data_dir
         if data_dir is None or not (Path(data_dir) / "dataset.json").exists():
             return []
-        for split in splits:
-            dataset = PreparedDataset(Path(data_dir), split=split)
-            if len(dataset):
-                return [dataset[i] for i in range(len(dataset))]
-        return []
-
-    # -- evaluation -----------------------------------------------------------------------------
+        return next((items for split in splits if (items := load_split(data_dir, split))), [])
 
     def evaluate(self, run: Run, module: SDMModule, data_dir: Path) -> dict[str, Any]:
-        from medsynth.evaluate.metrics import nearest_ssim
-        from medsynth.evaluate.segmentation import (
-            dice_per_class,
-            intensity_stats_per_label,
-            seam_score,
-            segment,
-            sliding_window_borders,
-            train_segmenter,
-        )
+        from medsynth.evaluate.metrics import memorisation_audit
+        from medsynth.evaluate.segmentation import dice_per_class, intensity_stats_per_label, segment, train_segmenter
 
-        settings, model = module.config.evaluate, module.config.model
-        classes, num_classes = model.classes, len(model.classes)
-        factor = model.low_res_factor if model.stage == "low" else 1
+        settings, model, stage = module.config.evaluate, module.config.model, module.stage
+        classes, num_classes, factor = model.classes, len(model.classes), stage.grid_factor
         module = module.eval()
 
         def load(split: str) -> dict[str, Tensor]:
             """Volumes in [0, 1] and class maps of a split, on the prepared grid and on the evaluated one."""
-            dataset = PreparedDataset(data_dir, split=split)
-            items = [dataset[i] for i in range(len(dataset))]
+            items = load_split(data_dir, split)
             if not items:
                 return {}
-            images = torch.stack([item["image"] for item in items])
-            labels = module.classes_of(torch.stack([item["label"] for item in items]))
+            images, labels = stack_items(items, "image"), module.classes_of(stack_items(items, "label"))
             if (labels < 0).any():
                 raise BadInputError(data_dir, "holds label values this model was not trained on")
             return {"image": images, "label": labels, "x": downsample_image(images, factor),
                     "y": downsample_labels(labels, num_classes, factor)[:, 0]}
 
-        train, test = load("train"), load("test") or load("val")
-        if not train or not test:
-            raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) cases")
-        train_x, train_y, test_x, test_y = train["x"], train["y"], test["x"], test["y"]
-
         def units(x01: Tensor) -> Tensor:
             return self.to_units(x01 * 2 - 1, module)
 
-        segmenter = train_segmenter(units(train_x), train_y, num_classes, epochs=settings.segmenter_epochs,
+        train, test = load("train"), load("test") or load("val")
+        if not train or not test:
+            raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) cases")
+        segmenter = train_segmenter(units(train["x"]), train["y"], num_classes, epochs=settings.segmenter_epochs,
                                     seed=settings.seed, channels=settings.segmenter_channels)
-        dice_real = dice_per_class(segment(segmenter, units(test_x)), test_y, num_classes, classes)
+        dice_real = dice_per_class(segment(segmenter, units(test["x"])), test["y"], num_classes, classes)
 
         # Generate from the held-out label maps, cycled to n_generated volumes.
-        order = [k % len(test_x) for k in range(settings.n_generated)]
-        cond_full, cond_y = test["label"][order], test_y[order]
-        seeds = [settings.seed * 100_003 + k for k in range(settings.n_generated)]
-        reference, reference_kind = None, None
-        if model.stage == "high":
-            if module.config.sample.low_res_run is not None:
-                reference_kind = "low-res run (cascade)"
-            else:  # no low-res run: judge the high stage alone, on the real volumes' low-res references
-                reference_kind = "real volumes, average-pooled and upsampled (super-resolution)"
-                reference = upsample_image(downsample_image(test["image"][order], module.factor), module.factor) * 2 - 1
-        generated = (self.generate(module, cond_full.to(module.device), seeds, reference) + 1) / 2
-        generated = generated.cpu()
+        order = [k % len(test["x"]) for k in range(settings.n_generated)]
+        cond_y = test["y"][order]
+        reference, reference_kind = stage.evaluation_reference(module, test["image"][order])
+        seeds = item_seeds(settings.seed, settings.n_generated)
+        generated = ((self.generate(module, test["label"][order].to(module.device), seeds, reference) + 1) / 2).cpu()
         dice_generated = dice_per_class(segment(segmenter, units(generated)), cond_y, num_classes, classes)
 
-        stats_real = intensity_stats_per_label(units(test_x), test_y, classes)
+        stats_real = intensity_stats_per_label(units(test["x"]), test["y"], classes)
         stats_generated = intensity_stats_per_label(units(generated), cond_y, classes)
         shared = [name for name in classes if name in stats_real and name in stats_generated]
-        nearest, _ = nearest_ssim(generated, train_x)
-        nearest_real, _ = nearest_ssim(test_x, train_x)
-        real_mean = _mean_foreground(dice_real)
-        generated_mean = _mean_foreground(dice_generated)
+        audit = memorisation_audit(generated, train["x"], held_out=test["x"])
+        real_mean, generated_mean = float(dice_real.pop("mean_foreground")), float(dice_generated.pop("mean_foreground"))
+        sample = module.config.sample
         metrics: dict[str, Any] = {
             "stage": model.stage,
             "segmenter_dice_real": real_mean,
             "segmenter_dice_generated": generated_mean,
             "segmenter_dice_ratio": generated_mean / real_mean if real_mean > 0 else float("nan"),
-            "segmenter_dice_real_per_class": _drop_mean(dice_real),
-            "segmenter_dice_generated_per_class": _drop_mean(dice_generated),
+            "segmenter_dice_real_per_class": dice_real,
+            "segmenter_dice_generated_per_class": dice_generated,
             "intensity_units": "HU" if model.intensity_window else "[0, 1]",
             "intensity_real_per_label": stats_real,
             "intensity_generated_per_label": stats_generated,
             "intensity_mean_abs_difference": float(np.mean([abs(stats_real[n]["mean"] - stats_generated[n]["mean"]) for n in shared])),
-            "memorisation_max_ssim": float(nearest.max()),
-            "memorisation_mean_ssim": float(nearest.mean()),
-            "memorisation_real_test_max_ssim": float(nearest_real.max()),
+            **audit,
+            "memorisation_real_test_max_ssim": audit["memorisation_max_ssim_real_reference"],
             "n_generated": settings.n_generated,
-            "n_test_real": len(test_x),
+            "n_test_real": len(test["x"]),
             "evaluated_shape": list(generated.shape[2:]),
-            "sampler": f"{module.config.sample.sampler} ({module.config.sample.steps or DEFAULT_STEPS[module.config.sample.sampler] or model.num_train_timesteps} steps), "
-                       f"guidance {module.config.sample.guidance}",
+            "sampler": f"{sample.sampler} ({sample.steps_for(module.schedule)} steps), guidance {sample.guidance}",
+            **stage.extra_metrics(units(generated), reference_kind),
         }
-        if model.stage == "high":
-            borders = sliding_window_borders(generated.shape[2:], model.patch_size, module.config.sample.patch_overlap)
-            scores = [seam_score(volume, borders) for volume in units(generated)]
-            metrics.update({
-                "reference": reference_kind,
-                "seam_step_at_borders": float(np.mean([s["step_at_borders"] for s in scores])),
-                "seam_step_inside": float(np.mean([s["step_inside"] for s in scores])),
-                "seam_ratio": float(np.mean([s["ratio"] for s in scores])),
-            })
         samples = run.samples / "evaluate"
+        affine = low_res_affine(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)), factor)
         for k, volume in enumerate(units(generated)):
-            affine = low_res_affine(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)), factor)
             save_image(volume, samples / f"generated_{k:03d}.nii.gz", affine=affine)
             save_image(torch.tensor(model.label_values)[cond_y[k]][None].to(torch.int16), samples / f"labels_{k:03d}.nii.gz", affine=affine)
         return metrics
@@ -697,30 +498,16 @@ class SDMRecipe(Recipe):
         generated = sorted(samples.glob("generated_*.nii.gz"))[:6]
         if not generated:
             return [ReportSection("Generated volumes", "<p>Run <code>medsynth evaluate</code> first: it writes the generated volumes shown here.</p>")]
-        model = module.config.model
-        window = model.intensity_window or [0.0, 1.0]
+        model, factor = module.config.model, module.stage.grid_factor
+        window, top = model.intensity_window or [0.0, 1.0], max(1, len(model.classes) - 1)
         images, titles = [], []
         for path in generated:
             labels = module.classes_of(load_image(samples / path.name.replace("generated_", "labels_"), dtype=np.int64).as_tensor())
-            image = load_image(path).as_tensor()
-            images += [labels.float() / max(1, len(model.classes) - 1), (image - window[0]) / (window[1] - window[0])]
+            images += [labels.float() / top, (load_image(path).as_tensor() - window[0]) / (window[1] - window[0])]
             titles += [f"labels {path.name[10:13]}", f"generated {path.name[10:13]}"]
-        factor = model.low_res_factor if model.stage == "low" else 1
-        reals = self.real_cases(module, ("test", "val"))[:6]
-        for case in reals:
+        for case in self.real_cases(module, ("test", "val"))[:6]:
             labels = module.classes_of(case["label"][None])
-            images += [downsample_labels(labels, len(model.classes), factor)[0].float() / max(1, len(model.classes) - 1),
-                       downsample_image(case["image"][None], factor)[0]]
+            images += [downsample_labels(labels, len(model.classes), factor)[0].float() / top, downsample_image(case["image"][None], factor)[0]]
             titles += [f"labels {case['id']}", f"real {case['id']}"]
         figure = figure_html(image_grid(images, ncols=4, titles=titles, vmin=0.0, vmax=1.0), "label maps and volumes")
         return [ReportSection("Label maps with generated (top) and real (bottom) volumes, middle axial slices", figure)]
-
-
-def _mean_foreground(dice: dict[str, float]) -> float:
-    return float(dice["mean_foreground"])
-
-
-def _drop_mean(dice: dict[str, float]) -> dict[str, float]:
-    return {name: value for name, value in dice.items() if name != "mean_foreground"}
-
-

@@ -1,0 +1,77 @@
+"""Choosing and running a sampler by name: the ``SAMPLERS`` registry and :class:`SamplerConfig`.
+
+Imports only torch, pydantic and the sampler/schedule modules (no MONAI, no Lightning), so the CLI
+can read the sampler names at parse time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from medsynth.config import StrictModel
+from medsynth.diffusion.samplers import Denoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_rflow
+from medsynth.diffusion.schedule import FlowSchedule, NoiseSchedule
+from medsynth.errors import MedsynthError
+
+# name -> (sampler, default steps; None: all T training timesteps)
+SAMPLERS: dict[str, tuple[Callable[..., Tensor], int | None]] = {
+    "ddpm": (sample_ddpm, None),
+    "ddim": (sample_ddim, 50),
+    "dpmpp": (sample_dpmpp_2m, 20),
+    "rflow": (sample_rflow, 30),
+}
+SamplerName = Literal["ddpm", "ddim", "dpmpp", "rflow"]  # the keys of SAMPLERS (a test keeps them equal)
+
+
+class SamplerConfig(StrictModel):
+    """The ``sample`` section every diffusion recipe shares (recipes extend it with their own keys)."""
+
+    sampler: SamplerName = "dpmpp"
+    steps: int | None = Field(None, ge=1, description="None: ddpm all T, ddim 50, dpmpp 20, rflow 30")
+    guidance: float = Field(1.0, ge=0, allow_inf_nan=False,
+                            description="classifier-free guidance scale s (0: plain conditional model)")
+    eta: float = Field(0.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 DDPM-like")
+    batch_size: int = Field(4, ge=1, description="items per sampler call")
+
+    def steps_for(self, schedule: NoiseSchedule | FlowSchedule) -> int:
+        """The number of steps this config runs on ``schedule``."""
+        default = SAMPLERS[self.sampler][1]
+        return self.steps if self.steps is not None else default if default is not None else schedule.num_train_timesteps
+
+
+def check_sampler(config: SamplerConfig, schedule: NoiseSchedule | FlowSchedule) -> None:
+    """One line if the sampler does not fit the model's schedule or asks for too many steps."""
+    if isinstance(schedule, FlowSchedule) != (config.sampler == "rflow"):
+        raise MedsynthError(f"sampler '{config.sampler}' does not fit the model's '{type(schedule).__name__}' "
+                            "(rectified flow takes 'rflow'; noise schedules 'ddpm', 'ddim' or 'dpmpp')")
+    if isinstance(schedule, NoiseSchedule) and config.steps_for(schedule) > schedule.num_train_timesteps:
+        raise MedsynthError(f"--steps {config.steps} exceeds the model's {schedule.num_train_timesteps} training timesteps")
+
+
+def run_sampler(model: Denoiser, noise: Tensor, schedule: NoiseSchedule | FlowSchedule, cond: Any, config: SamplerConfig,
+                generators: Sequence[torch.Generator] | None = None) -> Tensor:
+    """Runs the named sampler from ``noise`` (x_T, (B, C, *S)).
+
+    Args:
+        model: the (guided) denoiser ``model(x_t, t, cond)``.
+        noise: the initial noise, one item per volume.
+        schedule: the schedule the model was trained with.
+        cond: the condition passed to the model.
+        config: sampler, steps and eta (guidance is applied by the caller, as a wrapped model).
+        generators: one per item, for per-step noise (ddpm, ddim with eta > 0): pass the
+            generators the items' initial noise was drawn from, so every item's draws are its own.
+
+    Returns:
+        x_0, shape (B, C, *S).
+    """
+    check_sampler(config, schedule)
+    sampler, _ = SAMPLERS[config.sampler]
+    kwargs: dict[str, Any] = {"steps": config.steps_for(schedule)}
+    if config.sampler == "ddim":
+        kwargs["eta"] = config.eta
+    return sampler(model, noise, schedule, cond, generator=generators, **kwargs)
