@@ -24,7 +24,7 @@ from medsynth.evaluate.classifier import accuracy_by_class, classify, train_clas
 from medsynth.evaluate.metrics import feature_mmd, ms_ssim_diversity, nearest_ssim
 from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
-from medsynth.recipes.base import Recipe, SampleRequest
+from medsynth.recipes.base import Recipe, SampleRequest, TinyExample
 from medsynth.report.sections import ReportSection
 from medsynth.report.html import figure_html, image_grid, save_figure
 from medsynth.runs import Run
@@ -144,6 +144,10 @@ def _augment(sample: dict[str, Any]) -> dict[str, Any]:
 class CVAERecipe(Recipe):
     name = "cvae"
     config_class = CVAEConfig
+    tiny_example = TinyExample(
+        phantom="cilia", n=6, size=32, prepare={"size": 32, "normalize": "none", "seed": 0}, config="cvae-tiny",
+        overrides=("model.channels=[8, 16]", "model.strides=[2, 2]", "model.latent_size=4", "model.embed_dim=4", "train.batch_size=8",
+                   "train.num_threads=1", "evaluate.n_per_class=4", "evaluate.classifier_epochs=1"))
 
     def resolve_config(self, config: CVAEConfig) -> CVAEConfig:
         info = load_prepared_info(Path(config.data_dir))
