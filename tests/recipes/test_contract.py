@@ -26,7 +26,7 @@ from medsynth.config import read_yaml, validate_config
 from medsynth.recipes import RECIPES, get_recipe
 from medsynth.recipes.base import TinyExample
 
-RESUME_EPOCHS = 10  # killed after its second epoch, so eight are left to resume
+RESUME_EPOCHS = 6  # killed after its second epoch, so four are left to resume
 
 
 def tiny_example(name: str) -> TinyExample:
