@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/medsynth demo cvae --out demo-output
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

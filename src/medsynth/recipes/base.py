@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +29,20 @@ class SampleRequest:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class TinyExample:
+    """The smallest run of a recipe, as data: the contract tests (tests/recipes/test_contract.py) run
+    every recipe of ``RECIPES`` through phantom -> prepare -> train -> sample -> evaluate -> report with it."""
+
+    phantom: str  # a phantom kind (``api.phantom``)
+    n: int  # images per class or subjects
+    size: int  # phantom size in pixels/voxels
+    phantom_options: dict[str, Any] = field(default_factory=dict)  # further ``api.phantom`` options
+    prepare: dict[str, Any] = field(default_factory=dict)  # ``api.prepare`` settings (beside the recipe's defaults)
+    config: str | None = None  # a shipped config name or a file
+    overrides: tuple[str, ...] = ()  # ``key=value`` config overrides that make it tiny (epochs are set by the test)
+
+
 class Recipe(ABC):
     """A generative system: its config, LightningModule, data, sampler, evaluation and report."""
 
@@ -39,6 +53,7 @@ class Recipe(ABC):
     sample_modes: ClassVar[tuple[str, ...]] = ("random",)  # what `medsynth sample --mode` accepts for this recipe
     headline_metrics: ClassVar[tuple[str, ...]] = ()  # metrics.json keys the demo prints and the report opens with
     prepare_defaults: ClassVar[dict[str, Any]] = {}  # `medsynth prepare --recipe NAME` settings the user did not give
+    tiny_example: ClassVar[TinyExample | None] = None  # required by the contract tests: every recipe declares one
 
     def resolve_config(self, config: RecipeConfig) -> RecipeConfig:
         """Fill the fields that depend on the data (channels, shapes, classes)."""

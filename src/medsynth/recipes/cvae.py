@@ -24,7 +24,7 @@ from medsynth.evaluate.classifier import accuracy_by_class, classify, train_clas
 from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference
 from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
-from medsynth.recipes.base import Recipe, SampleRequest
+from medsynth.recipes.base import Recipe, SampleRequest, TinyExample
 from medsynth.report.html import figure_html, image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
@@ -153,6 +153,10 @@ class CVAERecipe(Recipe):
     config_class = CVAEConfig
     sample_modes = tuple(mode.value for mode in LatentMode)  # random, grid, plane, interpolate
     headline_metrics = ("classifier_accuracy_real", "classifier_accuracy_generated", "memorisation_max_ssim")
+    tiny_example = TinyExample(
+        phantom="cilia", n=6, size=32, prepare={"size": 32, "normalize": "none", "seed": 0}, config="cvae-tiny",
+        overrides=("model.channels=[8, 16]", "model.strides=[2, 2]", "model.latent_size=4", "model.embed_dim=4", "train.batch_size=8",
+                   "train.num_threads=1", "evaluate.n_per_class=4", "evaluate.classifier_epochs=1"))
 
     def resolve_config(self, config: CVAEConfig) -> CVAEConfig:
         info = load_prepared_info(Path(config.data_dir))

@@ -46,7 +46,7 @@ from medsynth.diffusion.schedule import make_schedule
 from medsynth.diffusion.unet import build_unet
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.nets.patch_embedding import coordinate_channels
-from medsynth.recipes.base import Recipe, SampleRequest, condition_files, condition_name
+from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seeds
@@ -317,6 +317,11 @@ class SDMRecipe(Recipe):
     headline_metrics = ("segmenter_dice_real", "segmenter_dice_generated", "segmenter_dice_ratio", "memorisation_max_ssim")
     # HU window -> [0, 1] (written back in HU); --size crops/pads around the heart at the --spacing grid.
     prepare_defaults = {"normalize": "ct", "crop": True}
+    tiny_example = TinyExample(  # 16^3 volumes, the low stage on the 8^3 grid
+        phantom="coronary", n=6, size=16, prepare={"ct_window": (-1000.0, 1000.0), "seed": 0}, config="sdm-tiny",
+        overrides=("model.channels=[8, 16]", "model.attention_levels=[false, false]", "model.norm_num_groups=4", "model.num_head_channels=4",
+                   "model.spade_channels=8", "model.low_res_factor=2", "train.batch_size=2", "train.num_threads=1", "sample.steps=4",
+                   "evaluate.n_generated=2", "evaluate.segmenter_epochs=1", "evaluate.segmenter_channels=[4, 8]"))
 
     def resolve_config(self, config: SDMConfig) -> SDMConfig:
         data_dir = Path(config.data_dir)

@@ -1,0 +1,136 @@
+"""The recipe contract: every entry of ``RECIPES`` passes the same checks at its tiniest size.
+
+Each recipe declares its tiny example as data (``Recipe.tiny_example``, a
+:class:`~medsynth.recipes.base.TinyExample`: phantom, prepare settings, config and overrides), so a
+recipe added to ``RECIPES`` is run through phantom -> prepare -> train -> export/reload -> seeded
+sampling -> evaluate -> report -> resume after a kill without more test code. A recipe without a
+tiny example fails here. Phantom, preparation and training run once per recipe (module fixtures).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import train_until_killed
+
+from medsynth import api
+from medsynth.config import read_yaml, validate_config
+from medsynth.recipes import RECIPES, get_recipe
+from medsynth.recipes.base import TinyExample
+
+RESUME_EPOCHS = 6  # killed after its second epoch, so four are left to resume
+
+
+def tiny_example(name: str) -> TinyExample:
+    example = get_recipe(name).tiny_example
+    if not isinstance(example, TinyExample):
+        pytest.fail(f"recipe '{name}' declares no tiny_example (a medsynth.recipes.base.TinyExample): the contract tests need one")
+    return example
+
+
+def numbers(value: Any, key: str = "") -> list[tuple[str, float]]:
+    """Every number in nested metrics, with its dotted key (None, strings and booleans are not numbers)."""
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in numbers(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [item for k, v in enumerate(value) for item in numbers(v, f"{key}[{k}]")]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(key, float(value))]
+    return []
+
+
+@pytest.fixture(scope="module", params=list(RECIPES))
+def name(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def prepared(name, tmp_path_factory) -> Path:
+    example = tiny_example(name)
+    root = tmp_path_factory.mktemp(name)
+    raw = api.phantom(example.phantom, root / "raw", n=example.n, seed=0, size=example.size, **example.phantom_options)
+    return api.prepare(raw, root / "prepared", recipe=name, progress=False, **example.prepare)
+
+
+@pytest.fixture(scope="module")
+def run(name, prepared, tmp_path_factory) -> Path:
+    example = tiny_example(name)
+    trained = api.train(name, data=prepared, config=example.config, overrides=[*example.overrides, "train.max_epochs=1"],
+                        out=tmp_path_factory.mktemp(f"{name}-run") / "run", progress=False)
+    return Path(trained.path)
+
+
+@pytest.fixture(scope="module")
+def metrics(run) -> dict[str, Any]:
+    return api.evaluate(run)
+
+
+def test_declares_a_tiny_example(name):
+    tiny_example(name)
+
+
+def test_trains_one_epoch_into_a_run(run):
+    for file in ("config.yaml", "checkpoints/last.ckpt", "model.safetensors"):
+        assert (run / file).is_file(), file
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+
+
+def test_exported_weights_reload_into_a_fresh_module(name, run):
+    recipe = get_recipe(name)
+    config = validate_config(recipe.config_class, read_yaml(run / "config.yaml"))
+    fresh = recipe.build_module(config)
+    weights = load_file(run / "model.safetensors")
+    assert set(fresh.state_dict()) == set(weights)
+    assert any(not torch.equal(tensor, weights[key]) for key, tensor in fresh.state_dict().items()), "trained = fresh weights"
+    fresh.load_state_dict(weights, strict=True)
+    for key, tensor in fresh.state_dict().items():
+        assert tensor.dtype == weights[key].dtype and torch.equal(tensor, weights[key]), key
+    with safe_open(run / "model.safetensors", framework="pt") as file:  # the weights carry their resolved config
+        assert json.loads(file.metadata()["config"]) == config.model_dump(mode="json")
+
+
+def test_one_seed_gives_byte_identical_files(run, tmp_path):
+    first = api.sample(run, n=2, seed=3, out=tmp_path / "a")
+    again = api.sample(run, n=2, seed=3, out=tmp_path / "b")
+    other = api.sample(run, n=2, seed=4, out=tmp_path / "c")
+    assert first and [p.relative_to(tmp_path / "a") for p in first] == [p.relative_to(tmp_path / "b") for p in again]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
+
+
+def test_evaluation_gives_finite_numbers(run, metrics):
+    found = numbers(metrics)
+    assert found, "evaluate returned no numbers"
+    assert [key for key, value in found if not math.isfinite(value)] == [], "not finite (return None for an undefined metric)"
+    assert json.loads((run / "metrics.json").read_text()).keys() >= metrics.keys()
+
+
+def test_report_renders(name, run, metrics):
+    report = api.report(run)
+    assert report == run / "report.html" and report.is_file()
+    page = report.read_text()
+    assert name in page and "<table" in page
+
+
+def test_resume_after_a_kill_finishes_the_configured_epochs(name, prepared, tmp_path):
+    example = tiny_example(name)
+    killed = tmp_path / "killed"
+    settings = [*example.overrides, f"train.max_epochs={RESUME_EPOCHS}"]
+    args = [name, "--data", str(prepared), *(["--config", example.config] if example.config else []),
+            *[arg for item in settings for arg in ("--set", item)]]
+    killed_at = train_until_killed(args, killed)
+    assert killed_at["epoch"] < RESUME_EPOCHS - 1 and not (killed / "model.safetensors").exists()
+
+    resumed = api.train(resume=killed, progress=False)
+    final = torch.load(Path(resumed.path) / "checkpoints" / "last.ckpt", weights_only=True)
+    steps_per_epoch = killed_at["global_step"] // (killed_at["epoch"] + 1)
+    assert final["epoch"] == RESUME_EPOCHS - 1 and final["global_step"] == RESUME_EPOCHS * steps_per_epoch
+    assert (killed / "model.safetensors").is_file()
