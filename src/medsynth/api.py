@@ -169,9 +169,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
     data_dir = Path(data) if data is not None else Path(module.config.data_dir or "")
     if not (data_dir / "dataset.json").exists():
         raise BadInputError(data_dir, "not a prepared dataset (no dataset.json)")
-    metrics = chosen.evaluate(opened, module, data_dir)
-    opened.write_metrics(metrics)
-    return metrics
+    return opened.write_metrics(chosen.evaluate(opened, module, data_dir))
 
 
 def report(run: str | Path) -> Path:

@@ -18,6 +18,7 @@ JSON/YAML files (:func:`read_structured`) that fails with one line naming the fi
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -98,11 +99,36 @@ class Run:
             return {}
         return read_structured(self.metrics_path, "metrics")
 
-    def write_metrics(self, metrics: dict[str, Any]) -> Path:
-        """Merge ``metrics`` into ``metrics.json`` (atomically)."""
-        merged = {**self.read_metrics(), **metrics}
-        atomic_write_text(self.metrics_path, json.dumps(merged, indent=2, sort_keys=True))
-        return self.metrics_path
+    def write_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``metrics`` into ``metrics.json`` (atomically, strict JSON) and return what was written
+        for them: see :func:`strict_metrics`."""
+        written = strict_metrics(metrics)
+        earlier = {k: v for k, v in self.read_metrics().items() if k != "not_computed"}  # reasons of this evaluation only
+        merged = {**earlier, **written}
+        atomic_write_text(self.metrics_path, json.dumps(merged, indent=2, sort_keys=True, allow_nan=False))
+        return written
+
+
+def strict_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as strict JSON: a number that could not be computed (NaN, +-inf; e.g. a diversity of
+    fewer than two images, the Dice of a class absent everywhere) becomes ``null``, and its dotted key
+    is listed with the reason under ``"not_computed"``, so no reader meets a bare ``NaN``."""
+    reasons: dict[str, str] = {}
+
+    def clean(value: Any, key: str) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, float) and not math.isfinite(value):
+            reasons[key] = f"not finite ({value})"
+            return None
+        return value
+
+    cleaned = clean({k: v for k, v in metrics.items() if k != "not_computed"}, "")
+    if reasons:
+        cleaned["not_computed"] = reasons
+    return cleaned
 
 
 JSON_SUFFIXES = (".json",)

@@ -120,7 +120,8 @@ def test_report_renders(name, run, metrics):
     assert name in page and "<table" in page
 
 
-def test_resume_after_a_kill_finishes_the_configured_epochs(name, prepared, tmp_path):
+def test_resume_after_a_kill_continues_exactly(name, prepared, tmp_path):
+    """Killed (SIGKILL) after an epoch and resumed, a run ends with the weights of an uninterrupted one."""
     example = tiny_example(name)
     killed = tmp_path / "killed"
     settings = [*example.overrides, f"train.max_epochs={RESUME_EPOCHS}"]
@@ -130,7 +131,10 @@ def test_resume_after_a_kill_finishes_the_configured_epochs(name, prepared, tmp_
     assert killed_at["epoch"] < RESUME_EPOCHS - 1 and not (killed / "model.safetensors").exists()
 
     resumed = api.train(resume=killed, progress=False)
-    final = torch.load(Path(resumed.path) / "checkpoints" / "last.ckpt", weights_only=True)
+    straight = api.train(name, data=prepared, config=example.config, overrides=settings, out=tmp_path / "straight", progress=False)
     steps_per_epoch = killed_at["global_step"] // (killed_at["epoch"] + 1)
-    assert final["epoch"] == RESUME_EPOCHS - 1 and final["global_step"] == RESUME_EPOCHS * steps_per_epoch
-    assert (killed / "model.safetensors").is_file()
+    final = torch.load(Path(resumed.path) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == RESUME_EPOCHS * steps_per_epoch
+    resumed_weights, straight_weights = load_file(str(resumed.weights_path)), load_file(str(straight.weights_path))
+    assert resumed_weights.keys() == straight_weights.keys()
+    assert all(torch.equal(resumed_weights[key], straight_weights[key]) for key in straight_weights)
