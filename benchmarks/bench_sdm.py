@@ -97,11 +97,11 @@ def bench_steps(args: argparse.Namespace) -> list[dict]:
 
 
 def bench_sample(args: argparse.Namespace) -> list[dict]:
+    from monai.inferers import SlidingWindowSplitter
+
     from medsynth import api
     from medsynth.data.datasets import PreparedDataset
     from medsynth.evaluate.segmentation import dice_per_class, segment, train_segmenter
-    from monai.inferers import SlidingWindowSplitter
-
     from medsynth.recipes.sdm import downsample_image, downsample_labels
 
     torch.set_num_threads(args.threads)

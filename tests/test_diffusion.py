@@ -13,6 +13,7 @@ from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from monai.networks.schedulers import DDPMScheduler as MonaiDDPMScheduler
 from monai.networks.schedulers import RFlowScheduler
 
+from medsynth.config import validate_config
 from medsynth.diffusion import (
     SAMPLERS,
     Condition,
@@ -21,11 +22,11 @@ from medsynth.diffusion import (
     PatchwiseDenoiser,
     SamplerConfig,
     build_unet,
+    classifier_free_guidance,
     drop_condition,
+    make_schedule,
     null_condition,
     run_sampler,
-    classifier_free_guidance,
-    make_schedule,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -33,7 +34,6 @@ from medsynth.diffusion import (
     spaced_timesteps,
     vlb_terms,
 )
-from medsynth.config import validate_config
 from medsynth.diffusion.sampling import SamplerName
 from medsynth.errors import MedsynthError
 from medsynth.seeds import item_generators, item_noise, item_seed

@@ -15,10 +15,10 @@ from conftest import train_until_killed
 
 from medsynth import api, cli
 from medsynth.data.datasets import PreparedDataset
+from medsynth.diffusion.cascade import downsample_image, low_res_affine, upsample_image
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.evaluate.segmentation import seam_score, sliding_window_borders
 from medsynth.nets.patch_embedding import coordinate_channels, patch_coordinates
-from medsynth.diffusion.cascade import downsample_image, low_res_affine, upsample_image
 from medsynth.recipes.sdm import SDMRecipe
 
 # 16^3 prepared volumes; the low stage works on 8^3 (low_res_factor 2), the high stage on 8^3 patches.

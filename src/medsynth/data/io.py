@@ -15,7 +15,6 @@ import gzip
 import io
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np

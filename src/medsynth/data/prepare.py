@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from rich.progress import track
 
 from medsynth.config import format_validation_error
-from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.console import console
+from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.data.importers import check_same_grid, import_dataset
 from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
 from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest

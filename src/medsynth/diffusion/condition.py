@@ -20,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor
 
 PART_NAMES = ("concat", "seg", "class_labels", "vector")
-NullPart = Union[Tensor, Callable[[Tensor], Tensor]]
+NullPart = Tensor | Callable[[Tensor], Tensor]
 NullParts = Mapping[str, NullPart]
 
 

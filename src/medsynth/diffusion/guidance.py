@@ -16,7 +16,7 @@ mapping ``{part: null}``: the parts it names are nulled, the others kept.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,8 +26,8 @@ from medsynth.diffusion.samplers import Denoiser
 from medsynth.errors import MedsynthError
 
 # A tensor condition's null (tensor or function of it), or a Condition's {part: null} mapping.
-NullCondition = Union[NullPart, NullParts]
-AnyCondition = Union[Tensor, Condition]
+NullCondition = NullPart | NullParts
+AnyCondition = Tensor | Condition
 
 
 def null_condition(cond: AnyCondition, null_cond: NullCondition) -> AnyCondition:

@@ -95,6 +95,7 @@ class DiffusionModule(MedsynthModule):
             part = slice(start, start + settings.batch_size)
             generators = item_generators(seeds[part])  # on the CPU: the same numbers on every device
             noise = item_noise(shape, generators).to(self.device)
-            part_cond = cond.map(lambda v: v[part]) if isinstance(cond, Condition) else None if cond is None else cond[part]
+            # (map runs at once, in this iteration: the loop variable is bound correctly)
+            part_cond = cond.map(lambda v: v[part]) if isinstance(cond, Condition) else None if cond is None else cond[part]  # noqa: B023
             outputs.append(run_sampler(model, noise, self.schedule, part_cond, settings, generators))
         return torch.cat(outputs)

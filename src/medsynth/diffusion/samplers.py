@@ -27,8 +27,8 @@ and keep x in float32; the update maths then stays in float32 with float64 coeff
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable, Iterator, Protocol, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ from medsynth.seeds import item_noise
 
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
 # One generator for the batch, or one per item (batch-independent samples, see medsynth.seeds).
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class Denoiser(Protocol):

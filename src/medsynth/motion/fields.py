@@ -22,7 +22,7 @@ from monai.losses.deform import spatial_gradient_squared
 from monai.networks.blocks import DVF2DDF, Warp
 
 # The unit conversion and field files live in data/ (one place); re-exported here.
-from medsynth.data.fields import batched_field, unbatch_field, load_field, mm_to_voxel, save_field, voxel_to_mm
+from medsynth.data.fields import batched_field, load_field, mm_to_voxel, save_field, unbatch_field, voxel_to_mm
 
 __all__ = [
     "bending_energy",

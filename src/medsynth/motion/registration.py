@@ -159,7 +159,7 @@ def register(fixed: MetaTensor, moving: MetaTensor, config: RegistrationConfig |
         fixed_l, moving_l = _downsample(fixed_t, size), _downsample(moving_t, size)
         level_spacing = spacing * (np.asarray(shape) - 1) / np.maximum(np.asarray(size) - 1, 1)
 
-        def objective() -> torch.Tensor:
+        def objective(size=size, fixed_l=fixed_l, moving_l=moving_l, level_spacing=level_spacing) -> torch.Tensor:  # this level's
             spline = transform.spline_field(size)
             ddf = transform.displacement(size) if config.diffeomorphic else spline
             return similarity(warp_image(moving_l, ddf), fixed_l) + config.regularisation * bending_energy(spline, level_spacing)

@@ -23,7 +23,6 @@ from medsynth.data.fields import mm_to_voxel, save_field
 from medsynth.data.io import save_image
 from medsynth.data.manifest import Manifest
 
-
 Anatomy = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # points (N, 3) mm -> intensity (N,), label (N,)
 Motion = Callable[[np.ndarray, int], np.ndarray]  # points (N, 3) mm, frame -> backward displacement (N, 3) mm
 
