@@ -191,3 +191,12 @@ def test_errors(tmp_path):
     with pytest.raises(MedsynthError, match="at least 32"):
         make_cilia_dataset(tmp_path, n_per_class=1, size=16)
     assert not any(tmp_path.iterdir())
+
+
+def test_prepare_keeps_the_clinical_class_order(tmp_path):
+    from medsynth.data.prepare import prepare_dataset
+    from medsynth.runs import read_structured
+
+    make_cilia_dataset(tmp_path / "raw", n_per_class=2, size=32, seed=0)
+    prepared = prepare_dataset(tmp_path / "raw", tmp_path / "prepared", size=32, normalize="none", progress=False)
+    assert read_structured(prepared / "dataset.json")["classes"] == list(CILIA_CLASSES)  # not alphabetical

@@ -19,7 +19,6 @@ sequence) are in :mod:`medsynth.data.phantoms._scene`, shared with the lung phan
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from medsynth.data.io import spacing_of
+from medsynth.data.io import save_image, spacing_of
 from medsynth.data.phantoms._scene import (
     Anatomy,
     Motion,
@@ -47,6 +46,7 @@ from medsynth.data.phantoms._scene import (
     write_sequence,
 )
 from medsynth.errors import MedsynthError
+from medsynth.runs import atomic_write_json
 
 __all__ = [
     "CARDIAC_LABELS",
@@ -356,23 +356,23 @@ def make_cardiac_dataset(
         sequence = render_cardiac(params, frames, modality, size)
         if flow_pairs:
             es = params.end_systole(frames)
-            np.save(out / f"template_img_{index}.npy", sequence.images[es].astype(np.float32))
-            np.save(out / f"flow_{index}.npy", sequence.fields[es].astype(np.float32))
-            np.save(out / f"affine_{index}.npy", sequence.affine)
+            save_image(sequence.images[es].astype(np.float32), out / f"template_img_{index}.npy")  # raw .npy arrays
+            save_image(sequence.fields[es].astype(np.float32), out / f"flow_{index}.npy")
+            save_image(np.asarray(sequence.affine), out / f"affine_{index}.npy")
             pairs.append({"template": f"template_img_{index}.npy", "flow": f"flow_{index}.npy", "affine": f"affine_{index}.npy", "es_frame": es})
             continue
         subject = f"sub{index:03d}"
         cases += write_sequence(sequence, out, subject)
-        (out / subject / "geometry.json").write_text(json.dumps(cardiac_geometry(params, frames), indent=1))
-        (out / subject / "params.json").write_text(json.dumps(asdict(params), indent=1))
+        atomic_write_json(out / subject / "geometry.json", cardiac_geometry(params, frames))
+        atomic_write_json(out / subject / "params.json", asdict(params))
     if flow_pairs:
-        (out / "flow_pairs.json").write_text(json.dumps({
+        atomic_write_json(out / "flow_pairs.json", {
             "modality": modality.upper(),
             "template": "end-systole frame, (X, Y, Z) float32",
             "flow": "(3, X, Y, Z) float32 displacement in voxels on the template grid: warp_image(end_diastole, flow) == template (MONAI Warp convention)",
             "affine": "4x4 RAS voxel-to-world affine (mm) of template and flow",
             "pairs": pairs,
-        }, indent=1))
+        })
         return out
     write_manifest(out, "phantom-cardiac", "CT" if modality.lower() == "ct" else "MRI", "phantom-cardiac", CARDIAC_LABELS, cases)
     return out

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from medsynth.errors import MedsynthError
+from medsynth.runs import atomic_write_json
 
 CILIA_CLASSES = ("normal", "disarranged", "oda_defect", "ida_defect", "cp_defect")
 
@@ -418,6 +419,8 @@ def make_cilia_dataset(out: str | Path, n_per_class: int, size: int = 64, seed: 
     if size < 32:
         raise MedsynthError(f"cilia phantom size must be at least 32 pixels, got {size}")
     out = Path(out)
+    # The classes' clinical order (normal first, then the defects), which prepare keeps.
+    atomic_write_json(out / "dataset.json", {"name": "phantom-cilia", "classes": list(CILIA_CLASSES)})
     jobs = [(ci, cls, k) for ci, cls in enumerate(CILIA_CLASSES) for k in range(n_per_class)]
     for ci, cls, k in tqdm(jobs, desc="cilia phantom", disable=not progress):
         params = sample_cilium_params(cls, np.random.default_rng([seed, ci, k]), size)

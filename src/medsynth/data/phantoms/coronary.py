@@ -46,7 +46,6 @@ As in torchio, randomness lives only in :func:`sample_coronary_params`;
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ import numpy as np
 from scipy import ndimage
 
 from medsynth.errors import MedsynthError
+from medsynth.runs import atomic_write_json
 
 CORONARY_LABELS = {0: "background", 1: "lv", 2: "rv", 3: "la", 4: "ra", 5: "myocardium", 6: "aorta",
                    7: "pulmonary_artery", 8: "coronary"}
@@ -629,5 +629,5 @@ def make_coronary_dataset(out: str | Path, n: int = 10, size: int = 32, seed: in
         "file_ending": ".nii.gz",
         "name": "medsynth-coronary",
     }
-    (out / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
+    atomic_write_json(out / "dataset.json", description, indent=2)
     return out

@@ -14,7 +14,6 @@ chest-wall term lags the diaphragm by a per-subject phase (hysteresis).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from medsynth.data.phantoms._scene import (
     write_sequence,
 )
 from medsynth.errors import MedsynthError
+from medsynth.runs import atomic_write_json
 
 __all__ = ["LUNG_LABELS", "LungParams", "make_lung_dataset", "render_lung", "sample_lung_params"]
 
@@ -210,6 +210,6 @@ def make_lung_dataset(out: str | Path, n: int = 4, seed: int = 0, size: int | Se
         params = sample_lung_params(int(subject_rng(seed, index).integers(2**31)))
         subject = f"sub{index:03d}"
         cases += write_sequence(render_lung(params, frames, size), out, subject)
-        (out / subject / "params.json").write_text(json.dumps(asdict(params), indent=1))
+        atomic_write_json(out / subject / "params.json", asdict(params))
     write_manifest(out, "phantom-lung", "CT", "phantom-lung", LUNG_LABELS, cases)
     return out
