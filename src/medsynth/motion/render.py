@@ -10,6 +10,7 @@ columns slices.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from medsynth.data.io import load_image, spacing_of, suffix_of
 from medsynth.errors import BadInputError
 from medsynth.motion.fields import load_field, voxel_to_mm
+from medsynth.runs import atomic_write_bytes
 
 __all__ = ["VIEWS", "load_fields", "load_frames", "render_movie", "render_still", "slice_indices"]
 
@@ -242,8 +244,7 @@ def render_movie(
     figure = _Figure(images, affine, fields, views, slices, anchor, style, window, arrows)
     pictures = [figure.draw(t, f"frame {t} / {len(images)}") for t in range(len(images))]
     out_gif = Path(out_gif)
-    out_gif.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(out_gif, np.stack(pictures), extension=".gif", duration=1000.0 / fps, loop=0)
+    atomic_write_bytes(out_gif, iio.imwrite("<bytes>", np.stack(pictures), extension=".gif", duration=1000.0 / fps, loop=0))
     return out_gif
 
 
@@ -266,6 +267,7 @@ def render_still(
     figure = _Figure(images, affine, fields, views, slices, anchor, style, window, arrows)
     figure.draw(0, Path(str(image)).name if isinstance(image, (str, Path)) else "")
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.figure.savefig(out_png)
+    buffer = io.BytesIO()
+    figure.figure.savefig(buffer, format=out_png.suffix.lstrip(".") or "png")
+    atomic_write_bytes(out_png, buffer.getvalue())
     return out_png

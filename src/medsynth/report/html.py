@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from medsynth.report.headline import headlines
-from medsynth.runs import Run, atomic_write_text
+from medsynth.runs import Run, atomic_write_bytes, atomic_write_text
 
 
 def middle_slice(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -50,8 +50,9 @@ def image_grid(images: Sequence[torch.Tensor | np.ndarray], ncols: int = 8, titl
 
 def save_figure(fig: Figure, path: Path) -> Path:
     """Write the figure as an image file (PNG by its suffix) and return ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=100)
+    atomic_write_bytes(Path(path), buffer.getvalue())
     return path
 
 
