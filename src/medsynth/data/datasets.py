@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,38 @@ def load_prepared_info(root: str | Path) -> dict[str, Any]:
         "has_label": "label" in first,
         "splits": {split: len(manifest.split_cases(split)) for split in SPLITS},
     }
+
+
+def require_prepared(root: str | Path, who: str, spatial_dims: int | None = None, one_shape: bool = False,
+                     labels: bool = False, channels: int | None = None,
+                     normalize: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A prepared dataset's info (:func:`load_prepared_info`) and prepare settings, checked for what ``who`` needs.
+
+    Args:
+        root: prepared dataset folder.
+        who: who asks (e.g. the recipe name), for the messages.
+        spatial_dims: required 2 or 3 (``None``: any).
+        one_shape: every case must have the same shape (prepared with ``--size``).
+        labels: cases must carry label maps with named label values.
+        channels: required image channels (``None``: any).
+        normalize: accepted ``--normalize`` settings (empty: any).
+
+    Raises:
+        MedsynthError: one line naming the folder and what to prepare differently.
+    """
+    info = load_prepared_info(root)
+    if (spatial_dims is not None and info["spatial_dims"] != spatial_dims) or (one_shape and info["image_shape"] is None):
+        raise MedsynthError(f"{root}: {who} needs {spatial_dims or info['spatial_dims']}D volumes"
+                            f"{' of one shape; prepare with --size' if one_shape else ''}")
+    if labels and (not info["has_label"] or not info["labels"]):
+        raise MedsynthError(f"{root}: {who} needs label maps (an nnU-Net raw folder or a dataset with labelsTr)")
+    if channels is not None and info["in_channels"] != channels:
+        raise MedsynthError(f"{root}: {who} needs {channels}-channel images; this dataset has {info['in_channels']} channels")
+    settings = (load_prepared_manifest(root).prepare or {}).get("settings", {})
+    if normalize and settings.get("normalize") not in normalize:
+        raise MedsynthError(f"{root}: {who} needs intensities prepared with --normalize {' or '.join(normalize)}, "
+                            f"not '{settings.get('normalize')}'")
+    return info, settings
 
 
 def _read_case(path: Path) -> dict[str, np.ndarray]:
@@ -128,6 +160,13 @@ def load_split(root: str | Path, split: str | None) -> list[Sample]:
     """
     dataset = PreparedDataset(root, split=split)
     return [dataset[i] for i in range(len(dataset))]
+
+
+def first_split(root: str | Path | None, splits: Sequence[str]) -> list[Sample]:
+    """The items of the first non-empty split of ``splits`` (none when ``root`` is not a prepared dataset)."""
+    if root is None or not (Path(root) / MANIFEST_NAME).exists():
+        return []
+    return next((items for split in splits if (items := load_split(root, split))), [])
 
 
 def stack_items(items: list[Sample], key: str) -> torch.Tensor:

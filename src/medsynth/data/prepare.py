@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from medsynth.data.stats import STATS_COLUMNS, fingerprint, intensity_stats, wri
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.runs import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
-__all__ = ["STATS_COLUMNS", "Normalize", "PrepareConfig", "fingerprint", "intensity_stats", "prepare_dataset", "split_subjects"]
+__all__ = ["STATS_COLUMNS", "Normalize", "PrepareConfig", "fingerprint", "intensity_stats", "prepare_dataset", "split_subjects", "hu_to_unit", "unit_to_hu"]
 
 CASES_DIR = "cases"
 # Flows in these formats carry their own geometry and are stored in millimetres (DESIGN.md).
@@ -341,6 +342,16 @@ def _normalize(image: MetaTensor, config: PrepareConfig) -> MetaTensor:
         low, high = config.ct_window
         return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
     return image
+
+
+def unit_to_hu(unit: torch.Tensor, ct_window: Sequence[float] | None) -> torch.Tensor:
+    """The inverse of ``--normalize ct``: intensities in [0, 1] back to HU of ``ct_window`` (unchanged when ``None``)."""
+    return unit if ct_window is None else ct_window[0] + unit * (ct_window[1] - ct_window[0])
+
+
+def hu_to_unit(hu: torch.Tensor, ct_window: Sequence[float] | None) -> torch.Tensor:
+    """``ct_window`` to [0, 1] as ``--normalize ct`` maps it, unclipped (for display); unchanged when ``None``."""
+    return hu if ct_window is None else (hu - ct_window[0]) / (ct_window[1] - ct_window[0])
 
 
 def _resize(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | None, config: PrepareConfig,

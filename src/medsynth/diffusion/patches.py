@@ -12,13 +12,29 @@ from collections.abc import Sequence
 import torch
 from monai.data.utils import compute_importance_map
 from monai.inferers import SlidingWindowSplitter
+from pydantic import Field
 from torch import Tensor
 
+from medsynth.config import StrictModel
 from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.samplers import Denoiser
+from medsynth.diffusion.sampling import SamplerConfig
 from medsynth.errors import MedsynthError
 
 SPATIAL_PARTS = ("seg", "concat")  # Condition parts split into patches; the others repeat per patch
+
+
+class PatchTrainingConfig(StrictModel):
+    """The ``data`` section of a patch-wise model (:func:`random_patches`)."""
+
+    patches_per_volume: int = Field(4, ge=1, description="random patches drawn from each volume of a batch")
+
+
+class PatchSamplerConfig(SamplerConfig):
+    """A sampler's settings with those of :class:`PatchwiseDenoiser`."""
+
+    patch_overlap: float = Field(0.5, ge=0, lt=1, description="overlap of neighbouring patches (share of the patch)")
+    patch_batch: int = Field(8, ge=1, description="patch locations per forward pass")
 
 
 class PatchwiseDenoiser:
@@ -94,3 +110,27 @@ class PatchwiseDenoiser:
         assert merged is not None
         crop = (slice(None), slice(None), *(slice(0, s) for s in shape))
         return (merged / total)[crop].to(x_t.dtype)
+
+
+def random_patches(x0: Tensor, cond: Condition, patch_size: Sequence[int], per_volume: int,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Condition]:
+    """Training pairs of a patch-wise model: ``per_volume`` random windows of each volume, the same in x_0 and condition.
+
+    Args:
+        x0: Volumes ``(B, C, *S)``.
+        cond: Their condition; the spatial parts (``seg``, ``concat``: ``(B, C', *S)``) are cut at the
+            same windows, the others repeated per patch.
+        patch_size: Window size (voxels) per spatial axis, at most ``S``.
+        per_volume: Windows drawn from each volume.
+        generator: Draws the window starts (uniform over the volume), volume by volume.
+
+    Returns:
+        Patches ``(B * per_volume, C, *patch_size)`` and their condition.
+    """
+    windows = []
+    for b in [b for b in range(len(x0)) for _ in range(per_volume)]:
+        starts = [int(torch.randint(0, s - p + 1, (), generator=generator)) for s, p in zip(x0.shape[2:], patch_size)]
+        windows.append((b, slice(None), *(slice(s, s + p) for s, p in zip(starts, patch_size))))
+    parts = {name: torch.stack([value[w] if name in SPATIAL_PARTS else value[w[0]] for w in windows])
+             for name, value in cond.parts().items()}
+    return torch.stack([x0[w] for w in windows]), cond.replace(**parts)

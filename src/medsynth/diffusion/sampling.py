@@ -43,6 +43,10 @@ class SamplerConfig(StrictModel):
         default = SAMPLERS[self.sampler][1]
         return self.steps if self.steps is not None else default if default is not None else schedule.num_train_timesteps
 
+    def describe(self, schedule: NoiseSchedule | FlowSchedule) -> str:
+        """One line for reports: sampler, steps on ``schedule`` and guidance."""
+        return f"{self.sampler} ({self.steps_for(schedule)} steps), guidance {self.guidance}"
+
 
 def check_sampler(config: SamplerConfig, schedule: NoiseSchedule | FlowSchedule) -> None:
     """One line if the sampler does not fit the model's schedule or asks for too many steps."""
@@ -75,3 +79,23 @@ def run_sampler(model: Denoiser, noise: Tensor, schedule: NoiseSchedule | FlowSc
     if config.sampler == "ddim":
         kwargs["eta"] = config.eta
     return sampler(model, noise, schedule, cond, generator=generators, **kwargs)
+
+
+def generate_by_shape(conditions: Sequence[Tensor], generate: Callable[[Tensor, list[int]], Tensor]) -> list[Tensor]:
+    """Items of several shapes generated in one batch per shape, returned in their order.
+
+    Args:
+        conditions: One condition per item, ``(1, C, *S)``; ``S`` may differ between items.
+        generate: ``generate(batch, indices)`` -> one output per row of ``batch`` (the conditions
+            of ``indices`` concatenated), e.g. a sampler call with the items' seeds.
+
+    Returns:
+        The outputs of the items, in the order of ``conditions``.
+    """
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, condition in enumerate(conditions):
+        by_shape.setdefault(tuple(condition.shape[1:]), []).append(index)
+    outputs: dict[int, Tensor] = {}
+    for indices in by_shape.values():
+        outputs.update(zip(indices, generate(torch.cat([conditions[i] for i in indices]), indices)))
+    return [outputs[index] for index in range(len(conditions))]

@@ -32,19 +32,21 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_prepared_manifest, load_split, stack_items
-from medsynth.data.io import load_image, save_image
+from medsynth.config import RecipeConfig
+from medsynth.data.datasets import PreparedDataModule, first_split, require_prepared
+from medsynth.data.io import save_image
+from medsynth.data.labels import load_labelled, load_labelled_split, read_label_map, save_labelled, value_lookup, values_of
+from medsynth.data.prepare import hu_to_unit, unit_to_hu
 from medsynth.diffusion.cascade import downsample_image, downsample_labels, low_res_affine, one_hot, upsample_image
 from medsynth.diffusion.condition import Condition
+from medsynth.diffusion.config import DenoiserConfig
 from medsynth.diffusion.denoiser import ConditionedDenoiser
 from medsynth.diffusion.module import DiffusionModule
-from medsynth.diffusion.patches import PatchwiseDenoiser
+from medsynth.diffusion.patches import PatchSamplerConfig, PatchTrainingConfig, PatchwiseDenoiser, random_patches
 from medsynth.diffusion.samplers import Denoiser
-from medsynth.diffusion.sampling import SamplerConfig
-from medsynth.diffusion.schedule import make_schedule
-from medsynth.diffusion.unet import build_unet
+from medsynth.diffusion.sampling import generate_by_shape
 from medsynth.errors import BadInputError, MedsynthError
+from medsynth.evaluate.segmentation import LabelMapFidelityConfig, label_map_fidelity
 from medsynth.nets.patch_embedding import coordinate_channels
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name
 from medsynth.report.sections import ReportSection
@@ -52,10 +54,8 @@ from medsynth.runs import Run
 from medsynth.seeds import item_seeds
 from medsynth.training import load_module
 
-POSITION_CHANNELS = 3
 
-
-class SDMModelConfig(StrictModel):
+class SDMModelConfig(DenoiserConfig):
     """Network, schedule and stage. ``image_shape``, ``classes``, ``label_values``,
     ``reference_affine`` and ``intensity_window`` are filled from the prepared data."""
 
@@ -67,43 +67,20 @@ class SDMModelConfig(StrictModel):
     intensity_window: list[float] | None = Field(None, description="HU window of --normalize ct: outputs are written in HU")
     low_res_factor: int = Field(2, ge=1, description="low-res grid = prepared grid / this factor (average pooling)")
     patch_size: list[int] | None = Field(None, description="high stage: training patch (voxels); default half the volume")
-    channels: list[int] = [16, 32, 32]
-    attention_levels: list[bool] = [False, False, False]
-    num_res_blocks: int = Field(1, ge=1)
-    norm_num_groups: int = Field(8, ge=1)
-    num_head_channels: int = Field(8, ge=1)
     spade_channels: int = Field(16, ge=1, description="hidden channels of each SPADE block (MONAI default 128)")
-    use_flash_attention: bool = True
     position_channels: bool = Field(True, description="high stage: give the UNet the patch's whole-volume coordinates")
-    schedule: Literal["linear", "scaled_linear", "sigmoid", "cosine", "rflow"] = "linear"
-    num_train_timesteps: int = Field(1000, ge=2)
-    prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
-    cond_drop_prob: float = Field(0.15, ge=0, lt=1, description="share of training samples without label map (CFG)")
 
 
-class SDMDataConfig(StrictModel):
-    patches_per_volume: int = Field(4, ge=1, description="high stage: random patches drawn from each volume of a batch")
-
-
-class SDMSampleConfig(SamplerConfig):
-    patch_overlap: float = Field(0.5, ge=0, lt=1, description="high stage: overlap of neighbouring patches (share of the patch)")
-    patch_batch: int = Field(8, ge=1, description="high stage: patch locations per forward pass")
+class SDMSampleConfig(PatchSamplerConfig):  # the patch settings are the high stage's
     low_res_run: str | None = Field(None, description="high stage: the low-res run that makes the references")
-
-
-class SDMEvaluateConfig(StrictModel):
-    n_generated: int = Field(8, ge=1, description="volumes generated from held-out label maps")
-    segmenter_epochs: int = Field(40, ge=1)
-    segmenter_channels: list[int] = [8, 16, 32]
-    seed: int = 0
 
 
 class SDMConfig(RecipeConfig):
     recipe: Literal["sdm"] = "sdm"
     model: SDMModelConfig = SDMModelConfig()
-    data: SDMDataConfig = SDMDataConfig()
+    data: PatchTrainingConfig = PatchTrainingConfig()  # the high stage's patches
     sample: SDMSampleConfig = SDMSampleConfig()
-    evaluate: SDMEvaluateConfig = SDMEvaluateConfig()
+    evaluate: LabelMapFidelityConfig = LabelMapFidelityConfig()
 
 
 # -- the two stages ---------------------------------------------------------------------------------
@@ -117,11 +94,7 @@ class LowStage:
     def __init__(self, config: SDMConfig):
         self.config, self.model, self.num_classes = config, config.model, len(config.model.classes)
         self.multiple = 2 ** (len(self.model.channels) - 1)  # the UNet's total stride
-
-    @property
-    def grid_factor(self) -> int:
-        """Prepared grid / generated grid."""
-        return self.model.low_res_factor
+        self.grid_factor = self.model.low_res_factor  # prepared grid / generated grid
 
     def resolve_patch(self, shape: list[int], data_dir: Path) -> list[int] | None:
         low = [s // self.model.low_res_factor for s in shape]
@@ -145,8 +118,7 @@ class LowStage:
     def denoiser(self, model: Denoiser, settings: SDMSampleConfig) -> Denoiser:
         return model
 
-    def reference(self, recipe: SDMRecipe, module: SDMModule, labels: Tensor, seeds: Sequence[int],
-                  given: Tensor | None) -> Tensor | None:
+    def reference(self, recipe: SDMRecipe, module: SDMModule, labels: Tensor, seeds: Sequence[int], given: Tensor | None) -> Tensor | None:
         return None
 
     def evaluation_reference(self, module: SDMModule, images: Tensor) -> tuple[Tensor | None, str | None]:
@@ -161,11 +133,8 @@ class HighStage(LowStage):
 
     def __init__(self, config: SDMConfig):
         super().__init__(config)
-        self.concat_channels = 1 + (POSITION_CHANNELS if self.model.position_channels else 0)
-
-    @property
-    def grid_factor(self) -> int:
-        return 1
+        self.concat_channels = 1 + (3 if self.model.position_channels else 0)  # the reference, and x/y/z coordinates
+        self.grid_factor = 1
 
     def resolve_patch(self, shape: list[int], data_dir: Path) -> list[int]:
         m = self.multiple
@@ -197,18 +166,13 @@ class HighStage(LowStage):
     def training_pair(self, image: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Condition]:
         """``data.patches_per_volume`` random patches per volume, the same windows of x_0 and every condition."""
         factor = self.model.low_res_factor
-        x0, cond = image * 2 - 1, self.condition(labels, upsample_image(downsample_image(image, factor), factor) * 2 - 1)
-        windows = []
-        for b in [b for b in range(len(x0)) for _ in range(self.config.data.patches_per_volume)]:
-            starts = [int(torch.randint(0, s - p + 1, (), generator=generator)) for s, p in zip(x0.shape[2:], self.model.patch_size)]
-            windows.append((b, slice(None), *(slice(s, s + p) for s, p in zip(starts, self.model.patch_size))))
-        return torch.stack([x0[w] for w in windows]), cond.map(lambda part: torch.stack([part[w] for w in windows]))
+        cond = self.condition(labels, upsample_image(downsample_image(image, factor), factor) * 2 - 1)
+        return random_patches(image * 2 - 1, cond, self.model.patch_size, self.config.data.patches_per_volume, generator)
 
     def denoiser(self, model: Denoiser, settings: SDMSampleConfig) -> Denoiser:
         return PatchwiseDenoiser(model, self.model.patch_size, settings.patch_overlap, settings.patch_batch)
 
-    def reference(self, recipe: SDMRecipe, module: SDMModule, labels: Tensor, seeds: Sequence[int],
-                  given: Tensor | None) -> Tensor:
+    def reference(self, recipe: SDMRecipe, module: SDMModule, labels: Tensor, seeds: Sequence[int], given: Tensor | None) -> Tensor:
         """The given references, or the low-res run's volumes for the label maps, upsampled."""
         if given is not None:
             return given
@@ -224,12 +188,10 @@ class HighStage(LowStage):
             "real volumes, average-pooled and upsampled (super-resolution)"
 
     def extra_metrics(self, generated: Tensor, kind: str | None) -> dict[str, Any]:
-        from medsynth.evaluate.segmentation import seam_score, sliding_window_borders
+        from medsynth.evaluate.segmentation import mean_seam_score
 
-        borders = sliding_window_borders(generated.shape[2:], self.model.patch_size, self.config.sample.patch_overlap)
-        scores = [seam_score(volume, borders) for volume in generated]
-        return {"reference": kind, **{f"seam_{key}": float(np.mean([s[key] for s in scores]))
-                                      for key in ("step_at_borders", "step_inside", "ratio")}}
+        seams = mean_seam_score(generated, self.model.patch_size, self.config.sample.patch_overlap)
+        return {"reference": kind, **{f"seam_{key}": value for key, value in seams.items()}}
 
 
 STAGES: dict[str, type[LowStage]] = {"low": LowStage, "high": HighStage}
@@ -250,21 +212,12 @@ class SDMModule(DiffusionModule):
         if model.stage == "high" and model.patch_size is None:
             raise MedsynthError("sdm: model.patch_size is unset for the high stage (train with --data)")
         stage = STAGES[model.stage](config)
-        unet = build_unet(
-            3, 1 + stage.concat_channels, 1, label_nc=len(model.classes),
-            channels=tuple(model.channels), attention_levels=tuple(model.attention_levels),
-            num_res_blocks=model.num_res_blocks, norm_num_groups=model.norm_num_groups,
-            num_head_channels=model.num_head_channels, spade_intermediate_channels=model.spade_channels,
-            use_flash_attention=model.use_flash_attention,
-        )
-        schedule = make_schedule(model.schedule, model.num_train_timesteps,
-                                 prediction="flow" if model.schedule == "rflow" else model.prediction)
+        unet = model.build_unet(3, 1 + stage.concat_channels, 1, label_nc=len(model.classes),
+                                spade_intermediate_channels=model.spade_channels)
         # The null condition: an empty label map; the reference and position channels are kept.
-        super().__init__(config, ConditionedDenoiser(unet), schedule, model.cond_drop_prob, {"seg": torch.zeros_like})
+        super().__init__(config, ConditionedDenoiser(unet), model.make_schedule(), model.cond_drop_prob, {"seg": torch.zeros_like})
         self.stage = stage
-        lut = torch.full((max(model.label_values) + 1,), -1, dtype=torch.long)
-        lut[torch.tensor(model.label_values)] = torch.arange(len(model.label_values))
-        self.register_buffer("lut", lut, persistent=False)
+        self.register_buffer("lut", value_lookup(model.label_values), persistent=False)
 
     def classes_of(self, labels: Tensor) -> Tensor:
         """Prepared label values ``(B, 1, *S)`` to contiguous class indices."""
@@ -288,25 +241,6 @@ class SDMModule(DiffusionModule):
         return self.generate((1, *cond.seg.shape[2:]), cond, settings, seeds).clamp(-1, 1)
 
 
-# -- label maps from files ------------------------------------------------------------------------
-
-
-def read_label_map(path: Path, module: SDMModule) -> tuple[Tensor, np.ndarray]:
-    """A label-map file as class indices ``(1, 1, X, Y, Z)`` and its affine; bad files get one line naming them."""
-    image = load_image(path, dtype=np.int64)
-    if image.ndim != 4 or image.shape[0] != 1:
-        shape = list(image.shape[1:]) if image.shape[0] == 1 else [*image.shape[1:], image.shape[0]]
-        raise BadInputError(path, f"label map has {len(shape)} dimension(s) {shape}; sdm needs a 3D label map (X, Y, Z)")
-    known = module.config.model.label_values
-    unknown = [int(v) for v in torch.unique(image.as_tensor()) if int(v) not in known]
-    if unknown:
-        names = ", ".join(f"{v} {n}" for v, n in zip(known, module.config.model.classes))
-        raise BadInputError(path, f"label value(s) {', '.join(map(str, unknown))} not among the classes this model was trained on ({names})")
-    labels = module.classes_of(image.as_tensor()[None])
-    module.stage.check_shape(path, tuple(labels.shape[2:]))
-    return labels, np.asarray(image.affine, dtype=np.float64)
-
-
 # -- the recipe ---------------------------------------------------------------------------------
 
 
@@ -325,17 +259,9 @@ class SDMRecipe(Recipe):
 
     def resolve_config(self, config: SDMConfig) -> SDMConfig:
         data_dir = Path(config.data_dir)
-        info = load_prepared_info(data_dir)
-        if info["spatial_dims"] != 3 or info["image_shape"] is None:
-            raise MedsynthError(f"{data_dir}: sdm needs 3D volumes of one shape; prepare with --size")
-        if not info["has_label"] or not info["labels"]:
-            raise MedsynthError(f"{data_dir}: sdm needs label maps (an nnU-Net raw folder or a dataset with labelsTr)")
-        if info["in_channels"] != 1:
-            raise MedsynthError(f"{data_dir}: sdm synthesises one-channel CT; this dataset has {info['in_channels']} channels")
-        settings = (load_prepared_manifest(data_dir).prepare or {}).get("settings", {})
-        if settings.get("normalize") not in ("ct", "percentile"):
-            raise MedsynthError(f"{data_dir}: sdm needs intensities in [0, 1]; prepare with --normalize ct (CT, HU window) "
-                                f"or percentile, not '{settings.get('normalize')}'")
+        # one-channel volumes in [0, 1] (CT by HU window, or percentiles), with label maps
+        info, settings = require_prepared(data_dir, "sdm", spatial_dims=3, one_shape=True, labels=True, channels=1,
+                                          normalize=("ct", "percentile"))
         shape, factor = list(info["image_shape"]), config.model.low_res_factor
         if any(s % factor for s in shape):
             raise MedsynthError(f"sdm: volume shape {shape} is not divisible by model.low_res_factor {factor}")
@@ -362,9 +288,7 @@ class SDMRecipe(Recipe):
     @staticmethod
     def to_units(x: Tensor, module: SDMModule) -> Tensor:
         """Model range [-1, 1] to the data's units: HU with a CT window, else [0, 1]."""
-        unit = (x.float() + 1) / 2
-        window = module.config.model.intensity_window
-        return unit if window is None else window[0] + unit * (window[1] - window[0])
+        return unit_to_hu((x.float() + 1) / 2, module.config.model.intensity_window)
 
     def low_res_module(self, module: SDMModule) -> SDMModule:
         """The run named by ``sample.low_res_run``, checked against the high-res stage."""
@@ -394,55 +318,40 @@ class SDMRecipe(Recipe):
         jobs: list[tuple[str, Tensor, np.ndarray]] = []  # (name, class indices (1, 1, *S), affine)
         if request.condition is not None:
             for path in condition_files(Path(request.condition)):
-                labels, affine = read_label_map(path, module)
+                labels, affine = read_label_map(path, module.config.model.label_values, module.config.model.classes)
+                module.stage.check_shape(path, tuple(labels.shape[2:]))
                 jobs += [(condition_name(path) if request.n == 1 else f"{condition_name(path)}_{k:02d}", labels, affine) for k in range(request.n)]
         else:  # label maps of the prepared dataset's held-out cases, cycled
-            cases = self.real_cases(module, ("test", "val", "train"))
+            cases = first_split(module.config.data_dir, ("test", "val", "train"))
             if not cases:
                 raise MedsynthError(f"sdm: no --condition given and no prepared label maps in {module.config.data_dir}")
             for k in range(request.n):
                 case = cases[k % len(cases)]
                 jobs.append((f"{case['id']}_{k:03d}", module.classes_of(case["label"][None]), case["affine"].numpy()))
         model, factor = module.config.model, module.stage.grid_factor
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for index, (_, labels, _) in enumerate(jobs):
-            by_shape.setdefault(tuple(labels.shape[2:]), []).append(index)
-        volumes: dict[int, Tensor] = {}
-        for indices in by_shape.values():
-            labels = torch.cat([jobs[i][1] for i in indices]).to(module.device)
-            volumes.update(zip(indices, self.generate(module, labels, item_seeds(request.seed, indices))))
+        volumes = generate_by_shape([labels for _, labels, _ in jobs], lambda labels, indices: self.generate(
+            module, labels.to(module.device), item_seeds(request.seed, indices)))
         written, folder = [], out / request.mode
         for index, (name, labels, affine) in enumerate(jobs):
             grid_affine = low_res_affine(affine, factor)
             written.append(save_image(self.to_units(volumes[index], module).cpu(), folder / f"{name}.nii.gz", affine=grid_affine))
             if request.condition is None:
-                values = torch.tensor(model.label_values)[downsample_labels(labels, len(model.classes), factor)[0]]
-                save_image(values.to(torch.int16), folder / "labels" / f"{name}.nii.gz", affine=grid_affine)
+                values = values_of(downsample_labels(labels, len(model.classes), factor)[0], model.label_values)
+                save_image(values, folder / "labels" / f"{name}.nii.gz", affine=grid_affine)
         return written
-
-    def real_cases(self, module: SDMModule, splits: Sequence[str]) -> list[dict[str, Any]]:
-        """The prepared cases of the first non-empty split of ``splits`` (none without data)."""
-        data_dir = module.config.data_dir
-        if data_dir is None or not (Path(data_dir) / "dataset.json").exists():
-            return []
-        return next((items for split in splits if (items := load_split(data_dir, split))), [])
 
     def evaluate(self, run: Run, module: SDMModule, data_dir: Path) -> dict[str, Any]:
         from medsynth.evaluate.metrics import memorisation_audit
-        from medsynth.evaluate.segmentation import dice_per_class, intensity_stats_per_label, segment, train_segmenter
 
         settings, model, stage = module.config.evaluate, module.config.model, module.stage
-        classes, num_classes, factor = model.classes, len(model.classes), stage.grid_factor
+        num_classes, factor = len(model.classes), stage.grid_factor
         module = module.eval()
 
         def load(split: str) -> dict[str, Tensor]:
             """Volumes in [0, 1] and class maps of a split, on the prepared grid and on the evaluated one."""
-            items = load_split(data_dir, split)
-            if not items:
+            if (loaded := load_labelled_split(data_dir, split, model.label_values)) is None:
                 return {}
-            images, labels = stack_items(items, "image"), module.classes_of(stack_items(items, "label"))
-            if (labels < 0).any():
-                raise BadInputError(data_dir, "holds label values this model was not trained on")
+            images, labels = loaded
             return {"image": images, "label": labels, "x": downsample_image(images, factor),
                     "y": downsample_labels(labels, num_classes, factor)[:, 0]}
 
@@ -452,9 +361,6 @@ class SDMRecipe(Recipe):
         train, test = load("train"), load("test") or load("val")
         if not train or not test:
             raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) cases")
-        segmenter = train_segmenter(units(train["x"]), train["y"], num_classes, epochs=settings.segmenter_epochs,
-                                    seed=settings.seed, channels=settings.segmenter_channels)
-        dice_real = dice_per_class(segment(segmenter, units(test["x"])), test["y"], num_classes, classes)
 
         # Generate from the held-out label maps, cycled to n_generated volumes.
         order = [k % len(test["x"]) for k in range(settings.n_generated)]
@@ -462,57 +368,35 @@ class SDMRecipe(Recipe):
         reference, reference_kind = stage.evaluation_reference(module, test["image"][order])
         seeds = item_seeds(settings.seed, settings.n_generated)
         generated = ((self.generate(module, test["label"][order].to(module.device), seeds, reference) + 1) / 2).cpu()
-        dice_generated = dice_per_class(segment(segmenter, units(generated)), cond_y, num_classes, classes)
 
-        stats_real = intensity_stats_per_label(units(test["x"]), test["y"], classes)
-        stats_generated = intensity_stats_per_label(units(generated), cond_y, classes)
-        shared = [name for name in classes if name in stats_real and name in stats_generated]
         audit = memorisation_audit(generated, train["x"], held_out=test["x"])
-        real_mean, generated_mean = float(dice_real.pop("mean_foreground")), float(dice_generated.pop("mean_foreground"))
-        sample = module.config.sample
         metrics: dict[str, Any] = {
             "stage": model.stage,
-            "segmenter_dice_real": real_mean,
-            "segmenter_dice_generated": generated_mean,
-            "segmenter_dice_ratio": generated_mean / real_mean if real_mean > 0 else float("nan"),
-            "segmenter_dice_real_per_class": dice_real,
-            "segmenter_dice_generated_per_class": dice_generated,
-            "intensity_units": "HU" if model.intensity_window else "[0, 1]",
-            "intensity_real_per_label": stats_real,
-            "intensity_generated_per_label": stats_generated,
-            "intensity_mean_abs_difference": float(np.mean([abs(stats_real[n]["mean"] - stats_generated[n]["mean"]) for n in shared])),
+            **label_map_fidelity(units(train["x"]), train["y"], units(test["x"]), test["y"], units(generated), cond_y,
+                                 model.classes, units="HU" if model.intensity_window else "[0, 1]",
+                                 epochs=settings.segmenter_epochs, seed=settings.seed, channels=settings.segmenter_channels),
             **audit,
             "memorisation_real_test_max_ssim": audit["memorisation_max_ssim_real_reference"],
             "n_generated": settings.n_generated,
             "n_test_real": len(test["x"]),
             "evaluated_shape": list(generated.shape[2:]),
-            "sampler": f"{sample.sampler} ({sample.steps_for(module.schedule)} steps), guidance {sample.guidance}",
+            "sampler": module.config.sample.describe(module.schedule),
             **stage.extra_metrics(units(generated), reference_kind),
         }
-        samples = run.samples / "evaluate"
         affine = low_res_affine(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)), factor)
-        for k, volume in enumerate(units(generated)):
-            save_image(volume, samples / f"generated_{k:03d}.nii.gz", affine=affine)
-            save_image(torch.tensor(model.label_values)[cond_y[k]][None].to(torch.int16), samples / f"labels_{k:03d}.nii.gz", affine=affine)
+        save_labelled(run.samples / "evaluate", units(generated), values_of(cond_y[:, None], model.label_values), affine)
         return metrics
 
     def report_sections(self, run: Run, module: SDMModule) -> list[ReportSection]:
-        from medsynth.report.html import figure_html, image_grid
+        from medsynth.report.html import figure_html, label_map_grid
 
-        samples = run.samples / "evaluate"
-        generated = sorted(samples.glob("generated_*.nii.gz"))[:6]
+        generated = load_labelled(run.samples / "evaluate", limit=6)
         if not generated:
             return [ReportSection("Generated volumes", "<p>Run <code>medsynth evaluate</code> first: it writes the generated volumes shown here.</p>")]
         model, factor = module.config.model, module.stage.grid_factor
-        window, top = model.intensity_window or [0.0, 1.0], max(1, len(model.classes) - 1)
-        images, titles = [], []
-        for path in generated:
-            labels = module.classes_of(load_image(samples / path.name.replace("generated_", "labels_"), dtype=np.int64).as_tensor())
-            images += [labels.float() / top, (load_image(path).as_tensor() - window[0]) / (window[1] - window[0])]
-            titles += [f"labels {path.name[10:13]}", f"generated {path.name[10:13]}"]
-        for case in self.real_cases(module, ("test", "val"))[:6]:
-            labels = module.classes_of(case["label"][None])
-            images += [downsample_labels(labels, len(model.classes), factor)[0].float() / top, downsample_image(case["image"][None], factor)[0]]
-            titles += [f"labels {case['id']}", f"real {case['id']}"]
-        figure = figure_html(image_grid(images, ncols=4, titles=titles, vmin=0.0, vmax=1.0), "label maps and volumes")
+        pairs = [(name, "generated", module.classes_of(labels), hu_to_unit(volume, model.intensity_window))
+                 for name, labels, volume in generated]
+        pairs += [(case["id"], "real", downsample_labels(module.classes_of(case["label"][None]), len(model.classes), factor)[0],
+                   downsample_image(case["image"][None], factor)[0]) for case in first_split(module.config.data_dir, ("test", "val"))[:6]]
+        figure = figure_html(label_map_grid(pairs, len(model.classes), ncols=4), "label maps and volumes")
         return [ReportSection("Label maps with generated (top) and real (bottom) volumes, middle axial slices", figure)]

@@ -48,6 +48,21 @@ def image_grid(images: Sequence[torch.Tensor | np.ndarray], ncols: int = 8, titl
     return fig
 
 
+def label_map_grid(pairs: Sequence[tuple[str, str, torch.Tensor, torch.Tensor]], num_classes: int, ncols: int = 4) -> Figure:
+    """Label maps beside their volumes (middle slices), one pair after another.
+
+    Args:
+        pairs: ``(name, kind, class indices (1, *S), volume (1, *S) in [0, 1])``, titled
+            ``labels <name>`` and ``<kind> <name>`` (e.g. kind ``generated`` or ``real``).
+        num_classes: Classes, background included (class indices are shown scaled to [0, 1]).
+        ncols: Images per row (even, so that pairs stay together).
+    """
+    top = max(1, num_classes - 1)
+    images = [image for _, _, labels, volume in pairs for image in (labels.float() / top, volume)]
+    titles = [title for name, kind, _, _ in pairs for title in (f"labels {name}", f"{kind} {name}")]
+    return image_grid(images, ncols=ncols, titles=titles, vmin=0.0, vmax=1.0)
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
     """Write the figure as an image file (PNG by its suffix) and return ``path``."""
     buffer = io.BytesIO()
