@@ -39,3 +39,9 @@ def low_res_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     scale = np.diag([factor, factor, factor, 1.0])
     scale[:3, 3] = (factor - 1) / 2.0
     return np.asarray(affine, dtype=np.float64) @ scale
+
+
+def low_res_reference(image: Tensor, factor: int) -> Tensor:
+    """The cascade's reference for volumes ``(B, C, *S)`` in [0, 1]: average-pooled by ``factor`` and
+    upsampled back (what a low-res stage can say about them), in the model range [-1, 1]."""
+    return upsample_image(downsample_image(image, factor), factor) * 2 - 1

@@ -37,7 +37,14 @@ from medsynth.data.datasets import PreparedDataModule, first_split, require_prep
 from medsynth.data.io import save_image
 from medsynth.data.labels import load_labelled, load_labelled_split, read_label_map, save_labelled, value_lookup, values_of
 from medsynth.data.prepare import hu_to_unit, unit_to_hu
-from medsynth.diffusion.cascade import downsample_image, downsample_labels, low_res_affine, one_hot, upsample_image
+from medsynth.diffusion.cascade import (
+    downsample_image,
+    downsample_labels,
+    low_res_affine,
+    low_res_reference,
+    one_hot,
+    upsample_image,
+)
 from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.config import DenoiserConfig
 from medsynth.diffusion.denoiser import ConditionedDenoiser
@@ -165,8 +172,7 @@ class HighStage(LowStage):
 
     def training_pair(self, image: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Condition]:
         """``data.patches_per_volume`` random patches per volume, the same windows of x_0 and every condition."""
-        factor = self.model.low_res_factor
-        cond = self.condition(labels, upsample_image(downsample_image(image, factor), factor) * 2 - 1)
+        cond = self.condition(labels, low_res_reference(image, self.model.low_res_factor))
         return random_patches(image * 2 - 1, cond, self.model.patch_size, self.config.data.patches_per_volume, generator)
 
     def denoiser(self, model: Denoiser, settings: SDMSampleConfig) -> Denoiser:
@@ -183,9 +189,7 @@ class HighStage(LowStage):
         if module.config.sample.low_res_run is not None:
             return None, "low-res run (cascade)"
         # no low-res run: judge the high stage alone, on the real volumes' low-res references
-        factor = self.model.low_res_factor
-        return upsample_image(downsample_image(images, factor), factor) * 2 - 1, \
-            "real volumes, average-pooled and upsampled (super-resolution)"
+        return low_res_reference(images, self.model.low_res_factor), "real volumes, average-pooled and upsampled (super-resolution)"
 
     def extra_metrics(self, generated: Tensor, kind: str | None) -> dict[str, Any]:
         from medsynth.evaluate.segmentation import mean_seam_score
