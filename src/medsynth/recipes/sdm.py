@@ -37,14 +37,7 @@ from medsynth.data.datasets import PreparedDataModule, first_split, require_prep
 from medsynth.data.io import save_image
 from medsynth.data.labels import load_labelled, load_labelled_split, read_label_map, save_labelled, value_lookup, values_of
 from medsynth.data.prepare import hu_to_unit, unit_to_hu
-from medsynth.diffusion.cascade import (
-    downsample_image,
-    downsample_labels,
-    low_res_affine,
-    low_res_reference,
-    one_hot,
-    upsample_image,
-)
+from medsynth.diffusion import cascade
 from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.config import DenoiserConfig
 from medsynth.diffusion.denoiser import ConditionedDenoiser
@@ -117,10 +110,10 @@ class LowStage:
 
     def condition(self, labels: Tensor, reference: Tensor | None = None) -> Condition:
         """Class indices ``(B, 1, *S)`` on the prepared grid -> the low-res one-hot label map."""
-        return Condition(seg=one_hot(downsample_labels(labels, self.num_classes, self.grid_factor), self.num_classes))
+        return Condition(seg=cascade.one_hot(cascade.downsample_labels(labels, self.num_classes, self.grid_factor), self.num_classes))
 
     def training_pair(self, image: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Condition]:
-        return downsample_image(image, self.grid_factor) * 2 - 1, self.condition(labels)
+        return cascade.downsample_image(image, self.grid_factor) * 2 - 1, self.condition(labels)
 
     def denoiser(self, model: Denoiser, settings: SDMSampleConfig) -> Denoiser:
         return model
@@ -168,11 +161,11 @@ class HighStage(LowStage):
         if self.model.position_channels:
             coords = coordinate_channels(labels.shape[2:], device=labels.device)
             concat.append(coords.expand(len(labels), *coords.shape))
-        return Condition(seg=one_hot(labels, self.num_classes), concat=torch.cat(concat, dim=1))
+        return Condition(seg=cascade.one_hot(labels, self.num_classes), concat=torch.cat(concat, dim=1))
 
     def training_pair(self, image: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Condition]:
         """``data.patches_per_volume`` random patches per volume, the same windows of x_0 and every condition."""
-        cond = self.condition(labels, low_res_reference(image, self.model.low_res_factor))
+        cond = self.condition(labels, cascade.low_res_reference(image, self.model.low_res_factor))
         return random_patches(image * 2 - 1, cond, self.model.patch_size, self.config.data.patches_per_volume, generator)
 
     def denoiser(self, model: Denoiser, settings: SDMSampleConfig) -> Denoiser:
@@ -183,13 +176,13 @@ class HighStage(LowStage):
         if given is not None:
             return given
         low = recipe.low_res_module(module)
-        return upsample_image(low.volumes(labels, seeds, low.config.sample), self.model.low_res_factor)
+        return cascade.upsample_image(low.volumes(labels, seeds, low.config.sample), self.model.low_res_factor)
 
     def evaluation_reference(self, module: SDMModule, images: Tensor) -> tuple[Tensor | None, str | None]:
         if module.config.sample.low_res_run is not None:
             return None, "low-res run (cascade)"
         # no low-res run: judge the high stage alone, on the real volumes' low-res references
-        return low_res_reference(images, self.model.low_res_factor), "real volumes, average-pooled and upsampled (super-resolution)"
+        return cascade.low_res_reference(images, self.model.low_res_factor), "real volumes, average-pooled and upsampled (super-resolution)"
 
     def extra_metrics(self, generated: Tensor, kind: str | None) -> dict[str, Any]:
         from medsynth.evaluate.segmentation import mean_seam_score
@@ -337,10 +330,10 @@ class SDMRecipe(Recipe):
             module, labels.to(module.device), item_seeds(request.seed, indices)))
         written, folder = [], out / request.mode
         for index, (name, labels, affine) in enumerate(jobs):
-            grid_affine = low_res_affine(affine, factor)
+            grid_affine = cascade.low_res_affine(affine, factor)
             written.append(save_image(self.to_units(volumes[index], module).cpu(), folder / f"{name}.nii.gz", affine=grid_affine))
             if request.condition is None:
-                values = values_of(downsample_labels(labels, len(model.classes), factor)[0], model.label_values)
+                values = values_of(cascade.downsample_labels(labels, len(model.classes), factor)[0], model.label_values)
                 save_image(values, folder / "labels" / f"{name}.nii.gz", affine=grid_affine)
         return written
 
@@ -356,8 +349,8 @@ class SDMRecipe(Recipe):
             if (loaded := load_labelled_split(data_dir, split, model.label_values)) is None:
                 return {}
             images, labels = loaded
-            return {"image": images, "label": labels, "x": downsample_image(images, factor),
-                    "y": downsample_labels(labels, num_classes, factor)[:, 0]}
+            return {"image": images, "label": labels, "x": cascade.downsample_image(images, factor),
+                    "y": cascade.downsample_labels(labels, num_classes, factor)[:, 0]}
 
         def units(x01: Tensor) -> Tensor:
             return self.to_units(x01 * 2 - 1, module)
@@ -387,7 +380,7 @@ class SDMRecipe(Recipe):
             "sampler": module.config.sample.describe(module.schedule),
             **stage.extra_metrics(units(generated), reference_kind),
         }
-        affine = low_res_affine(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)), factor)
+        affine = cascade.low_res_affine(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)), factor)
         save_labelled(run.samples / "evaluate", units(generated), values_of(cond_y[:, None], model.label_values), affine)
         return metrics
 
@@ -400,7 +393,7 @@ class SDMRecipe(Recipe):
         model, factor = module.config.model, module.stage.grid_factor
         pairs = [(name, "generated", module.classes_of(labels), hu_to_unit(volume, model.intensity_window))
                  for name, labels, volume in generated]
-        pairs += [(case["id"], "real", downsample_labels(module.classes_of(case["label"][None]), len(model.classes), factor)[0],
-                   downsample_image(case["image"][None], factor)[0]) for case in first_split(module.config.data_dir, ("test", "val"))[:6]]
+        pairs += [(case["id"], "real", cascade.downsample_labels(module.classes_of(case["label"][None]), len(model.classes), factor)[0],
+                   cascade.downsample_image(case["image"][None], factor)[0]) for case in first_split(module.config.data_dir, ("test", "val"))[:6]]
         figure = figure_html(label_map_grid(pairs, len(model.classes), ncols=4), "label maps and volumes")
         return [ReportSection("Label maps with generated (top) and real (bottom) volumes, middle axial slices", figure)]
