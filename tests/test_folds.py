@@ -100,6 +100,12 @@ def test_a_fold_set_trains_resumes_the_missing_fold_evaluates_and_reports(prepar
         view = Manifest.load(out / f"fold-{index}" / "data")
         assert sorted({c.subject for c in view.split_cases("test")}) == held_out
 
+    # Killed after fold 1's last checkpoint but before its weights were exported: resume finishes that fold.
+    trained = (out / "fold-1" / "model.safetensors").read_bytes()
+    (out / "fold-1" / "model.safetensors").unlink()
+    api.train(resume=out, progress=False)
+    assert (out / "fold-1" / "model.safetensors").read_bytes() == trained
+
     metrics = api.evaluate(out)
     assert metrics["folds"] == 2
     per_fold = [json.loads((out / f"fold-{i}" / "metrics.json").read_text()) for i in range(2)]  # the folds' own stay

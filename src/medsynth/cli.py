@@ -51,8 +51,10 @@ def _phantom(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=None, help="cardiac: frames per cycle; lung: breathing phases per cycle (default 10)")
     modality = CardiacOptions.model_fields["modality"]
     p.add_argument("--modality", choices=get_args(modality.annotation), default=None, help=f"cardiac: {modality.description}")
-    p.add_argument("--flow-pairs", nargs="?", const="npy", default=None, choices=["npy", "nifti"], metavar="{npy,nifti}",
-                   help=f"cardiac: {CardiacOptions.model_fields['flow_pairs'].description}; bare --flow-pairs: npy")
+    flow_pairs = CardiacOptions.model_fields["flow_pairs"]
+    layouts = list(get_args(get_args(flow_pairs.annotation)[0]))  # Literal["npy", "nifti"] | None
+    p.add_argument("--flow-pairs", nargs="?", const=layouts[0], default=None, choices=layouts, metavar="{" + ",".join(layouts) + "}",
+                   help=f"cardiac: {flow_pairs.description}; bare --flow-pairs: {layouts[0]}")
     _no_progress(p)
 
 
