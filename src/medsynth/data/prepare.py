@@ -245,9 +245,8 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
         image, label, flow = (_crop_or_pad if config.crop else _resize)(image, label, flow, config, dims)
     image, moving = image[:channels], (image[channels:] if case.moving is not None else None)
 
-    arrays = {"image": image.numpy().astype(np.float32), "affine": image.affine.numpy().astype(np.float64)}
-    if moving is not None:
-        arrays["moving"] = moving.numpy().astype(np.float32)
+    arrays = {"image": image.numpy().astype(np.float32), "affine": image.affine.numpy().astype(np.float64),
+              **({"moving": moving.numpy().astype(np.float32)} if moving is not None else {})}
     if label is not None:
         arrays["label"] = label.numpy().round().astype(np.int16)
         values, counts = np.unique(arrays["label"], return_counts=True)
@@ -286,7 +285,7 @@ def _read_affine(path: Path) -> np.ndarray:
 
 def _load_label(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
     path = manifest.resolve(case.label)
-    label = _without_geometry_on(load_image(path, dtype=np.int64, key="label"), path, image)
+    label = _without_geometry_on(load_image(path, dtype=np.int64, key="label"), path, image, manifest.resolve(case.images[0]))
     check_same_grid(image.shape[1:], image.affine.numpy(), label.shape[1:], label.affine.numpy(), path, manifest.resolve(case.images[0]))
     if label.shape[0] != 1:
         raise BadInputError(path, f"a label map has one channel, got {label.shape[0]}")
@@ -299,17 +298,18 @@ def _load_label(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor
     return label
 
 
-def _without_geometry_on(tensor: MetaTensor, path: Path, image: MetaTensor) -> MetaTensor:
-    if suffix_of(path) == ".npy":  # a plain .npy has no geometry: it lies on its image's grid (and affine sidecar)
+def _without_geometry_on(tensor: MetaTensor, path: Path, image: MetaTensor, image_path: Path) -> MetaTensor:
+    # Plain .npy beside a plain .npy image: neither has geometry, both lie on the image's grid (and affine sidecar).
+    if suffix_of(path) == ".npy" and suffix_of(image_path) == ".npy":
         tensor.affine = image.affine.clone()
     return tensor
 
 
 def _load_moving(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
     """The pair's other frame (``case.moving``), on the image's grid with as many channels."""
-    path = manifest.resolve(case.moving)
-    moving = _without_geometry_on(load_image(path), path, image)
-    check_same_grid(image.shape[1:], image.affine.numpy(), moving.shape[1:], moving.affine.numpy(), path, manifest.resolve(case.images[0]))
+    path, image_path = manifest.resolve(case.moving), manifest.resolve(case.images[0])
+    moving = _without_geometry_on(load_image(path), path, image, image_path)
+    check_same_grid(image.shape[1:], image.affine.numpy(), moving.shape[1:], moving.affine.numpy(), path, image_path)
     if moving.shape[0] != image.shape[0]:
         raise BadInputError(path, f"has {moving.shape[0]} channel(s), its image {image.shape[0]}")
     return moving
