@@ -6,6 +6,7 @@ import argparse
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from medsynth.cli import main
@@ -187,3 +188,30 @@ def test_demo_is_data_run_by_one_function(monkeypatch, capsys, tmp_path):
     for name in get_recipe("cvae").headline_metrics:
         assert name in err
     assert "memorisation_max_ssim_real_reference" in err and "mmd_classifier_features" not in err
+
+
+def test_phantom_cardiac_flow_pairs_in_both_layouts(capsys, tmp_path):
+    for flag, written in ((("--flow-pairs",), "template_img_0.npy"), (("--flow-pairs", "nifti"), "sub000/flow_es_ed.nii.gz")):
+        out = tmp_path / "-".join(flag)
+        code = main(["phantom", "cardiac", *flag, "--out", str(out), "--n", "1", "--size", "8", "--frames", "2", "--no-progress"])
+        assert code == 0 and (out / written).is_file()
+    with pytest.raises(SystemExit) as refused:  # argparse: one line, exit 2
+        main(["phantom", "cardiac", "--flow-pairs", "png", "--out", str(tmp_path / "x"), "--n", "1"])
+    assert refused.value.code == 2 and "--flow-pairs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flow_shape, frame_value, bad, problem", [
+    ((2, 6, 5, 4), 0.0, "flow_0.npy", "has 2 channel(s)"),
+    ((3, 6, 5, 5), 0.0, "flow_0.npy", "differs from its frame template_img_0.npy"),
+    ((3, 6, 5, 4), np.nan, "template_img_0.npy", "NaN"),
+])
+def test_bad_flow_pairs_are_one_line(capsys, tmp_path, flow_shape, frame_value, bad, problem):
+    src = tmp_path / "pairs"
+    src.mkdir()
+    frame = np.zeros((6, 5, 4), np.float32)
+    frame[0, 0, 0] = frame_value
+    np.save(src / "template_img_0.npy", frame)
+    np.save(src / "flow_0.npy", np.zeros(flow_shape, np.float32))
+    code, err = run_cli(capsys, "prepare", str(src), "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(src / bad) in err and problem in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from medsynth.console import note
 from medsynth.data.phantoms import get_phantom
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.recipes import get_recipe
-from medsynth.runs import Run
+from medsynth.runs import Run, atomic_write_json, fold_summary
 
 if TYPE_CHECKING:  # imported inside the functions that train or load a model: Lightning costs seconds
     from medsynth.recipes.base import Recipe
@@ -58,14 +59,26 @@ def train(
     force: bool = False,
     progress: bool = True,
     init: str | Path | None = None,
+    folds: int | None = None,
+    fold_seed: int | None = None,
+    only_folds: Sequence[int] | None = None,
 ) -> Run:
     """Train a recipe into a run directory, or continue one (``resume``) with its full state.
 
     ``init`` (a run, ``model.safetensors`` or a ``.ckpt``) starts a new run from those weights
-    (fine-tuning); the optimiser, schedule and step start afresh.
+    (fine-tuning); the optimiser, schedule and step start afresh. ``folds`` trains a
+    cross-validation fold set instead (see :func:`train_folds`; ``fold_seed`` and ``only_folds``
+    are its); ``resume`` on a fold set continues it (:func:`resume_folds`).
     """
     from medsynth.training import build_trainer, export_weights, seed_everything
 
+    if folds is not None:
+        if resume is not None:
+            raise MedsynthError("train: --folds starts a fold set; --resume RUN continues one (use one)")
+        return train_folds(recipe, data, folds, config=config, overrides=overrides, out=out, force=force, progress=progress,
+                           init=init, seed=fold_seed, only=only_folds)
+    if resume is not None and Run.open(resume).is_fold_set:
+        return resume_folds(resume, config=config, overrides=overrides, progress=progress, only=only_folds)
     if resume is not None:
         run = Run.open(resume)
         saved = read_yaml(run.config_path)
@@ -106,6 +119,85 @@ def train(
     return run
 
 
+def train_folds(recipe: str | None, data: str | Path | None, folds: int, config: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None, force: bool = False,
+                progress: bool = True, init: str | Path | None = None, seed: int | None = None,
+                only: Sequence[int] | None = None) -> Run:
+    """K-fold cross-validation by subject: ``folds`` full runs ``OUT/fold-<i>/`` of ``recipe`` on ``data``.
+
+    Fold ``i`` holds out the subjects :func:`~medsynth.data.splits.fold_assignments` gives it
+    (its test split; classes spread evenly over the folds); the others are split into train/val by the prepared dataset's
+    ``val_fraction``. Its data is a view, ``OUT/fold-<i>/data/dataset.json`` naming the prepared
+    files (:func:`~medsynth.data.splits.fold_view`). ``folds`` = the number of subjects is
+    leave-one-out. ``OUT/folds.json`` records the set::
+
+        {"recipe": "cvae", "folds": K, "seed": S, "data_dir": "/abs/prepared",
+         "config": "/abs/config.yaml" | null, "overrides": ["train.max_epochs=5", ...],
+         "init": "/abs/weights" | null, "subjects": [[held-out subjects of fold 0], ...]}
+
+    Folds run in sequence, each as :func:`train` would run it (its own devices setting). With
+    several devices they could run in parallel, one process per device (``CUDA_VISIBLE_DEVICES=i
+    medsynth train --resume OUT`` claiming unstarted folds); that dispatcher is not written yet,
+    so several devices serve each fold in turn.
+
+    Args:
+        seed: of the fold assignment (default: the prepared dataset's split seed).
+        only: train only these folds now (the others start on ``train(resume=OUT)``).
+
+    Raises:
+        BadInputError: ``folds`` larger than the number of subjects (names ``data``), or ``data``
+            not a prepared dataset.
+        MedsynthError: ``OUT`` already holds a run or fold set (without ``force``).
+    """
+    from medsynth.config import resolve_config_path
+    from medsynth.data.datasets import load_prepared_manifest
+    from medsynth.data.splits import fold_assignments, subject_strata
+
+    if recipe is None or data is None:
+        raise MedsynthError("train --folds: name a recipe and --data DIR (a prepared dataset)")
+    chosen = get_recipe(recipe)
+    manifest = load_prepared_manifest(data)
+    subjects = manifest.subjects()
+    if folds > len(subjects):
+        raise BadInputError(data, f"--folds {folds} is larger than the number of subjects ({len(subjects)})")
+    seed = int((manifest.prepare or {}).get("settings", {}).get("seed", 0)) if seed is None else seed
+    fold_set = Run(Path(out or Path("runs") / f"{chosen.name}-folds-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if (fold_set.is_fold_set or fold_set.config_path.exists()) and not force:
+        raise MedsynthError(f"{fold_set.path}: a run already exists here; use --resume to continue it or --force to start over")
+    atomic_write_json(fold_set.folds_path, {
+        "recipe": chosen.name, "folds": folds, "seed": seed, "data_dir": str(Path(data).resolve()),
+        "config": str(resolve_config_path(config).resolve()) if config is not None else None,
+        "overrides": list(overrides), "init": str(Path(init).resolve()) if init is not None else None,
+        "subjects": fold_assignments(subjects, folds, seed, strata=subject_strata(manifest.cases))})
+    return resume_folds(fold_set.path, progress=progress, only=only, fresh=force)
+
+
+def resume_folds(run: str | Path, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 progress: bool = True, only: Sequence[int] | None = None, fresh: bool = False) -> Run:
+    """Train the folds of a fold set that are not finished: a fold with ``model.safetensors`` is
+    done (skipped), one with ``checkpoints/last.ckpt`` is resumed (``config``/``overrides`` as
+    for a resumed run), any other starts from its ``folds.json`` settings plus ``overrides``."""
+    from medsynth.data.splits import fold_view
+
+    fold_set = Run.open(run)
+    spec = fold_set.read_folds()
+    for index, held_out in enumerate(spec["subjects"]):
+        fold = fold_set.fold(index)
+        if only is not None and index not in only:
+            continue
+        if fold.weights_path.exists() and not fresh:
+            note(f"{fold.path}: trained, skipped")
+            continue
+        if fold.last_checkpoint.exists() and not fresh:
+            train(resume=fold.path, config=config, overrides=overrides, progress=progress)
+            continue
+        view = fold_view(spec["data_dir"], held_out, fold.path / "data", seed=int(spec["seed"]))
+        train(spec["recipe"], data=view, config=spec.get("config") if config is None else config,
+              overrides=[*spec.get("overrides", []), *overrides], out=fold.path, force=True, progress=progress,
+              init=spec.get("init"))
+    return fold_set
+
+
 def load_initial_weights(module: MedsynthModule, source: str | Path) -> MedsynthModule:
     """Fine-tuning: load weights from a run folder, a ``.safetensors`` file or a ``.ckpt`` (safely)."""
     from medsynth.training import load_state, weights_of
@@ -127,8 +219,11 @@ def load_run(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tu
 
 
 def open_run(run: str | Path) -> tuple[Run, Recipe]:
-    """An existing run and its recipe, without loading weights."""
+    """An existing run and its recipe, without loading weights (a fold set is refused: name one of its folds)."""
     opened = Run.open(run)
+    if opened.is_fold_set:
+        raise MedsynthError(f"{opened.path}: a fold set of {opened.read_folds().get('folds')} runs; "
+                            f"give one fold, e.g. {opened.fold(0).path}")
     return opened, get_recipe(str(read_yaml(opened.config_path).get("recipe")))
 
 
@@ -165,6 +260,10 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
 
     ``progress`` is accepted for the CLI's ``--no-progress``; evaluation shows no progress bar yet.
     """
+    if Run.open(run).is_fold_set:
+        if data is not None:
+            raise MedsynthError(f"{run}: each fold of a fold set is evaluated on its own held-out subjects; --data is not taken")
+        return evaluate_folds(run)
     opened, chosen, module = load_run(run)
     data_dir = Path(data) if data is not None else Path(module.config.data_dir or "")
     if not (data_dir / "dataset.json").exists():
@@ -172,14 +271,49 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
     return opened.write_metrics(chosen.evaluate(opened, module, data_dir))
 
 
+def evaluate_folds(run: str | Path) -> dict[str, Any]:
+    """Evaluate every fold of a fold set on its held-out subjects (each fold's metrics.json stays) and
+    write ``RUN/metrics.json``: ``folds`` and every numeric metric as ``<key>_per_fold``, ``<key>_mean``
+    and ``<key>_sd`` (:func:`~medsynth.runs.fold_summary`)."""
+    fold_set = Run.open(run)
+    spec = fold_set.read_folds()
+    per_fold = []
+    for index in range(int(spec["folds"])):
+        fold = fold_set.fold(index)
+        if not fold.weights_path.exists():
+            raise MedsynthError(f"{fold.path}: fold {index} is not trained yet; run `medsynth train --resume {fold_set.path}`")
+        per_fold.append(evaluate(fold.path))
+    return fold_set.write_metrics({"folds": int(spec["folds"]), **fold_summary(per_fold)})
+
+
 def report(run: str | Path) -> Path:
     """Write RUN/report.html: the recipe's headline metrics beside their references, its figures,
-    curves, every metric and the config."""
+    curves, every metric and the config (for a fold set: the mean ± sd over its folds)."""
     from medsynth.report.html import write_report
 
+    opened = Run.open(run)
+    if opened.is_fold_set:
+        spec = opened.read_folds()
+        title = f"medsynth {spec['recipe']} — {opened.path.name} ({spec['folds']}-fold cross-validation)"
+        return write_report(opened, title, [("Cross-validation: mean ± sd over folds", _fold_table(opened.read_metrics()))])
     opened, chosen, module = load_run(run)
     sections = [(section.title, section.html) for section in chosen.report_sections(opened, module)]
     return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections, headline=chosen.headline_metrics)
+
+
+def _fold_table(metrics: dict[str, Any]) -> str:
+    """The mean ± sd and per-fold values of every metric of a fold set, as an HTML table."""
+    import html
+
+    def shown(value: Any) -> str:
+        return "–" if value is None else f"{value:.4g}"
+
+    rows = [f"<tr><td>{html.escape(key[:-5])}</td><td>{shown(metrics[key])} ± {shown(metrics.get(key[:-5] + '_sd'))}</td>"
+            f"<td>{', '.join(shown(v) for v in metrics.get(key[:-5] + '_per_fold', []))}</td></tr>"
+            for key in sorted(metrics) if key.endswith("_mean") and f"{key[:-5]}_per_fold" in metrics]
+    if not rows:
+        return "<p>Not evaluated yet: run <code>medsynth evaluate</code> on the fold set.</p>"
+    return "<table><tr><th>metric</th><th>mean ± sd</th><th>per fold</th></tr>" + "".join(rows) + "</table>"
 
 
 def register(fixed: str | Path | None = None, moving: str | Path | None = None, out: str | Path | None = None,

@@ -51,7 +51,10 @@ def _phantom(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=None, help="cardiac: frames per cycle; lung: breathing phases per cycle (default 10)")
     modality = CardiacOptions.model_fields["modality"]
     p.add_argument("--modality", choices=get_args(modality.annotation), default=None, help=f"cardiac: {modality.description}")
-    p.add_argument("--flow-pairs", action="store_true", help=f"cardiac: {CardiacOptions.model_fields['flow_pairs'].description}")
+    flow_pairs = CardiacOptions.model_fields["flow_pairs"]
+    layouts = list(get_args(get_args(flow_pairs.annotation)[0]))  # Literal["npy", "nifti"] | None
+    p.add_argument("--flow-pairs", nargs="?", const=layouts[0], default=None, choices=layouts, metavar="{" + ",".join(layouts) + "}",
+                   help=f"cardiac: {flow_pairs.description}; bare --flow-pairs: {layouts[0]}")
     _no_progress(p)
 
 
@@ -89,6 +92,8 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="start over in an existing run directory")
     p.add_argument("--stage", choices=["low", "high"], default=None, help="sdm: shortcut for --set model.stage=...")
     p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (a run, .safetensors or .ckpt)")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="K-fold cross-validation by subject: K runs in OUT/fold-<i>/ (K = number of subjects: leave-one-out)")
     _no_progress(p)
 
 
@@ -135,13 +140,13 @@ def _render(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a trained run directory")
+    p.add_argument("run", help="a trained run directory, or a fold set (each fold on its held-out subjects; mean and sd)")
     p.add_argument("--data", default=None, help="prepared dataset (default: the run's own)")
     _no_progress(p)
 
 
 def _report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a trained (and evaluated) run directory")
+    p.add_argument("run", help="a trained (and evaluated) run directory or fold set")
 
 
 def _demo(p: argparse.ArgumentParser) -> None:
@@ -185,7 +190,7 @@ def run_command(args: argparse.Namespace) -> None:
     if args.command == "phantom":
         options = {key: value for key, value in (("frames", args.frames), ("modality", args.modality)) if value is not None}
         if args.flow_pairs:
-            options["flow_pairs"] = True
+            options["flow_pairs"] = args.flow_pairs
         print(api.phantom(args.kind, args.out, n=args.n, seed=args.seed, size=args.size, progress=progress, **options))
     elif args.command == "prepare":
         given = {"size": args.size, "keep_aspect": args.keep_aspect, "crop": args.crop, "spacing": args.spacing,
@@ -199,7 +204,7 @@ def run_command(args: argparse.Namespace) -> None:
         overrides += [f"train.strategy={args.strategy}"] if args.strategy else []
         overrides += [f"model.stage={args.stage}"] if args.stage else []
         print(api.train(args.recipe, data=args.data, config=args.config, overrides=overrides, out=args.out,
-                        resume=args.resume, force=args.force, init=args.init, progress=progress).path)
+                        resume=args.resume, force=args.force, init=args.init, folds=args.folds, progress=progress).path)
     elif args.command == "sample":
         settings = {"guidance": args.guidance, "steps": args.steps, "sampler": args.sampler}
         paths = api.sample(args.run, n=args.n, mode=args.mode, class_name=args.class_name, condition=args.condition,

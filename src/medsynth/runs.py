@@ -10,6 +10,11 @@ RUN/report.html          self-contained report
 RUN/model.safetensors    weights for sharing (config.yaml beside it rebuilds the model)
 ```
 
+A cross-validation fold set (``medsynth train RECIPE --folds K``) is a folder of runs instead:
+``RUN/folds.json`` (recipe, K, seed, held-out subjects per fold), ``RUN/fold-<i>/`` (each a full
+run, its data view in ``RUN/fold-<i>/data/dataset.json``), ``RUN/metrics.json`` (per fold, mean
+and sd) and ``RUN/report.html``; it has no ``config.yaml`` of its own.
+
 It also holds the ground floor's two file primitives: the one atomic writer
 (:func:`atomic_write_bytes`) every file a kill could corrupt goes through, and the one reader of
 JSON/YAML files (:func:`read_structured`) that fails with one line naming the file.
@@ -30,6 +35,7 @@ import yaml
 from medsynth.errors import BadInputError, MedsynthError
 
 TEMP_SUFFIX = ".medsynth-tmp"  # the atomic writer's temporary files end so
+FOLDS_NAME = "folds.json"  # marks a cross-validation fold set
 
 
 @dataclass(frozen=True)
@@ -74,14 +80,31 @@ class Run:
     def weights_path(self) -> Path:
         return self.path / "model.safetensors"
 
+    @property
+    def folds_path(self) -> Path:
+        return self.path / FOLDS_NAME
+
+    @property
+    def is_fold_set(self) -> bool:
+        """A cross-validation fold set (``folds.json``, runs in ``fold-<i>/``) rather than one run."""
+        return self.folds_path.is_file()
+
+    def fold(self, index: int) -> Run:
+        """The run of fold ``index`` of a fold set (it may not exist yet)."""
+        return Run(self.path / f"fold-{index}")
+
+    def read_folds(self) -> dict[str, Any]:
+        """A fold set's ``folds.json``: ``recipe``, ``folds`` (K), ``seed``, ``subjects`` (held out, per fold), ..."""
+        return read_structured(self.folds_path, "fold set")
+
     @classmethod
     def open(cls, path: str | Path) -> Run:
-        """An existing run; anything else is refused with one line."""
+        """An existing run or fold set (``folds.json``); anything else is refused with one line."""
         path = Path(path)
         if not path.is_dir():
             raise BadInputError(path, "not a run directory (no such folder)")
-        if not (path / "config.yaml").is_file():
-            raise BadInputError(path, "not a medsynth run (no config.yaml)")
+        if not (path / "config.yaml").is_file() and not (path / FOLDS_NAME).is_file():
+            raise BadInputError(path, "not a medsynth run (no config.yaml, nor folds.json of a fold set)")
         return cls(path)
 
     @classmethod
@@ -129,6 +152,36 @@ def strict_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     if reasons:
         cleaned["not_computed"] = reasons
     return cleaned
+
+
+def fold_summary(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every numeric metric of a fold set: ``<key>_per_fold`` (list, ``None`` where a fold has none),
+    ``<key>_mean`` and ``<key>_sd`` (sample sd, ddof 1, over the folds with a finite value; ``None``
+    when fewer than 1 resp. 2 have one). Nested metrics get dotted keys (``accuracy_per_class.normal``);
+    booleans and strings are not metrics."""
+    def numbers(value: Any, key: str, into: dict[str, float | None]) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k != "not_computed":
+                    numbers(v, f"{key}.{k}" if key else str(k), into)
+        elif value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            into[key] = None if value is None or not math.isfinite(value) else float(value)
+
+    flat: list[dict[str, float | None]] = []
+    for metrics in per_fold:
+        found: dict[str, float | None] = {}
+        numbers(metrics, "", found)
+        flat.append(found)
+    keys = sorted({key for found in flat for key, value in found.items() if value is not None})
+    summary: dict[str, Any] = {}
+    for key in keys:
+        values = [found.get(key) for found in flat]
+        finite = [v for v in values if v is not None]
+        mean = sum(finite) / len(finite)
+        summary[f"{key}_per_fold"] = values
+        summary[f"{key}_mean"] = mean
+        summary[f"{key}_sd"] = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else None
+    return summary
 
 
 JSON_SUFFIXES = (".json",)

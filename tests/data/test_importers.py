@@ -158,6 +158,25 @@ def test_flow_pair_shape_mismatch(tmp_path: Path) -> None:
         import_dataset(tmp_path)
 
 
+def test_flow_pairs_with_labels_diastole_and_a_folder_affine(tmp_path: Path) -> None:
+    np.save(tmp_path / "template_img_0.npy", np.zeros((6, 5, 4), np.float32))
+    np.save(tmp_path / "flow_0.npy", np.zeros((6, 5, 4, 3), np.float32))  # channel-last is accepted
+    np.save(tmp_path / "label_0.npy", np.zeros((6, 5, 4), np.int16))
+    np.save(tmp_path / "diastole_img_0.npy", np.zeros((6, 5, 4), np.float32))
+    np.save(tmp_path / "affine.npy", np.diag([2.0, 2.0, 3.0, 1.0]))
+    (tmp_path / "flow_pairs.json").write_text(json.dumps({"modality": "MRI", "labels": {"1": "lv", "0": "background"}}))
+    manifest = import_dataset(tmp_path)
+    case = manifest.cases[0]
+    assert (case.label, case.moving, case.affine) == ("label_0.npy", "diastole_img_0.npy", "affine.npy")
+    assert manifest.modality == "MRI" and list(manifest.labels.items()) == [("0", "background"), ("1", "lv")]
+    np.save(tmp_path / "diastole_img_0.npy", np.zeros((6, 5, 5), np.float32))
+    with pytest.raises(BadInputError, match=r"diastole_img_0\.npy: shape \(6, 5, 5\) differs from its frame template_img_0\.npy"):
+        import_dataset(tmp_path)
+    np.save(tmp_path / "flow_0.npy", np.zeros((2, 6, 5, 4), np.float32))
+    with pytest.raises(BadInputError, match=r"flow_0\.npy: has 2 channel\(s\); a 3D displacement field has 3"):
+        import_dataset(tmp_path)
+
+
 def test_medsynth_manifest_is_loaded_and_rebased(tmp_path: Path) -> None:
     src = tmp_path / "phantom"
     _nifti(src / "s0.nii.gz", (4, 4, 4), np.eye(4))

@@ -318,3 +318,65 @@ def test_prepared_dataset_and_datamodule(tmp_path: Path) -> None:
     assert orders[0] == orders[1]
     with pytest.raises(BadInputError, match="not a prepared dataset"):
         PreparedDataset(tmp_path / "raw")
+
+
+# -- flow pairs (the cardiac phantom's two layouts) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cardiac_pairs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cardiac-pairs")
+    return {layout: api.phantom("cardiac", root / layout, n=2, size=16, frames=4, seed=1, flow_pairs=layout, progress=False)
+            for layout in ("npy", "nifti")}
+
+
+def test_both_flow_pair_layouts_prepare_to_the_same_arrays(cardiac_pairs, tmp_path):
+    from medsynth.data.datasets import load_split
+
+    items = {layout: load_split(prepare_dataset(src, tmp_path / layout, size=12, normalize="ct", progress=False), None)
+             for layout, src in cardiac_pairs.items()}
+    assert len(items["npy"]) == len(items["nifti"]) == 2
+    for npy, nifti in zip(items["npy"], items["nifti"]):
+        assert npy["flow"].shape == (3, 12, 12, 12) and npy["flow"].abs().max() > 0.5
+        torch.testing.assert_close(npy["flow"], nifti["flow"], atol=1e-5, rtol=0)  # voxels of the prepared grid
+        assert torch.equal(npy["label"], nifti["label"]) and set(npy["label"].unique().tolist()) > {0, 8, 9}
+        for key in ("image", "moving", "affine"):
+            torch.testing.assert_close(npy[key], nifti[key], atol=1e-5, rtol=0)
+        assert not torch.equal(npy["image"], npy["moving"])  # ES and ED frames: the moving frame follows the image
+
+
+def test_an_oblique_anisotropic_affine_survives_prepare(cardiac_pairs, tmp_path):
+    """The same frame with an identity and an oblique, anisotropic affine: the same voxel flow after
+    prepare (also resized), and mm vectors that differ by exactly the affine's linear part."""
+    from medsynth.data.fields import voxel_to_mm
+
+    src = cardiac_pairs["npy"]
+    prepared = {}
+    for name, affine in (("identity", None), ("oblique", OBLIQUE)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for kind in ("template_img", "flow", "label"):
+            (folder / f"{kind}_0.npy").write_bytes((src / f"{kind}_0.npy").read_bytes())
+        if affine is not None:
+            np.save(folder / "affine_0.npy", affine)
+        for size in (None, 12):
+            out = prepare_dataset(folder, tmp_path / f"{name}-{size}", size=size, normalize="none", progress=False)
+            prepared[name, size] = _npz(out, "case_0")
+    np.testing.assert_allclose(prepared["oblique", None]["affine"], OBLIQUE)  # kept exactly without resampling
+    np.testing.assert_allclose(prepared["identity", None]["flow"], np.load(src / "flow_0.npy"), atol=1e-5)
+    for size in (None, 12):
+        identity, oblique = prepared["identity", size], prepared["oblique", size]
+        np.testing.assert_allclose(oblique["flow"], identity["flow"], atol=1e-4)
+        assert np.array_equal(oblique["label"], identity["label"])
+        mm_identity, mm_oblique = (voxel_to_mm(torch.from_numpy(p["flow"]).double(), p["affine"]).numpy() for p in (identity, oblique))
+        np.testing.assert_allclose(mm_oblique, np.einsum("ij,j...->i...", OBLIQUE[:3, :3], mm_identity), atol=1e-4)
+        np.testing.assert_allclose(oblique["affine"][:3, :3], OBLIQUE[:3, :3] @ identity["affine"][:3, :3], atol=1e-9)
+
+
+def test_a_flow_pair_frame_with_nan_is_refused(tmp_path):
+    frame = np.zeros((6, 5, 4), np.float32)
+    frame[1, 2, 3] = np.nan
+    np.save(tmp_path / "template_img_0.npy", frame)
+    np.save(tmp_path / "flow_0.npy", np.zeros((3, 6, 5, 4), np.float32))
+    with pytest.raises(BadInputError, match=r"template_img_0\.npy: 1 voxel\(s\) are NaN or Inf"):
+        prepare_dataset(tmp_path, tmp_path.parent / f"{tmp_path.name}-out", progress=False)

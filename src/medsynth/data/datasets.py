@@ -16,7 +16,7 @@ from medsynth.errors import BadInputError, MedsynthError
 
 Sample = dict[str, Any]
 # Arrays a prepared case file may hold (its "meta" is for the cache, not for training).
-_ARRAY_KEYS = ("image", "affine", "label", "flow")
+_ARRAY_KEYS = ("image", "affine", "label", "flow", "moving")
 
 
 def load_prepared_manifest(root: str | Path) -> Manifest:
@@ -148,8 +148,9 @@ class PreparedDataset(Dataset):
         }
         if "label" in arrays:
             sample["label"] = torch.tensor(arrays["label"], dtype=torch.long)
-        if "flow" in arrays:
-            sample["flow"] = torch.tensor(arrays["flow"], dtype=torch.float32)
+        for key in ("flow", "moving"):  # moving: a flow pair's other frame (see Case.moving)
+            if key in arrays:
+                sample[key] = torch.tensor(arrays[key], dtype=torch.float32)
         return self.transform(sample) if self.transform is not None else sample
 
 

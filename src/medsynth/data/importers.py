@@ -8,7 +8,8 @@ Importers only list and check files (headers, not voxels); nothing is copied. La
   ``file_ending``,
 - Medical Segmentation Decathlon: ``dataset.json`` with a ``training`` list of
   ``{"image", "label"}`` pairs,
-- ``template_img_<n>.npy`` + ``flow_<n>.npy`` pairs (+ optional ``affine_<n>.npy``),
+- ``template_img_<n>.npy`` + ``flow_<n>.npy`` pairs (+ optional ``affine_<n>.npy``, ``label_<n>.npy``,
+  ``diastole_img_<n>.npy``, a folder ``affine.npy`` and ``flow_pairs.json``),
 - class-per-folder 2D pictures: ``<root>/<Class>/<Class>_<n>.png``.
 """
 
@@ -305,17 +306,26 @@ def check_same_grid(image_shape: tuple[int, ...], image_affine: np.ndarray, othe
 
 # -- template/flow NumPy pairs --------------------------------------------------------------
 
-_PAIR_NAME = re.compile(r"^(?P<kind>template_img|flow|affine)_(?P<n>.+)\.npy$")
+_PAIR_NAME = re.compile(r"^(?P<kind>template_img|flow|affine|label|diastole_img)_(?P<n>.+)\.npy$")
+FLOW_PAIRS_DESCRIPTION = "flow_pairs.json"  # optional: modality and label names (the cardiac phantom writes it)
+FOLDER_AFFINE = "affine.npy"  # optional: one 4x4 affine for every pair without its own affine_<n>.npy
 
 
 def import_flow_pairs(src: str | Path) -> Manifest:
-    """``template_img_<n>.npy`` images with their ``flow_<n>.npy`` (and optional ``affine_<n>.npy``).
+    """``template_img_<n>.npy`` frames with their ``flow_<n>.npy`` (the original cardiac CT flow layout).
 
-    Flows are displacement fields in voxels of their template, channel-first ``(3, X, Y, Z)``
-    or channel-last ``(X, Y, Z, 3)``.
+    Per pair ``<n>``: the frame ``(X, Y, Z)`` (or ``(1, X, Y, Z)``); its flow, a displacement in
+    voxels of the frame's grid, channel-first ``(3, X, Y, Z)`` or channel-last ``(X, Y, Z, 3)``;
+    optional ``affine_<n>.npy`` (4x4 voxel-to-RAS, mm; else the folder's ``affine.npy``, else
+    the identity), ``label_<n>.npy`` (the frame's label map, ``(X, Y, Z)`` integers) and
+    ``diastole_img_<n>.npy`` (the other frame of the pair, the case's ``moving``: ``warp(diastole,
+    flow) == template``). An optional ``flow_pairs.json`` gives ``modality`` and ``labels``
+    (value -> name). Headers only are read here; NaN voxels are refused when ``prepare`` loads them.
 
     Raises:
-        BadInputError: a template without its flow (or the reverse), or mismatched shapes.
+        BadInputError: a file without its frame (or a frame without its flow), a flow whose
+            channel count is not 3 or whose grid differs from its frame's, a label or diastole
+            frame of another shape (each names the file).
     """
     src = Path(src)
     groups: dict[str, dict[str, Path]] = {}
@@ -323,19 +333,28 @@ def import_flow_pairs(src: str | Path) -> Manifest:
         match = _PAIR_NAME.match(path.name)
         if match is not None:
             groups.setdefault(match["n"], {})[match["kind"]] = path
+    description = _read_json(src / FLOW_PAIRS_DESCRIPTION) if (src / FLOW_PAIRS_DESCRIPTION).is_file() else {}
+    folder_affine = FOLDER_AFFINE if (src / FOLDER_AFFINE).is_file() else None
     cases = []
     for n, files in sorted(groups.items(), key=lambda item: _natural_key(item[0])):
         if "template_img" not in files:
-            orphan = files.get("flow") or files["affine"]
+            orphan = next(iter(files.values()))
             raise BadInputError(orphan, f"no matching template_img_{n}.npy")
         template = files["template_img"]
         if "flow" not in files:
             raise BadInputError(template, f"no matching flow_{n}.npy")
-        _check_pair(template, files["flow"])
+        _check_pair(template, files)
+        optional = {key: _relative(files[kind], src) if kind in files else None
+                    for key, kind in (("label", "label"), ("moving", "diastole_img"), ("affine", "affine"))}
+        optional["affine"] = optional["affine"] or folder_affine
         cases.append(Case(id=f"case_{n}", subject=f"case_{n}", image=_relative(template, src),
-                          flow=_relative(files["flow"], src),
-                          affine=_relative(files["affine"], src) if "affine" in files else None))
-    return Manifest(name=src.name, spatial_dims=3, modality="CT", source="flow-pairs", cases=cases).with_root(src)
+                          flow=_relative(files["flow"], src), **optional))
+    labels = description.get("labels") or {}
+    try:
+        return Manifest(name=src.name, spatial_dims=3, modality=str(description.get("modality", "CT")), source="flow-pairs",
+                        labels=_by_value({str(int(k)): str(v) for k, v in labels.items()}), cases=cases).with_root(src)
+    except (AttributeError, ValueError) as exc:
+        raise BadInputError(src / FLOW_PAIRS_DESCRIPTION, f"'labels' must map integer values to names ({type(exc).__name__})") from None
 
 
 def _natural_key(text: str) -> tuple[int, int | str]:
@@ -349,11 +368,23 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
         raise BadInputError(path, f"cannot read NumPy header ({type(exc).__name__})") from None
 
 
-def _check_pair(template: Path, flow: Path) -> None:
+def _check_pair(template: Path, files: dict[str, Path]) -> None:
+    """Refuse a pair whose flow is not a 3-component field on the frame's grid, or whose label/diastole differ in shape."""
     shape = _npy_shape(template)
     spatial = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
     if len(spatial) != 3:
         raise BadInputError(template, f"expected a 3D volume, got shape {shape}")
+    flow = files["flow"]
     flow_shape = _npy_shape(flow)
-    if flow_shape not in ((3, *spatial), (*spatial, 3)):
-        raise BadInputError(flow, f"shape {flow_shape} is not a 3-component field on its template's grid {spatial}")
+    if len(flow_shape) != 4:
+        raise BadInputError(flow, f"shape {flow_shape} is not a field (3, X, Y, Z) on its frame {template.name}'s grid {spatial}")
+    channels = flow_shape[0] if flow_shape[1:] == spatial else flow_shape[3] if flow_shape[:3] == spatial else None
+    if channels is None:
+        raise BadInputError(flow, f"shape {flow_shape} differs from its frame {template.name} {spatial} (expected (3, *{spatial}))")
+    if channels != 3:
+        raise BadInputError(flow, f"has {channels} channel(s); a 3D displacement field has 3 (shape {flow_shape})")
+    for kind in ("label", "diastole_img"):
+        if kind in files:
+            other = _npy_shape(files[kind])
+            if (other[1:] if len(other) == 4 and other[0] == 1 else other) != spatial:
+                raise BadInputError(files[kind], f"shape {other} differs from its frame {template.name} {spatial}")

@@ -27,7 +27,7 @@ from medsynth.runs import atomic_write_json, read_structured
 MANIFEST_NAME = "dataset.json"
 SPLITS = ("train", "val", "test")
 # Case fields that hold file paths: rebased when a manifest is saved into another folder.
-PATH_FIELDS = ("image", "label", "flow", "affine")
+PATH_FIELDS = ("image", "label", "flow", "affine", "moving")
 
 
 class Case(BaseModel):
@@ -36,6 +36,8 @@ class Case(BaseModel):
     Unknown keys are kept (``extra="allow"``), so newer manifests load in older code.
     ``image`` is one file, or a list of files stacked as channels (nnU-Net ``_0000``, ``_0001``…).
     ``affine`` names a NumPy 4x4 voxel-to-RAS sidecar for formats without geometry.
+    ``moving`` names the other frame of a registration pair on the image's grid (the
+    end-diastole frame a flow pair's ``flow`` maps the image to: ``warp(moving, flow) == image``).
     """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -48,6 +50,7 @@ class Case(BaseModel):
     phase: int | None = None
     flow: str | None = None
     affine: str | None = None
+    moving: str | None = None
     split: Literal["train", "val", "test"] | None = None
 
     @field_validator("id")

@@ -5,6 +5,7 @@
     out/dataset.json      the manifest: ``split`` filled, ``prepare`` = settings, images -> cases/<id>.npz
     out/cases/<id>.npz    image float32 (C, *spatial), affine (4, 4), optional label int16 (1, *spatial),
                           optional flow float32 (D, *spatial) in voxels of the prepared grid,
+                          optional moving float32 (C, *spatial): a pair's other frame, transformed as the image,
                           meta (JSON: the cache stamp and the case's statistics)
     out/stats.csv         one row per case; intensities are the source image's, before normalisation
     out/fingerprint.json  dataset-wide shapes, spacings, foreground intensities, class and label counts
@@ -197,7 +198,7 @@ def _claim(out: Path, source: str, digest: str, force: bool) -> None:
 
 
 def _sources(manifest: Manifest, case: Case) -> list[Path]:
-    return [manifest.resolve(p) for p in (*case.images, case.label, case.flow, case.affine) if p is not None]
+    return [manifest.resolve(p) for p in (*case.images, case.label, case.flow, case.affine, case.moving) if p is not None]
 
 
 def _stamp(manifest: Manifest, case: Case, config: PrepareConfig) -> str:
@@ -235,12 +236,17 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
         "foreground": intensity_stats(foreground) if foreground is not None else None,
     }
 
+    channels = image.shape[0]
+    if case.moving is not None:  # the pair's other frame: the same transforms as extra channels, split off below
+        image = MetaTensor(torch.cat([image.as_tensor(), _load_moving(manifest, case, image).as_tensor()]), affine=image.affine)
     image, label, flow = _resample(image, label, flow, config, dims)
     image = _normalize(image, config)
     if config.size is not None:
         image, label, flow = (_crop_or_pad if config.crop else _resize)(image, label, flow, config, dims)
+    image, moving = image[:channels], (image[channels:] if case.moving is not None else None)
 
-    arrays = {"image": image.numpy().astype(np.float32), "affine": image.affine.numpy().astype(np.float64)}
+    arrays = {"image": image.numpy().astype(np.float32), "affine": image.affine.numpy().astype(np.float64),
+              **({"moving": moving.numpy().astype(np.float32)} if moving is not None else {})}
     if label is not None:
         arrays["label"] = label.numpy().round().astype(np.int16)
         values, counts = np.unique(arrays["label"], return_counts=True)
@@ -279,7 +285,7 @@ def _read_affine(path: Path) -> np.ndarray:
 
 def _load_label(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
     path = manifest.resolve(case.label)
-    label = load_image(path, dtype=np.int64, key="label")
+    label = _without_geometry_on(load_image(path, dtype=np.int64, key="label"), path, image, manifest.resolve(case.images[0]))
     check_same_grid(image.shape[1:], image.affine.numpy(), label.shape[1:], label.affine.numpy(), path, manifest.resolve(case.images[0]))
     if label.shape[0] != 1:
         raise BadInputError(path, f"a label map has one channel, got {label.shape[0]}")
@@ -290,6 +296,23 @@ def _load_label(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor
     if unknown:
         raise BadInputError(path, f"label value(s) {unknown[:5]} are not in the dataset's labels {sorted(int(k) for k in manifest.labels)}")
     return label
+
+
+def _without_geometry_on(tensor: MetaTensor, path: Path, image: MetaTensor, image_path: Path) -> MetaTensor:
+    # Plain .npy beside a plain .npy image: neither has geometry, both lie on the image's grid (and affine sidecar).
+    if suffix_of(path) == ".npy" and suffix_of(image_path) == ".npy":
+        tensor.affine = image.affine.clone()
+    return tensor
+
+
+def _load_moving(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
+    """The pair's other frame (``case.moving``), on the image's grid with as many channels."""
+    path, image_path = manifest.resolve(case.moving), manifest.resolve(case.images[0])
+    moving = _without_geometry_on(load_image(path), path, image, image_path)
+    check_same_grid(image.shape[1:], image.affine.numpy(), moving.shape[1:], moving.affine.numpy(), path, image_path)
+    if moving.shape[0] != image.shape[0]:
+        raise BadInputError(path, f"has {moving.shape[0]} channel(s), its image {image.shape[0]}")
+    return moving
 
 
 def _load_flow(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
@@ -415,6 +438,7 @@ def _prepared_entry(case: Case, meta: dict[str, Any], split: str) -> Case:
     stats = {k: v for k, v in meta.items() if k != "stamp"}
     return case.model_copy(update={"image": path, "label": path if case.label is not None else None,
                                    "flow": path if case.flow is not None else None, "affine": None,
+                                   "moving": path if case.moving is not None else None,
                                    "split": split, "stats": stats})
 
 

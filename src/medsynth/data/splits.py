@@ -1,14 +1,17 @@
-"""Splits by subject (never by slice or phase): stratified by class, seeded, or kept as a dataset gives them."""
+"""Splits by subject (never by slice or phase): stratified by class, seeded, or kept as a dataset gives them;
+and cross-validation folds by subject, each a view of a prepared dataset."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from medsynth.data.manifest import MANIFEST_NAME, Manifest
-from medsynth.errors import BadInputError
+from medsynth.data.manifest import MANIFEST_NAME, PATH_FIELDS, Case, Manifest
+from medsynth.errors import BadInputError, MedsynthError
 
 
 def split_subjects(subject_classes: dict[str, str | None], val_fraction: float, test_fraction: float,
@@ -59,9 +62,77 @@ def subject_splits(manifest: Manifest, val_fraction: float, test_fraction: float
             if given.setdefault(case.subject, case.split) != case.split:
                 raise BadInputError(manifest.resolve(MANIFEST_NAME), f"subject '{case.subject}' is in splits {given[case.subject]} and {case.split}")
         return given
+    return split_subjects(subject_strata(manifest.cases), val_fraction, test_fraction, seed)
+
+
+def subject_strata(cases: Sequence[Case]) -> dict[str, str | None]:
+    """subject -> its stratum: its most frequent class (ties: the first by name)."""
     classes: dict[str, Counter] = {}
-    for case in manifest.cases:
+    for case in cases:
         classes.setdefault(case.subject, Counter())[case.class_name] += 1
-    # A subject's stratum is its most frequent class (ties: the first by name).
-    strata = {s: min(c.items(), key=lambda item: (-item[1], item[0] or ""))[0] for s, c in classes.items()}
-    return split_subjects(strata, val_fraction, test_fraction, seed)
+    return {s: min(c.items(), key=lambda item: (-item[1], item[0] or ""))[0] for s, c in classes.items()}
+
+
+# -- cross-validation folds -------------------------------------------------------------------
+
+
+def fold_assignments(subjects: Sequence[str], k: int, seed: int, strata: Mapping[str, str | None] | None = None) -> list[list[str]]:
+    """``k`` folds of held-out subjects: every subject in exactly one fold, fold sizes differing by at most one.
+
+    The subjects (sorted, so their given order does not matter) are shuffled by ``seed`` within
+    each stratum (``strata``: subject -> class; one stratum without) and dealt round-robin, the
+    strata one after another, so each class spreads evenly over the folds. Each fold's list is
+    sorted. ``k = len(subjects)`` is leave-one-out.
+
+    Raises:
+        MedsynthError: ``k < 2`` or ``k`` larger than the number of subjects.
+    """
+    names = sorted(set(subjects))
+    if k < 2:
+        raise MedsynthError(f"--folds {k}: cross-validation needs at least 2 folds")
+    if k > len(names):
+        raise MedsynthError(f"--folds {k} is larger than the number of subjects ({len(names)})")
+    rng = np.random.default_rng(seed)
+    groups: dict[str | None, list[str]] = {}
+    for name in names:
+        groups.setdefault((strata or {}).get(name), []).append(name)
+    order: list[str] = []
+    for key in sorted(groups, key=lambda group: (group is None, group or "")):
+        order += [groups[key][i] for i in rng.permutation(len(groups[key]))]
+    return [sorted(order[i::k]) for i in range(k)]
+
+
+def fold_view(data_dir: str | Path, held_out: Sequence[str], out: str | Path, seed: int = 0) -> Path:
+    """Write ``out/dataset.json``: the prepared dataset ``data_dir`` as one fold sees it.
+
+    The ``held_out`` subjects are the test split; the others are split into train/val by the
+    prepared dataset's ``val_fraction`` (of the remaining subjects, stratified by class,
+    seeded), as :func:`split_subjects` does. Case paths are absolute and name the prepared
+    files of ``data_dir``: nothing is copied, and the view stays valid wherever the run moves.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        BadInputError: ``data_dir`` is not a prepared dataset, or a held-out subject is not in it.
+    """
+    data_dir, out = Path(data_dir), Path(out)
+    manifest = Manifest.load(data_dir)
+    if manifest.prepare is None:
+        raise BadInputError(manifest.resolve(MANIFEST_NAME), "not a prepared dataset; run `medsynth prepare` first")
+    missing = sorted(set(held_out) - set(manifest.subjects()))
+    if missing:
+        raise BadInputError(manifest.resolve(MANIFEST_NAME), f"has no subject '{missing[0]}' (a fold's held-out subject)")
+    val_fraction = float((manifest.prepare.get("settings") or {}).get("val_fraction", 0.1))
+    rest = subject_strata([case for case in manifest.cases if case.subject not in set(held_out)])
+    splits = {**split_subjects(rest, val_fraction, 0.0, seed), **dict.fromkeys(held_out, "test")}
+
+    def absolute(value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            return [str(manifest.resolve(v).resolve()) for v in value]
+        return None if value is None else str(manifest.resolve(value).resolve())
+
+    cases = [case.model_copy(update={"split": splits[case.subject], **{name: absolute(getattr(case, name)) for name in PATH_FIELDS}})
+             for case in manifest.cases]
+    view = manifest.model_copy(update={"cases": cases, "prepare": {**manifest.prepare, "fold_of": str(data_dir.resolve())}})
+    return view.with_root(out).save(out).parent

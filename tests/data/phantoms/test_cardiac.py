@@ -118,15 +118,42 @@ def test_short_and_long_axis_planes(dataset):
 
 
 def test_flow_pairs_layout_is_the_exact_end_systole_pair(tmp_path, dataset):
-    out = make_cardiac_dataset(tmp_path / "pairs", n=1, frames=FRAMES, size=SIZE, seed=3, flow_pairs=True)
+    out = make_cardiac_dataset(tmp_path / "pairs", n=1, frames=FRAMES, size=SIZE, seed=3, flow_pairs="npy")
     info = json.loads((out / "flow_pairs.json").read_text())
-    assert len(import_flow_pairs(out).cases) == 1  # the flow-pair importer reads it
+    manifest = import_flow_pairs(out)  # the flow-pair importer reads it, with its label map, ED frame and affine
+    assert len(manifest.cases) == 1 and manifest.labels == {str(k): v for k, v in CARDIAC_LABELS.items()}
+    case = manifest.cases[0]
+    assert (case.label, case.moving, case.affine) == ("label_0.npy", "diastole_img_0.npy", "affine_0.npy")
     es = info["pairs"][0]["es_frame"]
-    template, flow, affine = (np.load(out / f"{kind}_0.npy") for kind in ("template_img", "flow", "affine"))
+    template, flow, affine, label, diastole = (np.load(out / f"{kind}_0.npy") for kind in ("template_img", "flow", "affine", "label", "diastole_img"))
     assert template.shape == SIZE and template.dtype == np.float32
     assert flow.shape == (3, *SIZE) and flow.dtype == np.float32
     end_diastole = load_image(dataset / "sub000/image_t00.nii.gz")
     assert np.allclose(affine, end_diastole.affine)
     assert np.allclose(template, load_image(dataset / f"sub000/image_t{es:02d}.nii.gz").numpy()[0], atol=1e-3)
-    warped = warp_image(end_diastole.as_tensor(), torch.from_numpy(flow))[0].numpy()
-    assert np.abs(warped - template).mean() < 0.4 * np.abs(end_diastole.numpy()[0] - template).mean()
+    assert np.array_equal(label, load_image(dataset / f"sub000/label_t{es:02d}.nii.gz", dtype=np.int64).numpy()[0])
+    assert np.allclose(diastole, end_diastole.numpy()[0], atol=1e-3)
+    warped = warp_image(torch.from_numpy(diastole)[None], torch.from_numpy(flow))[0].numpy()
+    assert np.abs(warped - template).mean() < 0.4 * np.abs(diastole - template).mean()
+
+
+def test_flow_pairs_nifti_layout(tmp_path):
+    out = make_cardiac_dataset(tmp_path / "pairs", n=2, frames=FRAMES, size=SIZE, seed=3, flow_pairs="nifti")
+    manifest = Manifest.load(out)
+    assert manifest.subjects() == ["sub000", "sub001"] and len(manifest.cases) == 2
+    case = manifest.cases[0]
+    assert (case.image, case.flow, case.label, case.moving) == (
+        "sub000/frame_es.nii.gz", "sub000/flow_es_ed.nii.gz", "sub000/label_es.nii.gz", "sub000/frame_ed.nii.gz")
+    frame, diastole = load_image(out / case.image), load_image(out / case.moving)
+    field, label = load_field(out / case.flow), load_image(out / case.label, dtype=np.int64)
+    for other in (field, label, diastole):
+        assert np.allclose(other.affine, frame.affine)  # the frame's geometry everywhere
+    npy = make_cardiac_dataset(tmp_path / "npy", n=1, frames=FRAMES, size=SIZE, seed=3, flow_pairs="npy")
+    voxels = torch.from_numpy(np.load(npy / "flow_0.npy")).double()
+    linear = torch.from_numpy(np.load(npy / "affine_0.npy")[:3, :3])
+    mm = load_image(out / case.flow).numpy()  # on disk: mm vectors, the voxel flow through the affine's linear part
+    np.testing.assert_allclose(mm, torch.einsum("ij,j...->i...", linear, voxels).numpy(), atol=1e-4)
+    np.testing.assert_allclose(field.numpy(), voxels.numpy(), atol=1e-5)  # same subject, same flow in both layouts
+    assert np.array_equal(label.numpy()[0], np.load(npy / "label_0.npy"))
+    warped = warp_image(diastole.as_tensor(), field.as_tensor())[0]
+    assert (warped - frame[0]).abs().mean() < 0.4 * (diastole - frame).abs().mean()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from medsynth.config import validate_config
 from medsynth.errors import MedsynthError
@@ -32,7 +32,16 @@ class CiliaOptions(PhantomOptions):
 class CardiacOptions(PhantomOptions):
     frames: int = Field(10, ge=2, description="frames per cardiac cycle (frame 0: end-diastole)")
     modality: Literal["ct", "mri"] = Field("ct", description="contrast: CT in HU or cine-MRI (bSSFP)")
-    flow_pairs: bool = Field(False, description="write template_img_N.npy + flow_N.npy pairs (end-systole -> end-diastole)")
+    flow_pairs: Literal["npy", "nifti"] | None = Field(
+        None, description="write end-systole frame + flow to end-diastole pairs: npy (template_img_N.npy, flow_N.npy, "
+                          "label_N.npy, diastole_img_N.npy, affine_N.npy) or nifti (subNNN/frame_es, flow_es_ed, label_es, "
+                          "frame_ed .nii.gz + dataset.json)")
+
+    @field_validator("flow_pairs", mode="before")
+    @classmethod
+    def _bool_is_npy(cls, value: object) -> object:
+        # Before the NIfTI layout, flow_pairs was a switch for the NumPy layout: True still means npy.
+        return "npy" if value is True else None if value is False else value
 
 
 class LungOptions(PhantomOptions):

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from medsynth.data.fields import save_field
 from medsynth.data.io import save_image, spacing_of
 from medsynth.data.phantoms._scene import (
     Anatomy,
@@ -315,11 +316,11 @@ def make_cardiac_dataset(
     progress: bool = False,
     frames: int = 10,
     modality: str = "ct",
-    flow_pairs: bool = False,
+    flow_pairs: str | bool | None = None,
 ) -> Path:
     """Write ``n`` cardiac subjects and return ``out``.
 
-    Default layout (importable, with ``<out>/dataset.json``, one case per subject and frame)::
+    Default layout, the cine (importable, with ``<out>/dataset.json``, one case per subject and frame)::
 
         <out>/sub000/image_t00.nii.gz ...   frame t (HU or a.u.), real affine
         <out>/sub000/label_t00.nii.gz ...   label map (CARDIAC_LABELS)
@@ -327,12 +328,19 @@ def make_cardiac_dataset(
         <out>/sub000/geometry.json          SAX stack + 2/3/4-chamber planes, ED/ES frames
         <out>/sub000/params.json            the sampled parameters
 
-    With ``flow_pairs=True`` the layout of the cardiac CT flow-field system instead:
-    ``template_img_<n>.npy`` (the end-systole frame, ``(X, Y, Z)`` float32),
-    ``flow_<n>.npy`` (``(3, X, Y, Z)`` float32, voxels: the exact displacement on the
-    template's grid with ``warp_image(ED, flow) == template``, i.e. each template voxel
-    ``x`` lay at ``x + flow(x)`` at end-diastole), ``affine_<n>.npy`` (4x4) and
-    ``flow_pairs.json`` describing them.
+    ``flow_pairs`` writes one (end-systole frame, flow to end-diastole) pair per subject
+    instead. The flow ``u`` lives on the ES frame's grid in the pull convention,
+    ``warp_image(ED, u) == ES``: each ES voxel ``x`` lay at ``x + u(x)`` at end-diastole.
+
+    - ``"npy"`` (the layout of the original cardiac CT flow-field system), in ``<out>``:
+      ``template_img_<n>.npy`` (ES frame ``(X, Y, Z)`` float32), ``flow_<n>.npy``
+      (``(3, X, Y, Z)`` float32, voxels), ``label_<n>.npy`` (ES labels ``(X, Y, Z)`` int16,
+      CARDIAC_LABELS), ``diastole_img_<n>.npy`` (ED frame), ``affine_<n>.npy`` (4x4) and
+      ``flow_pairs.json`` describing them (with the label names).
+    - ``"nifti"``: ``<out>/sub000/frame_es.nii.gz``, ``flow_es_ed.nii.gz`` (mm vector NIfTI
+      with the frame's affine), ``label_es.nii.gz``, ``frame_ed.nii.gz``, ``geometry.json``,
+      ``params.json`` and ``<out>/dataset.json``: one case per subject (image = ES frame,
+      flow, label, moving = the ED frame).
 
     Args:
         out: output folder (created).
@@ -342,37 +350,64 @@ def make_cardiac_dataset(
         size: grid ``(X, Y, Z)``, or ``n`` for ``(n, n, n / 2)``.
         seed: dataset seed; subject ``i`` is drawn from ``(seed, i)``.
         progress: show a progress bar on stderr.
-        flow_pairs: write the ``template_img``/``flow`` NumPy layout.
+        flow_pairs: ``None`` (cine), ``"npy"`` or ``"nifti"`` (``True`` means ``"npy"``).
     """
     from tqdm import tqdm
 
     if frames < 2:
         raise MedsynthError(f"phantom cardiac: a cardiac cycle needs at least 2 frames, got {frames}")
+    layout = "npy" if flow_pairs is True else (flow_pairs or None)
+    if layout not in (None, "npy", "nifti"):
+        raise MedsynthError(f"phantom cardiac: flow_pairs must be 'npy' or 'nifti', got {flow_pairs!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cases, pairs = [], []
     for index in tqdm(range(n), desc="cardiac phantom", disable=not progress):
         params = sample_cardiac_params(int(subject_rng(seed, index).integers(2**31)))
         sequence = render_cardiac(params, frames, modality, size)
-        if flow_pairs:
-            es = params.end_systole(frames)
-            save_image(sequence.images[es].astype(np.float32), out / f"template_img_{index}.npy")  # raw .npy arrays
-            save_image(sequence.fields[es].astype(np.float32), out / f"flow_{index}.npy")
-            save_image(np.asarray(sequence.affine), out / f"affine_{index}.npy")
-            pairs.append({"template": f"template_img_{index}.npy", "flow": f"flow_{index}.npy", "affine": f"affine_{index}.npy", "es_frame": es})
-            continue
         subject = f"sub{index:03d}"
-        cases += write_sequence(sequence, out, subject)
+        if layout == "npy":
+            pairs.append(_write_npy_pair(sequence, params.end_systole(frames), out, index))
+            continue
+        if layout == "nifti":
+            cases.append(_write_nifti_pair(sequence, params.end_systole(frames), out, subject))
+        else:
+            cases += write_sequence(sequence, out, subject)
         atomic_write_json(out / subject / "geometry.json", cardiac_geometry(params, frames))
         atomic_write_json(out / subject / "params.json", asdict(params))
-    if flow_pairs:
+    if layout == "npy":
         atomic_write_json(out / "flow_pairs.json", {
             "modality": modality.upper(),
             "template": "end-systole frame, (X, Y, Z) float32",
             "flow": "(3, X, Y, Z) float32 displacement in voxels on the template grid: warp_image(end_diastole, flow) == template (MONAI Warp convention)",
-            "affine": "4x4 RAS voxel-to-world affine (mm) of template and flow",
+            "label": "end-systole label map, (X, Y, Z) int16 (labels below)",
+            "diastole": "end-diastole frame, (X, Y, Z) float32, on the template grid",
+            "affine": "4x4 RAS voxel-to-world affine (mm) of template, flow, label and diastole",
+            "labels": {str(k): v for k, v in CARDIAC_LABELS.items()},
             "pairs": pairs,
         })
         return out
     write_manifest(out, "phantom-cardiac", "CT" if modality.lower() == "ct" else "MRI", "phantom-cardiac", CARDIAC_LABELS, cases)
     return out
+
+
+def _write_npy_pair(sequence: PhantomSequence, es: int, out: Path, index: int) -> dict:
+    """The NumPy flow pair of one subject (raw arrays, geometry in the affine sidecar); its flow_pairs.json entry."""
+    arrays = {"template_img": sequence.images[es].astype(np.float32), "flow": sequence.fields[es].astype(np.float32),
+              "label": sequence.labels[es].astype(np.int16), "diastole_img": sequence.images[0].astype(np.float32),
+              "affine": np.asarray(sequence.affine, dtype=np.float64)}
+    for kind, array in arrays.items():
+        save_image(array, out / f"{kind}_{index}.npy")
+    return {"template": f"template_img_{index}.npy", "flow": f"flow_{index}.npy", "label": f"label_{index}.npy",
+            "diastole": f"diastole_img_{index}.npy", "affine": f"affine_{index}.npy", "es_frame": es, "ed_frame": 0}
+
+
+def _write_nifti_pair(sequence: PhantomSequence, es: int, out: Path, subject: str) -> dict:
+    """The NIfTI flow pair of one subject (the frame's affine everywhere, the flow in mm); its manifest case."""
+    names = {kind: f"{subject}/{kind}.nii.gz" for kind in ("frame_es", "flow_es_ed", "label_es", "frame_ed")}
+    save_image(sequence.images[es][None], out / names["frame_es"], affine=sequence.affine)
+    save_field(sequence.fields[es], out / names["flow_es_ed"], sequence.affine)
+    save_image(sequence.labels[es][None].astype(np.int16), out / names["label_es"], affine=sequence.affine)
+    save_image(sequence.images[0][None], out / names["frame_ed"], affine=sequence.affine)
+    return {"id": subject, "subject": subject, "image": names["frame_es"], "flow": names["flow_es_ed"],
+            "label": names["label_es"], "moving": names["frame_ed"], "phase": es}
