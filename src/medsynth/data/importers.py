@@ -3,11 +3,12 @@
 Importers only list and check files (headers, not voxels); nothing is copied. Layouts:
 
 - a medsynth ``dataset.json`` (our own schema; phantoms write it),
-- nnU-Net v2 raw folders: ``imagesTr/<case>_0000<ending>`` (+ ``_0001``… channels),
+- nnU-Net v2 raw folders: ``imagesTr/<case>_0000<ending>`` (+ ``_0001``… channels; a DICOM
+  series folder ``imagesTr/<case>_0000/`` stands wherever an image file does),
   ``labelsTr/<case><ending>``, ``dataset.json`` with ``channel_names``, ``labels``,
   ``file_ending``,
 - Medical Segmentation Decathlon: ``dataset.json`` with a ``training`` list of
-  ``{"image", "label"}`` pairs,
+  ``{"image", "label"}`` pairs (an image may be a DICOM series folder),
 - ``template_img_<n>.npy`` + ``flow_<n>.npy`` pairs (+ optional ``affine_<n>.npy``, ``label_<n>.npy``,
   ``diastole_img_<n>.npy``, a folder ``affine.npy`` and ``flow_pairs.json``),
 - class-per-folder 2D pictures: ``<root>/<Class>/<Class>_<n>.png``.
@@ -159,13 +160,14 @@ def import_nnunet(src: str | Path) -> Manifest:
         raise BadInputError(description_path, f"not an nnU-Net v2 dataset.json ({type(exc).__name__}: {exc})") from None
     images, labels_dir = src / "imagesTr", src / "labelsTr"
     pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(ending)}$")
+    series_folder = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # a DICOM series in place of a file
     found: dict[str, dict[int, Path]] = {}
     for path in sorted(images.iterdir()):
-        match = pattern.match(path.name)
+        match = (series_folder if path.is_dir() else pattern).match(path.name)
         if path.name.startswith("."):
             continue
         if match is None:
-            raise BadInputError(path, f"not an nnU-Net image name (<case>_<XXXX>{ending})")
+            raise BadInputError(path, f"not an nnU-Net image name (<case>_<XXXX>{ending}, or a DICOM series folder <case>_<XXXX>)")
         found.setdefault(match["case"], {})[int(match["channel"])] = path
     if not found:
         raise BadInputError(images, f"no images named <case>_0000{ending}")
@@ -206,11 +208,11 @@ def import_decathlon(src: str | Path) -> Manifest:
     cases = []
     for image_name, label_name in pairs:
         image = src / image_name
-        if not image.is_file():
+        if not image.exists():
             raise BadInputError(image, "listed in dataset.json but not found")
         if label_name is not None:
             check_label_header(image, src / label_name)
-        case_id = image.name[: -len(suffix_of(image))]
+        case_id = image.name[: len(image.name) - len(suffix_of(image))]  # a series folder keeps its whole name
         cases.append(Case(id=case_id, subject=case_id, image=_relative(image, src),
                           label=_relative(src / label_name, src) if label_name is not None else None))
     if not cases:
@@ -244,13 +246,15 @@ def _spatial_dims(case: Case, root: Path) -> int:
 def read_header(path: str | Path) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
     """Spatial shape and 4x4 RAS affine from a file header, without reading voxels.
 
-    Returns ``(None, None)`` for formats whose header is not read here (pictures, DICOM,
-    NumPy); their geometry is checked after loading.
+    Returns ``(None, None)`` for formats whose header is not read here (pictures, DICOM files
+    and series folders, NumPy); their geometry is checked after loading.
 
     Raises:
         BadInputError: missing file or unreadable header.
     """
     path = Path(path)
+    if path.is_dir():  # a DICOM series: which series (``--series``) is only known when prepare loads it
+        return None, None
     if not path.is_file():
         raise BadInputError(path, "file not found")
     suffix = suffix_of(path)

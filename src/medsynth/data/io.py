@@ -4,9 +4,12 @@ Arrays are channel-first: ``(C, H, W)`` for 2D, ``(C, X, Y, Z)`` for 3D, in the 
 voxel order. ``MetaTensor.affine`` (4x4) maps voxel indices to world millimetres in
 RAS (NIfTI convention), so a NIfTI in and a NIfTI out share world coordinates.
 
-Readers are nibabel (NIfTI), pydicom through MONAI's ``PydicomReader`` (DICOM series
-folders), SimpleITK (NRRD/MHA/MHD), imageio (PNG/TIFF/JPEG/BMP) and NumPy (NPY/NPZ).
-Every failure becomes one :class:`~medsynth.errors.BadInputError` naming the file.
+Readers are nibabel (NIfTI), pydicom (DICOM series folders: :mod:`medsynth.data.dicom`;
+single DICOM files through MONAI's ``PydicomReader``), SimpleITK (NRRD/MHA/MHD), imageio
+(PNG/TIFF/JPEG/BMP) and NumPy (NPY/NPZ). Colour pictures become grey by luminance
+(ITU-R BT.601), alpha dropped, unless ``keep_color``; ``meta["colour"]`` says what was done, so
+that a caller can say it once per dataset. Every failure becomes one
+:class:`~medsynth.errors.BadInputError` naming the file.
 """
 
 from __future__ import annotations
@@ -82,21 +85,28 @@ def check_finite(array: np.ndarray, path: str | Path) -> None:
             raise BadInputError(path, f"{int(bad.sum())} voxel(s) are NaN or Inf")
 
 
-def load_image(path: str | Path, dtype: np.dtype | type = np.float32, key: str = "image") -> MetaTensor:
+def load_image(path: str | Path, dtype: np.dtype | type = np.float32, key: str = "image", *,
+               series: str | None = None, keep_color: bool = False) -> MetaTensor:
     """Read an image file (or DICOM series folder) into a channel-first ``MetaTensor``.
 
     Args:
-        path: NIfTI, NRRD/MHA/MHD, DICOM folder or file, PNG/TIFF/JPEG/BMP, NPY or NPZ.
+        path: NIfTI, NRRD/MHA/MHD, DICOM series folder or file, PNG/TIFF/JPEG/BMP, NPY or NPZ.
             An NPZ may hold ``key`` (else ``image``, else its first array) and ``affine``.
         dtype: array type of the result (``np.int64`` for label maps).
         key: the NPZ array to read (a prepared case holds ``image``, ``label`` and ``flow``).
+        series: for a DICOM folder holding several series, the ``SeriesInstanceUID`` or
+            ``SeriesDescription`` of the one to read (see :mod:`medsynth.data.dicom`).
+        keep_color: colour pictures keep their R, G, B channels (``C = 3``, alpha dropped)
+            instead of becoming grey by luminance (``0.299 R + 0.587 G + 0.114 B``).
 
     Returns:
         ``MetaTensor`` of shape ``(C, *spatial)`` with a 4x4 ``affine`` (identity for
-        pictures and plain NumPy files) and ``meta["filename_or_obj"]``.
+        pictures and plain NumPy files), ``meta["filename_or_obj"]`` and, for a colour
+        picture, ``meta["colour"]`` (what was done, e.g. ``"RGBA -> grey (BT.601 luminance), alpha dropped"``).
 
     Raises:
-        BadInputError: missing, unsupported, corrupt or truncated file, or NaN/Inf voxels.
+        BadInputError: missing, unsupported, corrupt or truncated file, NaN/Inf voxels, or a
+            DICOM folder with several series (and no ``series``) or irregular slices.
     """
     path = Path(path)
     if not path.exists():
@@ -104,15 +114,20 @@ def load_image(path: str | Path, dtype: np.dtype | type = np.float32, key: str =
     suffix = suffix_of(path)
     if not path.is_dir() and suffix not in READABLE_SUFFIXES:
         raise BadInputError(path, f"unsupported file type '{suffix or path.name}' (readable: {', '.join(READABLE_SUFFIXES)})")
+    colour = None
     try:
-        if path.is_dir() or suffix in DICOM_SUFFIXES:
+        if path.is_dir():
+            from medsynth.data.dicom import read_series
+
+            array, affine = read_series(path, series)
+        elif suffix in DICOM_SUFFIXES:
             array, affine = _read_dicom(path)
         elif suffix in NIFTI_SUFFIXES:
             array, affine = _read_nifti(path)
         elif suffix in ITK_SUFFIXES:
             array, affine = _read_itk(path)
         elif suffix in PICTURE_SUFFIXES:
-            array, affine = _read_picture(path, scale=np.issubdtype(dtype, np.floating))
+            array, affine, colour = _read_picture(path, scale=np.issubdtype(dtype, np.floating), keep_color=keep_color)
         else:
             array, affine = _read_numpy(path, key)
     except BadInputError:
@@ -129,6 +144,8 @@ def load_image(path: str | Path, dtype: np.dtype | type = np.float32, key: str =
 
     tensor = MetaTensor(torch.as_tensor(np.ascontiguousarray(array).astype(dtype)), affine=torch.as_tensor(affine, dtype=torch.float64))
     tensor.meta["filename_or_obj"] = str(path)
+    if colour is not None:
+        tensor.meta["colour"] = colour
     return tensor
 
 
@@ -175,18 +192,35 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return array, np.asarray(meta["affine"], dtype=np.float64)
 
 
-def _read_picture(path: Path, scale: bool) -> tuple[np.ndarray, np.ndarray]:
+# ITU-R BT.601 luma weights of R, G, B (what PIL's convert("L") and OpenCV's COLOR_RGB2GRAY use).
+LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _read_picture(path: Path, scale: bool, keep_color: bool = False) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """``(C, H, W)`` float32, the identity affine, and what was done to a colour picture (else ``None``)."""
     import imageio.v3 as iio
 
     array = np.asarray(iio.imread(path))
     # Integer pictures read as floats are scaled to [0, 1] by their type's range (8-bit: /255);
     # read as integers (label maps) they keep their values.
     divisor = float(np.iinfo(array.dtype).max) if scale and np.issubdtype(array.dtype, np.integer) else 1.0
-    if array.ndim == 3:  # (H, W, C): colour pictures become grey, as the recipes expect one channel
-        array = array[..., :3].mean(axis=-1) if array.shape[-1] >= 3 else array[..., 0]
-    if array.ndim != 2:
+    colour = None
+    if array.ndim == 3 and array.shape[-1] in (2, 3, 4):  # (H, W, C): grey+alpha, RGB or RGBA
+        mode = {2: "grey+alpha", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
+        alpha = ", alpha dropped" if array.shape[-1] in (2, 4) else ""
+        rgb = array[..., :3] if array.shape[-1] >= 3 else array[..., :1]
+        if keep_color and rgb.shape[-1] == 3:
+            array, colour = np.moveaxis(rgb, -1, 0), f"{mode} -> RGB channels{alpha}" if alpha else None
+        elif rgb.shape[-1] == 1 or (rgb == rgb[..., :1]).all():  # grey stored as colour: exact, nothing lost
+            array, colour = rgb[None, ..., 0], f"{mode} -> grey{alpha}" if alpha else None
+        else:
+            array = (rgb.astype(np.float64) @ np.asarray(LUMINANCE_WEIGHTS))[None]
+            colour = f"{mode} -> grey (BT.601 luminance){alpha}"
+    elif array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
         raise BadInputError(path, f"expected a 2D picture, got shape {array.shape}")
-    return (array.astype(np.float32) / divisor)[None], np.eye(4)
+    return array.astype(np.float32) / divisor, np.eye(4), colour
 
 
 def _read_numpy(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import Counter
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -45,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from rich.progress import track
 
 from medsynth.config import format_validation_error
-from medsynth.console import console
+from medsynth.console import console, note
+from medsynth.data.cache import cached_meta, stamp
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.data.importers import check_same_grid, import_dataset
 from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
@@ -88,6 +90,9 @@ class PrepareConfig(BaseModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
+    series: str | None = Field(None, description="the DICOM series (SeriesInstanceUID or SeriesDescription) to read "
+                                                 "from folders holding several")
+    keep_color: bool = Field(False, description="colour pictures keep their R, G, B channels instead of becoming grey")
 
     @model_validator(mode="after")
     def _consistent(self) -> PrepareConfig:
@@ -108,8 +113,12 @@ class PrepareConfig(BaseModel):
         return self
 
     def digest(self) -> str:
-        """A hash of the settings: prepared files are reused only under the same hash."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """A hash of the settings: prepared files are reused only under the same hash.
+
+        Settings added later count only when set, so datasets prepared before keep their hash.
+        """
+        later = {name for name in ("series", "keep_color") if getattr(self, name) == type(self).model_fields[name].default}
+        return hashlib.sha256(self.model_dump_json(exclude=later).encode()).hexdigest()[:16]
 
     def check_dims(self, spatial_dims: int) -> None:
         """Refuse a spacing or orientation of the wrong length for ``spatial_dims``."""
@@ -128,7 +137,9 @@ def prepare_dataset(src: str | Path, out: str | Path, config: PrepareConfig | No
         out: output folder (not inside ``src``).
         config: the settings, or ``None`` to build them from ``settings``
             (``size``, ``keep_aspect``, ``crop``, ``spacing``, ``orientation``, ``normalize``,
-            ``percentiles``, ``ct_window``, ``val_fraction``, ``test_fraction``, ``seed``).
+            ``percentiles``, ``ct_window``, ``val_fraction``, ``test_fraction``, ``seed``,
+            ``series``, ``keep_color``). Colour pictures become grey by luminance (one line on
+            stderr says so) unless ``keep_color``.
         force: replace a different prepared dataset in ``out``.
         progress: show a progress bar on stderr.
 
@@ -155,11 +166,13 @@ def prepare_dataset(src: str | Path, out: str | Path, config: PrepareConfig | No
 
     for case in track(manifest.cases, description="prepare", console=console, disable=not progress):
         target = cases_dir / f"{case.id}.npz"
-        stamp = _stamp(manifest, case, config)
-        meta = _cached_meta(target, stamp)
+        case_stamp = stamp(config.digest(), _sources(manifest, case))
+        meta = cached_meta(target, case_stamp)
         if meta is None:
-            meta = _prepare_case(manifest, case, config, target, stamp)
+            meta = _prepare_case(manifest, case, config, target, case_stamp)
         prepared.append(_prepared_entry(case, meta, splits[case.subject]))
+    for what, count in Counter(case.stats["colour"] for case in prepared if case.stats.get("colour")).items():
+        note(f"prepare: {count} colour picture(s): {what}" + ("" if config.keep_color else "; keep the channels with --keep-color"))
     result = manifest.model_copy(update={"cases": prepared, "prepare": {
         "settings": config.model_dump(mode="json"), "hash": config.digest(), "from": source}}).with_root(out)
     _remove_stale(cases_dir, {case.id for case in prepared})
@@ -201,29 +214,9 @@ def _sources(manifest: Manifest, case: Case) -> list[Path]:
     return [manifest.resolve(p) for p in (*case.images, case.label, case.flow, case.affine, case.moving) if p is not None]
 
 
-def _stamp(manifest: Manifest, case: Case, config: PrepareConfig) -> str:
-    # Settings plus each source file's path, size and modification time.
-    parts = [config.digest()]
-    for path in _sources(manifest, case):
-        stat = path.stat() if path.exists() else None
-        parts.append(f"{path.resolve()}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _cached_meta(target: Path, stamp: str) -> dict[str, Any] | None:
-    if not target.exists():
-        return None
-    try:
-        with np.load(target, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-    except Exception:  # an unreadable or foreign file is simply prepared again
-        return None
-    return meta if meta.get("stamp") == stamp else None
-
-
 def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target: Path, stamp: str) -> dict[str, Any]:
     dims = manifest.spatial_dims
-    image = _load_case_image(manifest, case)
+    image = _load_case_image(manifest, case, config)
     label = _load_label(manifest, case, image) if case.label is not None else None
     flow = _load_flow(manifest, case, image) if case.flow is not None else None
     mask = label.numpy()[0] > 0 if label is not None else None
@@ -234,11 +227,12 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
         "original_spacing": [round(float(s), 6) for s in spacing_of(image.affine)[:dims]],
         "intensity": intensity_stats(image.numpy()),
         "foreground": intensity_stats(foreground) if foreground is not None else None,
+        **({"colour": image.meta["colour"]} if image.meta.get("colour") else {}),
     }
 
     channels = image.shape[0]
     if case.moving is not None:  # the pair's other frame: the same transforms as extra channels, split off below
-        image = MetaTensor(torch.cat([image.as_tensor(), _load_moving(manifest, case, image).as_tensor()]), affine=image.affine)
+        image = MetaTensor(torch.cat([image.as_tensor(), _load_moving(manifest, case, image, config).as_tensor()]), affine=image.affine)
     image, label, flow = _resample(image, label, flow, config, dims)
     image = _normalize(image, config)
     if config.size is not None:
@@ -259,13 +253,15 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
     return meta
 
 
-def _load_case_image(manifest: Manifest, case: Case) -> MetaTensor:
-    """The case's channels stacked ``(C, *spatial)``, with its affine sidecar applied."""
+def _load_case_image(manifest: Manifest, case: Case, config: PrepareConfig) -> MetaTensor:
+    """The case's channels stacked ``(C, *spatial)``, with its affine sidecar applied (``meta["colour"]`` kept)."""
     paths = [manifest.resolve(p) for p in case.images]
-    channels = [load_image(p) for p in paths]
+    channels = [load_image(p, series=config.series, keep_color=config.keep_color) for p in paths]
     for path, channel in zip(paths[1:], channels[1:]):
         check_same_grid(channels[0].shape[1:], channels[0].affine.numpy(), channel.shape[1:], channel.affine.numpy(), path, paths[0])
     image = MetaTensor(torch.cat([c.as_tensor() for c in channels]), affine=channels[0].affine)
+    if any(c.meta.get("colour") for c in channels):
+        image.meta["colour"] = next(c.meta["colour"] for c in channels if c.meta.get("colour"))
     if image.ndim - 1 != manifest.spatial_dims:
         raise BadInputError(paths[0], f"expected a {manifest.spatial_dims}D image (channel-first {manifest.spatial_dims + 1} axes), got shape {tuple(image.shape)}")
     if case.affine is not None:
@@ -305,10 +301,10 @@ def _without_geometry_on(tensor: MetaTensor, path: Path, image: MetaTensor, imag
     return tensor
 
 
-def _load_moving(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
+def _load_moving(manifest: Manifest, case: Case, image: MetaTensor, config: PrepareConfig) -> MetaTensor:
     """The pair's other frame (``case.moving``), on the image's grid with as many channels."""
     path, image_path = manifest.resolve(case.moving), manifest.resolve(case.images[0])
-    moving = _without_geometry_on(load_image(path), path, image, image_path)
+    moving = _without_geometry_on(load_image(path, series=config.series, keep_color=config.keep_color), path, image, image_path)
     check_same_grid(image.shape[1:], image.affine.numpy(), moving.shape[1:], moving.affine.numpy(), path, image_path)
     if moving.shape[0] != image.shape[0]:
         raise BadInputError(path, f"has {moving.shape[0]} channel(s), its image {image.shape[0]}")

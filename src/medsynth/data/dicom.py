@@ -1,0 +1,185 @@
+"""DICOM series folders read as DICOM readers do: one series, slices ordered by position.
+
+The reader is **pydicom directly**. SimpleITK's GDCM series reader
+(``ImageSeriesReader.GetGDCMSeriesIDs`` / ``GetGDCMSeriesFileNames``) groups and sorts as
+well, but stacks missing or irregular slices with a warning only; refusing them needs every
+header anyway, and pydicom gives grouping, ordering and the checks in one pass over the
+headers. ``tests/data/test_dicom.py`` checks the volume and affine against SimpleITK's reader.
+
+A folder's files (hidden files and ``DICOMDIR`` excepted; not its sub-folders) are:
+
+1. grouped by ``SeriesInstanceUID``: a folder holding several series is refused with one line
+   listing them (UID, description, number of slices) unless ``series`` names one (its UID or
+   its ``SeriesDescription``);
+2. ordered by their position along the slice normal: ``ImagePositionPatient`` projected on
+   the cross product of ``ImageOrientationPatient``'s row and column directions;
+3. refused when two slices share a position, when the gaps between positions vary by more
+   than :data:`GAP_TOLERANCE` (the line gives the smallest and largest gap), or when
+   orientation, pixel spacing or slice size differ between slices;
+4. stacked with the slice spacing taken from the positions (never ``SliceThickness``) and the
+   affine built from orientation, pixel spacing and the first position, converted from LPS to
+   RAS through :func:`medsynth.data.io.lps_to_ras` (the one conversion).
+
+Arrays are ``(1, X, Y, Z)`` = (columns, rows, slices), intensities through the modality LUT
+(``RescaleSlope``/``RescaleIntercept``), as :func:`medsynth.data.io.load_image` returns them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsynth.data.io import lps_to_ras
+from medsynth.errors import BadInputError
+
+# Gaps between neighbouring slice positions may differ by this share of the median gap
+# (positions are stored as decimal strings, rounded to a few micrometres).
+GAP_TOLERANCE = 0.01
+# Orientation cosines and pixel spacings (mm) of a series' slices must agree to this.
+_HEADER_TOLERANCE = 1e-4
+_SKIPPED = ("DICOMDIR",)
+
+
+def series_files(folder: str | Path) -> list[Path]:
+    """The files a series folder's reader looks at (sorted; hidden files and ``DICOMDIR`` skipped)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in _SKIPPED)
+
+
+def read_series(folder: str | Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The volume and voxel-to-RAS affine of the one DICOM series in ``folder`` (or the one ``series`` names).
+
+    Args:
+        folder: a folder of DICOM slice files (any file names, in any order).
+        series: the ``SeriesInstanceUID`` or ``SeriesDescription`` to read when the folder
+            holds several series.
+
+    Returns:
+        ``(array, affine)``: float64 ``(1, X, Y, Z)`` (columns, rows, slices) in modality units
+        (HU for CT), and the 4x4 voxel-to-RAS affine (mm).
+
+    Raises:
+        BadInputError: no DICOM files, several series and no choice, an unknown ``series``,
+            duplicated or irregular slice positions, or slices that differ in geometry.
+    """
+    from pydicom import dcmread
+    from pydicom.pixels import apply_modality_lut
+
+    folder = Path(folder)
+    files, affine = series_geometry(folder, series)
+    slices = []
+    for path in files:
+        ds = dcmread(path)
+        pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+        if pixels.shape != (int(ds.Rows), int(ds.Columns)):
+            raise BadInputError(path, f"holds pixels of shape {pixels.shape}, expected one slice ({ds.Rows}, {ds.Columns}) "
+                                      "(multi-frame or colour files are not read as series slices)")
+        slices.append(pixels.T)  # (rows, columns) -> (columns, rows): x along the row direction
+    return np.stack(slices, axis=-1)[None], affine
+
+
+def series_geometry(folder: str | Path, series: str | None = None) -> tuple[list[Path], np.ndarray]:
+    """The chosen series' files in slice order and its voxel-to-RAS affine, from the headers only.
+
+    Raises:
+        BadInputError: as :func:`read_series`.
+    """
+    folder = Path(folder)
+    headers = _headers(folder)
+    chosen = _choose(folder, headers, series)
+    return _geometry(folder, chosen)
+
+
+def _headers(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
+    """Every DICOM file's header (no pixels), grouped by SeriesInstanceUID."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    files = series_files(folder)
+    if not files:
+        raise BadInputError(folder, "folder holds no DICOM files")
+    groups: dict[str, list[tuple[Path, Any]]] = {}
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            raise BadInputError(path, "not a DICOM file (a series folder holds only the series' DICOM files)") from None
+        uid = ds.get("SeriesInstanceUID")
+        if not uid:
+            raise BadInputError(path, "DICOM file without SeriesInstanceUID")
+        groups.setdefault(str(uid), []).append((path, ds))
+    return groups
+
+
+def _describe(uid: str, items: list[tuple[Path, Any]]) -> str:
+    description = str(items[0][1].get("SeriesDescription", "") or "").strip()
+    return f"{uid} '{description}' ({len(items)} slice{'s' if len(items) != 1 else ''})"
+
+
+def _choose(folder: Path, groups: dict[str, list[tuple[Path, Any]]], series: str | None) -> list[tuple[Path, Any]]:
+    """The one series of the folder, or the one ``series`` names by UID or description."""
+    listing = "; ".join(_describe(uid, items) for uid, items in sorted(groups.items()))
+    if series is None:
+        if len(groups) > 1:
+            raise BadInputError(folder, f"holds {len(groups)} DICOM series, choose one with --series UID "
+                                        f"(or its description): {listing}")
+        return next(iter(groups.values()))
+    matches = [uid for uid, items in groups.items()
+               if series in (uid, str(items[0][1].get("SeriesDescription", "") or "").strip())]
+    if len(matches) != 1:
+        what = "no" if not matches else f"{len(matches)}"
+        raise BadInputError(folder, f"{what} DICOM series match --series '{series}' (series here: {listing})")
+    return groups[matches[0]]
+
+
+def _vector(ds: Any, path: Path, name: str, length: int) -> np.ndarray:
+    value = ds.get(name)
+    if value is None or len(value) != length:
+        raise BadInputError(path, f"DICOM slice without a valid {name} (needed to place it in space)")
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def _geometry(folder: Path, items: list[tuple[Path, Any]]) -> tuple[list[Path], np.ndarray]:
+    """Order a series' slices along their normal, check their spacing, and build the affine."""
+    first_path, first = items[0]
+    orientation = _vector(first, first_path, "ImageOrientationPatient", 6)
+    pixel_spacing = _vector(first, first_path, "PixelSpacing", 2)  # (between rows, between columns)
+    size = (int(first.Rows), int(first.Columns))
+    for path, ds in items[1:]:
+        if np.abs(_vector(ds, path, "ImageOrientationPatient", 6) - orientation).max() > _HEADER_TOLERANCE:
+            raise BadInputError(path, f"slice orientation differs from {first_path.name}'s (a localiser or another stack in the series)")
+        if np.abs(_vector(ds, path, "PixelSpacing", 2) - pixel_spacing).max() > _HEADER_TOLERANCE:
+            raise BadInputError(path, f"pixel spacing differs from {first_path.name}'s")
+        if (int(ds.Rows), int(ds.Columns)) != size:
+            raise BadInputError(path, f"slice size {int(ds.Rows)}x{int(ds.Columns)} differs from {first_path.name}'s {size[0]}x{size[1]}")
+    row, column = orientation[:3], orientation[3:]  # directions of increasing column and row index (LPS)
+    normal = np.cross(row, column)
+    positions = np.stack([_vector(ds, path, "ImagePositionPatient", 3) for path, ds in items])
+    along = positions @ normal  # mm along the slice normal
+    order = np.argsort(along, kind="stable")
+    files, positions, along = [items[i][0] for i in order], positions[order], along[order]
+
+    affine = np.eye(4)
+    affine[:3, 0] = row * pixel_spacing[1]
+    affine[:3, 1] = column * pixel_spacing[0]
+    affine[:3, 3] = positions[0]
+    if len(files) == 1:  # one slice: its thickness is the only spacing there is
+        affine[:3, 2] = normal * float(first.get("SliceThickness") or 1.0)
+        return files, lps_to_ras(affine)
+    gaps = np.diff(along)
+    median = float(np.median(gaps))
+    tolerance = max(GAP_TOLERANCE * median, _HEADER_TOLERANCE)
+    if gaps.min() <= tolerance:
+        k = int(np.argmin(gaps))
+        raise BadInputError(folder, f"slices {files[k].name} and {files[k + 1].name} share the position "
+                                    f"{along[k]:.2f} mm along the slice normal (duplicated slices)")
+    if gaps.max() - gaps.min() > tolerance:
+        raise BadInputError(folder, f"slice spacing varies from {gaps.min():.2f} to {gaps.max():.2f} mm along the slice normal "
+                                    f"(missing or irregular slices in {len(files)} slices)")
+    step = (positions[-1] - positions[0]) / (len(files) - 1)  # slice spacing from the positions (a tilt shears it)
+    off_line = np.linalg.norm(positions - (positions[0] + np.arange(len(files))[:, None] * step), axis=1).max()
+    if off_line > tolerance:
+        raise BadInputError(folder, f"slice positions leave the line through the first and last slice by up to {off_line:.2f} mm")
+    affine[:3, 2] = step
+    return files, lps_to_ras(affine)
