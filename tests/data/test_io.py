@@ -99,44 +99,6 @@ def test_itk_files_keep_world_coordinates(tmp_path: Path, suffix: str) -> None:
     np.testing.assert_array_equal(np.asarray(nifti.dataobj), array.transpose(2, 1, 0))
 
 
-def _write_dicom_series(folder: Path, slices: list[np.ndarray], spacing: tuple[float, float, float],
-                        origin: tuple[float, float, float]) -> None:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir()
-    series = generate_uid()
-    for k, pixels in enumerate(slices):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"{k}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = ds.SeriesInstanceUID = series
-        ds.Modality, ds.InstanceNumber = "CT", k + 1
-        ds.Rows, ds.Columns = pixels.shape
-        ds.PixelSpacing = [spacing[1], spacing[0]]  # (between rows, between columns)
-        ds.SliceThickness = spacing[2]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + spacing[2] * k]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = pixels.astype(np.int16).tobytes()
-        ds.save_as(str(folder / f"{k}.dcm"), enforce_file_format=True)
-
-
-def test_dicom_series_folder(tmp_path: Path) -> None:
-    slices = [np.arange(20).reshape(4, 5) + 100 * k for k in range(3)]  # (rows, columns)
-    _write_dicom_series(tmp_path / "series", slices, spacing=(0.8, 0.5, 2.0), origin=(10.0, 20.0, 30.0))
-    image = load_image(tmp_path / "series")
-    assert image.shape == (1, 5, 4, 3)  # (C, columns, rows, slices)
-    np.testing.assert_array_equal(image.numpy()[0], np.stack(slices, axis=-1).transpose(1, 0, 2))
-    # Voxel (column 1, row 2, slice 1) lies at LPS (10 + 0.8, 20 + 1.0, 30 + 2.0), i.e. RAS (-10.8, -21, 32).
-    np.testing.assert_allclose(image.affine.numpy() @ [1, 2, 1, 1], [-10.8, -21.0, 32.0, 1.0], atol=1e-5)
-
-
 def test_png_reads_scaled_as_image_and_raw_as_label(tmp_path: Path) -> None:
     import imageio.v3 as iio
 
@@ -147,6 +109,31 @@ def test_png_reads_scaled_as_image_and_raw_as_label(tmp_path: Path) -> None:
     np.testing.assert_allclose(image.numpy()[0], pixels / 255.0, atol=1e-7)
     np.testing.assert_array_equal(load_image(tmp_path / "a.png", dtype=np.int64).numpy()[0], pixels)
     np.testing.assert_array_equal(load_image(save_image(image, tmp_path / "b.png")).numpy(), image.numpy())
+
+
+def test_colour_pictures_become_grey_by_luminance_or_keep_their_channels(tmp_path: Path) -> None:
+    import imageio.v3 as iio
+
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[0, 0] = (255, 255, 255, 255)  # white
+    rgba[0, 1] = (255, 0, 0, 128)  # red, half transparent: alpha is dropped
+    rgba[0, 2] = (0, 255, 0, 255)
+    rgba[1, 0] = (0, 0, 255, 255)
+    iio.imwrite(tmp_path / "c.png", rgba)
+    grey = load_image(tmp_path / "c.png")
+    assert grey.shape == (1, 2, 3) and grey.meta["colour"] == "RGBA -> grey (BT.601 luminance), alpha dropped"
+    np.testing.assert_allclose(grey.numpy()[0, 0, 0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(grey.numpy()[0, 0, 1], 0.299 * grey.numpy()[0, 0, 0], atol=1e-6)  # ITU-R BT.601
+    np.testing.assert_allclose([grey.numpy()[0, 0, 2], grey.numpy()[0, 1, 0]], [0.587, 0.114], atol=1e-6)
+    colour = load_image(tmp_path / "c.png", keep_color=True)
+    assert colour.shape == (3, 2, 3) and colour.meta["colour"] == "RGBA -> RGB channels, alpha dropped"
+    np.testing.assert_allclose(colour.numpy(), np.moveaxis(rgba[..., :3], -1, 0) / 255.0, atol=1e-7)
+    # Grey stored as RGB (e.g. a label map) stays exact and needs no word.
+    labels = np.repeat(np.array([[0, 1, 2], [3, 2, 1]], np.uint8)[..., None], 3, axis=-1)
+    iio.imwrite(tmp_path / "l.png", labels)
+    label = load_image(tmp_path / "l.png", dtype=np.int64)
+    np.testing.assert_array_equal(label.numpy()[0], labels[..., 0])
+    assert "colour" not in label.meta
 
 
 def test_numpy_files(tmp_path: Path) -> None:

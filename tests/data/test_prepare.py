@@ -58,6 +58,22 @@ def _npz(out: Path, case_id: str) -> dict[str, np.ndarray]:
         return dict(data)
 
 
+def test_colour_pictures_get_one_line_per_dataset_or_keep_their_channels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    for name in ("a", "b"):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+        for k in range(3):
+            iio.imwrite(tmp_path / "raw" / name / f"{name}_{k}.png", rng.integers(0, 255, (8, 8, 4), dtype=np.uint8))
+    lines: list[str] = []
+    monkeypatch.setattr(prepare_module, "note", lines.append)
+    out = prepare_dataset(tmp_path / "raw", tmp_path / "grey", normalize="none", progress=False)
+    assert lines == ["prepare: 6 colour picture(s): RGBA -> grey (BT.601 luminance), alpha dropped; keep the channels with --keep-color"]
+    assert _npz(out, "a_0")["image"].shape == (1, 8, 8)
+    out = prepare_dataset(tmp_path / "raw", tmp_path / "colour", normalize="none", keep_color=True, progress=False)
+    assert _npz(out, "a_0")["image"].shape == (3, 8, 8)
+    assert lines[1:] == ["prepare: 6 colour picture(s): RGBA -> RGB channels, alpha dropped"]
+
+
 # -- geometry -------------------------------------------------------------------------------
 
 
@@ -254,6 +270,9 @@ def test_settings_are_validated() -> None:
     with pytest.raises(MedsynthError, match="choose one"):
         prepare_dataset(".", "out", size=8, keep_aspect=True, crop=True)
     assert PrepareConfig(size=8).digest() != PrepareConfig(size=16).digest()
+    # Settings added later change the hash only when set: datasets prepared before stay valid.
+    assert PrepareConfig().digest() == "6da920670f61bb28"
+    assert len({PrepareConfig(series="T1").digest(), PrepareConfig(keep_color=True).digest(), PrepareConfig().digest()}) == 3
 
 
 # -- bad input ------------------------------------------------------------------------------

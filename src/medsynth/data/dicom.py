@@ -98,7 +98,8 @@ def _headers(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
 
     files = series_files(folder)
     if not files:
-        raise BadInputError(folder, "folder holds no DICOM files")
+        nested = " (sub-folders are not searched: name a series folder)" if any(p.is_dir() for p in folder.iterdir()) else ""
+        raise BadInputError(folder, f"folder holds no DICOM files{nested}")
     groups: dict[str, list[tuple[Path, Any]]] = {}
     for path in files:
         try:
