@@ -191,6 +191,18 @@ def test_prepare_chooses_a_series_by_description(tmp_path: Path) -> None:
         np.testing.assert_array_equal(data["image"][0], _volume() - 1024.0)
 
 
+def test_a_decathlon_image_may_be_a_series_folder_and_foreign_files_are_named(tmp_path: Path) -> None:
+    write_series(tmp_path / "raw" / "imagesTr" / "ct_7", _volume())
+    (tmp_path / "raw" / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/ct_7", "label": None}],
+                                                                 "modality": {"0": "CT"}}))
+    assert [case.id for case in import_dataset(tmp_path / "raw").cases] == ["ct_7"]
+    (tmp_path / "raw" / "imagesTr" / "ct_7" / "notes.txt").write_text("scanned on Monday")
+    with pytest.raises(BadInputError, match=r"notes\.txt: not a DICOM file"):
+        load_image(tmp_path / "raw" / "imagesTr" / "ct_7")
+    with pytest.raises(BadInputError, match="holds no DICOM files .sub-folders are not searched"):
+        load_image(tmp_path / "raw" / "imagesTr")
+
+
 # -- real files shipped with pydicom (no network: the wheel holds them) --------------------------
 
 def _pydicom_series(name: str) -> Path:
