@@ -17,8 +17,9 @@ A folder's files (hidden files and ``DICOMDIR`` excepted; not its sub-folders) a
    than :data:`GAP_TOLERANCE` (the line gives the smallest and largest gap), or when
    orientation, pixel spacing or slice size differ between slices;
 4. stacked with the slice spacing taken from the positions (never ``SliceThickness``) and the
-   affine built from orientation, pixel spacing and the first position, converted from LPS to
-   RAS through :func:`medsynth.data.io.lps_to_ras` (the one conversion).
+   affine built from orientation, pixel spacing and the first position, in DICOM's own LPS
+   frame: :func:`medsynth.data.io.load_image` converts it through
+   :func:`~medsynth.data.io.lps_to_ras` (the one conversion; io imports this module, not back).
 
 Arrays are ``(1, X, Y, Z)`` = (columns, rows, slices), intensities through the modality LUT
 (``RescaleSlope``/``RescaleIntercept``), as :func:`medsynth.data.io.load_image` returns them.
@@ -31,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.data.io import lps_to_ras
 from medsynth.errors import BadInputError
 
 # Gaps between neighbouring slice positions may differ by this share of the median gap
@@ -48,7 +48,7 @@ def series_files(folder: str | Path) -> list[Path]:
 
 
 def read_series(folder: str | Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The volume and voxel-to-RAS affine of the one DICOM series in ``folder`` (or the one ``series`` names).
+    """The volume and voxel-to-LPS affine of the one DICOM series in ``folder`` (or the one ``series`` names).
 
     Args:
         folder: a folder of DICOM slice files (any file names, in any order).
@@ -57,7 +57,7 @@ def read_series(folder: str | Path, series: str | None = None) -> tuple[np.ndarr
 
     Returns:
         ``(array, affine)``: float64 ``(1, X, Y, Z)`` (columns, rows, slices) in modality units
-        (HU for CT), and the 4x4 voxel-to-RAS affine (mm).
+        (HU for CT), and the 4x4 voxel-to-LPS affine (mm; DICOM's patient frame).
 
     Raises:
         BadInputError: no DICOM files, several series and no choice, an unknown ``series``,
@@ -80,7 +80,7 @@ def read_series(folder: str | Path, series: str | None = None) -> tuple[np.ndarr
 
 
 def series_geometry(folder: str | Path, series: str | None = None) -> tuple[list[Path], np.ndarray]:
-    """The chosen series' files in slice order and its voxel-to-RAS affine, from the headers only.
+    """The chosen series' files in slice order and its voxel-to-LPS affine, from the headers only.
 
     Raises:
         BadInputError: as :func:`read_series`.
@@ -167,7 +167,7 @@ def _geometry(folder: Path, items: list[tuple[Path, Any]]) -> tuple[list[Path], 
     affine[:3, 3] = positions[0]
     if len(files) == 1:  # one slice: its thickness is the only spacing there is
         affine[:3, 2] = normal * float(first.get("SliceThickness") or 1.0)
-        return files, lps_to_ras(affine)
+        return files, affine
     gaps = np.diff(along)
     median = float(np.median(gaps))
     tolerance = max(GAP_TOLERANCE * median, _HEADER_TOLERANCE)
@@ -183,4 +183,4 @@ def _geometry(folder: Path, items: list[tuple[Path, Any]]) -> tuple[list[Path], 
     if off_line > tolerance:
         raise BadInputError(folder, f"slice positions leave the line through the first and last slice by up to {off_line:.2f} mm")
     affine[:3, 2] = step
-    return files, lps_to_ras(affine)
+    return files, affine

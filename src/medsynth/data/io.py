@@ -120,6 +120,7 @@ def load_image(path: str | Path, dtype: np.dtype | type = np.float32, key: str =
             from medsynth.data.dicom import read_series
 
             array, affine = read_series(path, series)
+            affine = lps_to_ras(affine)
         elif suffix in DICOM_SUFFIXES:
             array, affine = _read_dicom(path)
         elif suffix in NIFTI_SUFFIXES:
