@@ -72,6 +72,10 @@ def _prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--orientation", default=None, help="reorient 3D images, e.g. RAS")
     p.add_argument("--normalize", choices=[mode.value for mode in Normalize], default=None, help="intensity normalisation (default: percentile)")
     p.add_argument("--ct-window", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="HU window for --normalize ct")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="DICOM folders holding several series: read this one (SeriesInstanceUID or SeriesDescription)")
+    p.add_argument("--keep-color", action="store_true", default=None,
+                   help="colour pictures keep their R, G, B channels (default: grey by ITU-R BT.601 luminance, one line says so)")
     p.add_argument("--seed", type=int, default=None, help="seed of the subject-wise split")
     p.add_argument("--force", action="store_true", help="replace a prepared dataset of another source or settings")
     _no_progress(p)
@@ -195,7 +199,7 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "prepare":
         given = {"size": args.size, "keep_aspect": args.keep_aspect, "crop": args.crop, "spacing": args.spacing,
                  "orientation": args.orientation, "normalize": args.normalize, "seed": args.seed,
-                 "ct_window": tuple(args.ct_window) if args.ct_window else None}
+                 "ct_window": tuple(args.ct_window) if args.ct_window else None, "series": args.series, "keep_color": args.keep_color}
         settings = {key: value for key, value in given.items() if value is not None}
         print(api.prepare(args.src, args.out, recipe=args.recipe, force=args.force, progress=progress, **settings))
     elif args.command == "train":

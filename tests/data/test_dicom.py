@@ -231,3 +231,18 @@ def test_real_irregular_and_mixed_orientation_series_are_refused() -> None:
         load_image(_pydicom_series("77654033/CT2"))
     with pytest.raises(BadInputError, match="slice orientation differs"):
         load_image(_pydicom_series("98892001/CT2N"))
+
+
+def test_the_cli_refuses_mixed_and_irregular_series_in_one_line(tmp_path: Path, capsys) -> None:
+    from medsynth.cli import main
+
+    src = _nnunet_with_series(tmp_path / "raw", n=2)
+    write_series(src / "imagesTr" / "c0_0000", _volume(offset=900), description="T2", seed=9)  # a second series beside the first
+    assert main(["prepare", str(src), "--out", str(tmp_path / "p"), "--normalize", "none", "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "holds 2 DICOM series" in error and not (tmp_path / "p" / "dataset.json").exists()
+    irregular = tmp_path / "irregular"
+    write_series(irregular, _volume(), slices=[0.0, 2.0, 4.0, 6.0, 30.0, 32.0])
+    assert main(["render", str(irregular), "--out", str(tmp_path / "x.png"), "--still"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "slice spacing varies" in error

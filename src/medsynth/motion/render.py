@@ -70,7 +70,7 @@ def load_frames(frames: FrameSource) -> tuple[np.ndarray, np.ndarray]:
 
     Args:
         frames: a 4D NIfTI ``(X, Y, Z, T)``, a folder of ``image_tNN`` files (a phantom
-            subject), a list of 3D image files, or an array ``(T, X, Y, Z)`` / ``(X, Y, Z)``
+            subject), a DICOM series folder, a list of 3D image files, or an array ``(T, X, Y, Z)`` / ``(X, Y, Z)``
             (identity affine).
     """
     if isinstance(frames, (np.ndarray, torch.Tensor)):
@@ -78,9 +78,9 @@ def load_frames(frames: FrameSource) -> tuple[np.ndarray, np.ndarray]:
         return (array[None] if array.ndim == 3 else array), np.eye(4)
     if isinstance(frames, (str, Path)) and Path(frames).is_dir():
         files = _phase_files(Path(frames), ["image"])
-        if not files:
-            raise BadInputError(frames, "folder holds no image_tNN files")
-        frames = [files[t] for t in sorted(files)]
+        if files:
+            frames = [files[t] for t in sorted(files)]
+        # otherwise the folder is one image (a DICOM series), read by load_image like a file
     paths = [frames] if isinstance(frames, (str, Path)) else list(frames)
     images = [load_image(p) for p in paths]
     affine = np.asarray(images[0].affine, dtype=np.float64)
