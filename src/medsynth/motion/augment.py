@@ -15,6 +15,7 @@ vectors, hence this one function.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +62,20 @@ def shift_zoom_pair(images: Sequence[Tensor], flow: Tensor, affine: Tensor, shif
     zooms = torch.as_tensor(list(zoom), dtype=flow.dtype).view(3, 1, 1, 1)
     new_affine = torch.as_tensor(affine, dtype=torch.float64) @ matrix
     return [_resample(image, matrix) for image in images], _resample(flow, matrix) * zooms, new_affine
+
+
+def augment_pair(sample: dict[str, Any], shift: float, zoom: float, noise_std: float = 0.0) -> dict[str, Any]:
+    """A random shift in [-shift, shift] voxels and zoom in [1 - zoom, 1 + zoom] per axis of a prepared flow-pair item.
+
+    ``image`` (and ``moving``, when present), ``flow`` and ``affine`` are transformed together with
+    :func:`shift_zoom_pair`; Gaussian noise of ``noise_std`` is added to the frames (clipped to [0, 1]).
+    A ``label`` is dropped (not resampled). Draws from torch's global RNG (restored on resume).
+    """
+    shifts = ((torch.rand(3) * 2 - 1) * shift).tolist()
+    zooms = (1 + (torch.rand(3) * 2 - 1) * zoom).tolist()
+    keys = [key for key in ("image", "moving") if key in sample]
+    images, flow, affine = shift_zoom_pair([sample[key] for key in keys], sample["flow"], sample["affine"], shifts, zooms)
+    out = {key: value for key, value in sample.items() if key != "label"}
+    for key, image in zip(keys, images):
+        out[key] = (image + noise_std * torch.randn(image.shape)).clamp(0, 1) if noise_std > 0 else image
+    return {**out, "flow": flow, "affine": affine}

@@ -15,11 +15,8 @@ Two stages, each a run (``--stage``), each a small object below:
   ``DiffusionLoss``); its encoder, frozen, is the cvae stage's ``registration`` pyramid
   (``--set model.registration_run=RUN``).
 
-Augmentation: a random shift and zoom applied to frames and field consistently
-(:mod:`medsynth.motion.augment`), then intensity noise. Sampling decodes latents (random, a grid
-over two latent directions, a random plane, or an interpolation between the posterior means of two
-real flows) on a condition frame; every item writes its field (mm, the frame's affine) and the
-synthetic diastole ``warp_image(F, invert(u))``.
+Augmentation: shift and zoom of frames and field together (:mod:`medsynth.motion.augment`), intensity
+noise. Each sampled flow is written in mm with the frame's affine, beside ``warp_image(F, invert(u))``.
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
 from medsynth.data.prepare import hu_to_unit, unit_to_hu
 from medsynth.errors import BadInputError, MedsynthError
-from medsynth.latent import interpolate_latents, plane_basis
-from medsynth.motion.augment import shift_zoom_pair
+from medsynth.latent import channel_directions, direction_grid, interpolate_latents, plane_basis
+from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name
@@ -207,9 +204,10 @@ class FlowCVAEModule(MedsynthModule):
 
     def kl_beta(self) -> float:
         warmup, weight = self.config.model.kl_warmup_epochs, self.config.model.kl_weight
-        if warmup <= 0 or self.trainer is None or self.trainer.num_training_batches in (0, float("inf")):
+        trainer = self._trainer
+        if warmup <= 0 or trainer is None or trainer.num_training_batches in (0, float("inf")):
             return weight
-        return weight * min(1.0, self.global_step / (warmup * self.trainer.num_training_batches))
+        return weight * min(1.0, trainer.global_step / (warmup * trainer.num_training_batches))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.stage.losses(self, batch, self.kl_beta())
@@ -230,18 +228,6 @@ class FlowCVAEModule(MedsynthModule):
     @torch.no_grad()
     def posterior_mean(self, flow: Tensor, frame: Tensor) -> Tensor:
         return self.net.encode(flow.to(self.device), self.net.pyramid(frame.to(self.device)))[0].cpu()
-
-
-def augment(settings: FlowCVAEDataConfig, sample: dict[str, Any]) -> dict[str, Any]:
-    """A random shift and zoom of frame(s) and field together (consistent field), then intensity noise."""
-    shift = ((torch.rand(3) * 2 - 1) * settings.shift_voxels).tolist()
-    zoom = (1 + (torch.rand(3) * 2 - 1) * settings.zoom).tolist()
-    keys = [key for key in ("image", "moving") if key in sample]
-    images, flow, affine = shift_zoom_pair([sample[key] for key in keys], sample["flow"], sample["affine"], shift, zoom)
-    out = {key: value for key, value in sample.items() if key != "label"}  # labels are not used in training
-    for key, image in zip(keys, images):
-        out[key] = (image + settings.noise_std * torch.randn(image.shape)).clamp(0, 1)
-    return {**out, "flow": flow, "affine": affine}
 
 
 # -- the recipe ---------------------------------------------------------------------------------
@@ -284,7 +270,8 @@ class FlowCVAERecipe(Recipe):
     def build_datamodule(self, config: FlowCVAEConfig) -> L.LightningDataModule:
         return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
                                   seed=config.train.seed, in_memory=True,
-                                  train_transform=partial(augment, config.data) if config.data.augment else None)
+                                  train_transform=partial(augment_pair, shift=config.data.shift_voxels, zoom=config.data.zoom,
+                                                          noise_std=config.data.noise_std) if config.data.augment else None)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -319,11 +306,7 @@ class FlowCVAERecipe(Recipe):
             return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(item_seed(request.seed, k)))
                                 for k in range(request.n * count)])
         if request.mode == "grid":
-            steps = max(2, round(request.n ** 0.5))
-            values = torch.linspace(-settings.grid_span, settings.grid_span, steps)
-            a, b = torch.meshgrid(values, values, indexing="ij")
-            directions = self.directions(module, generator)
-            return (a.reshape(-1, 1) * directions[0] + b.reshape(-1, 1) * directions[1]).view(-1, *shape)
+            return direction_grid(self.directions(module, generator), max(2, round(request.n ** 0.5)), settings.grid_span).view(-1, *shape)
         if request.mode == "plane":  # prior draws on a random plane, scaled to the prior's per-element size
             return (torch.randn(request.n, 2, generator=generator) @ (plane_basis(dim, generator) * dim**0.5)).view(-1, *shape)
         cases = [c for c in first_split(module.config.data_dir, ("test", "val")) + load_split(module.config.data_dir, "train") if "flow" in c]
@@ -334,23 +317,13 @@ class FlowCVAERecipe(Recipe):
         return interpolate_latents(z[0], z[1], steps=max(2, request.n)).view(-1, *shape)
 
     def directions(self, module: FlowCVAEModule, generator: torch.Generator) -> Tensor:
-        """The grid's two latent directions ``(2, D)``, one unit of coefficient = 1 per element of their support."""
-        shape = module.net.latent_shape(module.config.model.image_shape)
-        settings, channels = module.config.sample, shape[0]
+        """The grid's two latent directions ``(2, D)``; a coefficient is the value per element of their support."""
+        shape, settings = module.net.latent_shape(module.config.model.image_shape), module.config.sample
         if settings.grid_directions == "random":
-            return plane_basis(int(np.prod(shape)), torch.Generator().manual_seed(generator.initial_seed())) * np.prod(shape) ** 0.5
+            return plane_basis(int(np.prod(shape)), generator) * float(np.prod(shape)) ** 0.5
         if settings.grid_directions == "halves":
-            if channels < 2:
-                raise MedsynthError("flow-cvae: grid_directions=halves needs model.latent_channels >= 2")
-            groups = [range(channels // 2), range(channels // 2, channels)]
-        else:
-            if any(c >= channels for c in settings.grid_channels) or len(set(settings.grid_channels)) != 2:
-                raise MedsynthError(f"flow-cvae: sample.grid_channels {settings.grid_channels} must be two of the {channels} latent channels")
-            groups = [[c] for c in settings.grid_channels]
-        directions = torch.zeros(2, *shape)
-        for k, group in enumerate(groups):
-            directions[k, list(group)] = 1.0
-        return directions.flatten(1)
+            return channel_directions(shape, (list(range(shape[0] // 2)), list(range(shape[0] // 2, shape[0]))))
+        return channel_directions(shape, ([settings.grid_channels[0]], [settings.grid_channels[-1]]))
 
     def write(self, module: FlowCVAEModule, frame: tuple[str, Tensor, np.ndarray], flows: Tensor, names: list[str],
               folder: Path) -> list[Path]:
@@ -380,7 +353,7 @@ class FlowCVAERecipe(Recipe):
         written: list[Path] = []
         for name in dict.fromkeys(frame[0] for frame, _ in jobs):
             mine = [(frame, k) for frame, k in jobs if frame[0] == name]
-            flows = torch.cat([module.decode(z[[k for _, k in chunk]], chunk[0][0][1]) for chunk in _chunks(mine, 16)])
+            flows = torch.cat([module.decode(z[[k for _, k in mine[i:i + 16]]], mine[0][0][1]) for i in range(0, len(mine), 16)])
             written += self.write(module, mine[0][0], flows, [f"{name}_{k:03d}" for _, k in mine], folder)
         if request.mode == "grid":
             written += self.grid_figures(written, folder, steps=round(len(jobs) ** 0.5))
@@ -469,10 +442,6 @@ class FlowCVAERecipe(Recipe):
                           "middle axial slices", _img(grid[-2])),
             ReportSection("The synthetic diastoles warp_image(F, invert(u)) of the grid, walked row by row (arrows: u)", _img(grid[-1])),
         ]
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _img(path: Path) -> str:
