@@ -160,3 +160,22 @@ def test_interpolation_runs_between_two_real_flows(prepared, tmp_path):
                     progress=False)
     written = api.sample(run.path, n=3, mode="interpolate", seed=2)
     assert len(written) == 6 and all(p.is_file() for p in written)
+
+
+def test_masks_from_cardiac_labels_or_from_the_moving_region(monkeypatch):
+    from medsynth.data.phantoms.cardiac import CARDIAC_LABELS
+    from medsynth.recipes import flow_cvae
+
+    labels = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    labels[0, 2:4] = 9  # myocardium
+    labels[0, 4:6] = 8  # LV blood pool
+    labels[0, 6] = 2  # lung: not heart
+    flow = torch.zeros(3, 8, 8, 8)
+    flow[0, 1:3] = 1.0
+    case = {"label": labels, "flow": flow, "affine": torch.tensor(AFFINE)}
+    monkeypatch.setattr(flow_cvae, "load_prepared_info", lambda root: {"labels": CARDIAC_LABELS})
+    masks, lv = flow_cvae.FlowCVAERecipe.masks(Path("."), [case])
+    assert masks["heart"].sum() == 4 * 64 and masks["myocardium"].sum() == 2 * 64 and lv.sum() == 2 * 64
+    unlabelled = {key: value for key, value in case.items() if key != "label"}
+    masks, lv = flow_cvae.FlowCVAERecipe.masks(Path("."), [unlabelled])
+    assert lv is None and set(masks) == {"heart"} and masks["heart"].shape == (1, 8, 8, 8) and masks["heart"].sum() == 2 * 64
