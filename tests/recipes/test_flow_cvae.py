@@ -179,3 +179,10 @@ def test_masks_from_cardiac_labels_or_from_the_moving_region(monkeypatch):
     unlabelled = {key: value for key, value in case.items() if key != "label"}
     masks, lv = flow_cvae.FlowCVAERecipe.masks(Path("."), [unlabelled])
     assert lv is None and set(masks) == {"heart"} and masks["heart"].shape == (1, 8, 8, 8) and masks["heart"].sum() == 2 * 64
+
+
+def test_frames_prepared_without_the_ct_window_are_refused(tmp_path):
+    raw = api.phantom("cardiac", tmp_path / "raw", n=3, size=16, flow_pairs=True, progress=False)
+    prepared = api.prepare(raw, tmp_path / "prepared", size=16, normalize="percentile", progress=False)
+    with pytest.raises(MedsynthError, match="--normalize ct"):
+        api.train("flow-cvae", data=prepared, config="flow-cvae-tiny", overrides=TINY, out=tmp_path / "run", progress=False)

@@ -246,7 +246,8 @@ class FlowCVAERecipe(Recipe):
                    "train.num_threads=1", "evaluate.n_samples=2", "evaluate.generated_per_frame=1", "evaluate.downstream_steps=2"))
 
     def resolve_config(self, config: FlowCVAEConfig) -> FlowCVAEConfig:
-        info, settings = require_prepared(config.data_dir, "flow-cvae", spatial_dims=3, one_shape=True, channels=1)
+        info, settings = require_prepared(config.data_dir, "flow-cvae", spatial_dims=3, one_shape=True, channels=1,
+                                          normalize=("ct",))
         if info["flow_channels"] != 3:
             raise MedsynthError(f"{config.data_dir}: flow-cvae needs flow pairs (frame + 3-component field); prepare a flow-pair dataset")
         model, shape = config.model, list(info["image_shape"])
@@ -258,10 +259,9 @@ class FlowCVAERecipe(Recipe):
         run = model.registration_run
         if model.stage == "cvae" and model.pyramid == "registration" and run is None:
             raise MedsynthError("flow-cvae: model.pyramid=registration needs model.registration_run (train --stage registration first)")
-        window = settings.get("ct_window") if settings.get("normalize") == "ct" else None
         return config.model_copy(update={"model": model.model_copy(update={
             "image_shape": shape, "reference_affine": np.asarray(info["affine"]).tolist(),
-            "ct_window": [float(v) for v in window] if window else None,
+            "ct_window": [float(v) for v in settings["ct_window"]],
             "registration_run": str(Path(run).resolve()) if run else None})})
 
     def build_module(self, config: FlowCVAEConfig) -> FlowCVAEModule:
