@@ -54,3 +54,16 @@ def test_registration_net_encoder_is_a_pyramid():
     assert reg(fixed, moving).shape == (1, 3, 16, 16, 12)
     net = FlowCVAE(reg.encoder, channels=[4, 8, 8], latent_channels=3, max_displacement=(2.0, 2.0, 2.0))
     assert net.pyramid is reg.encoder and [f.shape[1] for f in net.pyramid(fixed)] == [4, 6, 8]
+
+
+def test_an_offset_centres_the_output_and_keeps_it_bounded():
+    torch.manual_seed(0)
+    net = FlowCVAE(LearnedPyramid([4, 4]), channels=[4, 8], latent_channels=2, max_displacement=(2.0, 2.0, 2.0), offset_shape=(8, 8, 8))
+    assert "decoder.offset" in net.state_dict()
+    mean = torch.randn(3, 8, 8, 8).clamp(-1.5, 1.5)
+    net.decoder.set_offset(mean)
+    torch.nn.init.zeros_(net.decoder.out.conv.weight)
+    out = net.decode(torch.randn(1, 2, 4, 4, 4), net.pyramid(torch.rand(1, 1, 8, 8, 8)))
+    assert torch.allclose(out[0], mean, atol=1e-5)
+    with pytest.raises(ValueError):
+        build("image").decoder.set_offset(mean)

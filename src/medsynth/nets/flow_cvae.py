@@ -69,10 +69,11 @@ class PyramidDecoder(nn.Module):
         feature_channels: channels of the per-level features, level 0 first.
         channels: decoder channels per level, level 0 first.
         max_displacement: bound per axis, in voxels (3 values).
+        offset_shape: the spatial shape of an output offset (see :meth:`set_offset`); None for none.
     """
 
     def __init__(self, top_channels: int, feature_channels: Sequence[int], channels: Sequence[int],
-                 max_displacement: Sequence[float], residual: bool = True):
+                 max_displacement: Sequence[float], residual: bool = True, offset_shape: Sequence[int] | None = None):
         super().__init__()
         levels = len(channels) - 1
         self.top = _block(top_channels + feature_channels[levels], channels[levels], residual=residual)
@@ -83,13 +84,23 @@ class PyramidDecoder(nn.Module):
         nn.init.normal_(self.out.conv.weight, std=1e-3)  # start near the zero field
         nn.init.zeros_(self.out.conv.bias)
         self.register_buffer("bound", torch.as_tensor(list(max_displacement), dtype=torch.float32).view(1, 3, 1, 1, 1))
+        # with ``offset_shape`` the output is centred on a field set by ``set_offset`` (zero until then)
+        self.offset = None if offset_shape is None else nn.Buffer(torch.zeros(1, 3, *offset_shape))
+
+    def set_offset(self, flow: Tensor) -> None:
+        """Centre the output on a field ``(3, *S)`` in voxels (e.g. the mean training flow): the network then
+        predicts the deviation from it, in tanh's pre-activation space, so the output stays bounded."""
+        if self.offset is None:
+            raise ValueError("this decoder was built without offset_shape")
+        self.offset.copy_(torch.atanh((flow[None].to(self.bound) / self.bound).clamp(-0.95, 0.95)))
 
     def forward(self, top: Tensor | None, features: Sequence[Tensor]) -> Tensor:
         """``top`` ``(B, C_top, *S/2^L)`` or None; ``features[l]`` ``(B, C_l, *S/2^l)`` -> ``(B, 3, *S)`` voxels."""
         h = self.top(features[-1] if top is None else torch.cat([top, features[-1]], dim=1))
         for level in reversed(range(len(self.ups))):
             h = self.merges[level](torch.cat([self.ups[level](h), features[level]], dim=1))
-        return self.bound * torch.tanh(self.out(h))
+        out = self.out(h)
+        return self.bound * torch.tanh(out if self.offset is None else out + self.offset)
 
 
 class FlowCVAE(nn.Module):
@@ -100,10 +111,11 @@ class FlowCVAE(nn.Module):
         channels: encoder/decoder channels per level, level 0 first (``levels + 1`` values).
         latent_channels: ``C_z``; the latent is ``(C_z, *S / 2^levels)``.
         max_displacement: output bound per axis in voxels (3 values).
+        offset_shape: ``S``, to centre the output on a field (``decoder.set_offset``, e.g. the mean training flow).
     """
 
     def __init__(self, pyramid: nn.Module, channels: Sequence[int], latent_channels: int,
-                 max_displacement: Sequence[float], residual: bool = True):
+                 max_displacement: Sequence[float], residual: bool = True, offset_shape: Sequence[int] | None = None):
         super().__init__()
         if len(channels) != pyramid.levels + 1:
             raise ValueError(f"channels needs {pyramid.levels + 1} values (one per level), got {list(channels)}")
@@ -114,7 +126,7 @@ class FlowCVAE(nn.Module):
         self.merges = nn.ModuleList(_block((3 if level == 0 else channels[level - 1]) + p[level], channels[level], residual=residual)
                                     for level in range(self.levels + 1))
         self.stats = Convolution(3, channels[-1], 2 * latent_channels, kernel_size=1, conv_only=True)
-        self.decoder = PyramidDecoder(latent_channels, p, channels, max_displacement, residual)
+        self.decoder = PyramidDecoder(latent_channels, p, channels, max_displacement, residual, offset_shape)
 
     def latent_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
         return (self.latent_channels, *(s // 2**self.levels for s in spatial))

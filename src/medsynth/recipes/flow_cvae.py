@@ -1,17 +1,14 @@
 """Recipe ``flow-cvae``: image-conditioned 3D displacement fields (cardiac CT), as ground truth for motion models.
 
-Data: flow pairs (``medsynth phantom cardiac --flow-pairs``, the ``template_img``/``flow`` layout, NIfTI
-pairs), prepared with ``--normalize ct``: the end-systole frame F ``(1, *S)`` and the field u ``(3, *S)``
-in voxels, pull convention from end-diastole G: ``warp_image(G, u) == F``. G is the prepared ``moving``
-frame when the source has it, else synthesised as ``warp_image(F, invert(u))``.
+Data: flow pairs prepared with ``--normalize ct``: the end-systole frame F ``(1, *S)`` and the field u
+``(3, *S)`` in voxels, pull convention from end-diastole G: ``warp_image(G, u) == F``; G is the prepared
+``moving`` frame when the source has one, else ``warp_image(F, invert(u))``. Two stages (``--stage``):
 
-Two stages, each a run (``--stage``), each a small object below:
-
-- **cvae** (default): a conditional VAE (:mod:`medsynth.nets.flow_cvae`) whose encoder and decoder
-  see the frame's feature pyramid at every level; ELBO per voxel = end-point error in mm (each case's
-  affine, so anisotropic voxels weigh right) / ``recon_sigma_mm`` + beta * KL(q || N(0, I)) per voxel
-  (closed form, summed over the spatial latent) with a linear warm-up of beta.
-- **registration**: an unsupervised siamese registration network on (F, G) pairs (LNCC or MSE + MONAI
+- **cvae** (default): a conditional VAE (:mod:`medsynth.nets.flow_cvae`) whose encoder and decoder see
+  the frame's feature pyramid at every level; ELBO per voxel = end-point error in mm (each case's
+  affine: anisotropic voxels weigh right) / ``recon_sigma_mm`` + beta * KL(q || N(0, I)) (closed form,
+  summed over the spatial latent) / voxels, beta warmed up linearly.
+- **registration**: an unsupervised siamese registration network on (F, G) (LNCC or MSE + MONAI
   ``DiffusionLoss``); its encoder, frozen, is the cvae stage's ``registration`` pyramid
   (``--set model.registration_run=RUN``).
 
@@ -61,6 +58,7 @@ class FlowCVAEModelConfig(StrictModel):
     pyramid_channels: list[int] = Field([8, 16, 16], description="learned/registration pyramid channels per level")
     latent_channels: int = Field(4, ge=1, description="C_z of the spatial latent (C_z, *S / 2^levels)")
     residual: bool = True
+    mean_flow_offset: bool = Field(True, description="centre the decoder on the mean training flow (it learns the deviation)")
     max_displacement: float = Field(20.0, gt=0, description="output bound per axis (tanh)")
     displacement_unit: Literal["mm", "voxels"] = "mm"
     recon_sigma_mm: float = Field(1.0, gt=0, description="likelihood scale: the ELBO's end-point error is divided by it")
@@ -146,9 +144,12 @@ class CVAEStage:
         pyramid = ImagePyramid(levels) if model.pyramid == "image" else LearnedPyramid(model.pyramid_channels, model.residual)
         if model.pyramid == "registration":
             pyramid.requires_grad_(False)  # frozen: the registration run's encoder, loaded before fitting
-        return FlowCVAE(pyramid, model.channels, model.latent_channels, bound_voxels(model), model.residual)
+        return FlowCVAE(pyramid, model.channels, model.latent_channels, bound_voxels(model), model.residual,
+                        model.image_shape if model.mean_flow_offset else None)
 
     def before_fit(self, module: FlowCVAEModule) -> None:
+        if self.model.mean_flow_offset:
+            module.net.decoder.set_offset(stack_items(load_split(self.config.data_dir, "train"), "flow").mean(0))
         if self.model.pyramid == "registration":
             registration = load_module(self.model.registration_run, FlowCVAERecipe())
             module.net.pyramid.load_state_dict(registration.net.encoder.state_dict())
@@ -174,8 +175,7 @@ class RegistrationStage(CVAEStage):
         self.smoothness = DiffusionLoss()
         return RegistrationNet(self.model.pyramid_channels, self.model.channels, bound_voxels(self.model), self.model.residual)
 
-    def before_fit(self, module: FlowCVAEModule) -> None:
-        pass
+    def before_fit(self, module: FlowCVAEModule) -> None: ...  # nothing to load or centre: trained from scratch
 
     def losses(self, module: FlowCVAEModule, batch: dict[str, Any], beta: float) -> dict[str, Tensor]:
         fixed, moving = batch["image"].float(), diastole(batch)
