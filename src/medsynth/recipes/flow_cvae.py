@@ -148,7 +148,7 @@ class CVAEStage:
                         model.image_shape if model.mean_flow_offset else None)
 
     def before_fit(self, module: FlowCVAEModule) -> None:
-        if self.model.mean_flow_offset:
+        if self.model.mean_flow_offset and self.config.data_dir is not None:  # no data (a bare step): stays at zero
             module.net.decoder.set_offset(stack_items(load_split(self.config.data_dir, "train"), "flow").mean(0))
         if self.model.pyramid == "registration":
             registration = load_module(self.model.registration_run, FlowCVAERecipe())
