@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from medsynth.errors import MedsynthError
-from medsynth.latent import grid_latents, interpolate_latents, plane_basis, plane_latents, random_latents
+from medsynth.latent import (
+    channel_directions,
+    direction_grid,
+    grid_latents,
+    interpolate_latents,
+    plane_basis,
+    plane_latents,
+    random_latents,
+)
 
 
 def test_random_latents_reproducible():
@@ -35,3 +43,13 @@ def test_interpolation_hits_both_ends(spherical):
     path = interpolate_latents(z0, z1, steps=6, spherical=spherical)
     assert path.shape == (6, 8)
     assert torch.allclose(path[0], z0, atol=1e-5) and torch.allclose(path[-1], z1, atol=1e-5)
+
+
+def test_direction_grid_spans_two_directions():
+    directions = channel_directions((4, 2, 2), ([0, 1], [3]))
+    assert directions.shape == (2, 16) and directions[0].sum() == 8 and directions[1].sum() == 4
+    z = direction_grid(directions, steps=3, span=2.0).view(9, 4, 2, 2)
+    assert torch.equal(z[0, 0], torch.full((2, 2), -2.0)) and torch.equal(z[0, 3], torch.full((2, 2), -2.0))
+    assert torch.equal(z[5, 1], torch.zeros(2, 2)) and torch.equal(z[5, 3], torch.full((2, 2), 2.0)) and not z[:, 2].any()
+    with pytest.raises(MedsynthError):
+        channel_directions((4, 2, 2), ([0], [0]))

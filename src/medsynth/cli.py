@@ -94,7 +94,8 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default=None, help="shortcut for --set train.devices=...")
     p.add_argument("--strategy", default=None, help="shortcut for --set train.strategy=... (e.g. ddp)")
     p.add_argument("--force", action="store_true", help="start over in an existing run directory")
-    p.add_argument("--stage", choices=["low", "high"], default=None, help="sdm: shortcut for --set model.stage=...")
+    p.add_argument("--stage", choices=["low", "high", "registration", "cvae"], default=None,
+                   help="shortcut for --set model.stage=... (sdm: low|high; flow-cvae: registration|cvae)")
     p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (a run, .safetensors or .ckpt)")
     p.add_argument("--folds", type=int, default=None, metavar="K",
                    help="K-fold cross-validation by subject: K runs in OUT/fold-<i>/ (K = number of subjects: leave-one-out)")

@@ -65,6 +65,13 @@ DEMOS: dict[str, Demo] = {
         prepare={"recipe": "sdm"},
         samples=(SampleCall(n=4), SampleCall(condition="labelsTr/coronary_000.nii.gz", out="condition")),
     ),
+    # Cardiac phantom flow pairs (ES frame + exact ES->ED field) at 32^3 -> prepare (the recipe's defaults: HU window ->
+    # [0, 1]) -> train flow-cvae (configs/flow-cvae-tiny.yaml) -> prior flows on held-out frames, a 5 x 5 latent grid.
+    "flow-cvae": Demo(
+        recipe="flow-cvae", config="flow-cvae-tiny", phantom="cardiac", n=28, size=32, summary="cardiac phantom (flow pairs)",
+        phantom_options={"flow_pairs": True}, prepare={"recipe": "flow-cvae", "size": 32},
+        samples=(SampleCall(n=8), SampleCall(n=25, mode="grid")),
+    ),
 }
 
 

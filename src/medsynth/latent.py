@@ -64,3 +64,27 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int = 8, sphe
         if omega.abs() > 1e-4 and (torch.pi - omega).abs() > 1e-4:
             return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
     return (1 - t) * z0 + t * z1
+
+
+def direction_grid(directions: torch.Tensor, steps: int = 7, span: float = 2.5) -> torch.Tensor:
+    """A ``steps x steps`` grid ``a d0 + b d1``, ``a, b`` in [-span, span], row-major: ``(steps**2, dim)``.
+
+    ``directions`` ``(2, dim)``: any two directions (e.g. :func:`channel_directions`, or a scaled :func:`plane_basis`).
+    """
+    values = torch.linspace(-span, span, steps)
+    a, b = torch.meshgrid(values, values, indexing="ij")
+    return a.reshape(-1, 1) * directions[0] + b.reshape(-1, 1) * directions[1]
+
+
+def channel_directions(shape: tuple[int, ...], groups: tuple[list[int], list[int]]) -> torch.Tensor:
+    """Two directions of a spatial latent ``shape = (C, *spatial)``: 1 on every element of the channels of each group.
+
+    ``groups=([0], [1])`` moves whole channels 0 and 1; the two halves of the channels split them as the
+    cardiac flow system's grid does. Returns ``(2, prod(shape))``.
+    """
+    if any(not 0 <= c < shape[0] for group in groups for c in group) or set(groups[0]) & set(groups[1]) or not all(groups):
+        raise MedsynthError(f"latent channel groups {groups} must be two disjoint, non-empty sets of the {shape[0]} channels")
+    directions = torch.zeros(2, *shape)
+    for k, group in enumerate(groups):
+        directions[k, list(group)] = 1.0
+    return directions.flatten(1)

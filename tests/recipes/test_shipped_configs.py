@@ -25,7 +25,8 @@ from medsynth.training import export_weights
 CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 # The data each config is written for: image side in pixels/voxels; None: a 3D GPU config, run reduced.
 SHIPPED_SIDE = {"cvae-tiny": 64, "cvae-224": 224, "cvae-448": 448,
-                "sdm-tiny": 24, "sdm-tiny-high": 32, "sdm-low-64": None, "sdm-high-128": None}
+                "sdm-tiny": 24, "sdm-tiny-high": 32, "sdm-low-64": None, "sdm-high-128": None,
+                "flow-cvae-tiny": 32, "flow-cvae-86": None}
 CILIA_CLASSES = ["normal", "disarranged", "oda_defect", "ida_defect", "cp_defect"]
 CORONARY_LABELS = {0: "background", 1: "myocardium", 2: "blood_pool", 3: "coronary"}
 
@@ -85,7 +86,23 @@ def sdm_case(name: str, tmp_path: Path) -> list[Path]:
     return recipe.sample(module.eval(), SampleRequest(n=1, condition=condition), tmp_path / "samples")
 
 
-CASES = {"cvae": cvae_case, "sdm": sdm_case}
+def flow_cvae_case(name: str, tmp_path: Path) -> list[Path]:
+    recipe = get_recipe("flow-cvae")
+    config = load_config(recipe.config_class, name, ["train.num_threads=1"])
+    side = SHIPPED_SIDE[name] or 2 * 2 ** (len(config.model.channels) - 1)  # reduced: the latent grid keeps 2^3 voxels
+    affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    config = config.model_copy(update={"data_dir": None, "model": config.model.model_copy(update={
+        "image_shape": [side] * 3, "reference_affine": affine.tolist(), "ct_window": [-1000.0, 1000.0]})})
+    module = recipe.build_module(config)
+    generator = torch.Generator().manual_seed(0)
+    step(module, {"image": torch.rand(2, 1, side, side, side, generator=generator), "flow": torch.randn(2, 3, side, side, side, generator=generator),
+                  "affine": torch.tensor(affine).expand(2, 4, 4)})
+    condition = tmp_path / "frame.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((side,) * 3, -500.0, dtype=np.float32), affine), str(condition))
+    return recipe.sample(module.eval(), SampleRequest(n=1, condition=condition), tmp_path / "samples")
+
+
+CASES = {"cvae": cvae_case, "sdm": sdm_case, "flow-cvae": flow_cvae_case}
 
 
 def test_every_shipped_config_is_listed():

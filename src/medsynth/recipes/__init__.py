@@ -44,6 +44,7 @@ class LazyRecipe:
 RECIPES: dict[str, LazyRecipe] = {
     "cvae": LazyRecipe("medsynth.recipes.cvae", "CVAERecipe"),
     "sdm": LazyRecipe("medsynth.recipes.sdm", "SDMRecipe"),
+    "flow-cvae": LazyRecipe("medsynth.recipes.flow_cvae", "FlowCVAERecipe"),
 }
 
 

@@ -1,0 +1,449 @@
+"""Recipe ``flow-cvae``: image-conditioned 3D displacement fields (cardiac CT), as ground truth for motion models.
+
+Data: flow pairs prepared with ``--normalize ct``: the end-systole frame F ``(1, *S)`` and the field u
+``(3, *S)`` in voxels, pull convention from end-diastole G: ``warp_image(G, u) == F``; G is the prepared
+``moving`` frame when the source has one, else ``warp_image(F, invert(u))``. Two stages (``--stage``):
+
+- **cvae** (default): a conditional VAE (:mod:`medsynth.nets.flow_cvae`) whose encoder and decoder see
+  the frame's feature pyramid at every level; ELBO per voxel = end-point error in mm (each case's
+  affine: anisotropic voxels weigh right) / ``recon_sigma_mm`` + beta * KL(q || N(0, I)) (closed form,
+  summed over the spatial latent) / voxels, beta warmed up linearly.
+- **registration**: an unsupervised siamese registration network on (F, G) (LNCC or MSE + MONAI
+  ``DiffusionLoss``); its encoder, frozen, is the cvae stage's ``registration`` pyramid
+  (``--set model.registration_run=RUN``).
+
+Augmentation: shift and zoom of frames and field together (:mod:`medsynth.motion.augment`), intensity
+noise. Each sampled flow is written in mm with the frame's affine, beside ``warp_image(F, invert(u))``.
+"""
+
+from __future__ import annotations
+
+import base64
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from medsynth.config import RecipeConfig, StrictModel
+from medsynth.console import note
+from medsynth.data.datasets import PreparedDataModule, first_split, load_prepared_info, load_split, require_prepared, stack_items
+from medsynth.data.fields import save_field, voxel_to_mm
+from medsynth.data.io import load_image, save_image, spacing_of
+from medsynth.data.prepare import hu_to_unit, unit_to_hu
+from medsynth.errors import BadInputError, MedsynthError
+from medsynth.latent import channel_directions, direction_grid, interpolate_latents, plane_basis
+from medsynth.motion.augment import augment_pair
+from medsynth.motion.fields import invert, warp_image
+from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
+from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name
+from medsynth.report.sections import ReportSection
+from medsynth.runs import Run
+from medsynth.seeds import item_seed
+from medsynth.training import MedsynthModule, load_module
+
+HEART = ("left_atrium", "right_atrium", "rv_blood_pool", "lv_blood_pool", "lv_myocardium")  # CARDIAC_LABELS names
+
+
+class FlowCVAEModelConfig(StrictModel):
+    """Network, loss and stage. ``image_shape``, ``reference_affine``, ``ct_window`` are filled from the data."""
+
+    stage: Literal["cvae", "registration"] = "cvae"
+    pyramid: Literal["learned", "registration", "image"] = Field("learned", description="the frame's features at each level")
+    channels: list[int] = Field([16, 32, 32], description="encoder/decoder channels per level; levels = len - 1 halvings")
+    pyramid_channels: list[int] = Field([8, 16, 16], description="learned/registration pyramid channels per level")
+    latent_channels: int = Field(4, ge=1, description="C_z of the spatial latent (C_z, *S / 2^levels)")
+    residual: bool = True
+    mean_flow_offset: bool = Field(True, description="centre the decoder on the mean training flow (it learns the deviation)")
+    max_displacement: float = Field(20.0, gt=0, description="output bound per axis (tanh)")
+    displacement_unit: Literal["mm", "voxels"] = "mm"
+    recon_sigma_mm: float = Field(1.0, gt=0, description="likelihood scale: the ELBO's end-point error is divided by it")
+    kl_weight: float = Field(1.0, ge=0, description="beta")
+    kl_warmup_epochs: float = Field(5.0, ge=0)
+    registration_run: str | None = Field(None, description="cvae stage with pyramid=registration: the registration run")
+    registration_similarity: Literal["lncc", "mse"] = "lncc"
+    registration_smoothness: float = Field(1.0, ge=0, description="weight of MONAI's DiffusionLoss")
+    image_shape: list[int] | None = None
+    reference_affine: list[list[float]] | None = None
+    ct_window: list[float] | None = Field(None, description="HU window of --normalize ct (condition files are scaled by it)")
+
+
+class FlowCVAEDataConfig(StrictModel):
+    augment: bool = True
+    shift_voxels: float = Field(2.0, ge=0, description="random shift in [-s, s] voxels per axis")
+    zoom: float = Field(0.1, ge=0, lt=0.5, description="random zoom in [1 - z, 1 + z] per axis")
+    noise_std: float = Field(0.02, ge=0, description="Gaussian intensity noise (frames in [0, 1])")
+
+
+class FlowCVAESampleConfig(StrictModel):
+    grid_directions: Literal["halves", "channels", "random"] = Field(
+        "halves", description="halves: the two halves of the latent channels; channels: grid_channels; random: a random orthonormal pair")
+    grid_channels: list[int] = [0, 1]
+    grid_span: float = Field(2.5, gt=0, description="grid coefficients in [-span, span] (per-element value along each direction)")
+
+
+class FlowCVAEEvaluateConfig(StrictModel):
+    n_samples: int = Field(8, ge=2, description="prior samples per held-out frame")
+    downstream_real_subjects: int = Field(8, ge=1, description="real training pairs given to the downstream motion network")
+    generated_per_frame: int = Field(4, ge=1, description="generated triples per real training frame (downstream)")
+    downstream_steps: int = Field(300, ge=1)
+    seed: int = 0
+
+
+class FlowCVAEConfig(RecipeConfig):
+    recipe: Literal["flow-cvae"] = "flow-cvae"
+    model: FlowCVAEModelConfig = FlowCVAEModelConfig()
+    data: FlowCVAEDataConfig = FlowCVAEDataConfig()
+    sample: FlowCVAESampleConfig = FlowCVAESampleConfig()
+    evaluate: FlowCVAEEvaluateConfig = FlowCVAEEvaluateConfig()
+
+
+def bound_voxels(model: FlowCVAEModelConfig) -> list[float]:
+    """``max_displacement`` per axis in voxels of the prepared grid."""
+    if model.displacement_unit == "voxels":
+        return [model.max_displacement] * 3
+    spacing = spacing_of(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)))
+    return [float(model.max_displacement / s) for s in spacing[:3]]
+
+
+def epe_mm(flow: Tensor, truth: Tensor, affines: Tensor) -> Tensor:
+    """Per-voxel end-point error in mm ``(B, *S)`` of voxel fields ``(B, 3, *S)`` with per-case affines ``(B, 4, 4)``."""
+    return torch.linalg.vector_norm(torch.einsum("bij,bj...->bi...", affines[:, :3, :3].to(flow), flow - truth), dim=1)
+
+
+def pairs(cases: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Prepared cases as (fixed F ``(N, 1, *S)``, moving G ``(N, 1, *S)``, flow ``(N, 3, *S)`` voxels, affines ``(N, 4, 4)``)."""
+    batch = {k: stack_items(cases, k) for k in ("image", "flow") + (("moving",) if "moving" in cases[0] else ())}
+    return batch["image"], diastole(batch), batch["flow"], stack_items(cases, "affine")
+
+
+def diastole(batch: dict[str, Any]) -> Tensor:
+    """The end-diastole frames ``(B, 1, *S)``: the prepared ``moving`` frame, else ``warp_image(F, invert(u))``."""
+    if "moving" in batch:
+        return batch["moving"].float()
+    with torch.no_grad():
+        return warp_image(batch["image"].float(), invert(batch["flow"].float()))
+
+
+# -- the two stages ---------------------------------------------------------------------------------
+
+
+class CVAEStage:
+    """The conditional VAE: p(u | z, F) with the frame's pyramid at every level."""
+
+    def __init__(self, config: FlowCVAEConfig):
+        self.config, self.model = config, config.model
+
+    def build(self) -> torch.nn.Module:
+        model = self.model
+        levels = len(model.channels) - 1
+        pyramid = ImagePyramid(levels) if model.pyramid == "image" else LearnedPyramid(model.pyramid_channels, model.residual)
+        if model.pyramid == "registration":
+            pyramid.requires_grad_(False)  # frozen: the registration run's encoder, loaded before fitting
+        return FlowCVAE(pyramid, model.channels, model.latent_channels, bound_voxels(model), model.residual,
+                        model.image_shape if model.mean_flow_offset else None)
+
+    def before_fit(self, module: FlowCVAEModule) -> None:
+        if self.model.mean_flow_offset and self.config.data_dir is not None:  # no data (a bare step): stays at zero
+            module.net.decoder.set_offset(stack_items(load_split(self.config.data_dir, "train"), "flow").mean(0))
+        if self.model.pyramid == "registration":
+            registration = load_module(self.model.registration_run, FlowCVAERecipe())
+            module.net.pyramid.load_state_dict(registration.net.encoder.state_dict())
+
+    def losses(self, module: FlowCVAEModule, batch: dict[str, Any], beta: float) -> dict[str, Tensor]:
+        frame, flow, affines = batch["image"].float(), batch["flow"].float(), batch["affine"]
+        recon, mu, logvar = module.net(flow, frame)
+        error = epe_mm(recon, flow, affines)  # (B, *S) mm
+        voxels = error[0].numel()
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()  # KL(N(mu, s^2) || N(0, 1)), summed
+        nll = error.mean() / self.model.recon_sigma_mm
+        return {"loss": nll + beta * kl / voxels, "epe_mm": error.mean(), "kl": kl, "beta": torch.tensor(beta)}
+
+
+class RegistrationStage(CVAEStage):
+    """Unsupervised registration of (F, G): ``warp_image(G, u) ~ F``; its encoder becomes a pyramid."""
+
+    def build(self) -> torch.nn.Module:
+        from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+
+        self.similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=5) \
+            if self.model.registration_similarity == "lncc" else torch.nn.MSELoss()
+        self.smoothness = DiffusionLoss()
+        return RegistrationNet(self.model.pyramid_channels, self.model.channels, bound_voxels(self.model), self.model.residual)
+
+    def before_fit(self, module: FlowCVAEModule) -> None: ...  # nothing to load or centre: trained from scratch
+
+    def losses(self, module: FlowCVAEModule, batch: dict[str, Any], beta: float) -> dict[str, Tensor]:
+        fixed, moving = batch["image"].float(), diastole(batch)
+        flow = module.net(fixed, moving)
+        similarity = self.similarity(warp_image(moving, flow), fixed)
+        loss = similarity + self.model.registration_smoothness * self.smoothness(flow)
+        return {"loss": loss, "similarity": similarity, "epe_mm": epe_mm(flow, batch["flow"].float(), batch["affine"]).mean()}
+
+
+STAGES: dict[str, type[CVAEStage]] = {"cvae": CVAEStage, "registration": RegistrationStage}
+
+
+class FlowCVAEModule(MedsynthModule):
+    config: FlowCVAEConfig
+
+    def __init__(self, config: FlowCVAEConfig):
+        super().__init__(config)
+        if config.model.image_shape is None:
+            raise MedsynthError("flow-cvae: model.image_shape is unset (train with --data)")
+        self.stage = STAGES[config.model.stage](config)
+        self.net = self.stage.build()
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.stage.before_fit(self)
+
+    def kl_beta(self) -> float:
+        warmup, weight = self.config.model.kl_warmup_epochs, self.config.model.kl_weight
+        trainer = self._trainer
+        if warmup <= 0 or trainer is None or trainer.num_training_batches in (0, float("inf")):
+            return weight
+        return weight * min(1.0, trainer.global_step / (warmup * trainer.num_training_batches))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.stage.losses(self, batch, self.kl_beta())
+        if self.global_step % self.config.train.log_every_n_steps == 0:
+            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.stage.losses(self, batch, self.config.model.kl_weight)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]))
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, frame: Tensor) -> Tensor:
+        """Fields in voxels ``(N, 3, *S)`` for latents ``(N, *latent_shape)`` on one frame ``(1, 1, *S)``."""
+        features = [f.expand(len(z), *f.shape[1:]) for f in self.net.pyramid(frame.to(self.device))]
+        return self.net.decode(z.to(self.device), features).cpu()
+
+    @torch.no_grad()
+    def posterior_mean(self, flow: Tensor, frame: Tensor) -> Tensor:
+        return self.net.encode(flow.to(self.device), self.net.pyramid(frame.to(self.device)))[0].cpu()
+
+
+# -- the recipe ---------------------------------------------------------------------------------
+
+
+class FlowCVAERecipe(Recipe):
+    name = "flow-cvae"
+    config_class = FlowCVAEConfig
+    sample_modes = ("random", "grid", "plane", "interpolate")
+    headline_metrics = ("flow_epe_mean_mm", "flow_epe_zero_mm", "flow_epe_mean_flow_mm", "folding_share",
+                        "downstream_epe_real_only_mm", "downstream_epe_with_generated_mm")
+    prepare_defaults = {"normalize": "ct"}  # HU window -1000..1000 -> [0, 1]; condition files are scaled the same way
+    tiny_example = TinyExample(
+        phantom="cardiac", n=6, size=16, phantom_options={"flow_pairs": True}, prepare={"size": 16, "seed": 0}, config="flow-cvae-tiny",
+        overrides=("model.channels=[4, 8]", "model.pyramid_channels=[4, 4]", "model.latent_channels=2", "train.batch_size=2",
+                   "train.num_threads=1", "evaluate.n_samples=2", "evaluate.generated_per_frame=1", "evaluate.downstream_steps=2"))
+
+    def resolve_config(self, config: FlowCVAEConfig) -> FlowCVAEConfig:
+        info, settings = require_prepared(config.data_dir, "flow-cvae", spatial_dims=3, one_shape=True, channels=1,
+                                          normalize=("ct",))
+        if info["flow_channels"] != 3:
+            raise MedsynthError(f"{config.data_dir}: flow-cvae needs flow pairs (frame + 3-component field); prepare a flow-pair dataset")
+        model, shape = config.model, list(info["image_shape"])
+        factor = 2 ** (len(model.channels) - 1)
+        if len(model.pyramid_channels) != len(model.channels):
+            raise MedsynthError(f"flow-cvae: model.pyramid_channels {model.pyramid_channels} needs one value per level like model.channels")
+        if any(s % factor for s in shape):
+            raise MedsynthError(f"flow-cvae: volume shape {shape} must be divisible by {factor} (2^levels for model.channels)")
+        run = model.registration_run
+        if model.stage == "cvae" and model.pyramid == "registration" and run is None:
+            raise MedsynthError("flow-cvae: model.pyramid=registration needs model.registration_run (train --stage registration first)")
+        return config.model_copy(update={"model": model.model_copy(update={
+            "image_shape": shape, "reference_affine": np.asarray(info["affine"]).tolist(),
+            "ct_window": [float(v) for v in settings["ct_window"]],
+            "registration_run": str(Path(run).resolve()) if run else None})})
+
+    def build_module(self, config: FlowCVAEConfig) -> FlowCVAEModule:
+        return FlowCVAEModule(config)
+
+    def build_datamodule(self, config: FlowCVAEConfig) -> L.LightningDataModule:
+        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
+                                  seed=config.train.seed, in_memory=True,
+                                  train_transform=partial(augment_pair, shift=config.data.shift_voxels, zoom=config.data.zoom,
+                                                          noise_std=config.data.noise_std) if config.data.augment else None)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def frames(self, module: FlowCVAEModule, condition: Path | None) -> list[tuple[str, Tensor, np.ndarray]]:
+        """Condition frames ``(name, (1, 1, *S) in [0, 1], affine)``: the files given, or the held-out prepared frames."""
+        model = module.config.model
+        if condition is None:
+            cases = first_split(module.config.data_dir, ("test", "val", "train"))
+            if not cases:
+                raise MedsynthError(f"flow-cvae: no --condition given and no prepared frames in {module.config.data_dir}")
+            return [(case["id"], case["image"][None], case["affine"].numpy()) for case in cases]
+        frames = []
+        for path in condition_files(Path(condition)):
+            image = load_image(path)
+            if image.ndim != 4 or image.shape[0] != 1:
+                raise BadInputError(path, f"a condition frame is one 3D volume, got shape {tuple(image.shape)}")
+            if list(image.shape[1:]) != model.image_shape:
+                from monai.transforms import Resize
+
+                note(f"{path}: shape {list(image.shape[1:])} resampled to the model grid {model.image_shape}")
+                image = Resize(model.image_shape, mode="trilinear")(image)
+            unit = hu_to_unit(image.as_tensor().float(), model.ct_window).clamp(0, 1)
+            frames.append((condition_name(path), unit[None], np.asarray(image.affine, dtype=np.float64)))
+        return frames
+
+    def latents(self, module: FlowCVAEModule, request: SampleRequest, count: int) -> Tensor:
+        """Latent codes ``(N, *latent_shape)`` of a request made on ``count`` condition frames."""
+        shape = module.net.latent_shape(module.config.model.image_shape)
+        dim, settings = int(np.prod(shape)), module.config.sample
+        generator = torch.Generator().manual_seed(item_seed(request.seed, 0))
+        if request.mode == "random":
+            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(item_seed(request.seed, k)))
+                                for k in range(request.n * count)])
+        if request.mode == "grid":
+            return direction_grid(self.directions(module, generator), max(2, round(request.n ** 0.5)), settings.grid_span).view(-1, *shape)
+        if request.mode == "plane":  # prior draws on a random plane, scaled to the prior's per-element size
+            return (torch.randn(request.n, 2, generator=generator) @ (plane_basis(dim, generator) * dim**0.5)).view(-1, *shape)
+        cases = [c for c in first_split(module.config.data_dir, ("test", "val")) + load_split(module.config.data_dir, "train") if "flow" in c]
+        if len(cases) < 2:
+            raise MedsynthError(f"interpolate: need two real flows in {module.config.data_dir}")
+        pair = [cases[int(i)] for i in torch.randperm(len(cases), generator=generator)[:2]]
+        z = [module.posterior_mean(case["flow"][None], case["image"][None])[0].flatten() for case in pair]
+        return interpolate_latents(z[0], z[1], steps=max(2, request.n)).view(-1, *shape)
+
+    def directions(self, module: FlowCVAEModule, generator: torch.Generator) -> Tensor:
+        """The grid's two latent directions ``(2, D)``; a coefficient is the value per element of their support."""
+        shape, settings = module.net.latent_shape(module.config.model.image_shape), module.config.sample
+        if settings.grid_directions == "random":
+            return plane_basis(int(np.prod(shape)), generator) * float(np.prod(shape)) ** 0.5
+        if settings.grid_directions == "halves":
+            return channel_directions(shape, (list(range(shape[0] // 2)), list(range(shape[0] // 2, shape[0]))))
+        return channel_directions(shape, ([settings.grid_channels[0]], [settings.grid_channels[-1]]))
+
+    def write(self, module: FlowCVAEModule, frame: tuple[str, Tensor, np.ndarray], flows: Tensor, names: list[str],
+              folder: Path) -> list[Path]:
+        """Per flow: ``<name>_field.nii.gz`` (mm, the frame's affine) and ``<name>_warped.nii.gz`` (the synthetic diastole)."""
+        _, image, affine = frame
+        warped = warp_image(image.expand(len(flows), *image.shape[1:]), invert(flows))
+        window, written = module.config.model.ct_window, []
+        for name, flow, volume in zip(names, flows, warped):
+            written.append(save_field(flow, folder / f"{name}_field.nii.gz", affine))
+            written.append(save_image(unit_to_hu(volume, window), folder / f"{name}_warped.nii.gz", affine=affine))
+        return written
+
+    def sample(self, module: FlowCVAEModule, request: SampleRequest, out: Path) -> list[Path]:
+        if module.config.model.stage != "cvae":
+            raise MedsynthError("flow-cvae: this is a registration-stage run; sample from a cvae-stage run")
+        if request.mode not in self.sample_modes:
+            raise MedsynthError(f"unknown sampling mode '{request.mode}' (use: {', '.join(self.sample_modes)})")
+        module.eval()
+        frames, folder = self.frames(module, request.condition), out / request.mode
+        z = self.latents(module, request, len(frames) if request.condition is not None and request.mode == "random" else 1)
+        if request.mode == "random" and request.condition is None:  # n flows over the held-out frames, cycled
+            jobs = [(frames[k % len(frames)], k) for k in range(request.n)]
+        elif request.mode == "random":  # n flows per condition file
+            jobs = [(frame, i * request.n + k) for i, frame in enumerate(frames) for k in range(request.n)]
+        else:  # grid, plane, interpolate: on the first frame
+            jobs = [(frames[0], k) for k in range(len(z))]
+        written: list[Path] = []
+        for name in dict.fromkeys(frame[0] for frame, _ in jobs):
+            mine = [(frame, k) for frame, k in jobs if frame[0] == name]
+            flows = torch.cat([module.decode(z[[k for _, k in mine[i:i + 16]]], mine[0][0][1]) for i in range(0, len(mine), 16)])
+            written += self.write(module, mine[0][0], flows, [f"{name}_{k:03d}" for _, k in mine], folder)
+        if request.mode == "grid":
+            written += self.grid_figures(written, folder, steps=round(len(jobs) ** 0.5))
+        return written
+
+    def grid_figures(self, written: list[Path], folder: Path, steps: int) -> list[Path]:
+        """The grid's mosaic (|u| in mm, middle axial slices) and a GIF that walks it row by row, snaking."""
+        from medsynth.motion.render import render_movie
+        from medsynth.report.html import image_grid, save_figure
+
+        fields, warped = written[0::2], written[1::2]
+        magnitudes = [torch.linalg.vector_norm(load_image(p).as_tensor(), dim=0, keepdim=True) for p in fields]
+        peak = max(float(m.max()) for m in magnitudes) or 1.0
+        mosaic = save_figure(image_grid(magnitudes, ncols=steps, vmin=0.0, vmax=peak), folder / "grid_mosaic.png")
+        order = [r * steps + (c if r % 2 == 0 else steps - 1 - c) for r in range(steps) for c in range(steps)]
+        movie = render_movie([warped[k] for k in order], folder / "grid_walk.gif", field=[fields[k] for k in order], views=("axial", "coronal"))
+        return [mosaic, movie]
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def prior_flows(self, module: FlowCVAEModule, frame: Tensor, n: int, seed: int) -> Tensor:
+        """``n`` prior samples ``(n, 3, *S)`` voxels on a frame ``(1, *S)``, item ``k`` seeded by ``item_seed(seed, k)``."""
+        return module.decode(self.latents(module, SampleRequest(n=n, seed=seed), 1), frame[None])
+
+    def evaluate(self, run: Run, module: FlowCVAEModule, data_dir: Path) -> dict[str, Any]:
+        """Field metrics of prior samples on held-out frames (:func:`medsynth.evaluate.fields.field_report`) and the
+        downstream utility of generated triples (:func:`medsynth.evaluate.downstream.downstream_motion_utility`)."""
+        from medsynth.evaluate.downstream import downstream_motion_utility
+        from medsynth.evaluate.fields import field_report
+
+        settings, module = module.config.evaluate, module.eval()
+        train, test = load_split(data_dir, "train"), first_split(data_dir, ("test", "val"))
+        if not train or not test:
+            raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) flow pairs")
+        if module.config.model.stage == "registration":
+            fixed, moving, truth, affines = pairs(test)
+            with torch.no_grad():
+                flows = module.net(fixed, moving)
+            return {"registration_epe_mm": float(epe_mm(flows, truth, affines).mean()),
+                    "registration_epe_zero_mm": float(epe_mm(torch.zeros_like(truth), truth, affines).mean())}
+        masks, lv = self.masks(data_dir, test)
+        samples = [self.prior_flows(module, case["image"], settings.n_samples, item_seed(settings.seed, c)) for c, case in enumerate(test)]
+        truths, affines = stack_items(test, "flow"), stack_items(test, "affine")
+        metrics = field_report(samples, truths, affines, masks, stack_items(train, "flow"), stack_items(train, "affine"),
+                               held_out_flows=truths, lv_masks=lv, prefix="flow")
+
+        real = train[: settings.downstream_real_subjects]
+        k = settings.generated_per_frame
+        generated = torch.cat([self.prior_flows(module, case["image"], k, item_seed(settings.seed + 1, i)) for i, case in enumerate(real)])
+        frames = stack_items(real, "image").repeat_interleave(k, 0)
+        fake = (frames, warp_image(frames, invert(generated)), generated, stack_items(real, "affine").repeat_interleave(k, 0))
+        downstream = downstream_motion_utility(pairs(real), fake, pairs(test), steps=settings.downstream_steps, seed=settings.seed)
+        return {**metrics, **downstream, "pyramid": module.config.model.pyramid, "n_samples": settings.n_samples,
+                "n_test_real": len(test), "n_downstream_real": len(real), "n_downstream_generated": len(generated)}
+
+    @staticmethod
+    def masks(data_dir: Path, cases: list[dict[str, Any]]) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Evaluation masks ``(C, *S)``: heart and myocardium from CARDIAC_LABELS label maps, and the LV blood pool;
+        without labels the heart is where the true field moves more than 10 % of its largest displacement."""
+        if all("label" in case for case in cases):
+            values = {name: value for value, name in load_prepared_info(data_dir)["labels"].items()}
+            labels = stack_items(cases, "label")[:, 0]
+            if all(name in values for name in HEART):
+                heart = torch.isin(labels, torch.tensor([values[name] for name in HEART]))
+                return {"heart": heart, "myocardium": labels == values["lv_myocardium"]}, labels == values["lv_blood_pool"]
+        moving = torch.stack([torch.linalg.vector_norm(voxel_to_mm(c["flow"], c["affine"]), dim=0) for c in cases])
+        return {"heart": moving > 0.1 * moving.flatten(1).amax(1).clamp_min(1e-6).view(-1, *[1] * (moving.ndim - 1))}, None
+
+    # -- report ---------------------------------------------------------------------------------
+
+    def report_sections(self, run: Run, module: FlowCVAEModule) -> list[ReportSection]:
+        from medsynth.motion.render import render_still
+
+        if module.config.model.stage != "cvae":
+            return []
+        folder = run.samples / "report"
+        name, image, affine = self.frames(module, None)[0]
+        frame = save_image(unit_to_hu(image[0], module.config.model.ct_window), folder / f"{name}_frame.nii.gz", affine=affine)
+        field = self.write(module, (name, image, affine), self.prior_flows(module, image[0], 1, 0), [f"{name}_prior"], folder)[0]
+        stills = [render_still(frame, folder / f"flow_{style}.png", field=field, style=style) for style in ("magnitude", "quiver")]
+        grid = self.sample(module, SampleRequest(n=25, mode="grid"), folder)
+        side = module.config.sample.grid_span
+        return [
+            ReportSection(f"A prior flow on held-out frame {name}: |u| in mm and in-plane arrows", "".join(_img(p) for p in stills)),
+            ReportSection(f"Latent grid ({module.config.sample.grid_directions} directions, coefficients in [-{side}, {side}]): |u| in mm, "
+                          "middle axial slices", _img(grid[-2])),
+            ReportSection("The synthetic diastoles warp_image(F, invert(u)) of the grid, walked row by row (arrows: u)", _img(grid[-1])),
+        ]
+
+
+def _img(path: Path) -> str:
+    kind = "gif" if path.suffix == ".gif" else "png"
+    return f'<img alt="{path.name}" src="data:image/{kind};base64,{base64.b64encode(path.read_bytes()).decode()}">'
