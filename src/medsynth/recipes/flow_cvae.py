@@ -36,6 +36,7 @@ from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
 from medsynth.data.prepare import hu_to_unit, unit_to_hu
 from medsynth.errors import BadInputError, MedsynthError
+from medsynth.evaluate.fields import epe_map_mm
 from medsynth.latent import channel_directions, direction_grid, interpolate_latents, plane_basis
 from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import invert, warp_image
@@ -110,11 +111,6 @@ def bound_voxels(model: FlowCVAEModelConfig) -> list[float]:
     return [float(model.max_displacement / s) for s in spacing[:3]]
 
 
-def epe_mm(flow: Tensor, truth: Tensor, affines: Tensor) -> Tensor:
-    """Per-voxel end-point error in mm ``(B, *S)`` of voxel fields ``(B, 3, *S)`` with per-case affines ``(B, 4, 4)``."""
-    return torch.linalg.vector_norm(torch.einsum("bij,bj...->bi...", affines[:, :3, :3].to(flow), flow - truth), dim=1)
-
-
 def pairs(cases: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Prepared cases as (fixed F ``(N, 1, *S)``, moving G ``(N, 1, *S)``, flow ``(N, 3, *S)`` voxels, affines ``(N, 4, 4)``)."""
     batch = {k: stack_items(cases, k) for k in ("image", "flow") + (("moving",) if "moving" in cases[0] else ())}
@@ -157,7 +153,7 @@ class CVAEStage:
     def losses(self, module: FlowCVAEModule, batch: dict[str, Any], beta: float) -> dict[str, Tensor]:
         frame, flow, affines = batch["image"].float(), batch["flow"].float(), batch["affine"]
         recon, mu, logvar = module.net(flow, frame)
-        error = epe_mm(recon, flow, affines)  # (B, *S) mm
+        error = epe_map_mm(recon, flow, affines)  # (B, *S) mm
         voxels = error[0].numel()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()  # KL(N(mu, s^2) || N(0, 1)), summed
         nll = error.mean() / self.model.recon_sigma_mm
@@ -182,7 +178,7 @@ class RegistrationStage(CVAEStage):
         flow = module.net(fixed, moving)
         similarity = self.similarity(warp_image(moving, flow), fixed)
         loss = similarity + self.model.registration_smoothness * self.smoothness(flow)
-        return {"loss": loss, "similarity": similarity, "epe_mm": epe_mm(flow, batch["flow"].float(), batch["affine"]).mean()}
+        return {"loss": loss, "similarity": similarity, "epe_mm": epe_map_mm(flow, batch["flow"].float(), batch["affine"]).mean()}
 
 
 STAGES: dict[str, type[CVAEStage]] = {"cvae": CVAEStage, "registration": RegistrationStage}
@@ -339,8 +335,8 @@ class FlowCVAERecipe(Recipe):
     def sample(self, module: FlowCVAEModule, request: SampleRequest, out: Path) -> list[Path]:
         if module.config.model.stage != "cvae":
             raise MedsynthError("flow-cvae: this is a registration-stage run; sample from a cvae-stage run")
-        if request.mode not in self.sample_modes:
-            raise MedsynthError(f"unknown sampling mode '{request.mode}' (use: {', '.join(self.sample_modes)})")
+        if request.class_name is not None:
+            raise MedsynthError("flow-cvae is conditioned on a CT frame, not a class: use --condition FRAME.nii.gz or a folder")
         module.eval()
         frames, folder = self.frames(module, request.condition), out / request.mode
         z = self.latents(module, request, len(frames) if request.condition is not None and request.mode == "random" else 1)
@@ -392,13 +388,13 @@ class FlowCVAERecipe(Recipe):
             fixed, moving, truth, affines = pairs(test)
             with torch.no_grad():
                 flows = module.net(fixed, moving)
-            return {"registration_epe_mm": float(epe_mm(flows, truth, affines).mean()),
-                    "registration_epe_zero_mm": float(epe_mm(torch.zeros_like(truth), truth, affines).mean())}
+            return {"registration_epe_mm": float(epe_map_mm(flows, truth, affines).mean()),
+                    "registration_epe_zero_mm": float(epe_map_mm(torch.zeros_like(truth), truth, affines).mean())}
         masks, lv = self.masks(data_dir, test)
         samples = [self.prior_flows(module, case["image"], settings.n_samples, item_seed(settings.seed, c)) for c, case in enumerate(test)]
         truths, affines = stack_items(test, "flow"), stack_items(test, "affine")
         metrics = field_report(samples, truths, affines, masks, stack_items(train, "flow"), stack_items(train, "affine"),
-                               held_out_flows=truths, lv_masks=lv, prefix="flow")
+                               lv_masks=lv, prefix="flow")
 
         real = train[: settings.downstream_real_subjects]
         k = settings.generated_per_frame
