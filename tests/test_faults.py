@@ -254,7 +254,7 @@ def test_a_killed_lock_holder_is_taken_over(capsys, run):
 # -- several processes --------------------------------------------------------------------------------------
 
 
-def test_two_cpu_processes_train_one_complete_run(prepared, tmp_path):
+def test_two_cpu_processes_train_and_resume_one_complete_run(prepared, tmp_path):
     process = popen("train", "cvae", "--data", prepared, *TINY, "--set", "train.max_epochs=1", "--devices", "2", "--strategy", "ddp",
                     "--set", "train.accelerator=cpu", cwd=tmp_path)
     stdout, stderr = process.communicate(timeout=300)
@@ -266,3 +266,10 @@ def test_two_cpu_processes_train_one_complete_run(prepared, tmp_path):
     assert all(torch.isfinite(t).all() for t in load_file(run / "model.safetensors").values())
     train = read_yaml(run / "config.yaml")["train"]
     assert train["effective_batch_size"] == 2 * train["batch_size"] and train["lr_scaling"] == "none"
+    config = (run / "config.yaml").read_bytes()
+    process = popen("train", "--resume", run, "--set", "train.max_epochs=2", "--devices", "2", "--strategy", "ddp", "--no-progress",
+                    cwd=tmp_path)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert (run / "prev_config.yaml").read_bytes() == config and read_yaml(run / "config.yaml")["train"]["max_epochs"] == 2
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1 and len(list((tmp_path / "runs").iterdir())) == 1

@@ -144,10 +144,13 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
+    source: str = "config",
 ) -> ConfigT:
-    """Defaults <- ``base`` <- YAML file <- overrides, validated into ``config_cls``."""
+    """Defaults <- ``base`` <- YAML file <- overrides, validated into ``config_cls``.
+
+    A refusal names the override that set the failing key (``--set train.lr=inf: ...``), else the
+    YAML file, else ``source`` (where ``base`` came from)."""
     data: dict[str, Any] = dict(base or {})
-    source = "config"
     if path is not None:
         resolved = resolve_config_path(path)
         data = _deep_merge(data, read_yaml(resolved))

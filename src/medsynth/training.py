@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRa
 from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file, save
 
-from medsynth.config import RecipeConfig, TrainConfig, apply_overrides, read_yaml, validate_config
+from medsynth.config import RecipeConfig, TrainConfig, load_config, read_yaml
 from medsynth.errors import BadInputError, DivergedError, MedsynthError, TrainingInterrupted
 from medsynth.runs import Run, atomic_write_bytes
 
@@ -301,7 +301,7 @@ def load_module(run: str | Path | Run, recipe: RecipeLike, overrides: Sequence[s
     saved = read_yaml(opened.config_path)
     if saved.get("recipe") != recipe.name:
         raise BadInputError(opened.path, f"is a '{saved.get('recipe')}' run, not a '{recipe.name}' run")
-    config = validate_config(recipe.config_class, apply_overrides(saved, list(overrides)), str(opened.config_path))
+    config = load_config(recipe.config_class, None, overrides, base=saved, source=str(opened.config_path))
     if config.train.num_threads is not None:
         torch.set_num_threads(config.train.num_threads)
     return load_state(recipe.build_module(config), weights_of(opened)).eval()
