@@ -176,7 +176,9 @@ def test_resume_removes_stale_checkpoint_temp_files(capsys, run):
     stale = run / "checkpoints" / f".last.ckpt.killed{TEMP_SUFFIX}"  # left by a kill during a checkpoint save
     stale.write_bytes(b"half a checkpoint")
     config = (run / "config.yaml").read_bytes()
-    assert cli(capsys, "train", "--resume", run, "--set", "train.max_epochs=2")[0] == 0
+    assert main(["train", "--resume", str(run), "--set", "train.max_epochs=2", "--set", "train.lr=0.5"]) == 0
+    assert "--resume restores the optimiser and its learning-rate schedule from the checkpoint, so train.lr=0.5 does not apply" in \
+        capsys.readouterr().err
     assert not stale.exists() and (run / "prev_config.yaml").read_bytes() == config
     assert read_yaml(run / "config.yaml")["train"]["max_epochs"] == 2
 

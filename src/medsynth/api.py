@@ -101,7 +101,11 @@ def train(
         read_checkpoint(run.last_checkpoint)  # a truncated or foreign checkpoint is refused before anything is written
         if data is not None:
             saved["data_dir"] = str(Path(data).resolve())
+        saved_lr = (saved.get("train") or {}).get("lr")
         settings = load_config(chosen.config_class, config, overrides, base=saved)
+        if rank_zero and saved_lr is not None and settings.train.lr != float(saved_lr):
+            note(f"{run.path}: --resume restores the optimiser and its learning-rate schedule from the checkpoint, so "
+                 f"train.lr={settings.train.lr:g} does not apply; use --init {run.last_checkpoint} --out NEW for a new learning rate")
         checkpoint: Path | None = run.last_checkpoint
     else:
         if recipe is None:

@@ -207,7 +207,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
                 if run.last_checkpoint.exists() else "no checkpoint was written")
         raise DivergedError(f"{exc}; {kept}; no weights exported") from None
     finally:
-        if main_thread:
+        if main_thread and handler is not None:
             signal.signal(signal.SIGINT, handler)
     if trainer.interrupted:  # a Ctrl-C that Lightning handled without exiting
         raise TrainingInterrupted(run.path, resumable=run.last_checkpoint.exists())
