@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -78,3 +79,18 @@ def test_only_global_rank_zero_writes(monkeypatch, environment, zero):
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert is_rank_zero() is zero
+
+
+def test_a_read_only_run_is_read_without_a_lock(tmp_path, monkeypatch):
+    run = Run(tmp_path / "run")
+    run.path.mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr("medsynth.runs.os.open", read_only)
+    with run.lock():
+        assert not run.lock_path.exists()

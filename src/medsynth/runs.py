@@ -23,6 +23,7 @@ JSON/YAML files (:func:`read_structured`) that fails with one line naming the fi
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -191,7 +192,13 @@ class Run:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except (PermissionError, OSError) as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                yield self  # a read-only run (shared weights): no one can write it, so no lock is needed
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
