@@ -274,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         code, line = _one_line(args.command, exc)
-        print(line, file=sys.stderr)
+        from medsynth.runs import is_rank_zero
+
+        if is_rank_zero() or not isinstance(exc, MedsynthError):  # rank 0 says what every rank met (same inputs, synced steps)
+            print(line, file=sys.stderr)
         return code
     return 0
 
