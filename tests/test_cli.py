@@ -215,3 +215,42 @@ def test_bad_flow_pairs_are_one_line(capsys, tmp_path, flow_shape, frame_value, 
     code, err = run_cli(capsys, "prepare", str(src), "--out", str(tmp_path / "out"), "--no-progress")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert str(src / bad) in err and problem in err
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
+    from medsynth.errors import BadInputError
+
+    with pytest.raises(BadInputError):
+        main(["--debug", "train", "--resume", str(tmp_path)])
+    monkeypatch.setenv("MEDSYNTH_DEBUG", "1")
+    with pytest.raises(BadInputError):
+        main(["train", "--resume", str(tmp_path)])
+
+
+@pytest.mark.parametrize(("raised", "code", "line"), [
+    (RuntimeError("Overflow when unpacking long\nmore"), 2, "medsynth report: error: RuntimeError: Overflow when unpacking long (--debug shows the traceback)"),
+    (OSError(28, "No space left on device"), 2, "medsynth report: error: OSError: [Errno 28] No space left on device (--debug shows the traceback)"),
+    (KeyError("bug"), 1, "medsynth report: internal error: KeyError: 'bug' (please report it with the output of --debug)"),
+    (KeyboardInterrupt(), 130, "medsynth: interrupted"),
+])
+def test_last_resort_handler_is_one_line(capsys, monkeypatch, tmp_path, raised, code, line):
+    from medsynth import api
+
+    def fail(run):
+        raise raised
+
+    monkeypatch.setattr(api, "report", fail)
+    assert run_cli(capsys, "report", str(tmp_path)) == (code, line + "\n")
+
+
+def test_a_bad_set_names_the_override(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "cvae", "--data", str(tmp_path), "--config", "cvae-tiny", "--set", "train.batch_size=0")
+    assert code == 2 and err.startswith("medsynth: error: --set train.batch_size=0: train.batch_size: Input should be greater")
+
+
+def test_seeds_out_of_range_are_refused_by_the_parser(capsys, tmp_path):
+    for argv in (["phantom", "cilia", "--out", str(tmp_path), "--seed", "-1"], ["sample", str(tmp_path), "--seed", "abc"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "seed" in err and len(err.strip().splitlines()) == 1

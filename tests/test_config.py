@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -82,8 +84,15 @@ def test_validation_errors_are_one_line_naming_source_and_key():
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-.inf"])
 def test_configs_refuse_non_finite_floats(value):
-    with pytest.raises(MedsynthError, match=r"config: train\.lr: Input should be a finite number"):
+    with pytest.raises(MedsynthError, match=rf"^--set train\.lr={re.escape(value)}: train\.lr: Input should be a finite number"):
         load_config(get_recipe("cvae").config_class, overrides=[f"train.lr={value}"])
+
+
+def test_a_bad_override_is_named_not_the_config_file():
+    with pytest.raises(MedsynthError, match=r"^--set train\.max_epochs=0: train\.max_epochs: Input should be greater"):
+        load_config(get_recipe("cvae").config_class, "cvae-tiny", overrides=["train.batch_size=4", "train.max_epochs=0"])
+    with pytest.raises(MedsynthError, match=r"cvae-tiny\.yaml: unknown config key 'model\.chanels'"):
+        load_config(get_recipe("cvae").config_class, "cvae-tiny", overrides=["train.batch_size=4"], base={"model": {"chanels": 1}})
 
 
 def test_dump_config_is_atomic_and_round_trips(tmp_path):

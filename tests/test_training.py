@@ -11,8 +11,17 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from medsynth.config import TrainConfig
+from medsynth.errors import BadInputError, DivergedError, MedsynthError
 from medsynth.runs import Run, atomic_write_bytes
-from medsynth.training import AtomicCheckpointIO, RNGStateCallback, build_trainer
+from medsynth.training import (
+    AtomicCheckpointIO,
+    RNGStateCallback,
+    build_trainer,
+    fit,
+    read_checkpoint,
+    scaled_lr,
+    with_effective_batch,
+)
 
 
 def test_atomic_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
@@ -96,3 +105,67 @@ def test_build_trainer_takes_the_monitor_mode(tmp_path):
     assert trainer.checkpoint_callback.mode == "max"
     with pytest.raises(ValueError, match="monitor_mode"):
         build_trainer(TrainConfig(), Run.create(tmp_path / "other"), monitor_mode="up", progress=False)
+
+
+class _Diverging(_Tiny):
+    """The loss turns infinite at optimiser step ``at``."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.global_step >= self.at else loss
+
+
+def test_a_non_finite_loss_stops_before_its_step_and_is_never_checkpointed(tmp_path):
+    run = Run.create(tmp_path / "run")
+    trainer = build_trainer(TrainConfig(max_epochs=1, checkpoint_every_n_steps=1, grad_clip=None, lr=0.5), run, monitor=None, progress=False)
+    module = _Diverging(at=3)
+    with pytest.raises(DivergedError, match=r"the loss is inf at step 3 \(epoch 0\); the learning rate is likely too high \(train.lr=0.5\)"):
+        fit(trainer, module, None, run)
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # stopped before the backward pass
+    assert torch.load(run.last_checkpoint, weights_only=True)["global_step"] == 3
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    run = Run.create(tmp_path / "run")
+    trainer = build_trainer(TrainConfig(max_epochs=1, checkpoint_every_n_steps=2, grad_clip=None), run, monitor=None, progress=False)
+    module = _Tiny()
+
+    class Poison(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:  # after the update, before the step-4 checkpoint
+                pl_module.layer.weight.data.fill_(float("nan"))
+
+    trainer.callbacks.insert(0, Poison())
+    with pytest.raises(DivergedError, match="weight 'layer.weight' is not finite at step 4"):
+        fit(trainer, module, None, run)
+    assert torch.load(run.last_checkpoint, weights_only=True)["global_step"] == 2
+
+
+def test_effective_batch_and_linear_lr_scaling(tmp_path):
+    train = TrainConfig(batch_size=8, accumulate_grad_batches=3, lr=1e-3, num_nodes=2, devices=2, accelerator="cpu", strategy="ddp")
+    trainer = build_trainer(train, Run(tmp_path / "run"), progress=False)
+    resolved = with_effective_batch(train, trainer)
+    assert resolved.effective_batch_size == 8 * 2 * 2 * 3 and scaled_lr(resolved) == 1e-3
+    assert scaled_lr(resolved.model_copy(update={"lr_scaling": "linear"})) == pytest.approx(1e-3 * 12)
+
+
+def test_lightning_refusals_are_one_line_naming_the_settings(tmp_path):
+    with pytest.raises(MedsynthError, match=r"^train: cannot train with train.accelerator='auto', train.devices='abc'.*: `devices` selected"):
+        build_trainer(TrainConfig(devices="abc"), Run(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_checkpoint_refuses_truncated_and_pickled_files(tmp_path):
+    path = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 0}, path)
+    assert read_checkpoint(path)["epoch"] == 0
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(BadInputError, match="truncated or corrupt checkpoint"):
+        read_checkpoint(path)
+    path.write_bytes(pickle.dumps({"x": np.random.RandomState(0)}))
+    with pytest.raises(BadInputError, match=r"holds objects other than tensors \(refused: never unpickled\)"):
+        read_checkpoint(path)

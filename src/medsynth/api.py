@@ -7,6 +7,8 @@ need them, so ``import medsynth.api`` and the commands that train nothing start 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -18,7 +20,9 @@ from medsynth.console import note
 from medsynth.data.phantoms import get_phantom
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.recipes import get_recipe
-from medsynth.runs import Run, atomic_write_json, fold_summary
+from medsynth.runs import Run, atomic_write_bytes, atomic_write_json, fold_summary, is_rank_zero, remove_stale_temps
+
+RUN_DIR_VARIABLE = "MEDSYNTH_RUN_DIR"  # the run folder rank 0 chose, for the ranks Lightning starts
 
 if TYPE_CHECKING:  # imported inside the functions that train or load a model: Lightning costs seconds
     from medsynth.recipes.base import Recipe
@@ -70,7 +74,7 @@ def train(
     cross-validation fold set instead (see :func:`train_folds`; ``fold_seed`` and ``only_folds``
     are its); ``resume`` on a fold set continues it (:func:`resume_folds`).
     """
-    from medsynth.training import build_trainer, export_weights, seed_everything
+    from medsynth.training import build_trainer, export_weights, fit, read_checkpoint, seed_everything, with_effective_batch
 
     if folds is not None:
         if resume is not None:
@@ -79,18 +83,29 @@ def train(
                            init=init, seed=fold_seed, only=only_folds)
     if resume is not None and Run.open(resume).is_fold_set:
         return resume_folds(resume, config=config, overrides=overrides, progress=progress, only=only_folds)
+    if init is not None and resume is not None:
+        raise MedsynthError("train: --init starts a new run from weights; --resume continues a run (use one)")
+    # Everything is checked before the first write: settings, data, checkpoint, weights, devices.
+    # Only rank 0 writes; the ranks Lightning starts for --devices N find the run rank 0 made.
+    rank_zero = is_rank_zero()
     if resume is not None:
         run = Run.open(resume)
+        if rank_zero:
+            run.check_free()
         saved = read_yaml(run.config_path)
         chosen = get_recipe(str(saved.get("recipe")))
         if recipe is not None and recipe != chosen.name:
             raise MedsynthError(f"{run.path}: this run trains '{chosen.name}', not '{recipe}'")
         if not run.last_checkpoint.exists():
             raise BadInputError(run.path, "no checkpoints/last.ckpt to resume from")
+        read_checkpoint(run.last_checkpoint)  # a truncated or foreign checkpoint is refused before anything is written
         if data is not None:
             saved["data_dir"] = str(Path(data).resolve())
+        saved_lr = (saved.get("train") or {}).get("lr")
         settings = load_config(chosen.config_class, config, overrides, base=saved)
-        shutil.copyfile(run.config_path, run.prev_config_path)
+        if rank_zero and saved_lr is not None and settings.train.lr != float(saved_lr):
+            note(f"{run.path}: --resume restores the optimiser and its learning-rate schedule from the checkpoint, so "
+                 f"train.lr={settings.train.lr:g} does not apply; use --init {run.last_checkpoint} --out NEW for a new learning rate")
         checkpoint: Path | None = run.last_checkpoint
     else:
         if recipe is None:
@@ -99,23 +114,42 @@ def train(
         if data is None:
             raise MedsynthError("train: --data DIR (a prepared dataset) is required")
         settings = load_config(chosen.config_class, config, overrides, base={"recipe": chosen.name, "data_dir": str(Path(data).resolve())})
-        run = Run.create(out or Path("runs") / f"{chosen.name}-{time.strftime('%Y%m%d-%H%M%S')}", force=force)
+        if out is None and not rank_zero and RUN_DIR_VARIABLE in os.environ:
+            out = os.environ[RUN_DIR_VARIABLE]  # the default folder rank 0 chose
+        run = Run(Path(out or Path("runs") / f"{chosen.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        if rank_zero:
+            run.check_new(force)
         checkpoint = None
     if not (Path(settings.data_dir) / "dataset.json").exists():
         raise BadInputError(settings.data_dir, "not a prepared dataset (no dataset.json); run `medsynth prepare` first")
     settings = chosen.resolve_config(settings)
-    dump_config(settings, run.config_path)
     seed_everything(settings.train)
-    module = chosen.build_module(settings)
-    if init is not None:
-        if resume is not None:
-            raise MedsynthError("train: --init starts a new run from weights; --resume continues a run (use one)")
-        load_initial_weights(module, init)
     trainer = build_trainer(settings.train, run, monitor=chosen.monitor, monitor_mode=chosen.monitor_mode, progress=progress,
                             extra_callbacks=chosen.callbacks(settings))
-    trainer.fit(module, chosen.build_datamodule(settings), ckpt_path=checkpoint, weights_only=True)
-    if trainer.is_global_zero:
-        export_weights(module, settings, run.weights_path)
+    settings = settings.model_copy(update={"train": with_effective_batch(settings.train, trainer)})
+    module = chosen.build_module(settings)
+    if init is not None:
+        load_initial_weights(module, init)
+    datamodule = chosen.build_datamodule(settings)
+    with run.lock() if rank_zero else contextlib.nullcontext():
+        if rank_zero:
+            if checkpoint is None:
+                run.check_new(force)  # again, now that the lock is ours
+            for folder in (run.path, run.checkpoints):
+                remove_stale_temps(folder)  # left by a killed writer: no one else writes here now
+            if checkpoint is not None:
+                atomic_write_bytes(run.prev_config_path, run.config_path.read_bytes())
+            dump_config(settings, run.config_path)
+        published = out is None and rank_zero
+        if published:  # Lightning's launcher starts the other ranks with this process's environment
+            os.environ[RUN_DIR_VARIABLE] = str(run.path.resolve())
+        try:
+            fit(trainer, module, datamodule, run, ckpt_path=checkpoint)
+        finally:
+            if published:
+                os.environ.pop(RUN_DIR_VARIABLE, None)
+        if trainer.is_global_zero:
+            export_weights(module, settings, run.weights_path)
     return run
 
 
@@ -162,14 +196,14 @@ def train_folds(recipe: str | None, data: str | Path | None, folds: int, config:
         raise BadInputError(data, f"--folds {folds} is larger than the number of subjects ({len(subjects)})")
     seed = int((manifest.prepare or {}).get("settings", {}).get("seed", 0)) if seed is None else seed
     fold_set = Run(Path(out or Path("runs") / f"{chosen.name}-folds-{time.strftime('%Y%m%d-%H%M%S')}"))
-    if (fold_set.is_fold_set or fold_set.config_path.exists()) and not force:
-        raise MedsynthError(f"{fold_set.path}: a run already exists here; use --resume to continue it or --force to start over")
-    atomic_write_json(fold_set.folds_path, {
-        "recipe": chosen.name, "folds": folds, "seed": seed, "data_dir": str(Path(data).resolve()),
-        "config": str(resolve_config_path(config).resolve()) if config is not None else None,
-        "overrides": list(overrides), "init": str(Path(init).resolve()) if init is not None else None,
-        "subjects": fold_assignments(subjects, folds, seed, strata=subject_strata(manifest.cases))})
-    return resume_folds(fold_set.path, progress=progress, only=only, fresh=force)
+    fold_set.check_new(force)
+    with fold_set.lock():
+        atomic_write_json(fold_set.folds_path, {
+            "recipe": chosen.name, "folds": folds, "seed": seed, "data_dir": str(Path(data).resolve()),
+            "config": str(resolve_config_path(config).resolve()) if config is not None else None,
+            "overrides": list(overrides), "init": str(Path(init).resolve()) if init is not None else None,
+            "subjects": fold_assignments(subjects, folds, seed, strata=subject_strata(manifest.cases))})
+        return resume_folds(fold_set.path, progress=progress, only=only, fresh=force)
 
 
 def resume_folds(run: str | Path, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -177,9 +211,16 @@ def resume_folds(run: str | Path, config: str | Path | None = None, overrides: l
     """Train the folds of a fold set that are not finished: a fold with ``model.safetensors`` is
     done (skipped), one with ``checkpoints/last.ckpt`` is resumed (``config``/``overrides`` as
     for a resumed run), any other starts from its ``folds.json`` settings plus ``overrides``."""
+    fold_set = Run.open(run)
+    with fold_set.lock():
+        _train_folds_left(fold_set, config, overrides, progress, only, fresh)
+    return fold_set
+
+
+def _train_folds_left(fold_set: Run, config: str | Path | None, overrides: list[str] | tuple[str, ...], progress: bool,
+                      only: Sequence[int] | None, fresh: bool) -> None:
     from medsynth.data.splits import fold_view
 
-    fold_set = Run.open(run)
     spec = fold_set.read_folds()
     for index, held_out in enumerate(spec["subjects"]):
         fold = fold_set.fold(index)
@@ -195,7 +236,6 @@ def resume_folds(run: str | Path, config: str | Path | None = None, overrides: l
         train(spec["recipe"], data=view, config=spec.get("config") if config is None else config,
               overrides=[*spec.get("overrides", []), *overrides], out=fold.path, force=True, progress=progress,
               init=spec.get("init"))
-    return fold_set
 
 
 def load_initial_weights(module: MedsynthModule, source: str | Path) -> MedsynthModule:
@@ -243,16 +283,57 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
     opened, chosen = open_run(run)
     if mode not in chosen.sample_modes:
         raise MedsynthError(f"sample: recipe '{chosen.name}' has no mode '{mode}' (its modes: {', '.join(chosen.sample_modes)})")
-    module = load_module(opened, chosen, overrides)
+    if condition is not None and chosen.condition_refusal is not None:
+        raise MedsynthError(f"sample: --condition is not used by recipe '{chosen.name}' ({chosen.condition_refusal})")
     n = n if n is not None else (1 if condition is not None else 16)
+    if n < 1:
+        raise MedsynthError(f"--n must be at least 1 (got {n})")
     target = Path(out) if out is not None else opened.samples
     existing = target / mode
     if existing.exists() and any(existing.iterdir()) and not force:
         raise MedsynthError(f"{existing}: samples already exist; use --force to overwrite or --out for another folder")
-    if n < 1:
-        raise MedsynthError(f"--n must be at least 1 (got {n})")
+    opened.check_free()
+    module = load_module(opened, chosen, overrides)
     request = SampleRequest(n=n, mode=mode, class_name=class_name, condition=Path(condition) if condition else None, seed=seed)
-    return chosen.sample(module, request, target)
+    with opened.lock():
+        return _sample_staged(chosen, module, request, target)
+
+
+STAGING_PREFIX = ".staging-"  # TARGET/.staging-<pid>/: a request's files before they replace TARGET/<mode>/
+
+
+def _sample_staged(chosen: Recipe, module: MedsynthModule, request: Any, target: Path) -> list[Path]:
+    """Let the recipe write into ``TARGET/.staging-<pid>/<mode>/``, then replace ``TARGET/<mode>/`` with it.
+
+    A request's files are never mixed with an earlier request's (``--force`` with a smaller ``--n``),
+    a failure or a refusal (non-finite output) leaves the earlier samples as they were, and the
+    staging folder of a killed process is removed by the next request.
+    """
+    for stale in target.glob(f"{STAGING_PREFIX}*"):
+        pid = stale.name.removeprefix(STAGING_PREFIX)
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = target / f"{STAGING_PREFIX}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written = chosen.sample(module, request, staging)
+        final, old = target / request.mode, staging / f"{request.mode}.previous"
+        if final.exists():
+            final.rename(old)
+        (staging / request.mode).rename(final)
+        return [final / path.relative_to(staging / request.mode) for path in written]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -264,11 +345,13 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
         if data is not None:
             raise MedsynthError(f"{run}: each fold of a fold set is evaluated on its own held-out subjects; --data is not taken")
         return evaluate_folds(run)
+    Run.open(run).check_free()
     opened, chosen, module = load_run(run)
     data_dir = Path(data) if data is not None else Path(module.config.data_dir or "")
     if not (data_dir / "dataset.json").exists():
         raise BadInputError(data_dir, "not a prepared dataset (no dataset.json)")
-    return opened.write_metrics(chosen.evaluate(opened, module, data_dir))
+    with opened.lock():
+        return opened.write_metrics(chosen.evaluate(opened, module, data_dir))
 
 
 def evaluate_folds(run: str | Path) -> dict[str, Any]:
@@ -277,13 +360,14 @@ def evaluate_folds(run: str | Path) -> dict[str, Any]:
     and ``<key>_sd`` (:func:`~medsynth.runs.fold_summary`)."""
     fold_set = Run.open(run)
     spec = fold_set.read_folds()
-    per_fold = []
-    for index in range(int(spec["folds"])):
-        fold = fold_set.fold(index)
-        if not fold.weights_path.exists():
-            raise MedsynthError(f"{fold.path}: fold {index} is not trained yet; run `medsynth train --resume {fold_set.path}`")
-        per_fold.append(evaluate(fold.path))
-    return fold_set.write_metrics({"folds": int(spec["folds"]), **fold_summary(per_fold)})
+    with fold_set.lock():
+        per_fold = []
+        for index in range(int(spec["folds"])):
+            fold = fold_set.fold(index)
+            if not fold.weights_path.exists():
+                raise MedsynthError(f"{fold.path}: fold {index} is not trained yet; run `medsynth train --resume {fold_set.path}`")
+            per_fold.append(evaluate(fold.path))
+        return fold_set.write_metrics({"folds": int(spec["folds"]), **fold_summary(per_fold)})
 
 
 def report(run: str | Path) -> Path:
@@ -292,13 +376,16 @@ def report(run: str | Path) -> Path:
     from medsynth.report.html import write_report
 
     opened = Run.open(run)
+    opened.check_free()
     if opened.is_fold_set:
         spec = opened.read_folds()
         title = f"medsynth {spec['recipe']} — {opened.path.name} ({spec['folds']}-fold cross-validation)"
-        return write_report(opened, title, [("Cross-validation: mean ± sd over folds", _fold_table(opened.read_metrics()))])
+        with opened.lock():
+            return write_report(opened, title, [("Cross-validation: mean ± sd over folds", _fold_table(opened.read_metrics()))])
     opened, chosen, module = load_run(run)
-    sections = [(section.title, section.html) for section in chosen.report_sections(opened, module)]
-    return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections, headline=chosen.headline_metrics)
+    with opened.lock():
+        sections = [(section.title, section.html) for section in chosen.report_sections(opened, module)]
+        return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections, headline=chosen.headline_metrics)
 
 
 def _fold_table(metrics: dict[str, Any]) -> str:

@@ -1,5 +1,10 @@
 """The `medsynth` command: parses arguments, calls :mod:`medsynth.api`, prints errors as one line.
 
+:func:`main` is the one error boundary: a :class:`~medsynth.errors.MedsynthError` (bad input,
+busy run, divergence) and any refusal from Lightning, torch or the OS end as one line on stderr
+and exit status 2; Ctrl-C exits 130; anything else (a bug) is one line and status 1.
+``--debug`` (or ``MEDSYNTH_DEBUG=1``) shows the traceback instead.
+
 Choices come from the registries and enums (recipes, phantoms, samplers, normalisations,
 sample modes). Only the chosen command's arguments are built, so a command imports only
 what its choices need: ``phantom`` never imports torch's samplers or Lightning's recipes.
@@ -8,6 +13,7 @@ what its choices need: ``phantom`` never imports torch's samplers or Lightning's
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +38,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+SEED_MAX = 2**32 - 1  # NumPy's and Lightning's seed range
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r} (an integer 0 .. {SEED_MAX})") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range (0 .. {SEED_MAX})")
+    return value
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.replace("x", ",").split(",") if v)
 
@@ -47,7 +66,7 @@ def _phantom(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=10, help="images per class (cilia) or subjects")
     p.add_argument("--size", type=int, default=None, help="image size in voxels (default: the phantom's own)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed: the same seed writes the same files")
+    p.add_argument("--seed", type=_seed, default=0, help="dataset seed: the same seed writes the same files")
     p.add_argument("--frames", type=int, default=None, help="cardiac: frames per cycle; lung: breathing phases per cycle (default 10)")
     modality = CardiacOptions.model_fields["modality"]
     p.add_argument("--modality", choices=get_args(modality.annotation), default=None, help=f"cardiac: {modality.description}")
@@ -76,7 +95,7 @@ def _prepare(p: argparse.ArgumentParser) -> None:
                    help="DICOM folders holding several series: read this one (SeriesInstanceUID or SeriesDescription)")
     p.add_argument("--keep-color", action="store_true", default=None,
                    help="colour pictures keep their R, G, B channels (default: grey by ITU-R BT.601 luminance, one line says so)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the subject-wise split")
+    p.add_argument("--seed", type=_seed, default=None, help="seed of the subject-wise split")
     p.add_argument("--force", action="store_true", help="replace a prepared dataset of another source or settings")
     _no_progress(p)
 
@@ -93,6 +112,7 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, metavar="RUN", help="continue this run from its last checkpoint")
     p.add_argument("--devices", default=None, help="shortcut for --set train.devices=...")
     p.add_argument("--strategy", default=None, help="shortcut for --set train.strategy=... (e.g. ddp)")
+    p.add_argument("--num-nodes", type=int, default=None, help="shortcut for --set train.num_nodes=... (machines; torchrun or SLURM start them)")
     p.add_argument("--force", action="store_true", help="start over in an existing run directory")
     p.add_argument("--stage", choices=["low", "high", "registration", "cvae"], default=None,
                    help="shortcut for --set model.stage=... (sdm: low|high; flow-cvae: registration|cvae)")
@@ -112,7 +132,7 @@ def _sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--condition", default=None, help="conditioning file or folder")
     p.add_argument("--mode", default="random", choices=all_sample_modes(), help="how to sample; each recipe has its own modes (default random)")
     p.add_argument("--out", default=None, help="output folder (default RUN/samples)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
+    p.add_argument("--seed", type=_seed, default=0, help="the same seed gives the same files")
     p.add_argument("--force", action="store_true", help="overwrite existing samples")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (>= 0)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps")
@@ -180,6 +200,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or with ``command`` only that command's arguments (``""``: none)."""
     parser = _Parser(prog="medsynth", description="Conditional generative synthesis of medical images and motion.")
     parser.add_argument("--version", action="version", version=f"medsynth {__version__}", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also MEDSYNTH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (summary, add_arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)
@@ -207,9 +228,14 @@ def run_command(args: argparse.Namespace) -> None:
         overrides = list(args.overrides)
         overrides += [f"train.devices={args.devices}"] if args.devices else []
         overrides += [f"train.strategy={args.strategy}"] if args.strategy else []
+        overrides += [f"train.num_nodes={args.num_nodes}"] if args.num_nodes is not None else []
         overrides += [f"model.stage={args.stage}"] if args.stage else []
-        print(api.train(args.recipe, data=args.data, config=args.config, overrides=overrides, out=args.out,
-                        resume=args.resume, force=args.force, init=args.init, folds=args.folds, progress=progress).path)
+        run = api.train(args.recipe, data=args.data, config=args.config, overrides=overrides, out=args.out,
+                        resume=args.resume, force=args.force, init=args.init, folds=args.folds, progress=progress)
+        from medsynth.runs import is_rank_zero
+
+        if is_rank_zero():  # the other ranks of a multi-process run print nothing
+            print(run.path)
     elif args.command == "sample":
         settings = {"guidance": args.guidance, "steps": args.steps, "sampler": args.sampler}
         paths = api.sample(args.run, n=args.n, mode=args.mode, class_name=args.class_name, condition=args.condition,
@@ -236,19 +262,52 @@ def run_command(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MEDSYNTH_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
     command = next((arg for arg in argv if not arg.startswith("-")), None)  # the first word is the command
     args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     for message in _HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     try:
         run_command(args)
-    except MedsynthError as exc:
-        print(f"medsynth: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("medsynth: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        print(f"medsynth: {_interrupted(exc)}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        code, line = _one_line(args.command, exc)
+        from medsynth.runs import is_rank_zero
+
+        if is_rank_zero() or not isinstance(exc, MedsynthError):  # rank 0 says what every rank met (same inputs, synced steps)
+            print(line, file=sys.stderr)
+        return code
     return 0
+
+
+def _interrupted(exc: KeyboardInterrupt) -> str:
+    from medsynth.errors import TrainingInterrupted
+
+    if not isinstance(exc, TrainingInterrupted):
+        return "interrupted"
+    if exc.resumable:
+        return f"interrupted; continue with `medsynth train --resume {exc.run}`"
+    return f"interrupted before the first checkpoint of {exc.run}; start it again with --force"
+
+
+def _one_line(command: str, exc: Exception) -> tuple[int, str]:
+    """The one line and exit status of a failure: 2 for what the user can cause or meet (medsynth's
+    own errors, refusals of Lightning, torch and the OS), 1 for anything else (a bug)."""
+    if isinstance(exc, MedsynthError):
+        return 2, f"medsynth: error: {exc}"
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = text if len(text) <= 300 else text[:297] + "..."
+    kind = type(exc).__name__
+    if isinstance(exc, (OSError, RuntimeError, ValueError, MemoryError)) or kind == "MisconfigurationException":
+        return 2, f"medsynth {command}: error: {kind}: {text} (--debug shows the traceback)"
+    return 1, f"medsynth {command}: internal error: {kind}: {text} (please report it with the output of --debug)"
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class TrainConfig(StrictModel):
     devices: int | str = 1
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     num_workers: int = Field(0, ge=0)
@@ -49,6 +49,11 @@ class TrainConfig(StrictModel):
     accumulate_grad_batches: int = Field(1, ge=1, description="batches whose gradients are summed per optimiser step")
     checkpoint_every_n_steps: int | None = Field(
         None, ge=1, description="also save checkpoints/last.ckpt every N optimiser steps (epochs of hours); None: per epoch only")
+    effective_batch_size: int | None = Field(
+        None, ge=1, description="filled by `medsynth train`: batch_size x devices x num_nodes x accumulate_grad_batches "
+        "(samples per optimiser step over all processes)")
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none", description="none: lr is used as given for any effective batch; linear: lr x effective_batch_size / batch_size")
 
 
 class RecipeConfig(StrictModel):
@@ -139,15 +144,33 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
+    source: str = "config",
 ) -> ConfigT:
-    """Defaults <- ``base`` <- YAML file <- overrides, validated into ``config_cls``."""
+    """Defaults <- ``base`` <- YAML file <- overrides, validated into ``config_cls``.
+
+    A refusal names the override that set the failing key (``--set train.lr=inf: ...``), else the
+    YAML file, else ``source`` (where ``base`` came from)."""
     data: dict[str, Any] = dict(base or {})
-    source = "config"
     if path is not None:
         resolved = resolve_config_path(path)
         data = _deep_merge(data, read_yaml(resolved))
         source = str(resolved)
-    return validate_config(config_cls, apply_overrides(data, list(overrides)), source)
+    data = apply_overrides(data, list(overrides))
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as exc:
+        raise MedsynthError(format_validation_error(exc, _blamed(exc, overrides, source))) from None
+
+
+def _blamed(exc: ValidationError, overrides: list[str] | tuple[str, ...], source: str) -> str:
+    """What to name for a validation error: the last ``--set KEY=VALUE`` that set the failing key
+    (or a section above or below it), else the config file."""
+    failing = ".".join(str(part) for part in exc.errors()[0]["loc"])
+    for item in reversed(list(overrides)):
+        key = item.partition("=")[0].strip()
+        if failing == key or failing.startswith(key + ".") or key.startswith(failing + "."):
+            return f"--set {item}"
+    return source
 
 
 def dump_config(config: BaseModel, path: str | Path) -> Path:

@@ -18,4 +18,4 @@ def step(stage: str, message: str) -> None:
 
 def note(message: str) -> None:
     """One line of information (a registration's quality, a demo's metrics) on stderr."""
-    console.print(message, highlight=False, markup=False)
+    console.print(message, highlight=False, markup=False, soft_wrap=True)  # one line, whatever the terminal width

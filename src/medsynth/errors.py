@@ -20,3 +20,27 @@ class BadInputError(MedsynthError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class DivergedError(MedsynthError):
+    """Training met a non-finite loss or weights: it stopped before saving or exporting them."""
+
+
+class RunBusyError(MedsynthError):
+    """Another process holds the run folder's lock (``RUN/.lock``): the message names its PID."""
+
+    def __init__(self, path: str | Path, pid: int | None):
+        self.path = Path(path)
+        self.pid = pid
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"{path}: busy: {holder} is writing this run (lock {Path(path) / '.lock'}); "
+                         "wait for it to finish or stop it")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``run`` is the run folder to continue (``medsynth train --resume RUN``)."""
+
+    def __init__(self, run: str | Path, resumable: bool):
+        self.run = Path(run)
+        self.resumable = resumable
+        super().__init__(str(run))

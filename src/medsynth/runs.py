@@ -8,6 +8,7 @@ RUN/samples/             generated images and figures
 RUN/metrics.json         evaluation results
 RUN/report.html          self-contained report
 RUN/model.safetensors    weights for sharing (config.yaml beside it rebuilds the model)
+RUN/.lock                while a process writes the run: its PID (see :meth:`Run.lock`)
 ```
 
 A cross-validation fold set (``medsynth train RECIPE --folds K``) is a folder of runs instead:
@@ -22,20 +23,39 @@ JSON/YAML files (:func:`read_structured`) that fails with one line naming the fi
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medsynth.errors import BadInputError, MedsynthError
+from medsynth.errors import BadInputError, MedsynthError, RunBusyError
+
+try:  # POSIX advisory locks; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 TEMP_SUFFIX = ".medsynth-tmp"  # the atomic writer's temporary files end so
 FOLDS_NAME = "folds.json"  # marks a cross-validation fold set
+LOCK_NAME = ".lock"  # held (flock) by the process writing a run; holds its PID
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # set by Lightning's launcher, torchrun, SLURM
+
+_held: dict[Path, list[int]] = {}  # run folder -> [lock file descriptor, nesting depth] held by this process
+
+
+def is_rank_zero() -> bool:
+    """True in the process that owns a run's files: a single process, or global rank 0 of a
+    multi-process run (Lightning's launcher sets ``LOCAL_RANK``/``NODE_RANK`` for the processes it
+    starts; torchrun ``RANK``; SLURM ``SLURM_PROCID``). Other ranks find the run, never write it."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in RANK_VARIABLES)
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,9 @@ class Run:
     """Paths of one run directory."""
 
     path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # Run("folder") works as Run(Path("folder"))
 
     @property
     def config_path(self) -> Path:
@@ -111,10 +134,99 @@ class Run:
     def create(cls, path: str | Path, force: bool = False) -> Run:
         """A new run folder; an existing run is only reused with ``force``."""
         run = cls(Path(path))
-        if run.config_path.exists() and not force:
-            raise MedsynthError(f"{run.path}: a run already exists here; use --resume to continue it or --force to start over")
+        run.check_new(force)
         run.path.mkdir(parents=True, exist_ok=True)
         return run
+
+    def check_new(self, force: bool = False) -> None:
+        """Refuse to start a new run here (one line): another process writes it, or a run exists
+        (without ``force``). Writes nothing."""
+        self.check_free()
+        if (self.config_path.exists() or self.is_fold_set) and not force:
+            raise MedsynthError(f"{self.path}: a run already exists here; use --resume to continue it or --force to start over")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_NAME
+
+    def holder(self) -> int | None:
+        """The PID of the process holding this run's lock now, or None when it is free."""
+        if fcntl is None or not self.lock_path.exists() or self.path.resolve() in _held:
+            return None
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or -1
+        finally:
+            os.close(fd)  # closing drops a shared lock we may have taken
+        return None
+
+    def check_free(self) -> None:
+        """Refuse with one line naming the holder's PID when another process writes this run."""
+        pid = self.holder()
+        if pid is not None:
+            raise RunBusyError(self.path, pid if pid > 0 else None)
+
+    @contextmanager
+    def lock(self) -> Iterator[Run]:
+        """Hold ``RUN/.lock`` (an advisory ``flock`` with this PID in it) while writing the run.
+
+        A second process is refused with :class:`~medsynth.errors.RunBusyError` (its message names
+        the holder's PID). The kernel releases the lock of a killed process, so its leftover file
+        is taken over (with a note naming the dead PID). Re-entrant within one process; the file is
+        removed on release. Creates the folder.
+        """
+        key = self.path.resolve()
+        if fcntl is None or key in _held:
+            if key in _held:
+                _held[key][1] += 1
+            try:
+                yield self
+            finally:
+                if key in _held:
+                    _held[key][1] -= 1
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except (PermissionError, OSError) as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                yield self  # a read-only run (shared weights): no one can write it, so no lock is needed
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise RunBusyError(self.path, pid) from None
+            try:  # the previous holder may have removed the file between our open and flock: retry
+                if os.path.samestat(os.fstat(fd), os.stat(self.lock_path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        stale = _read_pid(fd)
+        if stale and stale != os.getpid():
+            from medsynth.console import note
+
+            note(f"{self.path}: took over the lock left by process {stale}, which no longer runs")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[key] = [fd, 1]
+        try:
+            yield self
+        finally:
+            _held[key][1] -= 1
+            if _held[key][1] == 0:
+                del _held[key]
+                self.lock_path.unlink(missing_ok=True)  # while still holding it: no one can hold the old file
+                os.close(fd)
 
     def read_metrics(self) -> dict[str, Any]:
         """``metrics.json`` (``{}`` before any evaluation); a broken file is refused with one line."""
@@ -130,6 +242,13 @@ class Run:
         merged = {**earlier, **written}
         atomic_write_text(self.metrics_path, json.dumps(merged, indent=2, sort_keys=True, allow_nan=False))
         return written
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
 
 
 def strict_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -7,13 +7,21 @@ Lightning gives the loop, precision, DDP, TensorBoard, the progress bar, EMA
   so a kill during a save never leaves a corrupt ``last.ckpt`` (Lightning writes in place).
 - :class:`RNGStateCallback`: Python, NumPy and torch RNG states saved in every checkpoint and
   restored on resume (Lightning does not save them).
+- :class:`FiniteGuard`: stops at the first non-finite loss (before its backward pass) and refuses to
+  checkpoint non-finite weights, raising :class:`~medsynth.errors.DivergedError`.
+- :func:`fit`: ``Trainer.fit`` with Ctrl-C as :class:`~medsynth.errors.TrainingInterrupted`
+  (Lightning turns it into ``sys.exit(1)``).
 - :func:`export_weights`: ``model.safetensors`` with the resolved config in its metadata.
 """
 
 from __future__ import annotations
 
 import io
+import pickle
 import random
+import signal
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,8 +34,8 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRa
 from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file, save
 
-from medsynth.config import RecipeConfig, TrainConfig, apply_overrides, read_yaml, validate_config
-from medsynth.errors import BadInputError
+from medsynth.config import RecipeConfig, TrainConfig, load_config, read_yaml
+from medsynth.errors import BadInputError, DivergedError, MedsynthError, TrainingInterrupted
 from medsynth.runs import Run, atomic_write_bytes
 
 
@@ -74,12 +82,50 @@ class MedsynthModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         train = self.config.train
-        optimizer = torch.optim.AdamW(self.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        lr = scaled_lr(train)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=train.weight_decay)
         if train.lr_schedule == "constant":
             return optimizer
         steps = self.trainer.estimated_stepping_batches
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(steps)), eta_min=train.lr * 0.05)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(steps)), eta_min=lr * 0.05)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def scaled_lr(train: TrainConfig) -> float:
+    """The optimiser's learning rate: ``train.lr``, times ``effective_batch_size / batch_size`` with
+    ``lr_scaling: linear`` (Goyal et al. 2017); ``none`` (the default) uses ``train.lr`` as given."""
+    if train.lr_scaling == "linear" and train.effective_batch_size:
+        return train.lr * train.effective_batch_size / train.batch_size
+    return train.lr
+
+
+def with_effective_batch(train: TrainConfig, trainer: L.Trainer) -> TrainConfig:
+    """``train`` with ``effective_batch_size`` = batch_size x devices x num_nodes x accumulate_grad_batches
+    (the samples per optimiser step over all processes), as the Trainer resolved them."""
+    effective = train.batch_size * trainer.num_devices * trainer.num_nodes * train.accumulate_grad_batches
+    return train.model_copy(update={"effective_batch_size": effective})
+
+
+class FiniteGuard(Callback):
+    """Stops training at the first non-finite loss, before its backward pass changes the weights, and
+    refuses to write a checkpoint with non-finite weights: both raise :class:`DivergedError` naming
+    the step, so the last checkpoint on disk stays the last finite one and nothing is exported."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            value = loss.detach().float().flatten()[0].item()
+            raise DivergedError(f"training diverged: the loss is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
+                                f"the learning rate is likely too high (train.lr={self.lr:g}): lower it, or keep train.grad_clip")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        bad = next((name for name, tensor in pl_module.state_dict().items()
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        if bad is not None:
+            raise DivergedError(f"training diverged: weight '{bad}' is not finite at step {trainer.global_step} "
+                                f"(epoch {trainer.current_epoch}); the learning rate is likely too high (train.lr={self.lr:g})")
 
 
 def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss", monitor_mode: str = "min",
@@ -100,7 +146,7 @@ def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss"
         dirpath=run.checkpoints, filename="best", monitor=monitor, mode=monitor_mode,
         save_top_k=1 if monitor else 0, save_last=True, every_n_epochs=1, enable_version_counter=False,
     )
-    callbacks: list[Callback] = [checkpoint, RNGStateCallback(), LearningRateMonitor(logging_interval="epoch")]
+    callbacks: list[Callback] = [FiniteGuard(train.lr), checkpoint, RNGStateCallback(), LearningRateMonitor(logging_interval="epoch")]
     if train.checkpoint_every_n_steps is not None:
         # A second checkpoint callback that only refreshes last.ckpt, every N optimiser steps.
         callbacks.append(ModelCheckpoint(dirpath=run.checkpoints, save_top_k=0, save_last=True,
@@ -110,24 +156,68 @@ def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss"
     if train.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=train.ema_decay))
     callbacks.extend(extra_callbacks)
-    return L.Trainer(
-        default_root_dir=run.path,
-        max_epochs=train.max_epochs,
-        accelerator=train.accelerator,
-        devices=train.devices,
-        num_nodes=train.num_nodes,
-        strategy=train.strategy,
-        precision=train.precision,
-        gradient_clip_val=train.grad_clip,
-        accumulate_grad_batches=train.accumulate_grad_batches,
-        logger=TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        log_every_n_steps=train.log_every_n_steps,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    try:
+        return L.Trainer(
+            default_root_dir=run.path,
+            max_epochs=train.max_epochs,
+            accelerator=train.accelerator,
+            devices=train.devices,
+            num_nodes=train.num_nodes,
+            strategy=train.strategy,
+            precision=train.precision,
+            gradient_clip_val=train.grad_clip,
+            accumulate_grad_batches=train.accumulate_grad_batches,
+            logger=TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+            log_every_n_steps=train.log_every_n_steps,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+    except Exception as exc:  # Lightning refuses devices, accelerators, strategies in many types
+        asked = ", ".join(f"train.{key}={getattr(train, key)!r}" for key in ("accelerator", "devices", "strategy", "num_nodes", "precision"))
+        raise MedsynthError(f"train: cannot train with {asked}: {one_line(exc)}") from None
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line (its first line, shortened), for the CLI's one-line errors."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, run: Run,
+        ckpt_path: Path | None = None) -> None:
+    """``trainer.fit``, resuming from ``ckpt_path``; Ctrl-C raises :class:`TrainingInterrupted`.
+
+    Lightning catches Ctrl-C itself, ignores SIGINT from then on and calls ``sys.exit(1)``; here the
+    handler is restored and the interruption raised as ``TrainingInterrupted(run)`` (exit 130 in
+    the CLI). A :class:`DivergedError` gets the state of the run's last checkpoint added.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:
+            raise TrainingInterrupted(run.path, resumable=run.last_checkpoint.exists()) from None
+        raise
+    except DivergedError as exc:
+        kept = (f"kept the last finite checkpoint {run.last_checkpoint} (epoch {_epoch_of(run.last_checkpoint)})"
+                if run.last_checkpoint.exists() else "no checkpoint was written")
+        raise DivergedError(f"{exc}; {kept}; no weights exported") from None
+    finally:
+        if main_thread and handler is not None:
+            signal.signal(signal.SIGINT, handler)
+    if trainer.interrupted:  # a Ctrl-C that Lightning handled without exiting
+        raise TrainingInterrupted(run.path, resumable=run.last_checkpoint.exists())
+
+
+def _epoch_of(path: Path) -> int | str:
+    try:
+        return int(read_checkpoint(path)["epoch"])
+    except (BadInputError, KeyError, TypeError, ValueError):
+        return "?"
 
 
 def seed_everything(train: TrainConfig) -> None:
@@ -148,12 +238,31 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
     A truncated, corrupt or foreign file is refused with one line naming it.
     """
+    if path.suffix != ".safetensors":
+        checkpoint = read_checkpoint(path)
+        if not isinstance(checkpoint.get("state_dict"), dict):
+            raise BadInputError(path, "not a Lightning checkpoint (no state_dict)")
+        return checkpoint["state_dict"]
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        return load_file(str(path))
     except Exception as exc:  # truncated, corrupt or foreign files fail in many ways
-        raise BadInputError(path, f"cannot read weights ({type(exc).__name__})") from None
+        raise BadInputError(path, f"cannot read weights ({type(exc).__name__}: {one_line(exc, 120)})") from None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint read safely (``weights_only``: tensors and plain containers, never
+    code from a pickle); a truncated, corrupt, foreign or pickled-object file is refused with one line."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a foreign file
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        kind = "holds objects other than tensors (refused: never unpickled)" if isinstance(exc, pickle.UnpicklingError) \
+            else f"truncated or corrupt checkpoint ({type(exc).__name__}: {one_line(exc, 120)})"
+        raise BadInputError(path, kind) from None
+    if not isinstance(checkpoint, dict):
+        raise BadInputError(path, f"not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
+    return checkpoint
 
 
 def load_state(module: torch.nn.Module, path: Path) -> torch.nn.Module:
@@ -192,7 +301,7 @@ def load_module(run: str | Path | Run, recipe: RecipeLike, overrides: Sequence[s
     saved = read_yaml(opened.config_path)
     if saved.get("recipe") != recipe.name:
         raise BadInputError(opened.path, f"is a '{saved.get('recipe')}' run, not a '{recipe.name}' run")
-    config = validate_config(recipe.config_class, apply_overrides(saved, list(overrides)), str(opened.config_path))
+    config = load_config(recipe.config_class, None, overrides, base=saved, source=str(opened.config_path))
     if config.train.num_threads is not None:
         torch.set_num_threads(config.train.num_threads)
     return load_state(recipe.build_module(config), weights_of(opened)).eval()

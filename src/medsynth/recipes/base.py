@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from medsynth.config import RecipeConfig
 from medsynth.data.io import READABLE_SUFFIXES, suffix_of
-from medsynth.errors import BadInputError
+from medsynth.errors import BadInputError, MedsynthError
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.training import MedsynthModule
@@ -54,6 +56,7 @@ class Recipe(ABC):
     headline_metrics: ClassVar[tuple[str, ...]] = ()  # metrics.json keys the demo prints and the report opens with
     prepare_defaults: ClassVar[dict[str, Any]] = {}  # `medsynth prepare --recipe NAME` settings the user did not give
     tiny_example: ClassVar[TinyExample | None] = None  # required by the contract tests: every recipe declares one
+    condition_refusal: ClassVar[str | None] = None  # why `sample --condition` is refused (None: the recipe takes it)
 
     def resolve_config(self, config: RecipeConfig) -> RecipeConfig:
         """Fill the fields that depend on the data (channels, shapes, classes)."""
@@ -82,6 +85,16 @@ class Recipe(ABC):
     def report_sections(self, run: Run, module: MedsynthModule) -> list[ReportSection]:
         """Recipe-specific blocks of the report (figures, grids)."""
         return []
+
+
+def require_finite(outputs: torch.Tensor | Sequence[torch.Tensor], what: str) -> None:
+    """Refuse (one line) to write generated ``outputs`` holding NaN or infinity: every recipe calls it
+    on what its ``sample`` made, before the first file is written (a PNG would hide NaN as black)."""
+    tensors = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    bad = sum(int((~torch.isfinite(t)).any()) for t in tensors if t.is_floating_point())
+    if bad:
+        raise MedsynthError(f"sample: {what}: {bad} of {len(tensors)} generated output(s) hold NaN or infinity; nothing was written "
+                            "(the run's weights may have diverged, or a sampling setting is out of range)")
 
 
 def condition_files(condition: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from monai.losses import SSIMLoss
 from pydantic import Field
 
 from medsynth.config import RecipeConfig, StrictModel
+from medsynth.console import note
 from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_split, stack_items
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
@@ -24,7 +25,7 @@ from medsynth.evaluate.classifier import accuracy_by_class, classify, train_clas
 from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference
 from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample
+from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
 from medsynth.report.html import figure_html, image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
@@ -130,12 +131,17 @@ class CVAEModule(MedsynthModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self._losses(batch, self.config.model.kl_weight)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]))
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]), sync_dist=True)
 
 
 def _mean_finite(values: Any) -> float:
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+def grid_steps(n: int) -> int:
+    """Grid mode's points per axis for ``--n n``: ``round(sqrt(n))``, at least 2 (``steps**2`` images per class)."""
+    return max(2, round(n ** 0.5))
 
 
 def _augment(sample: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +159,7 @@ class CVAERecipe(Recipe):
     config_class = CVAEConfig
     sample_modes = tuple(mode.value for mode in LatentMode)  # random, grid, plane, interpolate
     headline_metrics = ("classifier_accuracy_real", "classifier_accuracy_generated", "memorisation_max_ssim")
+    condition_refusal = "cvae is conditioned on classes: use --class NAME"
     tiny_example = TinyExample(
         phantom="cilia", n=6, size=32, prepare={"size": 32, "normalize": "none", "seed": 0}, config="cvae-tiny",
         overrides=("model.channels=[8, 16]", "model.strides=[2, 2]", "model.latent_size=4", "model.embed_dim=4", "train.batch_size=8",
@@ -207,7 +214,7 @@ class CVAERecipe(Recipe):
         if mode is LatentMode.RANDOM:
             return random_latents(request.n, dim, generator)
         if mode is LatentMode.GRID:
-            return grid_latents(dim, steps=max(2, round(request.n ** 0.5)))
+            return grid_latents(dim, steps=grid_steps(request.n))
         if mode is LatentMode.PLANE:
             return plane_latents(request.n, dim, generator)
         real = self.real_images(module.config, "test", class_index) + self.real_images(module.config, "train", class_index)
@@ -233,9 +240,15 @@ class CVAERecipe(Recipe):
         model = module.config.model
         suffix = ".png" if model.spatial_dims == 2 else ".nii.gz"
         affine = np.asarray(model.reference_affine) if model.reference_affine is not None else None
-        for class_index in self.class_indices(module, request.class_name):
+        indices = self.class_indices(module, request.class_name)
+        if request.mode == LatentMode.GRID.value:
+            steps = grid_steps(request.n)
+            note(f"grid: {steps} x {steps} = {steps * steps} images per class, {steps * steps * len(indices)} in all "
+                 f"(--n {request.n} is rounded to a square grid over latent axes 0 and 1, at least 2 x 2)")
+        batches = [(k, self.generate(module, k, self.latents(module, request, k))) for k in indices]
+        require_finite([images for _, images in batches], f"cvae {request.mode}")
+        for class_index, images in batches:
             name = model.classes[class_index]
-            images = self.generate(module, class_index, self.latents(module, request, class_index))
             folder = out / request.mode / name
             for k, image in enumerate(images):
                 written.append(save_image(image, folder / f"{name}_{k:03d}{suffix}", affine=affine))

@@ -41,7 +41,7 @@ from medsynth.latent import channel_directions, direction_grid, interpolate_late
 from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name
+from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name, require_finite
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seed
@@ -350,6 +350,7 @@ class FlowCVAERecipe(Recipe):
         for name in dict.fromkeys(frame[0] for frame, _ in jobs):
             mine = [(frame, k) for frame, k in jobs if frame[0] == name]
             flows = torch.cat([module.decode(z[[k for _, k in mine[i:i + 16]]], mine[0][0][1]) for i in range(0, len(mine), 16)])
+            require_finite(flows, f"flow-cvae {request.mode}")
             written += self.write(module, mine[0][0], flows, [f"{name}_{k:03d}" for _, k in mine], folder)
         if request.mode == "grid":
             written += self.grid_figures(written, folder, steps=round(len(jobs) ** 0.5))

@@ -48,7 +48,7 @@ from medsynth.diffusion.sampling import generate_by_shape
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.evaluate.segmentation import LabelMapFidelityConfig, label_map_fidelity
 from medsynth.nets.patch_embedding import coordinate_channels
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name
+from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name, require_finite
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seeds
@@ -328,6 +328,7 @@ class SDMRecipe(Recipe):
         model, factor = module.config.model, module.stage.grid_factor
         volumes = generate_by_shape([labels for _, labels, _ in jobs], lambda labels, indices: self.generate(
             module, labels.to(module.device), item_seeds(request.seed, indices)))
+        require_finite(volumes, f"sdm {request.mode}")
         written, folder = [], out / request.mode
         for index, (name, labels, affine) in enumerate(jobs):
             grid_affine = cascade.low_res_affine(affine, factor)
