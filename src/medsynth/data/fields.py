@@ -93,4 +93,5 @@ def load_field(path: str | Path) -> MetaTensor:
     if field.shape[0] != spatial:
         raise BadInputError(path, f"a displacement field needs {spatial} components (one per spatial dimension), this file has {field.shape[0]}")
     voxels = mm_to_voxel(field.as_tensor(), field.affine)
-    return MetaTensor(voxels.float(), affine=field.affine, meta=field.meta)
+    meta = {key: value for key, value in field.meta.items() if key != "affine"}  # the affine is given once
+    return MetaTensor(voxels.float(), affine=field.affine, meta=meta)

@@ -147,7 +147,7 @@ class _Figure:
             raise ValueError(f"style must be 'quiver' or 'magnitude', got {style!r}")
         self.images, self.style = images, style
         spacing = spacing_of(affine)
-        self.fields_mm = None if fields is None else np.asarray(voxel_to_mm(torch.from_numpy(np.ascontiguousarray(fields)), affine))
+        self.fields_mm = None if fields is None else np.asarray(voxel_to_mm(torch.from_numpy(np.array(fields, dtype=np.float32)), affine))
         low, high = window or tuple(np.percentile(images, [1.0, 99.5]))
         magnitudes = None if self.fields_mm is None else np.linalg.norm(self.fields_mm, axis=1)
         peak = float(magnitudes.max()) if magnitudes is not None and magnitudes.max() > 0 else 1.0
