@@ -131,7 +131,7 @@ def pyramids(args: argparse.Namespace) -> dict:
         extra = [f"model.registration_run={registration.path}"] if pyramid == "registration" else []
         start = time.perf_counter()
         run = api.train("flow-cvae", data=prepared, config="flow-cvae-tiny", overrides=[epochs, f"model.pyramid={pyramid}", *extra],
-                        out=work / pyramid, progress=False)
+                        out=work / f"cvae-{pyramid}", progress=False)
         trained = time.perf_counter() - start
         metrics = api.evaluate(run.path, progress=False)
         results[pyramid] = {"train_s": round(trained, 1), **{k: metrics.get(k) for k in KEYS}}
