@@ -175,3 +175,20 @@ def test_bad_field_files_name_the_file(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(nan))
     with pytest.raises(BadInputError, match="nan_field.nii.gz: .*NaN"):
         load_field(nan)
+
+
+def test_one_affine_per_field_converts_each_field_with_its_own_and_end_point_error_agrees():
+    from medsynth.data.fields import mm_to_voxel, voxel_to_mm
+    from medsynth.motion.fields import end_point_error, epe_map_mm
+
+    field = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    affines = np.stack([np.diag([1.0, 2.0, 3.0, 1.0]), np.array([[0.0, 2, 0, 5], [1.5, 0, 0, 0], [0, 0, -1, 3], [0, 0, 0, 1]])])
+    both = voxel_to_mm(field, affines)
+    for k in range(2):
+        assert torch.allclose(both[k], voxel_to_mm(field[k], affines[k]))
+    assert torch.allclose(mm_to_voxel(both, affines), field)
+    errors = epe_map_mm(field, torch.zeros_like(field), affines)
+    assert torch.allclose(errors, torch.linalg.vector_norm(both, dim=1))
+    assert abs(end_point_error(field[0], torch.zeros_like(field[0]), affines[0]) - float(errors[0].mean())) < 1e-9
+    with pytest.raises(ValueError, match="one per field"):
+        voxel_to_mm(field, affines[:1].repeat(3, axis=0))

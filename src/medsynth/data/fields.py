@@ -36,8 +36,16 @@ def unbatch_field(field: torch.Tensor, unbatched: bool) -> torch.Tensor:
 
 
 def _linear_part(affine: np.ndarray | torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
-    matrix = torch.as_tensor(np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)[:n, :n])
+    """``affine[:n, :n]`` as ``(n, n)``, or ``(B, n, n)`` for one affine per field of the batch ``like``."""
+    matrix = torch.as_tensor(np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)[..., :n, :n])
+    if matrix.ndim == 3 and len(matrix) != len(like):
+        raise ValueError(f"expected one affine or one per field ({len(like)}), got {len(matrix)}")
     return matrix.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
+
+
+def _apply(matrix: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """``matrix @ u`` at every voxel of ``field`` ``(B, n, *S)``, one matrix for all or one per field."""
+    return torch.einsum("ij,bj...->bi..." if matrix.ndim == 2 else "bij,bj...->bi...", matrix, field)
 
 
 def voxel_to_mm(ddf: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -46,21 +54,19 @@ def voxel_to_mm(ddf: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.T
     Args:
         ddf: displacement in voxels, ``(B, n, *S)`` or ``(n, *S)``.
         affine: the image's 4x4 voxel-to-world affine (its linear part carries spacing,
-            direction and any obliquity).
+            direction and any obliquity), or ``(B, 4, 4)``: one per field of a batch.
 
     Returns:
         The displacement in mm, same shape.
     """
     field, unbatched = batched_field(torch.as_tensor(ddf))
-    matrix = _linear_part(affine, field.shape[1], field)
-    return unbatch_field(torch.einsum("ij,bj...->bi...", matrix, field), unbatched)
+    return unbatch_field(_apply(_linear_part(affine, field.shape[1], field), field), unbatched)
 
 
 def mm_to_voxel(ddf_mm: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Voxel displacements of world (RAS, mm) vectors: ``inv(affine[:n, :n]) @ u_mm``; inverse of :func:`voxel_to_mm`."""
     field, unbatched = batched_field(torch.as_tensor(ddf_mm))
-    matrix = torch.linalg.inv(_linear_part(affine, field.shape[1], field))
-    return unbatch_field(torch.einsum("ij,bj...->bi...", matrix, field), unbatched)
+    return unbatch_field(_apply(torch.linalg.inv(_linear_part(affine, field.shape[1], field)), field), unbatched)
 
 
 def save_field(ddf: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor) -> Path:

@@ -18,7 +18,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from medsynth.data.fields import batched_field, mm_to_voxel, voxel_to_mm
-from medsynth.motion.fields import jacobian_determinant
+from medsynth.motion.fields import epe_map_mm, jacobian_determinant  # epe_map_mm: re-exported
 
 __all__ = [
     "ejection_fraction",
@@ -46,14 +46,6 @@ def _affines(affine: Affine, batch: int) -> list[np.ndarray]:
     raise ValueError(f"expected a 4x4 affine or one per field ({batch}, 4, 4), got shape {array.shape}")
 
 
-def _to_mm(field: torch.Tensor, affine: Affine) -> torch.Tensor:
-    """``(B, 3, *S)`` voxel fields -> mm, with one affine for all or one per item."""
-    matrices = _affines(affine, len(field))
-    if all(m is matrices[0] for m in matrices):
-        return voxel_to_mm(field, matrices[0])
-    return torch.stack([voxel_to_mm(f, m) for f, m in zip(field, matrices)])
-
-
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of ``values`` ``(B, *S)`` over the last dims within ``mask`` (``(*S)`` or ``(B, *S)``): ``(B,)``."""
     flat = values.flatten(1)
@@ -66,22 +58,6 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 def _float_field(field: torch.Tensor) -> torch.Tensor:
     field = torch.as_tensor(field)
     return field if field.is_floating_point() else field.float()
-
-
-def epe_map_mm(u: torch.Tensor, v: torch.Tensor, affine: Affine) -> torch.Tensor:
-    """Per-voxel end-point error ``|A (u - v)|`` in mm (``A`` = the affine's linear part).
-
-    Args:
-        u, v: voxel fields ``(B, 3, *S)`` or ``(3, *S)`` (broadcastable to each other).
-        affine: ``(4, 4)``, or ``(B, 4, 4)`` with one affine per field.
-
-    Returns:
-        ``(B, *S)`` (``(*S)`` for unbatched input) in mm; differentiable.
-    """
-    difference = _float_field(u) - _float_field(v)
-    field, unbatched = batched_field(difference)
-    error = torch.linalg.vector_norm(_to_mm(field, affine), dim=1)
-    return error[0] if unbatched else error
 
 
 def epe_of_samples(samples: torch.Tensor, truth: torch.Tensor, affine: Affine, mask: torch.Tensor | None = None) -> dict[str, float]:
@@ -124,7 +100,7 @@ def jacobian_stats(field: torch.Tensor, mask: torch.Tensor | None = None) -> dic
 
 def _magnitudes(fields: torch.Tensor, affine: Affine, mask: torch.Tensor | None) -> np.ndarray:
     field, _ = batched_field(_float_field(fields))
-    magnitude = torch.linalg.vector_norm(_to_mm(field, affine), dim=1)  # (B, *S) mm
+    magnitude = torch.linalg.vector_norm(voxel_to_mm(field, affine), dim=1)  # (B, *S) mm
     if mask is not None:
         magnitude = magnitude[torch.as_tensor(mask).to(magnitude.device).bool().expand_as(magnitude)]
     return magnitude.flatten().double().cpu().numpy()
@@ -217,8 +193,8 @@ def nearest_training_field(generated: torch.Tensor, train: torch.Tensor, affine:
     Note:
         Real held-out fields passed as ``generated`` give the reference: what a new real field scores.
     """
-    generated_mm = _to_mm(batched_field(_float_field(generated))[0], affine)
-    train_mm = _to_mm(batched_field(_float_field(train))[0], affine if train_affines is None else train_affines)
+    generated_mm = voxel_to_mm(batched_field(_float_field(generated))[0], affine)
+    train_mm = voxel_to_mm(batched_field(_float_field(train))[0], affine if train_affines is None else train_affines)
     distances = torch.stack([_masked_mean(torch.linalg.vector_norm(train_mm - g[None], dim=1), mask) for g in generated_mm])  # (N, M)
     best, index = distances.min(dim=1)
     return best, index
@@ -250,7 +226,7 @@ def mean_flow_baseline(train_flows: torch.Tensor, train_affines: Affine, target_
     for affine in _affines(train_affines, len(flows)):
         if not np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=0.01):
             raise ValueError(f"training flow spacing {np.linalg.norm(affine[:3, :3], axis=0).round(4).tolist()} mm differs from the target's {spacing.round(4).tolist()} mm")
-    mean_mm = _to_mm(flows, train_affines).mean(dim=0)
+    mean_mm = voxel_to_mm(flows, train_affines).mean(dim=0)
     return mm_to_voxel(mean_mm, target)
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "bending_energy",
     "compose",
     "end_point_error",
+    "epe_map_mm",
     "folding_share",
     "integrate_velocity",
     "invert",
@@ -160,10 +161,24 @@ def bending_energy(ddf: torch.Tensor, spacing: tuple[float, ...] | np.ndarray | 
     return energy
 
 
+def epe_map_mm(u: torch.Tensor, v: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Per-voxel end-point error ``|A (u - v)|`` in mm (``A`` = the affine's linear part); differentiable.
+
+    Args:
+        u, v: voxel fields ``(B, n, *S)`` or ``(n, *S)`` (broadcastable to each other).
+        affine: ``(4, 4)``, or ``(B, 4, 4)`` with one affine per field.
+
+    Returns:
+        ``(B, *S)`` (``(*S)`` for unbatched input) in mm.
+    """
+    difference = torch.as_tensor(u) - torch.as_tensor(v)
+    field, unbatched = batched_field(difference if difference.is_floating_point() else difference.float())
+    return unbatch_field(torch.linalg.vector_norm(voxel_to_mm(field, affine), dim=1), unbatched)
+
+
 def end_point_error(ddf: torch.Tensor, reference: torch.Tensor, affine: np.ndarray | torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Mean Euclidean distance in mm between two voxel fields (within ``mask``, shaped like the spatial part)."""
-    difference, _ = batched_field(torch.as_tensor(ddf) - torch.as_tensor(reference))
-    error = torch.linalg.vector_norm(voxel_to_mm(difference, affine), dim=1)  # (B, *S) mm
+    error = epe_map_mm(ddf, reference, affine)  # (B, *S) or (*S) mm
     if mask is not None:
         error = error[mask.to(error.device).expand_as(error).bool()]
     return float(error.mean())

@@ -36,10 +36,9 @@ from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
 from medsynth.data.prepare import hu_to_unit, unit_to_hu
 from medsynth.errors import BadInputError, MedsynthError
-from medsynth.evaluate.fields import epe_map_mm
 from medsynth.latent import channel_directions, direction_grid, interpolate_latents, plane_basis
 from medsynth.motion.augment import augment_pair
-from medsynth.motion.fields import invert, warp_image
+from medsynth.motion.fields import epe_map_mm, invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name, require_finite
 from medsynth.report.sections import ReportSection
