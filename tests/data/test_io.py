@@ -168,3 +168,15 @@ def test_nan_voxels_unsupported_files_and_fractional_labels_are_refused(tmp_path
     nib.save(nib.Nifti1Image(np.full((4, 4, 4), 0.5, np.float32), np.eye(4)), str(tmp_path / "soft.nii.gz"))
     with pytest.raises(BadInputError, match=r"soft\.nii\.gz: holds non-integer"):
         load_image(tmp_path / "soft.nii.gz", dtype=np.int64)
+
+
+def test_series_is_written_as_a_4d_scan_with_time_last(tmp_path: Path) -> None:
+    frames = np.arange(3 * 4 * 5 * 2, dtype=np.float32).reshape(3, 4, 5, 2)  # (T, X, Y, Z)
+    affine = np.diag([1.5, 2.0, 3.0, 1.0])
+    path = save_image(frames, tmp_path / "ct_4d.nii.gz", affine=affine, series=True)
+    image = nib.load(str(path))
+    assert image.shape == (4, 5, 2, 3)
+    np.testing.assert_array_equal(np.asarray(image.dataobj)[..., 1], frames[1])
+    np.testing.assert_allclose(image.affine, affine)
+    read = load_image(path)
+    assert tuple(read.shape) == (3, 4, 5, 2)  # read back channel-first: one channel per phase

@@ -20,6 +20,7 @@ from medsynth.motion.fields import (
     jacobian_determinant,
     load_field,
     mm_to_voxel,
+    resample_field,
     save_field,
     voxel_to_mm,
     warp_image,
@@ -192,3 +193,30 @@ def test_one_affine_per_field_converts_each_field_with_its_own_and_end_point_err
     assert abs(end_point_error(field[0], torch.zeros_like(field[0]), affines[0]) - float(errors[0].mean())) < 1e-9
     with pytest.raises(ValueError, match="one per field"):
         voxel_to_mm(field, affines[:1].repeat(3, axis=0))
+
+
+def test_resampled_field_keeps_the_world_map_on_an_oblique_anisotropic_grid():
+    # A world-affine displacement d(p) = M p + c is exactly linear, so trilinear resampling keeps it:
+    # on the target grid, voxel q must move to the world point A_t q + M (A_t q) + c.
+    rotation = torch.linalg.matrix_exp(torch.tensor([[0.0, -0.3, 0.1], [0.3, 0.0, -0.2], [-0.1, 0.2, 0.0]], dtype=torch.float64))
+    source = np.eye(4)
+    source[:3, :3] = np.diag([2.0, 1.5, 4.0])
+    source[:3, 3] = [-20.0, -15.0, -30.0]
+    target = np.eye(4)
+    target[:3, :3] = rotation.numpy() @ np.diag([1.2, 1.8, 3.0])
+    target[:3, 3] = [-8.0, -6.0, -12.0]
+    matrix, offset = np.array([[0.02, 0.01, 0.0], [0.0, -0.03, 0.01], [0.01, 0.0, 0.02]]), np.array([1.0, -2.0, 0.5])
+
+    def world_points(affine, shape):
+        index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=0).reshape(3, -1)
+        return affine[:3, :3] @ index + affine[:3, 3:4]
+
+    shape, target_shape = (24, 28, 12), (10, 12, 6)
+    displacement_mm = (matrix @ world_points(source, shape) + offset[:, None]).reshape(3, *shape)
+    ddf = mm_to_voxel(torch.from_numpy(displacement_mm), source)
+    moved = resample_field(ddf, source, target_shape, target)
+    expected_mm = matrix @ world_points(target, target_shape) + offset[:, None]
+    got_mm = voxel_to_mm(moved, target).reshape(3, -1).numpy()
+    assert moved.shape == (3, *target_shape)
+    np.testing.assert_allclose(got_mm, expected_mm, atol=1e-6)
+    torch.testing.assert_close(resample_field(ddf, source, shape, source), ddf)

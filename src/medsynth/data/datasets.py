@@ -187,25 +187,33 @@ class PreparedDataModule(L.LightningDataModule):
         batch_size: items per batch.
         num_workers: loader worker processes.
         seed: seed of the training shuffle.
-        train_transform: applied to training items only.
+        train_transform: applied to training items only (augmentation), after ``transform``.
         in_memory: keep arrays in memory after the first read.
+        transform: applied to the items of every split (e.g. adding what a recipe derives from a case).
     """
 
     def __init__(self, root: str | Path, batch_size: int, num_workers: int = 0, seed: int = 0,
-                 train_transform: Callable[[Sample], Sample] | None = None, in_memory: bool = False):
+                 train_transform: Callable[[Sample], Sample] | None = None, in_memory: bool = False,
+                 transform: Callable[[Sample], Sample] | None = None):
         super().__init__()
         self.root = Path(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.transform = transform
         self.train_transform = train_transform
         self.in_memory = in_memory
         self.datasets: dict[str, PreparedDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
-            self.datasets = {split: PreparedDataset(self.root, split, self.train_transform if split == "train" else None,
-                                                    in_memory=self.in_memory) for split in SPLITS}
+            self.datasets = {split: PreparedDataset(self.root, split, self._transform(split), in_memory=self.in_memory) for split in SPLITS}
+
+    def _transform(self, split: str) -> Callable[[Sample], Sample] | None:
+        steps = [t for t in (self.transform, self.train_transform if split == "train" else None) if t is not None]
+        if len(steps) < 2:
+            return steps[0] if steps else None
+        return lambda sample: steps[1](steps[0](sample))
 
     def _loader(self, dataset: PreparedDataset, shuffle: bool = False) -> DataLoader:
         # A one-replica DistributedSampler shuffles by (seed, epoch), and Lightning calls its

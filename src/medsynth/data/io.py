@@ -244,12 +244,14 @@ def _looks_channel_first(array: np.ndarray) -> bool:
     return array.ndim == 3 and array.shape[0] <= 4 and min(array.shape[1:]) > 4
 
 
-def save_image(image: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor | None = None) -> Path:
+def save_image(image: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor | None = None,
+               series: bool = False) -> Path:
     """Write a channel-first image ``(C, *spatial)``, keeping its affine, atomically.
 
     NIfTI files get ``affine`` (or the ``MetaTensor``'s own); more than one channel is
     written as a NIfTI vector image ``(X, Y, Z, 1, C)`` (2D: ``(X, Y, 1, 1, C)``, as ITK
-    writes them), which :func:`load_image` reads back as ``(C, *spatial)``. PNG files take
+    writes them), which :func:`load_image` reads back as ``(C, *spatial)``; with ``series``
+    the first axis is time instead: a 4D scan ``(X, Y, Z, T)`` (a 4D CT, a cine series). PNG files take
     one-channel 2D images with float values in [0, 1] (clipped) or integer values. NPY files
     hold the raw array; NPZ files the array and the affine. The bytes are made in memory and
     written through :func:`medsynth.runs.atomic_write_bytes`: a kill leaves no half file.
@@ -262,7 +264,7 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | Path, affine: np.nd
     array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     suffix = suffix_of(path)
     if suffix in NIFTI_SUFFIXES:
-        data = _nifti_bytes(array, affine)
+        data = _nifti_bytes(array, affine, series)
         # nibabel's own gzip level (1); mtime 0 makes equal images equal files.
         data = gzip.compress(data, compresslevel=1, mtime=0) if suffix == ".nii.gz" else data
     elif suffix in PICTURE_SUFFIXES:
@@ -285,12 +287,15 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | Path, affine: np.nd
     return path
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """An uncompressed NIfTI-1 file of a channel-first array (vector image for several channels)."""
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray, series: bool = False) -> bytes:
+    """An uncompressed NIfTI-1 file of a channel-first array (vector image for several channels,
+    a time series ``(*spatial, T)`` with ``series``)."""
     import nibabel as nib
 
     header = nib.Nifti1Header()
-    if array.shape[0] == 1:
+    if series:
+        data = np.moveaxis(array, 0, -1)
+    elif array.shape[0] == 1:
         data = array[0]
     else:
         spatial = np.moveaxis(array, 0, -1)  # (*spatial, C)

@@ -18,6 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.losses.deform import spatial_gradient_squared
 from monai.networks.blocks import DVF2DDF, Warp
 
@@ -35,6 +36,7 @@ __all__ = [
     "jacobian_determinant",
     "load_field",
     "mm_to_voxel",
+    "resample_field",
     "save_field",
     "voxel_to_mm",
     "warp_image",
@@ -182,3 +184,31 @@ def end_point_error(ddf: torch.Tensor, reference: torch.Tensor, affine: np.ndarr
     if mask is not None:
         error = error[mask.to(error.device).expand_as(error).bool()]
     return float(error.mean())
+
+
+def resample_field(ddf: torch.Tensor, affine: np.ndarray | torch.Tensor, shape: tuple[int, ...] | list[int],
+                   target_affine: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A voxel field moved onto another grid of the same world: the map ``p -> p + d(p)`` is kept.
+
+    The world (mm) vectors are resampled trilinearly at the target grid's voxel centres (MONAI
+    ``SpatialResample``, border padding) and expressed in the target's voxels.
+
+    Args:
+        ddf: ``(3, *S)`` (or ``(B, 3, *S)``) displacement in voxels of the grid with ``affine``.
+        affine: its 4x4 voxel-to-world affine.
+        shape: the target grid's spatial shape.
+        target_affine: the target grid's 4x4 affine.
+
+    Returns:
+        ``(3, *shape)`` (or ``(B, 3, *shape)``) in voxels of the target grid.
+    """
+    from monai.transforms import SpatialResample
+
+    field, unbatched = batched_field(torch.as_tensor(ddf))
+    source, target = (torch.as_tensor(np.asarray(torch.as_tensor(a).detach().cpu(), dtype=np.float64)) for a in (affine, target_affine))
+    if tuple(field.shape[2:]) == tuple(shape) and torch.allclose(source, target, atol=1e-6):
+        return unbatch_field(field, unbatched)
+    resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float64)
+    moved = [resample(MetaTensor(voxel_to_mm(item.double(), source), affine=source), dst_affine=target, spatial_size=tuple(shape)).as_tensor()
+             for item in field]
+    return unbatch_field(mm_to_voxel(torch.stack(moved), target).to(field.dtype), unbatched)
