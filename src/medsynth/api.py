@@ -125,7 +125,7 @@ def train(
     settings = chosen.resolve_config(settings)
     seed_everything(settings.train)
     trainer = build_trainer(settings.train, run, monitor=chosen.monitor, monitor_mode=chosen.monitor_mode, progress=progress,
-                            extra_callbacks=chosen.callbacks(settings))
+                            extra_callbacks=chosen.callbacks(settings), ema_first_epoch=chosen.ema_first_epoch(settings))
     settings = settings.model_copy(update={"train": with_effective_batch(settings.train, trainer)})
     module = chosen.build_module(settings)
     if init is not None:
@@ -269,8 +269,10 @@ def open_run(run: str | Path) -> tuple[Run, Recipe]:
 
 def sample(run: str | Path, n: int | None = None, mode: str = "random", class_name: str | None = None,
            condition: str | Path | None = None, out: str | Path | None = None, seed: int = 0, force: bool = False,
-           overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> list[Path]:
+           overrides: list[str] | tuple[str, ...] = (), progress: bool = True, phases: Sequence[int] | None = None) -> list[Path]:
     """Generate ``n`` samples (per class, or per label map with ``condition``) into ``out`` (default RUN/samples).
+
+    ``phases`` (recipes that generate motion over phases): the phases to generate (default all).
 
     ``n`` defaults to 16, or to 1 per conditioning file. ``mode`` is one of the run's recipe's
     ``sample_modes``. ``overrides`` (``sample.guidance=2``) change the run's sampling settings
@@ -283,6 +285,8 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
     opened, chosen = open_run(run)
     if mode not in chosen.sample_modes:
         raise MedsynthError(f"sample: recipe '{chosen.name}' has no mode '{mode}' (its modes: {', '.join(chosen.sample_modes)})")
+    if phases is not None and not chosen.takes_phases:
+        raise MedsynthError(f"sample: recipe '{chosen.name}' generates no phases (--phases is for motion recipes)")
     if condition is not None and chosen.condition_refusal is not None:
         raise MedsynthError(f"sample: --condition is not used by recipe '{chosen.name}' ({chosen.condition_refusal})")
     n = n if n is not None else (1 if condition is not None else 16)
@@ -294,7 +298,8 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
         raise MedsynthError(f"{existing}: samples already exist; use --force to overwrite or --out for another folder")
     opened.check_free()
     module = load_module(opened, chosen, overrides)
-    request = SampleRequest(n=n, mode=mode, class_name=class_name, condition=Path(condition) if condition else None, seed=seed)
+    request = SampleRequest(n=n, mode=mode, class_name=class_name, condition=Path(condition) if condition else None, seed=seed,
+                            phases=tuple(phases) if phases is not None else None)
     with opened.lock():
         return _sample_staged(chosen, module, request, target)
 

@@ -51,6 +51,15 @@ def _seed(text: str) -> int:
     return value
 
 
+def _phases(text: str) -> list[int] | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid phases {text!r} ('all' or comma-separated integers, e.g. 3,5)") from None
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.replace("x", ",").split(",") if v)
 
@@ -114,8 +123,8 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=None, help="shortcut for --set train.strategy=... (e.g. ddp)")
     p.add_argument("--num-nodes", type=int, default=None, help="shortcut for --set train.num_nodes=... (machines; torchrun or SLURM start them)")
     p.add_argument("--force", action="store_true", help="start over in an existing run directory")
-    p.add_argument("--stage", choices=["low", "high", "registration", "cvae"], default=None,
-                   help="shortcut for --set model.stage=... (sdm: low|high; flow-cvae: registration|cvae)")
+    p.add_argument("--stage", choices=["low", "high", "registration", "cvae", "all", "image-ae", "field-vae", "ldm"], default=None,
+                   help="shortcut for --set model.stage=... (sdm: low|high; flow-cvae: registration|cvae; motion-ldm: all|image-ae|field-vae|ldm)")
     p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (a run, .safetensors or .ckpt)")
     p.add_argument("--folds", type=int, default=None, metavar="K",
                    help="K-fold cross-validation by subject: K runs in OUT/fold-<i>/ (K = number of subjects: leave-one-out)")
@@ -137,6 +146,7 @@ def _sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (>= 0)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="diffusion sampler (default: the run's)")
+    p.add_argument("--phases", type=_phases, default=None, help="motion recipes: 'all' or the phases to generate, e.g. 3,5")
     _no_progress(p)
 
 
@@ -239,7 +249,7 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "sample":
         settings = {"guidance": args.guidance, "steps": args.steps, "sampler": args.sampler}
         paths = api.sample(args.run, n=args.n, mode=args.mode, class_name=args.class_name, condition=args.condition,
-                           out=args.out, seed=args.seed, force=args.force, progress=progress,
+                           out=args.out, seed=args.seed, force=args.force, progress=progress, phases=args.phases,
                            overrides=[f"sample.{key}={value}" for key, value in settings.items() if value is not None])
         print(f"{len(paths)} files written under {paths[0].parent.parent if paths else args.out}")
     elif args.command == "register":

@@ -128,8 +128,24 @@ class FiniteGuard(Callback):
                                 f"(epoch {trainer.current_epoch}); the learning rate is likely too high (train.lr={self.lr:g})")
 
 
+class EpochEMA(EMAWeightAveraging):
+    """Lightning's EMA of the weights, updated only from epoch ``first_epoch`` on: a recipe that trains its
+    networks one stage after another (motion-ldm) averages its last stage's network from the start of that
+    stage, and the frozen earlier ones stay exactly what the last stage was trained with."""
+
+    def __init__(self, decay: float, first_epoch: int = 0):
+        super().__init__(decay=decay)
+        self.first_epoch, self.epoch = first_epoch, 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch = trainer.current_epoch
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and self.epoch >= self.first_epoch
+
+
 def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss", monitor_mode: str = "min",
-                  progress: bool = True, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
+                  progress: bool = True, extra_callbacks: Sequence[Callback] = (), ema_first_epoch: int = 0) -> L.Trainer:
     """A Trainer writing into the run directory (checkpoints, TensorBoard).
 
     Args:
@@ -139,6 +155,7 @@ def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss"
         monitor_mode: ``"min"`` or ``"max"`` (the recipe's ``monitor_mode``).
         progress: show a progress bar.
         extra_callbacks: the recipe's own callbacks (``Recipe.callbacks(config)``).
+        ema_first_epoch: with ``train.ema_decay``, the epoch the weight average starts (``Recipe.ema_first_epoch``).
     """
     if monitor_mode not in ("min", "max"):
         raise ValueError(f"monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
@@ -154,7 +171,7 @@ def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss"
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if train.ema_decay is not None:
-        callbacks.append(EMAWeightAveraging(decay=train.ema_decay))
+        callbacks.append(EpochEMA(train.ema_decay, ema_first_epoch))
     callbacks.extend(extra_callbacks)
     try:
         return L.Trainer(

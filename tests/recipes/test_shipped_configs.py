@@ -26,7 +26,7 @@ CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 # The data each config is written for: image side in pixels/voxels; None: a 3D GPU config, run reduced.
 SHIPPED_SIDE = {"cvae-tiny": 64, "cvae-224": 224, "cvae-448": 448,
                 "sdm-tiny": 24, "sdm-tiny-high": 32, "sdm-low-64": None, "sdm-high-128": None,
-                "flow-cvae-tiny": 32, "flow-cvae-86": None}
+                "flow-cvae-tiny": 32, "flow-cvae-86": None, "motion-ldm-tiny": 64, "motion-ldm-256": None}
 CILIA_CLASSES = ["normal", "disarranged", "oda_defect", "ida_defect", "cp_defect"]
 CORONARY_LABELS = {0: "background", 1: "myocardium", 2: "blood_pool", 3: "coronary"}
 
@@ -102,7 +102,36 @@ def flow_cvae_case(name: str, tmp_path: Path) -> list[Path]:
     return recipe.sample(module.eval(), SampleRequest(n=1, condition=condition), tmp_path / "samples")
 
 
-CASES = {"cvae": cvae_case, "sdm": sdm_case, "flow-cvae": flow_cvae_case}
+def motion_ldm_case(name: str, tmp_path: Path) -> list[Path]:
+    """A step of the first stage (the image autoencoder), a step of the LDM stage on the autoencoders of that
+    run, and one phase sampled from a CT file; the GPU config on a reduced (X, Y, Z) grid."""
+    recipe = get_recipe("motion-ldm")
+    config = load_config(recipe.config_class, name, ["train.num_threads=1", "sample.steps=1", "sample.phases=[1]"])
+    model = config.model
+    in_plane = 2 ** (len(model.image_ae.channels) - 1) * 2 ** (len(model.channels) - 1)
+    shape = [64, 64, 12] if SHIPPED_SIDE[name] else [2 * in_plane, 2 * in_plane, 2 ** len(model.channels)]
+    affine = np.diag([5.6, 4.2, 21.0, 1.0])
+    config = config.model_copy(update={"data_dir": None, "model": model.model_copy(update={
+        "phases": 3, "image_shape": shape, "reference_affine": affine.tolist(), "ct_window": [-1000.0, 500.0]})})
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 1, *shape, generator=generator), "reference": torch.rand(2, 1, *shape, generator=generator),
+             "field": torch.randn(2, 3, *shape, generator=generator) * 0.1, "phase": torch.tensor([1, 2]),
+             "id": ["a_t01", "a_t02"], "subject": ["a", "a"], "affine": torch.tensor(affine).expand(2, 4, 4)}
+    module = recipe.build_module(config)
+    step(module, batch)
+    autoencoders = Run.create(tmp_path / "autoencoders")
+    dump_config(config, autoencoders.config_path)
+    export_weights(module, config, autoencoders.weights_path)
+    ldm = config.model_copy(update={"model": config.model.model_copy(update={
+        "stage": "ldm", "image_ae_run": str(autoencoders.path), "field_vae_run": str(autoencoders.path)})})
+    module = recipe.build_module(ldm)
+    step(module, batch)
+    condition = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(shape, -500.0, dtype=np.float32), affine), str(condition))
+    return recipe.sample(module.eval(), SampleRequest(n=1, condition=condition), tmp_path / "samples")
+
+
+CASES = {"cvae": cvae_case, "sdm": sdm_case, "flow-cvae": flow_cvae_case, "motion-ldm": motion_ldm_case}
 
 
 def test_every_shipped_config_is_listed():

@@ -45,6 +45,7 @@ RECIPES: dict[str, LazyRecipe] = {
     "cvae": LazyRecipe("medsynth.recipes.cvae", "CVAERecipe"),
     "sdm": LazyRecipe("medsynth.recipes.sdm", "SDMRecipe"),
     "flow-cvae": LazyRecipe("medsynth.recipes.flow_cvae", "FlowCVAERecipe"),
+    "motion-ldm": LazyRecipe("medsynth.recipes.motion_ldm", "MotionLDMRecipe"),
 }
 
 

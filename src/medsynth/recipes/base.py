@@ -29,6 +29,7 @@ class SampleRequest:
     class_name: str | None = None  # None: every class
     condition: Path | None = None  # a conditioning file or folder (label map, image)
     seed: int = 0
+    phases: tuple[int, ...] | None = None  # breathing/cardiac phases to generate (None: all); recipes with ``takes_phases``
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Recipe(ABC):
     prepare_defaults: ClassVar[dict[str, Any]] = {}  # `medsynth prepare --recipe NAME` settings the user did not give
     tiny_example: ClassVar[TinyExample | None] = None  # required by the contract tests: every recipe declares one
     condition_refusal: ClassVar[str | None] = None  # why `sample --condition` is refused (None: the recipe takes it)
+    takes_phases: ClassVar[bool] = False  # `sample --phases` selects what to generate
 
     def resolve_config(self, config: RecipeConfig) -> RecipeConfig:
         """Fill the fields that depend on the data (channels, shapes, classes)."""
@@ -81,6 +83,10 @@ class Recipe(ABC):
     def callbacks(self, config: RecipeConfig) -> list[Callback]:
         """Extra Lightning callbacks for this recipe's training (beside checkpointing, RNG, EMA)."""
         return []
+
+    def ema_first_epoch(self, config: RecipeConfig) -> int:
+        """The epoch from which ``train.ema_decay`` averages the weights (a staged recipe: its last stage's first)."""
+        return 0
 
     def report_sections(self, run: Run, module: MedsynthModule) -> list[ReportSection]:
         """Recipe-specific blocks of the report (figures, grids)."""

@@ -18,7 +18,6 @@ noise. Each sampled flow is written in mm with the frame's affine, beside ``warp
 
 from __future__ import annotations
 
-import base64
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -422,6 +421,7 @@ class FlowCVAERecipe(Recipe):
 
     def report_sections(self, run: Run, module: FlowCVAEModule) -> list[ReportSection]:
         from medsynth.motion.render import render_still
+        from medsynth.report.html import file_html
 
         if module.config.model.stage != "cvae":
             return []
@@ -433,13 +433,9 @@ class FlowCVAERecipe(Recipe):
         grid = self.sample(module, SampleRequest(n=25, mode="grid"), folder)
         side = module.config.sample.grid_span
         return [
-            ReportSection(f"A prior flow on held-out frame {name}: |u| in mm and in-plane arrows", "".join(_img(p) for p in stills)),
+            ReportSection(f"A prior flow on held-out frame {name}: |u| in mm and in-plane arrows", "".join(file_html(p) for p in stills)),
             ReportSection(f"Latent grid ({module.config.sample.grid_directions} directions, coefficients in [-{side}, {side}]): |u| in mm, "
-                          "middle axial slices", _img(grid[-2])),
-            ReportSection("The synthetic diastoles warp_image(F, invert(u)) of the grid, walked row by row (arrows: u)", _img(grid[-1])),
+                          "middle axial slices", file_html(grid[-2])),
+            ReportSection("The synthetic diastoles warp_image(F, invert(u)) of the grid, walked row by row (arrows: u)", file_html(grid[-1])),
         ]
 
-
-def _img(path: Path) -> str:
-    kind = "gif" if path.suffix == ".gif" else "png"
-    return f'<img alt="{path.name}" src="data:image/{kind};base64,{base64.b64encode(path.read_bytes()).decode()}">'

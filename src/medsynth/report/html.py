@@ -79,6 +79,12 @@ def figure_html(fig: Figure, alt: str = "") -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def file_html(path: Path) -> str:
+    """An ``<img>`` tag holding a PNG or GIF file (a movie) as base64."""
+    kind = "gif" if Path(path).suffix.lower() == ".gif" else "png"
+    return f'<img alt="{html.escape(Path(path).name)}" src="data:image/{kind};base64,{base64.b64encode(Path(path).read_bytes()).decode()}">'
+
+
 def read_scalars(tb_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """All scalar series of a TensorBoard log folder: tag -> (steps, values)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
