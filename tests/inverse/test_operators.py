@@ -138,3 +138,11 @@ def test_profiles_and_bad_arguments():
         op(torch.zeros(1, 1, 9, 10, 7))
     with pytest.raises(ValueError, match="expected an image"):
         op.adjoint(torch.zeros(1, 1, 14, 11))
+
+
+def test_bf16_volumes_are_sampled_with_float32_coordinates():
+    op = PlaneOperator(VOLUME_AFFINE, VOLUME_SHAPE, _oblique_plane(), profile_samples=3)
+    volume = _randn(1, 1, *VOLUME_SHAPE, seed=7).bfloat16()
+    image = op(volume)
+    assert image.dtype == torch.bfloat16
+    torch.testing.assert_close(image, op(volume.float()).bfloat16(), rtol=0, atol=0)

@@ -16,6 +16,8 @@ Nichol 2021, appendix F) evaluates the model at the target timestep t_i on the l
 eps(x_{t_{i+1}}, t_i); ``fixed_point_iterations`` > 0 then re-evaluates it at the current estimate of
 x_{t_i} (fixed-point iteration of the step equation, Pan et al. 2023 "AIDI"), which makes
 ``sample_ddim(model, ddim_invert(model, x0, ...), ...)`` return x0 to the accuracy the iteration reaches.
+The approximation suits eps and v models (the DiffAE decoders); an x_0 model's eps read off the less
+noisy sample is a poorer one (about 17 dB round trip for an arbitrary toy x_0 model, 25-47 dB for eps/v).
 
 Written here rather than taken from MONAI: ``DDIMScheduler.reversed_step`` indexes past the table at
 the top timestep (STACK-NOTES) and pairs timesteps as ``t - T // N``, not our trailing grid.

@@ -101,14 +101,17 @@ class _PointSampler:
         return self._cache[key]
 
     def forward(self, volume: Tensor) -> Tensor:
-        """(B, C, X, Y, Z) -> (B, C, *out_shape): the volume seen through the operator."""
+        """(B, C, X, Y, Z) -> (B, C, *out_shape): the volume seen through the operator, in the volume's dtype."""
         if volume.ndim != 5 or tuple(volume.shape[2:]) != self.volume_shape:
             raise ValueError(f"expected a volume (B, C, {', '.join(map(str, self.volume_shape))}), got {tuple(volume.shape)}")
-        grid, weights = self._tables(volume)
+        # 16-bit volumes are sampled in float32: grid_sample takes the grid in the input's dtype, and
+        # bf16 coordinates would be off by up to a voxel on a 128-voxel axis.
+        work = volume if volume.dtype in (torch.float32, torch.float64) else volume.float()
+        grid, weights = self._tables(work)
         batch, channels = volume.shape[:2]
-        sampled = F.grid_sample(volume, grid.expand(batch, -1, -1, -1, -1), mode="bilinear", padding_mode="zeros",
+        sampled = F.grid_sample(work, grid.expand(batch, -1, -1, -1, -1), mode="bilinear", padding_mode="zeros",
                                 align_corners=True)[..., 0]  # (B, C, P, S)
-        return (sampled * weights).sum(-1).reshape(batch, channels, *self.out_shape)
+        return (sampled * weights).sum(-1).reshape(batch, channels, *self.out_shape).to(volume.dtype)
 
     __call__ = forward
 
@@ -125,11 +128,14 @@ class _PointSampler:
         return result
 
     def mask(self) -> Tensor:
-        """Pixels whose centre lies inside the volume, bool (*out_shape)."""
+        """Pixels whose centre lies inside the volume, bool (*out_shape), on the CPU."""
         return torch.from_numpy(self._centre_inside.reshape(self.out_shape))
 
     def coverage(self) -> Tensor:
-        """Share (0..1) of each pixel's slice profile that lies inside the volume, float64 (*out_shape)."""
+        """Share (0..1) of each pixel's slice profile inside the volume, float64 (*out_shape), on the CPU.
+
+        Where it is 1 the pixel is the full profile average; where it is below 1 the average of the part inside.
+        """
         return torch.from_numpy(self.coverage_share.reshape(self.out_shape))
 
 
