@@ -81,10 +81,10 @@ class _PointSampler:
         to_voxel = np.linalg.inv(np.asarray(volume_affine, dtype=np.float64))
         index = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]  # (P, S, 3) voxel coordinates (i, j, k)
         upper = np.asarray(self.volume_shape, dtype=np.float64) - 1
-        self.inside = np.all((index >= -_INSIDE_TOL) & (index <= upper + _INSIDE_TOL), axis=-1)  # (P, S)
-        w = weights[None, :] * self.inside
+        inside = np.all((index >= -_INSIDE_TOL) & (index <= upper + _INSIDE_TOL), axis=-1)  # (P, S)
+        w = weights[None, :] * inside
         total = w.sum(axis=1, keepdims=True)
-        self.coverage_share = total[:, 0]  # (P,) share of the profile inside the volume
+        self._coverage = total[:, 0]  # (P,) share of the profile inside the volume
         w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
         # grid_sample's last grid axis is (W, H, D) = (k, j, i) for a (B, C, X, Y, Z) input; [-1, 1] at the end voxels.
         grid = (2 * index / upper - 1)[..., ::-1]
@@ -92,7 +92,7 @@ class _PointSampler:
         self._weights = torch.from_numpy(w)  # (P, S)
         centre_index = centres.reshape(-1, 3) @ to_voxel[:3, :3].T + to_voxel[:3, 3]
         self._centre_inside = np.all((centre_index >= -_INSIDE_TOL) & (centre_index <= upper + _INSIDE_TOL), axis=-1)
-        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}  # the last device/dtype's tables
 
     def _tables(self, like: Tensor) -> tuple[Tensor, Tensor]:
         key = (like.device, like.dtype)
@@ -136,7 +136,7 @@ class _PointSampler:
 
         Where it is 1 the pixel is the full profile average; where it is below 1 the average of the part inside.
         """
-        return torch.from_numpy(self.coverage_share.reshape(self.out_shape))
+        return torch.from_numpy(self._coverage.reshape(self.out_shape))
 
 
 class PlaneOperator(_PointSampler):
