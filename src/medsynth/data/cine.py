@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from medsynth.data.importers import check_same_grid, read_header
 from medsynth.data.io import load_image
 from medsynth.data.manifest import Case, Manifest
 from medsynth.data.splits import subject_splits
@@ -55,10 +54,17 @@ def cine_header(path: Path) -> tuple[tuple[int, int, int, int], np.ndarray]:
     Raises:
         BadInputError: missing or unreadable file, or not 3D/4D (names it).
     """
-    _, affine = read_header(path)  # missing or corrupt: one line naming the file
+    # Our own reader, not importers.read_header: that one keeps 3 axes, and importers' layout
+    # detection imports this module.
     import nibabel as nib
 
-    shape = tuple(int(n) for n in nib.load(str(path)).shape)
+    if not Path(path).is_file():
+        raise BadInputError(path, "file not found")
+    try:
+        image = nib.load(str(path))
+        shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel fails differently on each corrupt header
+        raise BadInputError(path, f"cannot read NIfTI header ({type(exc).__name__})") from None
     if len(shape) not in (3, 4):
         raise BadInputError(path, f"expected a 3D (X, Y, S) or 4D (X, Y, S, T) image, got shape {shape}")
     return (*shape, 1)[:4], affine  # type: ignore[return-value]
@@ -106,6 +112,13 @@ def _check_stack(path: Path, shape: tuple[int, ...]) -> None:
         raise BadInputError(path, f"has one slice (shape {shape}): a short-axis stack needs at least 2")
 
 
+def _check_label(label: Path, shape: tuple[int, ...], image: Path) -> None:
+    # Shapes only: importers.check_same_grid (the affine tolerance) is out of reach, importers imports this module.
+    label_shape, _ = cine_header(label)
+    if label_shape != shape:
+        raise BadInputError(label, f"shape {label_shape} differs from its image {image.name} {shape}")
+
+
 def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
@@ -125,13 +138,13 @@ def import_ukbb(src: str | Path) -> Manifest:
     cases, cine = [], {}
     for folder in subjects:
         sax = folder / SAX_NAME
-        shape, affine = cine_header(sax)
+        shape, _ = cine_header(sax)
         _check_stack(sax, shape)
         label = folder / SAX_LABEL_NAME
         if label.is_file():
-            check_same_grid(shape, affine, *cine_header(label), label, sax)
+            _check_label(label, shape, sax)
         views = lax_views(folder)
-        for view, path in views.items():
+        for path in views.values():
             lax_shape, _ = cine_header(path)
             if lax_shape[2] != 1:
                 raise BadInputError(path, f"is not a single plane: shape {lax_shape} has {lax_shape[2]} slices (expected (X, Y, 1, T))")
@@ -177,7 +190,7 @@ def import_acdc(src: str | Path) -> Manifest:
             _check_stack(image, shape)
             label = image.with_name(image.name.replace(f"_frame{number:02d}", f"_frame{number:02d}_gt"))
             if label.is_file():
-                check_same_grid(shape, cine_header(image)[1], *cine_header(label), label, image)
+                _check_label(label, shape, image)
             cases.append(Case(id=f"{folder.name}_frame{number:02d}", subject=folder.name, image=_relative(image, src), phase=index,
                               label=_relative(label, src) if label.is_file() else None))
     return Manifest(name=src.name, spatial_dims=3, modality="MRI", source="acdc", labels=ACDC_LABELS, cases=cases,

@@ -11,8 +11,13 @@ import pytest
 from medsynth.data.cine import import_ukbb, read_info
 from medsynth.data.phantoms import get_phantom
 from medsynth.data.phantoms._scene import world_grid
-from medsynth.data.phantoms.cardiac import CardiacParams, _cardiac_anatomy, _cardiac_motion, cardiac_geometry, make_cardiac_dataset
-from medsynth.data.phantoms.cardiac_views import VIEW_LABELS, profile_offsets
+from medsynth.data.phantoms.cardiac import (
+    CardiacParams,
+    _cardiac_anatomy,
+    _cardiac_motion,
+    cardiac_geometry,
+)
+from medsynth.data.phantoms.cardiac_views import VIEW_LABELS, make_cardiac_phantom, profile_offsets
 from medsynth.errors import MedsynthError
 
 SIZE, FRAMES, FACTOR = 32, 3, 4
@@ -20,7 +25,7 @@ SIZE, FRAMES, FACTOR = 32, 3, 4
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return make_cardiac_dataset(tmp_path_factory.mktemp("views"), n=1, seed=5, size=SIZE, frames=FRAMES, modality="mri",
+    return make_cardiac_phantom(tmp_path_factory.mktemp("views"), n=1, seed=5, size=SIZE, frames=FRAMES, modality="mri",
                                 views=True, hr_factor=FACTOR)
 
 
@@ -112,7 +117,7 @@ def test_manifest_is_what_the_importer_makes(dataset):
 
 def test_views_need_mri_and_options_are_checked(tmp_path):
     with pytest.raises(MedsynthError, match="modality mri"):
-        make_cardiac_dataset(tmp_path, n=1, size=16, frames=2, modality="ct", views=True)
+        make_cardiac_phantom(tmp_path, n=1, size=16, frames=2, modality="ct", views=True)
     assert get_phantom("cardiac").check({"views": True, "sax_spacing_mm": 8.0}) == {"views": True, "sax_spacing_mm": 8.0}
     with pytest.raises(MedsynthError, match="hr_factor"):
         get_phantom("cardiac").check({"hr_factor": 1})

@@ -100,7 +100,7 @@ PHANTOMS: dict[str, Phantom] = {
     "cilia": Phantom("cilia", "2D cilia cross-sections, 5 classes (n images per class, 64 px)", CiliaOptions,
                      "medsynth.data.phantoms.cilia", "make_cilia_dataset"),
     "cardiac": Phantom("cardiac", "3D+t beating heart in a thorax with exact fields (CT or cine MRI)", CardiacOptions,
-                       "medsynth.data.phantoms.cardiac", "make_cardiac_dataset"),
+                       "medsynth.data.phantoms.cardiac_views", "make_cardiac_phantom"),
     "lung": Phantom("lung", "4D CT breathing thorax with exact fields per phase", LungOptions,
                     "medsynth.data.phantoms.lung", "make_lung_dataset"),
     "coronary": Phantom("coronary", "CTCA-like volumes with a 9-class heart label map (nnU-Net layout)", CoronaryOptions,

@@ -338,12 +338,6 @@ def make_cardiac_dataset(
     frames: int = 10,
     modality: str = "ct",
     flow_pairs: str | bool | None = None,
-    views: bool = False,
-    sax_spacing_mm: float = 10.0,
-    sax_thickness_mm: float = 8.0,
-    lax_thickness_mm: float = 6.0,
-    view_pixel_mm: float | None = None,
-    hr_factor: int = 8,
 ) -> Path:
     """Write ``n`` cardiac subjects and return ``out``.
 
@@ -369,12 +363,8 @@ def make_cardiac_dataset(
       ``params.json`` and ``<out>/dataset.json``: one case per subject (image = ES frame,
       flow, label, moving = the ED frame).
 
-    ``views`` (cine MRI only) writes, instead of the cine volumes, the simulated clinical
-    acquisition in the UK Biobank layout (:mod:`medsynth.data.phantoms.cardiac_views`):
-    ``<out>/sub000/{sa,sa_gt,la_2ch,la_3ch,la_4ch,sa_hr,sa_hr_gt}.nii.gz``, ``Info.cfg``,
-    ``geometry.json`` (the planes, and each file's affine), ``params.json``, ``<out>/labels.json``
-    and ``<out>/dataset.json`` as :func:`medsynth.data.cine.import_ukbb` makes it. Planes are
-    ``size`` x ``size`` pixels of ``view_pixel_mm`` (default: a 160 mm field of view).
+    The simulated cine-MRI acquisitions (UK Biobank layout) are written by
+    :func:`medsynth.data.phantoms.cardiac_views.make_cardiac_phantom` with ``views``.
 
     Args:
         out: output folder (created).
@@ -385,9 +375,6 @@ def make_cardiac_dataset(
         seed: dataset seed; subject ``i`` is drawn from ``(seed, i)``.
         progress: show a progress bar on stderr.
         flow_pairs: ``None`` (cine), ``"npy"`` or ``"nifti"`` (``True`` means ``"npy"``).
-        views: write the UK Biobank-layout acquisitions instead (``modality="mri"``).
-        sax_spacing_mm, sax_thickness_mm, lax_thickness_mm, view_pixel_mm, hr_factor: the
-            acquisition (see :class:`~medsynth.data.phantoms.cardiac_views.ViewSettings`).
     """
     from tqdm import tqdm
 
@@ -396,14 +383,6 @@ def make_cardiac_dataset(
     layout = "npy" if flow_pairs is True else (flow_pairs or None)
     if layout not in (None, "npy", "nifti"):
         raise MedsynthError(f"phantom cardiac: flow_pairs must be 'npy' or 'nifti', got {flow_pairs!r}")
-    if views:
-        if layout is not None or modality.lower() != "mri":
-            raise MedsynthError("phantom cardiac: views simulates cine-MRI acquisitions: use modality mri and no flow_pairs")
-        from medsynth.data.phantoms.cardiac_views import ViewSettings, write_subject_views
-
-        settings = ViewSettings(size if isinstance(size, int) else int(size[0]), view_pixel_mm, sax_spacing_mm,
-                                sax_thickness_mm, lax_thickness_mm, hr_factor)
-        return write_subject_views(Path(out), n, seed, frames, settings, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cases, pairs = [], []

@@ -32,11 +32,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from medsynth.data.phantoms._scene import Anatomy, Motion, world_grid
-from medsynth.data.phantoms.cardiac import CARDIAC_LABELS, CardiacParams, _cardiac_anatomy, _cardiac_motion, cardiac_planes
+from medsynth.data.cine import LABELS_NAME, import_ukbb
+from medsynth.data.phantoms._scene import Anatomy, Motion, subject_rng, world_grid
+from medsynth.data.phantoms.cardiac import (
+    CARDIAC_LABELS,
+    CARDIAC_SIZE,
+    CardiacParams,
+    _cardiac_anatomy,
+    _cardiac_motion,
+    cardiac_geometry,
+    cardiac_planes,
+    make_cardiac_dataset,
+    sample_cardiac_params,
+)
 from medsynth.errors import MedsynthError
-from medsynth.runs import atomic_write_bytes, atomic_write_text
+from medsynth.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # Structures an SAX ground truth holds (values of CARDIAC_LABELS), the rest is background.
 VIEW_LABELS = {0: "background", 7: CARDIAC_LABELS[7], 8: CARDIAC_LABELS[8], 9: CARDIAC_LABELS[9]}
@@ -172,17 +184,32 @@ def write_views(params: CardiacParams, frames: int, folder: Path, settings: View
     return affines
 
 
-def write_subject_views(out: Path, n: int, seed: int, frames: int, settings: ViewSettings, progress: bool = False) -> Path:
-    """Write ``n`` subjects' acquisitions (subject ``i`` drawn from ``(seed, i)``, as the cine phantom) and their manifest."""
-    from tqdm import tqdm
+def make_cardiac_phantom(out: Path, n: int, seed: int = 0, size: int | Sequence[int] = CARDIAC_SIZE, progress: bool = False,
+                         views: bool = False, frames: int = 10, modality: str = "ct", flow_pairs: str | bool | None = None,
+                         sax_spacing_mm: float = 10.0, sax_thickness_mm: float = 8.0, lax_thickness_mm: float = 6.0,
+                         view_pixel_mm: float | None = None, hr_factor: int = 8) -> Path:
+    """The ``cardiac`` phantom's writer: the cine volumes of :func:`make_cardiac_dataset`, or with ``views``
+    the acquisitions of ``n`` subjects (the same subjects: subject ``i`` drawn from ``(seed, i)``).
 
-    from medsynth.data.cine import LABELS_NAME, import_ukbb
-    from medsynth.data.phantoms._scene import subject_rng
-    from medsynth.data.phantoms.cardiac import cardiac_geometry, sample_cardiac_params
-    from medsynth.runs import atomic_write_json
+    ``views`` writes, instead of the cine volumes, ``<out>/sub000/`` as in this module's docstring
+    plus ``geometry.json`` (the planes and each file's affine) and ``params.json``, then
+    ``<out>/labels.json`` and ``<out>/dataset.json`` as :func:`medsynth.data.cine.import_ukbb` makes
+    it (one case per subject and frame). Planes are ``size`` x ``size`` pixels of ``view_pixel_mm``
+    (default: a 160 mm field of view); ``size`` ``(X, Y, Z)`` uses ``X``.
 
-    if settings.factor < 2:
-        raise MedsynthError(f"phantom cardiac: hr_factor must be at least 2, got {settings.factor}")
+    Raises:
+        MedsynthError: ``views`` with CT or with ``flow_pairs``, ``hr_factor < 2``, or a
+            ``sax_spacing_mm`` that leaves one SAX slice.
+    """
+    if not views:
+        return make_cardiac_dataset(out, n, seed, size, progress, frames, modality, flow_pairs)
+    if flow_pairs or modality.lower() != "mri":
+        raise MedsynthError("phantom cardiac: views simulates cine-MRI acquisitions: use modality mri and no flow_pairs")
+    if frames < 2 or hr_factor < 2:
+        raise MedsynthError(f"phantom cardiac: views need frames >= 2 and hr_factor >= 2 (got {frames}, {hr_factor})")
+    settings = ViewSettings(size if isinstance(size, int) else int(size[0]), view_pixel_mm, sax_spacing_mm,
+                            sax_thickness_mm, lax_thickness_mm, hr_factor)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(n), desc="cardiac views", disable=not progress):
         params = sample_cardiac_params(int(subject_rng(seed, index).integers(2**31)))
