@@ -121,3 +121,14 @@ def test_views_need_mri_and_options_are_checked(tmp_path):
     assert get_phantom("cardiac").check({"views": True, "sax_spacing_mm": 8.0}) == {"views": True, "sax_spacing_mm": 8.0}
     with pytest.raises(MedsynthError, match="hr_factor"):
         get_phantom("cardiac").check({"hr_factor": 1})
+
+
+def test_cli_writes_the_layout_and_refuses_ct(tmp_path, capsys):
+    from medsynth.cli import main
+
+    args = ["--views", "--n", "1", "--size", "12", "--frames", "2", "--no-progress"]
+    assert main(["phantom", "cardiac", "--modality", "mri", *args, "--out", str(tmp_path / "mri")]) == 0
+    names = {p.name for p in (tmp_path / "mri/sub000").iterdir()}
+    assert {"sa.nii.gz", "sa_gt.nii.gz", "la_2ch.nii.gz", "la_3ch.nii.gz", "la_4ch.nii.gz", "sa_hr.nii.gz", "sa_hr_gt.nii.gz", "Info.cfg"} <= names
+    assert main(["phantom", "cardiac", *args, "--out", str(tmp_path / "ct")]) == 2
+    assert "modality mri" in capsys.readouterr().err
