@@ -83,6 +83,7 @@ def _phantom(p: argparse.ArgumentParser) -> None:
     layouts = list(get_args(get_args(flow_pairs.annotation)[0]))  # Literal["npy", "nifti"] | None
     p.add_argument("--flow-pairs", nargs="?", const=layouts[0], default=None, choices=layouts, metavar="{" + ",".join(layouts) + "}",
                    help=f"cardiac: {flow_pairs.description}; bare --flow-pairs: {layouts[0]}")
+    p.add_argument("--views", action="store_true", help=f"cardiac: {CardiacOptions.model_fields['views'].description}")
     _no_progress(p)
 
 
@@ -227,6 +228,8 @@ def run_command(args: argparse.Namespace) -> None:
         options = {key: value for key, value in (("frames", args.frames), ("modality", args.modality)) if value is not None}
         if args.flow_pairs:
             options["flow_pairs"] = args.flow_pairs
+        if args.views:
+            options["views"] = True
         print(api.phantom(args.kind, args.out, n=args.n, seed=args.seed, size=args.size, progress=progress, **options))
     elif args.command == "prepare":
         given = {"size": args.size, "keep_aspect": args.keep_aspect, "crop": args.crop, "spacing": args.spacing,

@@ -12,6 +12,8 @@ Importers only list and check files (headers, not voxels); nothing is copied. La
 - ``template_img_<n>.npy`` + ``flow_<n>.npy`` pairs (+ optional ``affine_<n>.npy``, ``label_<n>.npy``,
   ``diastole_img_<n>.npy``, a folder ``affine.npy`` and ``flow_pairs.json``),
 - class-per-folder 2D pictures: ``<root>/<Class>/<Class>_<n>.png``.
+- cine MRI (:mod:`medsynth.data.cine`): UK Biobank ``<subject>/sa.nii.gz`` [+ ``la_*``], ACDC
+  ``<patient>/<patient>_frameNN.nii.gz`` + ``Info.cfg``.
 """
 
 from __future__ import annotations
@@ -65,12 +67,18 @@ def _detect(src: Path) -> Callable[[Path], Manifest]:
             return import_decathlon
     if any(src.glob("template_img_*.npy")):
         return import_flow_pairs
+    from medsynth.data import cine  # cine builds on this module's header checks
+
+    if any(src.glob(f"*/{cine.SAX_NAME}")):
+        return cine.import_ukbb
+    if any(src.glob(f"*/{cine.INFO_NAME}")) and any(src.glob("*/*_frame[0-9]*.nii*")):
+        return cine.import_acdc
     if any(p.is_dir() and not p.name.startswith(".") for p in src.iterdir()) and not (src / "imagesTr").exists():
         return import_class_folders
     raise MedsynthError(
         f"{src}: not a recognised dataset layout (expected a medsynth dataset.json, an nnU-Net v2 raw folder "
         "[dataset.json + imagesTr/], a Decathlon folder [dataset.json with 'training'], template_img_<n>.npy + "
-        "flow_<n>.npy pairs, or one folder of 2D pictures per class)"
+        "flow_<n>.npy pairs, UK Biobank <subject>/sa.nii.gz, ACDC <patient>/Info.cfg, or one folder of 2D pictures per class)"
     )
 
 

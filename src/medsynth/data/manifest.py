@@ -38,6 +38,8 @@ class Case(BaseModel):
     ``affine`` names a NumPy 4x4 voxel-to-RAS sidecar for formats without geometry.
     ``moving`` names the other frame of a registration pair on the image's grid (the
     end-diastole frame a flow pair's ``flow`` maps the image to: ``warp(moving, flow) == image``).
+    ``frame`` picks one frame of a 4D ``(X, Y, Z, T)`` image file (and of its label file), as
+    a cine series' cases share one file (the UK Biobank ``sa.nii.gz``); ``None``: the file is one frame.
     """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -51,6 +53,7 @@ class Case(BaseModel):
     flow: str | None = None
     affine: str | None = None
     moving: str | None = None
+    frame: int | None = Field(None, ge=0)
     split: Literal["train", "val", "test"] | None = None
 
     @field_validator("id")

@@ -37,6 +37,14 @@ class CardiacOptions(PhantomOptions):
                           "label_N.npy, diastole_img_N.npy, affine_N.npy) or nifti (subNNN/frame_es, flow_es_ed, label_es, "
                           "frame_ed .nii.gz + dataset.json)")
 
+    views: bool = Field(False, description="cine MRI: write the simulated acquisitions in the UK Biobank layout instead "
+                                           "(subNNN/sa, sa_gt, la_2ch, la_3ch, la_4ch, sa_hr, sa_hr_gt .nii.gz, Info.cfg)")
+    sax_spacing_mm: PositiveFloat = Field(10.0, description="views: distance between SAX slice centres (mm)")
+    sax_thickness_mm: PositiveFloat = Field(8.0, description="views: SAX slice thickness (mm, box slice profile)")
+    lax_thickness_mm: PositiveFloat = Field(6.0, description="views: LAX slice thickness (mm, box slice profile)")
+    view_pixel_mm: PositiveFloat | None = Field(None, description="views: in-plane pixel (mm); None: a 160 mm field of view over size pixels")
+    hr_factor: int = Field(8, ge=2, description="views: through-plane refinement of the sa_hr ground truth (spacing sax_spacing_mm / factor)")
+
     @field_validator("flow_pairs", mode="before")
     @classmethod
     def _bool_is_npy(cls, value: object) -> object:
@@ -92,7 +100,7 @@ PHANTOMS: dict[str, Phantom] = {
     "cilia": Phantom("cilia", "2D cilia cross-sections, 5 classes (n images per class, 64 px)", CiliaOptions,
                      "medsynth.data.phantoms.cilia", "make_cilia_dataset"),
     "cardiac": Phantom("cardiac", "3D+t beating heart in a thorax with exact fields (CT or cine MRI)", CardiacOptions,
-                       "medsynth.data.phantoms.cardiac", "make_cardiac_dataset"),
+                       "medsynth.data.phantoms.cardiac_views", "make_cardiac_phantom"),
     "lung": Phantom("lung", "4D CT breathing thorax with exact fields per phase", LungOptions,
                     "medsynth.data.phantoms.lung", "make_lung_dataset"),
     "coronary": Phantom("coronary", "CTCA-like volumes with a 9-class heart label map (nnU-Net layout)", CoronaryOptions,

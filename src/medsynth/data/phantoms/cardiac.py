@@ -56,6 +56,7 @@ __all__ = [
     "PhantomSequence",
     "SmoothNoise",
     "cardiac_geometry",
+    "cardiac_planes",
     "make_cardiac_dataset",
     "render_cardiac",
     "render_sequence",
@@ -255,21 +256,21 @@ def _cardiac_motion(params: CardiacParams, frames: int) -> Motion:
     return motion
 
 
-def cardiac_geometry(params: CardiacParams, frames: int, sax_slices: int = 10, pixel_mm: float = 1.5, plane_mm: float = 160.0) -> dict:
-    """Short-axis stack and 2-, 3- and 4-chamber long-axis planes at end-diastole (world mm).
+def cardiac_planes(params: CardiacParams, sax_slices: int = 10, sax_spacing_mm: float | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The SAX slice planes and 2-, 3-, 4-chamber planes at end-diastole, unrounded (world mm).
 
-    Each plane is ``origin`` (its centre), unit in-plane axes ``u``, ``v`` and ``normal``;
-    a plane pixel ``(i, j)`` of a ``size`` x ``size`` image lies at
-    ``origin + (i - (size - 1) / 2) * pixel_mm * u + (j - (size - 1) / 2) * pixel_mm * v``.
+    Returns ``{"sax_000": plane, ..., "2ch": plane, "3ch": plane, "4ch": plane}``, each plane
+    ``{"origin", "u", "v", "normal"}`` (its centre and unit axes, ``normal = u x v``). The SAX
+    stack starts 5 mm below the base and goes towards the apex: ``sax_slices`` planes down to
+    5 mm above the apex, or, with ``sax_spacing_mm``, as many planes that far apart as fit there.
     """
     rotation, base, apex = params.rotation, np.asarray(params.lv_base), params.apex
     ex, ey, ez = rotation.T
-    centre = 0.5 * (base + apex)
-    size = int(round(plane_mm / pixel_mm))
-    # SAX: planes normal to the long axis from just below the base to just above the apex.
-    offsets = np.linspace(-5.0, -(params.lv_length - 5.0), sax_slices)
-    spacing = float(abs(offsets[1] - offsets[0])) if sax_slices > 1 else 0.0
-    sax = [{"origin": _vec(base + o * ez), "u": _vec(ex), "v": _vec(ey), "normal": _vec(ez)} for o in offsets]
+    if sax_spacing_mm is None:
+        offsets = np.linspace(-5.0, -(params.lv_length - 5.0), sax_slices)
+    else:
+        offsets = -5.0 - sax_spacing_mm * np.arange(int((params.lv_length - 10.0) // sax_spacing_mm) + 1)
+    planes = {f"sax_{k:03d}": {"origin": base + o * ez, "u": ex, "v": ey, "normal": ez} for k, o in enumerate(offsets)}
 
     def towards(offset: np.ndarray) -> np.ndarray:  # unit in-plane direction from the long axis to base + offset
         radial = offset - (offset @ ez) * ez
@@ -277,15 +278,35 @@ def cardiac_geometry(params: CardiacParams, frames: int, sax_slices: int = 10, p
 
     # Long-axis planes contain the long axis and one more structure: the RV (4-chamber), the
     # left atrium (2-chamber) or the aortic root, i.e. the LV outflow tract (3-chamber).
-    planes = {"4ch": ex, "2ch": towards(_LEFT_ATRIUM), "3ch": towards(_AORTIC_ROOT)}
-    lax = {name: {"origin": _vec(centre), "u": _vec(u), "v": _vec(ez), "normal": _vec(np.cross(u, ez))} for name, u in planes.items()}
+    for name, u in {"4ch": ex, "2ch": towards(_LEFT_ATRIUM), "3ch": towards(_AORTIC_ROOT)}.items():
+        planes[name] = {"origin": 0.5 * (base + apex), "u": u, "v": ez, "normal": np.cross(u, ez)}
+    return planes
+
+
+def cardiac_geometry(params: CardiacParams, frames: int, sax_slices: int = 10, pixel_mm: float = 1.5, plane_mm: float = 160.0,
+                     sax_spacing_mm: float | None = None, sax_thickness_mm: float | None = None, lax_thickness_mm: float = 6.0) -> dict:
+    """Short-axis stack and 2-, 3- and 4-chamber long-axis planes at end-diastole (world mm, JSON-ready).
+
+    The planes of :func:`cardiac_planes` rounded to 1e-4 mm. Each plane is ``origin`` (its
+    centre), unit in-plane axes ``u``, ``v`` and ``normal``; a plane pixel ``(i, j)`` of a
+    ``size`` x ``size`` image lies at
+    ``origin + (i - (size - 1) / 2) * pixel_mm * u + (j - (size - 1) / 2) * pixel_mm * v``.
+    SAX slice thickness: ``sax_thickness_mm``, else the slice spacing.
+    """
+    planes = cardiac_planes(params, sax_slices, sax_spacing_mm)
+    sax = [{key: _vec(value) for key, value in plane.items()} for name, plane in planes.items() if name.startswith("sax_")]
+    lax = {name: {key: _vec(value) for key, value in planes[name].items()} for name in ("4ch", "2ch", "3ch")}
+    origins = np.array([plane["origin"] for name, plane in planes.items() if name.startswith("sax_")])
+    spacing = float(np.linalg.norm(origins[1] - origins[0])) if len(origins) > 1 else 0.0
+    thickness = spacing if sax_thickness_mm is None else sax_thickness_mm
+    size = int(round(plane_mm / pixel_mm))
     return {
         "frames": frames,
         "ed_frame": 0,
         "es_frame": params.end_systole(frames),
-        "long_axis": {"base": _vec(base), "apex": _vec(apex), "direction": _vec(ez)},
-        "sax": {"slices": sax, "slice_spacing_mm": round(spacing, 4), "slice_thickness_mm": round(spacing, 4), "pixel_mm": pixel_mm, "size": size},
-        "lax": {**lax, "pixel_mm": pixel_mm, "size": size, "thickness_mm": 6.0},
+        "long_axis": {"base": _vec(np.asarray(params.lv_base)), "apex": _vec(params.apex), "direction": _vec(params.rotation[:, 2])},
+        "sax": {"slices": sax, "slice_spacing_mm": round(spacing, 4), "slice_thickness_mm": round(thickness, 4), "pixel_mm": pixel_mm, "size": size},
+        "lax": {**lax, "pixel_mm": pixel_mm, "size": size, "thickness_mm": lax_thickness_mm},
     }
 
 
@@ -341,6 +362,9 @@ def make_cardiac_dataset(
       with the frame's affine), ``label_es.nii.gz``, ``frame_ed.nii.gz``, ``geometry.json``,
       ``params.json`` and ``<out>/dataset.json``: one case per subject (image = ES frame,
       flow, label, moving = the ED frame).
+
+    The simulated cine-MRI acquisitions (UK Biobank layout) are written by
+    :func:`medsynth.data.phantoms.cardiac_views.make_cardiac_phantom` with ``views``.
 
     Args:
         out: output folder (created).

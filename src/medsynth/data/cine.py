@@ -1,0 +1,236 @@
+"""Cine-MRI datasets: the UK Biobank and ACDC layouts, and a slice view of their SAX stacks.
+
+- UK Biobank (and the cardiac phantom's ``views``): ``<src>/<subject>/sa.nii.gz`` (4D
+  ``(X, Y, S, T)`` short-axis stack), optional ``sa_gt.nii.gz`` (labels on the same grid),
+  ``la_2ch.nii.gz``, ``la_3ch.nii.gz``, ``la_4ch.nii.gz`` (single planes ``(X, Y, 1, T)``),
+  optional ``Info.cfg`` (ED/ES) and an optional ``<src>/labels.json`` (value -> name; else
+  the UK Biobank pipeline's 1 LV, 2 myocardium, 3 RV). One case per subject and frame: the
+  case's ``image`` is the 4D file and its ``frame`` the index on the file's last axis.
+- ACDC: ``<src>/patientNNN/patientNNN_frameNN.nii.gz`` (3D SAX stacks) with ``_gt`` labels
+  and ``Info.cfg`` (``ED: 1``, ``ES: 12``; frame numbers 1-based). One case per subject for
+  its ED and its ES frame.
+
+Both manifests carry ``cine``: subject -> ``{"frames", "ed", "es", "views"}`` (0-based frame
+indices, ``es`` ``None`` when unknown; ``views`` the LAX planes present, found by
+:func:`lax_views` beside the subject's SAX file, so no path needs rebasing).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from medsynth.data.io import load_image
+from medsynth.data.manifest import Case, Manifest
+from medsynth.data.splits import subject_splits
+from medsynth.errors import BadInputError
+from medsynth.runs import read_structured
+
+SAX_NAME, SAX_LABEL_NAME, INFO_NAME, LABELS_NAME = "sa.nii.gz", "sa_gt.nii.gz", "Info.cfg", "labels.json"
+_LAX_NAME = re.compile(r"^la_(?P<view>\w+?)\.nii(\.gz)?$")
+# Label conventions: the UK Biobank segmentations (Bai et al., JCMR 2018) and ACDC's.
+UKB_LABELS = {"0": "background", "1": "lv_blood_pool", "2": "lv_myocardium", "3": "rv_blood_pool"}
+ACDC_LABELS = {"0": "background", "1": "rv_blood_pool", "2": "lv_myocardium", "3": "lv_blood_pool"}
+
+
+class SaxSlice(NamedTuple):
+    """One 2D SAX slice: ``image`` and ``label`` ``(X, Y)`` (label ``None`` without one), its 4x4 ``affine``
+    (voxel ``(i, j, 0)`` -> world mm), the cardiac ``frame`` (0-based) and its ``slice_index`` in the stack."""
+
+    subject: str
+    frame: int
+    slice_index: int
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+
+
+def cine_header(path: Path) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """``(X, Y, S, T)`` (``T = 1`` for a 3D file) and the 4x4 affine of a NIfTI header, without voxels.
+
+    Raises:
+        BadInputError: missing or unreadable file, or not 3D/4D (names it).
+    """
+    # Our own reader, not importers.read_header: that one keeps 3 axes, and importers' layout
+    # detection imports this module.
+    import nibabel as nib
+
+    if not Path(path).is_file():
+        raise BadInputError(path, "file not found")
+    try:
+        image = nib.load(str(path))
+        shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel fails differently on each corrupt header
+        raise BadInputError(path, f"cannot read NIfTI header ({type(exc).__name__})") from None
+    if len(shape) not in (3, 4):
+        raise BadInputError(path, f"expected a 3D (X, Y, S) or 4D (X, Y, S, T) image, got shape {shape}")
+    return (*shape, 1)[:4], affine  # type: ignore[return-value]
+
+
+def lax_views(subject_dir: str | Path) -> dict[str, Path]:
+    """The long-axis planes beside a subject's SAX file: ``{"2ch": <dir>/la_2ch.nii.gz, ...}``."""
+    found = {}
+    for path in sorted(Path(subject_dir).glob("la_*.nii*")):
+        match = _LAX_NAME.match(path.name)
+        if match is not None:
+            found[match["view"]] = path
+    return found
+
+
+def read_info(path: Path, required: tuple[str, ...] = ()) -> dict[str, str]:
+    """``key: value`` lines of an ACDC-style ``Info.cfg``.
+
+    Raises:
+        BadInputError: a ``required`` key is missing (names the file).
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise BadInputError(path, f"cannot read ({exc.strerror})") from None
+    info = {key.strip(): value.strip() for key, sep, value in (line.partition(":") for line in lines) if sep}
+    missing = [key for key in required if key not in info]
+    if missing:
+        raise BadInputError(path, f"has no {' or '.join(missing)} frame (expected lines like 'ED: 1' and 'ES: 12')")
+    return info
+
+
+def _frame(info: dict[str, str], key: str, path: Path, first: int) -> int | None:
+    """A 0-based frame index from Info.cfg (``first``: the file's first frame number, ``FirstFrame`` if given)."""
+    if key not in info:
+        return None
+    try:
+        return int(float(info[key])) - int(info.get("FirstFrame", first))
+    except ValueError:
+        raise BadInputError(path, f"{key} '{info[key]}' is not a frame number") from None
+
+
+def _check_stack(path: Path, shape: tuple[int, ...]) -> None:
+    if shape[2] < 2:
+        raise BadInputError(path, f"has one slice (shape {shape}): a short-axis stack needs at least 2")
+
+
+def _check_label(label: Path, shape: tuple[int, ...], image: Path) -> None:
+    # Shapes only: importers.check_same_grid (the affine tolerance) is out of reach, importers imports this module.
+    label_shape, _ = cine_header(label)
+    if label_shape != shape:
+        raise BadInputError(label, f"shape {label_shape} differs from its image {image.name} {shape}")
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def import_ukbb(src: str | Path) -> Manifest:
+    """A UK Biobank-layout folder (``<subject>/sa.nii.gz`` [+ ``sa_gt``, ``la_*``, ``Info.cfg``]).
+
+    Raises:
+        BadInputError: no subject, a SAX file with one slice, labels on another grid, a LAX
+            file that is not a single plane or whose frame count differs from the SAX's
+            (each names the file).
+    """
+    src = Path(src)
+    subjects = sorted(p.parent for p in src.glob(f"*/{SAX_NAME}"))
+    if not subjects:
+        raise BadInputError(src, f"no <subject>/{SAX_NAME} (UK Biobank layout)")
+    cases, cine = [], {}
+    for folder in subjects:
+        sax = folder / SAX_NAME
+        shape, _ = cine_header(sax)
+        _check_stack(sax, shape)
+        label = folder / SAX_LABEL_NAME
+        if label.is_file():
+            _check_label(label, shape, sax)
+        views = lax_views(folder)
+        for path in views.values():
+            lax_shape, _ = cine_header(path)
+            if lax_shape[2] != 1:
+                raise BadInputError(path, f"is not a single plane: shape {lax_shape} has {lax_shape[2]} slices (expected (X, Y, 1, T))")
+            if lax_shape[3] != shape[3]:
+                raise BadInputError(path, f"has {lax_shape[3]} frame(s); its SAX stack {SAX_NAME} has {shape[3]}")
+        info_path = folder / INFO_NAME
+        info = read_info(info_path) if info_path.is_file() else {}
+        ed = _frame(info, "ED", info_path, 1)
+        cine[folder.name] = {"frames": shape[3], "ed": 0 if ed is None else ed, "es": _frame(info, "ES", info_path, 1), "views": sorted(views)}
+        for t in range(shape[3]):
+            cases.append(Case(id=f"{folder.name}_t{t:02d}", subject=folder.name, image=_relative(sax, src), phase=t,
+                              label=_relative(label, src) if label.is_file() else None, frame=t if shape[3] > 1 else None))
+    labels_path = src / LABELS_NAME
+    labels = read_structured(labels_path, "label names") if labels_path.is_file() else UKB_LABELS
+    return Manifest(name=src.name, spatial_dims=3, modality="MRI", source="ukbb", labels=labels, cases=cases,
+                    cine=cine).with_root(src)
+
+
+def import_acdc(src: str | Path) -> Manifest:
+    """An ACDC folder (``patientNNN/patientNNN_frameNN.nii.gz`` + ``_gt`` + ``Info.cfg``): its ED and ES frames.
+
+    Raises:
+        BadInputError: no patient folder, an ``Info.cfg`` without ED or ES, a frame it names
+            that is missing, a stack with one slice, labels on another grid (names the file).
+    """
+    src = Path(src)
+    patients = sorted(p.parent for p in src.glob(f"*/{INFO_NAME}"))
+    if not patients:
+        raise BadInputError(src, f"no <patient>/{INFO_NAME} (ACDC layout)")
+    cases, cine = [], {}
+    for folder in patients:
+        info_path = folder / INFO_NAME
+        info = read_info(info_path, ("ED", "ES"))
+        ed, es = _frame(info, "ED", info_path, 1), _frame(info, "ES", info_path, 1)
+        frames = int(info["NbFrame"]) if info.get("NbFrame", "").isdigit() else None
+        cine[folder.name] = {"frames": frames, "ed": ed, "es": es, "views": []}
+        for index in sorted({ed, es}):
+            number = index + 1  # ACDC numbers frames from 1
+            image = next((p for p in (folder / f"{folder.name}_frame{number:02d}{s}" for s in (".nii.gz", ".nii")) if p.is_file()), None)
+            if image is None:
+                raise BadInputError(folder / f"{folder.name}_frame{number:02d}.nii.gz", f"frame {number} named in {INFO_NAME} not found")
+            shape, _ = cine_header(image)
+            _check_stack(image, shape)
+            label = image.with_name(image.name.replace(f"_frame{number:02d}", f"_frame{number:02d}_gt"))
+            if label.is_file():
+                _check_label(label, shape, image)
+            cases.append(Case(id=f"{folder.name}_frame{number:02d}", subject=folder.name, image=_relative(image, src), phase=index,
+                              label=_relative(label, src) if label.is_file() else None))
+    return Manifest(name=src.name, spatial_dims=3, modality="MRI", source="acdc", labels=ACDC_LABELS, cases=cases,
+                    cine=cine).with_root(src)
+
+
+def sax_slices(manifest: Manifest, split: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
+               seed: int = 0) -> list[SaxSlice]:
+    """Every 2D slice of the SAX cases of one split, for 2D training.
+
+    Splits are by subject (all slices and frames of a subject in one split): the manifest's
+    own when every case has one, else :func:`medsynth.data.splits.subject_splits` with the
+    fractions and seed. A 4D case's ``frame`` selects its frame; a slice's affine is its
+    stack's, moved to the slice (``affine @ translate(0, 0, k)``).
+
+    Returns:
+        The slices in case order, then slice order.
+    """
+    splits = subject_splits(manifest, val_fraction, test_fraction, seed)
+    loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def read(path: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        if path not in loaded:  # one 4D file (and its labels) serves every frame of a subject
+            if len(loaded) >= 2:
+                loaded.pop(next(iter(loaded)))
+            tensor = load_image(manifest.resolve(path), dtype=dtype)
+            loaded[path] = (tensor.numpy(), np.asarray(tensor.affine, dtype=np.float64))
+        return loaded[path]
+
+    slices = []
+    for case in manifest.cases:
+        if split is not None and splits[case.subject] != split:
+            continue
+        frame = getattr(case, "frame", None) or 0
+        volume, affine = read(case.images[0], np.float32)
+        image = volume[frame]  # (X, Y, S): channels are frames of a 4D NIfTI
+        label = read(case.label, np.int16)[0][frame] if case.label is not None else None
+        for k in range(image.shape[2]):
+            moved = affine.copy()
+            moved[:3, 3] = affine[:3, 3] + k * affine[:3, 2]
+            slices.append(SaxSlice(case.subject, case.phase if case.phase is not None else frame, k, image[:, :, k],
+                                   None if label is None else label[:, :, k], moved))
+    return slices
