@@ -12,6 +12,8 @@
 - :mod:`.unet` / :mod:`.denoiser`: MONAI's diffusion UNets (:func:`build_unet`) as the
   conditioned denoiser ``model(x_t, t, cond)``.
 - :mod:`.patches`: patch-wise denoising of whole volumes.
+- :mod:`.autoencoder`: the latent autoencoder service (MONAI ``AutoencoderKL``, optionally keeping one
+  axis at full size; padding, latent scale factor, :class:`LatentCache`).
 - :mod:`.module`: :class:`DiffusionModule`, the generic LightningModule.
 
 EMA weights: Lightning's ``EMAWeightAveraging`` callback. Precision: Lightning's ``precision``
@@ -27,16 +29,20 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "AutoencoderConfig": "autoencoder",
     "Condition": "condition",
     "ConditionedDenoiser": "denoiser",
     "Denoiser": "samplers",
     "DiffusionLoss": "objectives",
     "DiffusionModule": "module",
     "FlowSchedule": "schedule",
+    "LatentAutoencoder": "autoencoder",
+    "LatentCache": "autoencoder",
     "NoiseSchedule": "schedule",
     "PatchwiseDenoiser": "patches",
     "SAMPLERS": "sampling",
     "SamplerConfig": "sampling",
+    "build_autoencoder": "autoencoder",
     "build_unet": "unet",
     "classifier_free_guidance": "guidance",
     "drop_condition": "guidance",
