@@ -45,6 +45,7 @@ _EXPORTS = {
     "build_autoencoder": "autoencoder",
     "build_unet": "unet",
     "classifier_free_guidance": "guidance",
+    "ddim_invert": "inversion",
     "drop_condition": "guidance",
     "make_schedule": "schedule",
     "null_condition": "guidance",
