@@ -313,6 +313,18 @@ class MotionLDMModule(DiffusionModule):
         return fields.float().cpu()
 
 
+def check_latent_grid(model: MotionLDMModelConfig, shape: list[int]) -> None:
+    """One line unless both autoencoders give the same latent grid and the LDM's UNet can halve it at every level."""
+    image, field = model.image_ae.downsampling, model.field_vae.downsampling
+    if image != field:
+        raise MedsynthError(f"motion-ldm: the image autoencoder downsamples by {list(image)}, the field VAE by {list(field)}: "
+                            "their latents are concatenated, so channels and keep_axis must give the same grid")
+    latent, multiple = [-(-s // f) for s, f in zip(shape, image)], 2 ** (len(model.channels) - 1)
+    if any(size % multiple for size in latent):
+        raise MedsynthError(f"motion-ldm: the latent grid {latent} (volume {shape} / autoencoder downsampling {list(image)}) must be "
+                            f"divisible by {multiple} for model.channels {model.channels}: prepare another size or use fewer UNet levels")
+
+
 def cached(means: dict[str, Tensor], keys: Sequence[str], encode: Any, device: torch.device) -> Tensor:
     """The cached posterior means of ``keys`` stacked, or ``encode()`` (no gradients) when one is not cached."""
     if all(key in means for key in keys):
@@ -334,9 +346,9 @@ class MotionLDMRecipe(Recipe):
                         "downstream_epe_with_generated_mm")
     prepare_defaults = {"normalize": "ct"}
     tiny_example = TinyExample(
-        phantom="lung", n=6, size=16, phantom_options={"frames": 3}, prepare={"ct_window": (-1000.0, 500.0), "seed": 0},
-        config="motion-ldm-tiny",
-        overrides=("model.stage_epochs=[0, 0]", "model.channels=[8, 8]", "model.attention_levels=[false, false]",
+        phantom="lung", n=6, size=32, phantom_options={"frames": 3}, prepare={"ct_window": (-1000.0, 500.0), "seed": 0},
+        config="motion-ldm-tiny",  # (32, 32, 6) volumes; the resume test crosses both stage boundaries
+        overrides=("model.stage_epochs=[1, 1]", "model.channels=[8, 8]", "model.attention_levels=[false, false]",
                    "model.norm_num_groups=4", "model.image_ae.channels=[4, 4]", "model.field_vae.channels=[4, 4]",
                    "model.image_ae.norm_num_groups=4", "model.field_vae.norm_num_groups=4", "train.batch_size=2",
                    "train.num_threads=1", "sample.steps=3", "evaluate.n_samples=2", "evaluate.downstream_steps=2",
@@ -360,7 +372,11 @@ class MotionLDMRecipe(Recipe):
             reference_phase = int(read_structured(summary, "registration summary")["reference_phase"])
             data = data.model_copy(update={"registration": str(registration)})
         if model.stage == "all" and config.train.max_epochs <= sum(model.stage_epochs):
-            raise MedsynthError(f"motion-ldm: train.max_epochs ({config.train.max_epochs}) leaves no epoch for the LDM after model.stage_epochs {model.stage_epochs}")
+            from medsynth.console import note
+
+            note(f"motion-ldm: train.max_epochs={config.train.max_epochs} leaves no epoch for the LDM after model.stage_epochs "
+                 f"{model.stage_epochs}: only the autoencoders train")
+        check_latent_grid(model, list(info["image_shape"]))
         window = settings.get("ct_window") if settings.get("normalize") == "ct" else None
         model = model.model_copy(update={
             "phases": len(phases), "reference_phase": reference_phase, "image_shape": list(info["image_shape"]),
@@ -577,8 +593,8 @@ def ssim(a: Tensor, b: Tensor) -> float:
     """Mean SSIM of volumes ``(B, 1, *S)`` in [0, 1] (MONAI; the window fits the thinnest axis)."""
     from monai.metrics import SSIMMetric
 
-    kernel = max(3, min(7, min(a.shape[2:]) - (1 - min(a.shape[2:]) % 2)))
-    return float(SSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=kernel)(a.float(), b.float()).mean())
+    window = [min(7, s if s % 2 else s - 1) for s in a.shape[2:]]
+    return float(SSIMMetric(spatial_dims=3, data_range=1.0, win_size=window)(a.float(), b.float()).mean())
 
 
 def autoencoder_fidelity(module: MotionLDMModule, items: list[dict[str, Any]]) -> dict[str, float]:
