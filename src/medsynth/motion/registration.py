@@ -178,7 +178,9 @@ def register_batch(fixed: Sequence[MetaTensor], moving: Sequence[MetaTensor], co
         similarity = similarity.to(device)
 
     for size, iterations in zip(_pyramid_sizes(shape, config.levels), config.iterations_per_level()):
-        fixed_l, moving_l = _downsample(fixed_t, size), _downsample(moving_t, size)
+        # Pair by pair: a batched convolution rounds differently, and Adam's normalised steps
+        # amplify such 1e-7 differences where the gradient is near zero.
+        fixed_l, moving_l = (torch.cat([_downsample(image[b : b + 1], size) for b in range(batch)]) for image in (fixed_t, moving_t))
         level_spacing = spacing * (np.asarray(shape) - 1) / np.maximum(np.asarray(size) - 1, 1)
 
         def objective(size=size, fixed_l=fixed_l, moving_l=moving_l, level_spacing=level_spacing) -> torch.Tensor:  # this level's
