@@ -20,8 +20,9 @@ from medsynth.motion.registration import RegistrationConfig
 from medsynth.runs import atomic_write_json
 
 TINY = RegistrationConfig(levels=1, iterations=3)
-# Enough to follow the phantom's breathing at 32 x 32 x 16 (11 x 8 x 16 mm voxels) in a few seconds.
-PHANTOM = RegistrationConfig(levels=2, iterations=(40, 20), control_spacing_mm=30.0)
+# Follows the phantom's breathing at 32 x 32 x 16 (11 x 8 x 16 mm voxels) in a few seconds; MSE: the phases share
+# their intensities (LNCC's consecutive steps erred more: phase 3 composed 3.6 mm against 1.7 mm direct).
+PHANTOM = RegistrationConfig(levels=2, iterations=(60, 30), control_spacing_mm=20.0, similarity="mse")
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +58,17 @@ def test_consecutive_fields_compose_to_each_phase(tmp_path, breathing):
     assert composed.shape == (4, 3, 32, 32, 16) and np.allclose(composed.affine, exact[0].affine)
     assert composed[0].abs().max() == 0 and torch.equal(composed[1], direct[1])  # phase 1 is the same pair in both modes
     steps = [load_transform(tmp_path / "steps" / f"sub000/grid_t{t:02d}.npz")[0].dense_field().as_tensor() for t in (1, 2, 3)]
-    # The registration's own error for a phase reached in steps: the errors of its steps against the
-    # exact step fields (v_t = compose(invert(u_{t-1}), u_t)) accumulate, to first order additively.
+    # The registration's own error: each step's error against the exact step field
+    # v_t = compose(invert(u_{t-1}), u_t) (measured 1.46, 1.64, 1.39 mm).
     truth = [e.as_tensor() for e in exact]
-    step_truth = [compose(invert(truth[t - 1]), truth[t]) for t in (1, 2, 3)]
-    own_error = sum(end_point_error(v, w, exact[0].affine, body) for v, w in zip(steps, step_truth))
-    zero = _epe(torch.zeros_like(truth[3]), exact[3], body)
-    epe_direct, epe_composed = _epe(direct[3], exact[3], body), _epe(composed[3], exact[3], body)
-    assert epe_direct < 0.6 * zero  # the registration follows the phantom
-    assert epe_composed <= own_error + 0.1  # measured: 3.57 mm vs 4.0 mm
-    assert epe_composed < zero and epe_composed < epe_direct + own_error
-    # With one-voxel motion adding misses only grad(u) . v, below this registration's error: that is shown
-    # on the exact fields in the next test. Here it must at least not be better than composing.
-    assert _epe(steps[0] + steps[1] + steps[2], exact[3], body) >= epe_composed - 0.02
+    step_errors = [end_point_error(v, compose(invert(truth[t - 1]), truth[t]), exact[0].affine, body) for t, v in zip((1, 2, 3), steps)]
+    for t in (2, 3):  # measured direct / composed: 3.10 / 3.06 mm and 1.56 / 1.64 mm (zero field 6.76 and 3.74 mm)
+        epe_direct, epe_composed = _epe(direct[t], exact[t], body), _epe(composed[t], exact[t], body)
+        assert epe_direct < 0.6 * _epe(torch.zeros_like(truth[t]), exact[t], body)  # the registration follows the phantom
+        assert abs(epe_composed - epe_direct) < 0.2 * min(step_errors)  # reaching phase t in steps costs little
+    # With one-voxel motion, adding misses only grad(u) . v (measured 0.02 mm worse here), far below this
+    # registration's error: the next test shows it on the exact fields. Here it must not beat composing.
+    assert _epe(steps[0] + steps[1] + steps[2], exact[3], body) >= epe_composed - 0.01
 
 
 def _fit_grid(field: torch.Tensor) -> torch.Tensor:
