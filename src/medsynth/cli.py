@@ -144,7 +144,7 @@ def _register(p: argparse.ArgumentParser) -> None:
     p.add_argument("fixed", nargs="?", default=None, help="fixed image (pair mode)")
     p.add_argument("moving", nargs="?", default=None, help="moving image (pair mode)")
     p.add_argument("--out", required=True, help="field NIfTI (pair) or output folder (dataset)")
-    p.add_argument("--data", default=None, help="dataset mode: a phase-series dataset or folder of 4D NIfTIs")
+    p.add_argument("--data", default=None, help="dataset mode: a dataset.json of phases, a folder of 4D NIfTIs, or one folder per subject with a 3D file per phase")
     p.add_argument("--reference-phase", type=int, default=0, help="dataset mode: the phase the fields start from")
     p.add_argument("--pairs", choices=["reference", "consecutive"], default="reference",
                    help="dataset mode: register each phase to the reference phase, or to its neighbour towards it "

@@ -211,3 +211,17 @@ def test_phase_fields_refuses_unfinished_folders(tmp_path, lung_dataset):
         phase_fields(out, "sub001")
     with pytest.raises(BadInputError, match="registration.json: no subject sub009"):
         phase_fields(out, "sub009")
+
+
+def test_command_line_takes_pairs_batch_and_devices(capsys, tmp_path, lung_dataset):
+    from medsynth.cli import main
+
+    fast = ["--set", "levels=1", "--set", "iterations=3", "--no-progress"]
+    out = tmp_path / "out"
+    assert main(["register", "--data", str(lung_dataset), "--out", str(out), "--pairs", "consecutive", "--batch", "2", "--devices", "cpu", *fast]) == 0
+    assert json.loads((out / "registration.json").read_text())["pairs"] == "consecutive"
+    assert phase_fields(out, "sub001").shape == (3, 3, 24, 24, 12)
+    capsys.readouterr()
+    assert main(["register", "--data", str(lung_dataset), "--out", str(out), "--batch", "0", *fast]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "batch must be at least 1" in err and len(err.splitlines()) == 1
