@@ -107,6 +107,17 @@ def test_composition_against_adding_on_the_exact_phantom_fields(tmp_path, breath
     assert composed < 0.12 and added > composed + 0.05 and added > 1.5 * composed
     assert swapped > composed + 0.05
 
+    # Below the reference (here 2) phase t is fixed and t + 1 moving: phase 0 is reached by composing downwards.
+    down = tmp_path / "down"
+    for t in (0, 1, 3):
+        step = compose(invert(truth[t + 1]), truth[t]) if t < 2 else steps[3]
+        BSplineTransform(_fit_grid(step), (1.0, 1.0, 1.0), tuple(step.shape[1:]), affine).save(down / "sub000" / f"grid_t{t:02d}.npz")
+    atomic_write_json(down / "registration.json", {"pairs": "consecutive", "reference_phase": 2, "subjects": {"sub000": {"phases": [0, 1, 2, 3], "source": []}}})
+    fields = phase_fields(down, "sub000")
+    assert fields[2].abs().max() == 0
+    for t in (0, 3):  # the exact field from phase 2 to phase t
+        assert end_point_error(fields[t], compose(invert(truth[2]), truth[t]), affine, body) < 0.12
+
 
 def test_subject_folders_layout_with_reference_phase_in_the_middle(tmp_path, lung_dataset):
     data = tmp_path / "folders"

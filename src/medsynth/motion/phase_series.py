@@ -82,7 +82,7 @@ def _series(name: str, paths: list[Path], where: Path) -> _Subject:
     first_shape, first_affine = _header(paths[0])
     for path in paths:
         shape, affine = _header(path)
-        if len(shape) == 4 and shape[3] > 1 or len(shape) not in (3, 4):
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] > 1):
             raise BadInputError(path, f"expected one 3D phase per file, got shape {shape}")
         if shape[:3] != first_shape[:3] or not np.allclose(affine, first_affine, atol=1e-4):
             what = f"shape {shape[:3]} vs {first_shape[:3]}" if shape[:3] != first_shape[:3] else "affine differs"
@@ -134,7 +134,7 @@ def _find_subjects(data_dir: Path, reference_phase: int) -> list[_Subject]:
     return subjects
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Job:
     """One registration: phase ``fixed`` of a subject, moving phase ``moving``, grid written to ``out``."""
 
@@ -201,8 +201,11 @@ def _write_record(out_dir: Path, pairs: Pairs, reference_phase: int, subjects: l
     """``registration.json``; refuses a folder whose grids were made with another pairing or reference."""
     path = out_dir / RECORD_NAME
     if path.exists():
-        old = json.loads(path.read_text())
-        if (old.get("pairs"), old.get("reference_phase")) != (pairs, reference_phase):
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise BadInputError(path, "broken registration record (not JSON): delete it or give another --out") from None
+        if not isinstance(old, dict) or (old.get("pairs"), old.get("reference_phase")) != (pairs, reference_phase):
             raise BadInputError(path, f"grids here were made with pairs={old.get('pairs')}, reference phase {old.get('reference_phase')}; "
                                       f"give another --out for pairs={pairs}, reference phase {reference_phase}")
     record = {"pairs": pairs, "reference_phase": reference_phase,
@@ -264,7 +267,8 @@ def register_dataset(
     for job in todo:
         groups.setdefault((job.subject.shape, tuple(np.round(job.subject.spacing, 5))), []).append(job)
     batches = [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
-    batches.sort(key=lambda jobs_: todo.index(jobs_[0]))
+    order = {id(job): i for i, job in enumerate(todo)}
+    batches.sort(key=lambda jobs_: order[id(jobs_[0])])  # in the order of the subjects and phases
     found: dict[Path, RegistrationResult] = {}
     with tqdm(total=len(jobs), desc="register", unit="phase", disable=not progress) as bar:
 
