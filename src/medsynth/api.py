@@ -410,12 +410,17 @@ def _fold_table(metrics: dict[str, Any]) -> str:
 
 def register(fixed: str | Path | None = None, moving: str | Path | None = None, out: str | Path | None = None,
              data: str | Path | None = None, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-             reference_phase: int = 0, progress: bool = True) -> list[Any]:
+             reference_phase: int = 0, progress: bool = True, pairs: str = "reference", batch: int = 1,
+             devices: list[str] | tuple[str, ...] | None = None) -> list[Any]:
     """B-spline registration: a pair (``fixed``, ``moving`` -> ``out``) or a dataset (``data`` -> ``out`` folder).
 
+    Dataset mode takes ``pairs`` (``"reference"`` or ``"consecutive"``), ``batch`` (pairs
+    registered jointly) and ``devices`` (one worker process per device), as
+    :func:`~medsynth.motion.phase_series.register_dataset`.
     Returns the :class:`~medsynth.motion.registration.RegistrationResult` of every pair.
     """
-    from medsynth.motion.registration import RegistrationConfig, register_dataset, register_pair
+    from medsynth.motion.phase_series import register_dataset
+    from medsynth.motion.registration import RegistrationConfig, register_pair
 
     if out is None:
         raise MedsynthError("register: --out is required")
@@ -425,7 +430,8 @@ def register(fixed: str | Path | None = None, moving: str | Path | None = None, 
     if data is not None:
         # With a progress bar, register_dataset prints each quality line under it; without, we do.
         return register_dataset(data, out, settings, reference_phase=reference_phase, progress=progress,
-                                callback=None if progress else lambda result: note(result.line()))
+                                callback=None if progress else lambda result: note(result.line()),
+                                pairs=pairs, batch=batch, devices=devices)
     if fixed is None or moving is None:
         raise MedsynthError("register: give FIXED MOVING --out FIELD, or --data DIR --out DIR")
     result = register_pair(fixed, moving, out, settings)

@@ -155,8 +155,14 @@ def _register(p: argparse.ArgumentParser) -> None:
     p.add_argument("fixed", nargs="?", default=None, help="fixed image (pair mode)")
     p.add_argument("moving", nargs="?", default=None, help="moving image (pair mode)")
     p.add_argument("--out", required=True, help="field NIfTI (pair) or output folder (dataset)")
-    p.add_argument("--data", default=None, help="dataset mode: a phase-series dataset or folder of 4D NIfTIs")
-    p.add_argument("--reference-phase", type=int, default=0, help="dataset mode: the phase every other phase is registered to")
+    p.add_argument("--data", default=None, help="dataset mode: a dataset.json of phases, a folder of 4D NIfTIs, or one folder per subject with a 3D file per phase")
+    p.add_argument("--reference-phase", type=int, default=0, help="dataset mode: the phase the fields start from")
+    p.add_argument("--pairs", choices=["reference", "consecutive"], default="reference",
+                   help="dataset mode: register each phase to the reference phase, or to its neighbour towards it "
+                        "(fields are then composed to reach a phase)")
+    p.add_argument("--batch", type=int, default=1, help="dataset mode: pairs of one grid registered jointly (faster on a GPU)")
+    p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                   help="dataset mode: share the registrations across devices, one worker each, e.g. cuda:0 cuda:1")
     p.add_argument("--config", default=None, help="YAML file or shipped config name of registration settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. control_spacing_mm=15, diffeomorphic=true, similarity=mi")
@@ -257,7 +263,8 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"{len(paths)} files written under {paths[0].parent.parent if paths else args.out}")
     elif args.command == "register":
         api.register(args.fixed, args.moving, out=args.out, data=args.data, config=args.config,
-                     overrides=args.overrides, reference_phase=args.reference_phase, progress=progress)
+                     overrides=args.overrides, reference_phase=args.reference_phase, progress=progress,
+                     pairs=args.pairs, batch=args.batch, devices=args.devices)
     elif args.command == "render":
         print(api.render(args.frames, args.out, field=args.field, still=args.still, views=tuple(args.views.split(",")),
                          slices=args.slices, anchor=args.anchor, style=args.style, fps=args.fps))

@@ -1,8 +1,6 @@
-"""B-spline FFD registration: accuracy on phantoms with known motion, files, resume, bad input."""
+"""B-spline FFD registration: accuracy on phantoms with known motion, batches, files, bad input."""
 
 from __future__ import annotations
-
-import json
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +11,6 @@ from pydantic import ValidationError
 
 from medsynth.data.io import save_image
 from medsynth.data.phantoms.cardiac import render_cardiac, sample_cardiac_params
-from medsynth.data.phantoms.lung import make_lung_dataset
 from medsynth.errors import BadInputError
 from medsynth.motion.fields import end_point_error, load_field, voxel_to_mm, warp_image
 from medsynth.motion.registration import (
@@ -22,7 +19,7 @@ from medsynth.motion.registration import (
     field_from_grid,
     load_transform,
     register,
-    register_dataset,
+    register_batch,
     register_pair,
 )
 
@@ -133,53 +130,15 @@ def test_config_is_strict():
         RegistrationConfig(levels=3, iterations=(10, 10))
 
 
-@pytest.fixture
-def lung_dataset(tmp_path):
-    return make_lung_dataset(tmp_path / "lung", n=2, frames=3, size=(24, 24, 12), seed=2)
-
-
-def test_dataset_mode_resumes_after_a_kill(tmp_path, lung_dataset):
-    out = tmp_path / "registered"
-
-    def kill_after_first(result):
-        raise KeyboardInterrupt  # the job dies after its first registration was written
-
-    with pytest.raises(KeyboardInterrupt):
-        register_dataset(lung_dataset, out, TINY, progress=False, callback=kill_after_first)
-    first = out / "sub000" / "grid_t01.npz"
-    assert first.exists() and len(list(out.rglob("*.npz"))) == 1
-    stamp = first.stat().st_mtime_ns
-
-    results = register_dataset(lung_dataset, out, TINY, progress=False)
-    assert [r.output.relative_to(out).as_posix() for r in results] == ["sub000/grid_t01.npz", "sub000/grid_t02.npz", "sub001/grid_t01.npz", "sub001/grid_t02.npz"]
-    assert [r.skipped for r in results] == [True, False, False, False]
-    assert first.stat().st_mtime_ns == stamp  # not redone
-    assert not list(out.rglob(".*tmp*"))  # no half-written files
-    transform, extra = load_transform(results[1].output)
-    assert extra["fixed"].endswith("sub000/image_t02.nii.gz") and extra["moving"].endswith("sub000/image_t00.nii.gz")
-    assert transform.dense_field().shape == (3, 24, 24, 12)
-
-
-def test_dataset_mode_reads_4d_files(tmp_path, lung_dataset):
-    frames = [nib.load(str(lung_dataset / f"sub000/image_t{t:02d}.nii.gz")) for t in range(3)]
-    data = tmp_path / "scans"
-    data.mkdir()
-    nib.save(nib.Nifti1Image(np.stack([np.asarray(f.dataobj) for f in frames], axis=-1), frames[0].affine), str(data / "case1.nii.gz"))
-    results = register_dataset(data, tmp_path / "out", TINY, progress=False)
-    assert [r.output.name for r in results] == ["grid_t01.npz", "grid_t02.npz"]
-    assert results[0].fixed.endswith("case1.nii.gz[phase 1]")
-
-
-def test_dataset_mode_refuses_bad_input(tmp_path, lung_dataset):
-    one_phase = tmp_path / "one"
-    one_phase.mkdir()
-    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 1), np.float32), np.eye(4)), str(one_phase / "scan.nii.gz"))
-    with pytest.raises(BadInputError, match="scan.nii.gz: 4D scan has only one phase"):
-        register_dataset(one_phase, tmp_path / "out", TINY, progress=False)
-    manifest = json.loads((lung_dataset / "dataset.json").read_text())
-    manifest["cases"] = [case for case in manifest["cases"] if not (case["subject"] == "sub001" and case["phase"] == 1)]
-    (lung_dataset / "dataset.json").write_text(json.dumps(manifest))
-    with pytest.raises(BadInputError, match="dataset.json: subject sub001 is missing phase"):
-        register_dataset(lung_dataset, tmp_path / "out", TINY, progress=False)
-    with pytest.raises(BadInputError, match="no dataset.json"):
-        register_dataset(tmp_path / "nothing", tmp_path / "out", TINY, progress=False)
+@pytest.mark.parametrize("similarity", ["lncc", "ncc"])
+def test_a_batch_gives_each_pair_its_own_registration(cardiac_pair, similarity):
+    fixed, moving, _, _ = cardiac_pair
+    shifted = MetaTensor(torch.roll(moving.as_tensor(), 2, dims=1), affine=moving.affine)  # another motion, same grid
+    config = FAST.model_copy(update={"similarity": similarity, "iterations": (20, 10)})
+    joint = register_batch([fixed, fixed], [moving, shifted], config)
+    for (transform, quality), pair in zip(joint, [(fixed, moving), (fixed, shifted)]):
+        alone, alone_quality = register(*pair, config)
+        assert transform.coefficients.shape == alone.coefficients.shape
+        assert torch.allclose(transform.coefficients, alone.coefficients, atol=1e-4)
+        assert quality["after"] == pytest.approx(alone_quality["after"], abs=1e-5)
+    assert not torch.allclose(joint[0][0].coefficients, joint[1][0].coefficients, atol=1e-2)  # the pairs did differ

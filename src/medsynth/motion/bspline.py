@@ -45,7 +45,8 @@ class BSplineTransform:
     """A cubic B-spline displacement (or velocity) over the fixed image's grid.
 
     Attributes:
-        coefficients: ``(3, Mx, My, Mz)`` control-point values in voxels of the fixed image.
+        coefficients: ``(3, Mx, My, Mz)`` control-point values in voxels of the fixed image
+            (``(B, 3, Mx, My, Mz)``: B transforms of one grid, optimised jointly).
         control_spacing: control-point spacing in fixed voxels per axis; control point
             ``k`` of an axis sits at voxel ``(k - 1) * spacing``.
         shape: spatial shape ``(X, Y, Z)`` of the fixed image.
@@ -71,17 +72,17 @@ class BSplineTransform:
         """The B-spline field sampled on a ``size`` grid spanning the image (default: full resolution).
 
         Returns:
-            ``(1, 3, *size)`` in voxels of that grid (grid ``i`` sits at fixed voxel
+            ``(1, 3, *size)`` (``(B, 3, *size)`` for batched coefficients) in voxels of that grid (grid ``i`` sits at fixed voxel
             ``i * (n - 1) / (size - 1)``); a velocity in diffeomorphic mode.
         """
         size = tuple(self.shape if size is None else size)
-        values = self.coefficients[None]
+        values = self.coefficients if self.coefficients.ndim == 5 else self.coefficients[None]
         key = (size, values.dtype, values.device)
         if key not in self._bases:
             steps = [(n - 1) / max(m - 1, 1) for n, m in zip(self.shape, size)]
             bases = [
                 _cubic_bspline_matrix(torch.arange(m, dtype=values.dtype, device=values.device) * step, spacing, count)
-                for m, step, spacing, count in zip(size, steps, self.control_spacing, self.coefficients.shape[1:])
+                for m, step, spacing, count in zip(size, steps, self.control_spacing, self.coefficients.shape[-3:])
             ]
             self._bases[key] = (bases, torch.as_tensor([1.0 / step for step in steps], dtype=values.dtype, device=values.device).reshape(1, 3, 1, 1, 1))
         bases, scale = self._bases[key]

@@ -9,8 +9,8 @@ al., MICCAI 2006; MONAI ``DVF2DDF``), so the map is invertible.
 
 The result is the control grid (:class:`BSplineTransform`, a compact ``.npz``); the
 dense field (voxels, MONAI DDF convention: ``warp_image(moving, u) ~ fixed``) is made on
-demand. :func:`register_pair` registers two files; :func:`register_dataset` registers
-every phase of every 4D case to a reference phase, resuming where a killed run stopped.
+demand. :func:`register_pair` registers two files, :func:`register_batch` several pairs of
+one grid jointly; :mod:`medsynth.motion.phase_series` registers the phases of 4D datasets.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from pydantic import Field, model_validator
 
 from medsynth.config import StrictModel
 from medsynth.data.io import NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
-from medsynth.data.manifest import MANIFEST_NAME, Manifest
 from medsynth.errors import BadInputError
 from medsynth.motion.bspline import BSplineTransform, load_transform
 from medsynth.motion.fields import bending_energy, folding_share, save_field, warp_image
@@ -44,7 +43,7 @@ __all__ = [
     "field_from_grid",
     "load_transform",
     "register",
-    "register_dataset",
+    "register_batch",
     "register_pair",
 ]
 
@@ -101,9 +100,9 @@ def _similarity(config: RegistrationConfig) -> Callable[[torch.Tensor, torch.Ten
     if config.similarity == "mi":
         return GlobalMutualInformationLoss(num_bins=config.mi_bins)
 
-    def ncc(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:  # global NCC: MONAI's is local only
-        a, b = warped - warped.mean(), fixed - fixed.mean()
-        return -(a * b).mean() / (a.std(unbiased=False) * b.std(unbiased=False) + 1e-8)
+    def ncc(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:  # global NCC (MONAI's is local only), mean over the batch
+        a, b = (x.flatten(1) - x.flatten(1).mean(1, keepdim=True) for x in (warped, fixed))
+        return (-(a * b).mean(1) / (a.std(1, unbiased=False) * b.std(1, unbiased=False) + 1e-8)).mean()
 
     return ncc
 
@@ -139,43 +138,74 @@ def register(fixed: MetaTensor, moving: MetaTensor, config: RegistrationConfig |
         better), ``folding`` (share of voxels with Jacobian determinant <= 0) and
         ``seconds``.
     """
+    return register_batch([fixed], [moving], config)[0]
+
+
+def register_batch(fixed: Sequence[MetaTensor], moving: Sequence[MetaTensor], config: RegistrationConfig | None = None) -> list[tuple[BSplineTransform, dict[str, float]]]:
+    """Register ``B`` pairs of one shape and spacing jointly: one optimisation over ``(B, 3, ...)`` coefficients.
+
+    The loss is the sum of the pairs' losses, so each pair's coefficients get their own
+    gradient, and Adam's steps are element-wise: the result equals :func:`register` of
+    each pair (up to float rounding). L-BFGS couples the pairs (shared line search and
+    curvature history), so with ``optimiser="lbfgs"`` the pairs are registered one by one.
+
+    Args:
+        fixed, moving: ``B`` images ``(1, X, Y, Z)`` each, every pair on its fixed grid; all
+            fixed images of one shape and voxel spacing (affines may differ otherwise).
+
+    Returns:
+        ``(transform, quality)`` per pair, as :func:`register`; ``seconds`` is the batch's
+        time shared equally.
+    """
     config = config or RegistrationConfig()
+    if config.optimiser == "lbfgs" and len(fixed) > 1:
+        return [result for pair in zip(fixed, moving) for result in register_batch([pair[0]], [pair[1]], config)]
     start = time.perf_counter()
     device = config.torch_device()
     # Plain tensors: MetaTensor bookkeeping on every operation would only slow the loop down.
-    fixed_t, moving_t = (torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image, dtype=torch.float32, device=device)[None] for image in (fixed, moving))
-    fixed_t, moving_t = _normalise(fixed_t, moving_t)
-    shape = tuple(fixed_t.shape[2:])
-    spacing = spacing_of(fixed.affine)
+    pairs = [_normalise(*(torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image, dtype=torch.float32, device=device)[None] for image in pair)) for pair in zip(fixed, moving)]
+    fixed_t, moving_t = torch.cat([f for f, _ in pairs]), torch.cat([m for _, m in pairs])  # (B, 1, X, Y, Z)
+    shape, batch = tuple(fixed_t.shape[2:]), len(pairs)
+    spacing = spacing_of(fixed[0].affine)
+    if any(not np.allclose(spacing_of(image.affine), spacing, rtol=1e-5) for image in fixed):
+        raise ValueError("register_batch: every pair of a batch needs the same voxel spacing")
     control_mm = np.broadcast_to(np.asarray(config.control_spacing_mm, dtype=np.float64), (3,))
     control = tuple(float(v) for v in control_mm / spacing)
-    coefficients = torch.zeros(3, *BSplineTransform.grid_shape(shape, control), device=device, requires_grad=True)
-    transform = BSplineTransform(coefficients, control, shape, np.asarray(fixed.affine, dtype=np.float64), config.diffeomorphic, config.integration_steps)
+    coefficients = torch.zeros(batch, 3, *BSplineTransform.grid_shape(shape, control), device=device, requires_grad=True)
+    transform = BSplineTransform(coefficients, control, shape, np.asarray(fixed[0].affine, dtype=np.float64), config.diffeomorphic, config.integration_steps)
     similarity = _similarity(config)
     if isinstance(similarity, torch.nn.Module):
         similarity = similarity.to(device)
 
     for size, iterations in zip(_pyramid_sizes(shape, config.levels), config.iterations_per_level()):
-        fixed_l, moving_l = _downsample(fixed_t, size), _downsample(moving_t, size)
+        # Pair by pair: a batched convolution rounds differently, and Adam's normalised steps
+        # amplify such 1e-7 differences where the gradient is near zero.
+        fixed_l, moving_l = (torch.cat([_downsample(image[b : b + 1], size) for b in range(batch)]) for image in (fixed_t, moving_t))
         level_spacing = spacing * (np.asarray(shape) - 1) / np.maximum(np.asarray(size) - 1, 1)
 
         def objective(size=size, fixed_l=fixed_l, moving_l=moving_l, level_spacing=level_spacing) -> torch.Tensor:  # this level's
             spline = transform.spline_field(size)
             ddf = transform.displacement(size) if config.diffeomorphic else spline
-            return similarity(warp_image(moving_l, ddf), fixed_l) + config.regularisation * bending_energy(spline, level_spacing)
+            # Both terms are means over the batch of per-pair means of equal size: times B, the sum of the pairs' losses.
+            return batch * (similarity(warp_image(moving_l, ddf), fixed_l) + config.regularisation * bending_energy(spline, level_spacing))
 
         _optimise(coefficients, objective, iterations, config)
 
+    results = []
     with torch.no_grad():
         ddf = transform.displacement()
-        quality = {
-            "before": float(similarity(moving_t, fixed_t)),
-            "after": float(similarity(warp_image(moving_t, ddf), fixed_t)),
-            "folding": folding_share(ddf),
-        }
-    transform.coefficients = coefficients.detach()
-    quality["seconds"] = time.perf_counter() - start
-    return transform, quality
+        for b, image in enumerate(fixed):
+            quality = {
+                "before": float(similarity(moving_t[b : b + 1], fixed_t[b : b + 1])),
+                "after": float(similarity(warp_image(moving_t[b : b + 1], ddf[b : b + 1]), fixed_t[b : b + 1])),
+                "folding": folding_share(ddf[b : b + 1]),
+            }
+            pair_transform = BSplineTransform(coefficients[b].detach(), control, shape, np.asarray(image.affine, dtype=np.float64), config.diffeomorphic, config.integration_steps)
+            results.append((pair_transform, quality))
+    seconds = (time.perf_counter() - start) / batch
+    for _, quality in results:
+        quality["seconds"] = seconds
+    return results
 
 
 def _optimise(parameters: torch.Tensor, objective: Callable[[], torch.Tensor], iterations: int, config: RegistrationConfig) -> None:
@@ -198,7 +228,7 @@ def _optimise(parameters: torch.Tensor, objective: Callable[[], torch.Tensor], i
 
 
 # ---------------------------------------------------------------------------------------
-# Files: pair mode and dataset mode
+# Files: pair mode
 # ---------------------------------------------------------------------------------------
 
 
@@ -285,126 +315,3 @@ def register_pair(fixed_path: str | Path, moving_path: str | Path, out_path: str
     else:
         _write_field(transform, out_path)
     return RegistrationResult(str(fixed_path), str(moving_path), out_path, config.similarity, quality["before"], quality["after"], quality["folding"], quality["seconds"], notes=notes)
-
-
-@dataclass
-class _Case:
-    """A 4D case: its phases as files (manifest) or as one 4D file."""
-
-    subject: str
-    phase_paths: dict[int, Path] = field(default_factory=dict)  # manifest layout
-    volume: Path | None = None  # one 4D NIfTI
-
-    def phases(self) -> list[int]:
-        return sorted(self.phase_paths) if self.volume is None else list(range(_phase_count(self.volume)))
-
-
-def _phase_count(path: Path) -> int:
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for broken headers
-        raise BadInputError(path, f"cannot read image ({type(exc).__name__})") from None
-    if image.ndim != 4:
-        raise BadInputError(path, f"expected a 4D scan (X, Y, Z, phase), got {image.ndim}D")
-    if image.shape[3] < 2:
-        raise BadInputError(path, "4D scan has only one phase (registration needs at least two)")
-    return int(image.shape[3])
-
-
-def _find_cases(data_dir: Path, reference_phase: int) -> list[_Case]:
-    """Cases of ``data_dir``: a ``dataset.json`` with ``subject``/``phase`` cases, or a folder of 4D NIfTI files."""
-    manifest_path = data_dir / MANIFEST_NAME
-    if manifest_path.exists():
-        manifest = Manifest.load(manifest_path)
-        cases: dict[str, _Case] = {}
-        for entry in manifest.cases:
-            if entry.phase is None or not isinstance(entry.image, str):
-                raise BadInputError(manifest_path, f"case {entry.id} is not one phase of a series (dataset mode needs a phase and one image per case)")
-            cases.setdefault(entry.subject, _Case(entry.subject)).phase_paths[entry.phase] = manifest.resolve(entry.image)
-        found = list(cases.values())
-        for case in found:
-            expected = set(range(max(case.phase_paths) + 1)) | {reference_phase}
-            missing = sorted(expected - set(case.phase_paths))
-            if missing:
-                raise BadInputError(manifest_path, f"subject {case.subject} is missing phase(s) {', '.join(map(str, missing))}")
-            if len(case.phase_paths) < 2:
-                raise BadInputError(manifest_path, f"subject {case.subject} has only one phase")
-    else:
-        files = sorted(p for p in data_dir.iterdir() if suffix_of(p) in NIFTI_SUFFIXES) if data_dir.is_dir() else []
-        found = [_Case(p.name[: -len(suffix_of(p))], volume=p) for p in files]
-        for case in found:
-            if reference_phase >= len(case.phases()):
-                raise BadInputError(case.volume, f"has {len(case.phases())} phases, no reference phase {reference_phase}")
-    if not found:
-        raise BadInputError(data_dir, "no dataset.json with phase cases and no 4D NIfTI files found")
-    return found
-
-
-def register_dataset(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    config: RegistrationConfig | None = None,
-    reference_phase: int = 0,
-    progress: bool = True,
-    callback: Callable[[RegistrationResult], None] | None = None,
-) -> list[RegistrationResult]:
-    """Register every phase of every case to its reference phase (``medsynth register --data DIR --out DIR``).
-
-    Phase ``t`` is the fixed image and the reference phase the moving one, so the field
-    ``u_t`` of ``<out>/<case>/grid_tNN.npz`` warps the reference phase onto phase ``t``
-    (``warp_image(reference, u_t) ~ phase_t``), like a phantom's ``dvf_tNN``. Grids are
-    written atomically and existing ones are skipped, so a killed run resumes where it
-    stopped. Each finished registration prints a quality line under the progress bar.
-
-    Args:
-        data_dir: a folder with ``dataset.json`` (cases with ``subject`` and ``phase``), or
-            a folder of 4D NIfTI files ``(X, Y, Z, phase)``, one per case.
-        out_dir: output folder.
-        config: registration settings.
-        reference_phase: the phase every other phase is registered to.
-        progress: show a progress bar and the quality lines (stderr).
-        callback: called with each result (done now or earlier), in order.
-
-    Returns:
-        One result per registered phase, in order.
-
-    Raises:
-        BadInputError: no cases, a 4D file with one phase, a missing phase, unreadable or
-            NaN images.
-    """
-    from tqdm import tqdm
-
-    config = config or RegistrationConfig()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    cases = _find_cases(data_dir, reference_phase)
-    jobs = [(case, phase) for case in cases for phase in case.phases() if phase != reference_phase]
-    results: list[RegistrationResult] = []
-    loaded: tuple[str, MetaTensor] | None = None  # the current 4D case, loaded once
-    with tqdm(jobs, desc="register", unit="phase", disable=not progress) as bar:
-        for case, phase in bar:
-            out = out_dir / case.subject / f"grid_t{phase:02d}.npz"
-            if out.exists():
-                _, extra = load_transform(out)
-                result = RegistrationResult(str(extra["fixed"]), str(extra["moving"]), out, str(extra["similarity"]), float(extra["before"]), float(extra["after"]), float(extra["folding"]), float(extra["seconds"]), skipped=True)
-            else:
-                if case.volume is None:
-                    fixed_name, moving_name = case.phase_paths[phase], case.phase_paths[reference_phase]
-                    fixed, moving = _load_volume(fixed_name), _load_volume(moving_name)
-                    moving, notes = _on_fixed_grid(fixed, moving, moving_name, fixed_name)
-                else:
-                    if loaded is None or loaded[0] != case.subject:
-                        loaded = (case.subject, load_image(case.volume))
-                    volume = loaded[1]
-                    fixed, moving, notes = volume[phase : phase + 1], volume[reference_phase : reference_phase + 1], []
-                    fixed_name, moving_name = f"{case.volume}[phase {phase}]", f"{case.volume}[phase {reference_phase}]"
-                transform, quality = register(fixed, moving, config)
-                transform.save(out, fixed=str(fixed_name), moving=str(moving_name), similarity=config.similarity, **quality)
-                result = RegistrationResult(str(fixed_name), str(moving_name), out, config.similarity, quality["before"], quality["after"], quality["folding"], quality["seconds"], notes=notes)
-            results.append(result)
-            if progress:
-                bar.write(result.line())
-            if callback is not None:
-                callback(result)
-    return results
