@@ -85,6 +85,26 @@ class _LastCheckpointSpy(Callback):
         self.seen.append(torch.load(self.path, weights_only=True)["global_step"] if self.path.exists() else None)
 
 
+@pytest.mark.parametrize("monitor", [None, "train_loss"])
+def test_last_ckpt_is_written_after_every_epoch_with_or_without_a_monitor(tmp_path, monitor):
+    """A killed run resumes from its last finished epoch: last.ckpt exists after epoch 0 (a recipe without a
+    monitored metric, motion-ldm, once got it only at the end of training)."""
+
+    class Logged(_Tiny):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss, on_epoch=True, on_step=False)
+            return loss
+
+    run = Run.create(tmp_path / "run")
+    spy = _LastCheckpointSpy(run.last_checkpoint)
+    trainer = build_trainer(TrainConfig(max_epochs=2, grad_clip=None), run, monitor=monitor, progress=False, extra_callbacks=[spy])
+    trainer.fit(Logged())
+    assert spy.seen == [None] * 6 + [6] * 6  # the second epoch starts from the first one's checkpoint
+    assert torch.load(run.last_checkpoint, weights_only=True)["epoch"] == 1
+    assert (run.checkpoints / "best.ckpt").exists() == (monitor is not None)
+
+
 @pytest.mark.parametrize("every", [None, 2])
 def test_step_checkpoints_write_last_ckpt_mid_epoch(tmp_path, every):
     run = Run.create(tmp_path / "run")

@@ -159,9 +159,11 @@ def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss"
     """
     if monitor_mode not in ("min", "max"):
         raise ValueError(f"monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
+    # Without a monitored metric the one kept checkpoint is the latest, written as last.ckpt every epoch
+    # (Lightning's save_last alone only writes when a top-k checkpoint was saved: never, without a monitor).
     checkpoint = ModelCheckpoint(
-        dirpath=run.checkpoints, filename="best", monitor=monitor, mode=monitor_mode,
-        save_top_k=1 if monitor else 0, save_last=True, every_n_epochs=1, enable_version_counter=False,
+        dirpath=run.checkpoints, filename="best" if monitor else "last", monitor=monitor, mode=monitor_mode,
+        save_top_k=1, save_last=monitor is not None, every_n_epochs=1, enable_version_counter=False,
     )
     callbacks: list[Callback] = [FiniteGuard(train.lr), checkpoint, RNGStateCallback(), LearningRateMonitor(logging_interval="epoch")]
     if train.checkpoint_every_n_steps is not None:

@@ -24,6 +24,7 @@ phase t: ``warp_image(reference, u_t) ~ phase_t``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -140,7 +141,7 @@ class PhaseSeries:
 
     def _registered(self, subject: str) -> tuple[Tensor, np.ndarray]:
         """The registration's fields of every phase ``(P, 3, *S)`` voxels on their grid, and its affine."""
-        from medsynth.motion.registration import phase_fields
+        from medsynth.motion.phase_series import phase_fields
 
         fields = phase_fields(self.config.data.registration, subject)
         return fields.as_tensor(), np.asarray(fields.affine, dtype=np.float64)
@@ -220,7 +221,7 @@ class MotionLDMModule(DiffusionModule):
 
         def cosine(window: list[int]):
             start, length = window[0] * per_epoch, len(window) * per_epoch
-            return lambda step: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, max(0, step - start) / length)))
+            return lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - start) / length)))  # a float: checkpoints hold no numpy
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [cosine(w) for w in windows])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
