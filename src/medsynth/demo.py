@@ -43,7 +43,7 @@ class Demo:
     config: str  # a shipped config name (configs/<name>.yaml)
     phantom: str
     n: int  # images per class (cilia) or subjects
-    size: int
+    size: int | tuple[int, ...]  # the phantom's grid: one side, or (X, Y, Z)
     summary: str  # the phantom step's line
     phantom_options: dict[str, Any] = field(default_factory=dict)
     prepare: dict[str, Any] = field(default_factory=dict)  # api.prepare settings (``recipe`` fills the rest)
@@ -73,13 +73,13 @@ DEMOS: dict[str, Demo] = {
         phantom_options={"flow_pairs": True}, prepare={"recipe": "flow-cvae", "size": 32},
         samples=(SampleCall(n=8), SampleCall(n=25, mode="grid")),
     ),
-    # Lung 4D CT phantom (6 phases) -> B-spline registration of consecutive phases -> prepare (HU window to [0, 1])
+    # Lung 4D CT phantom (6 phases, 48 x 48 x 12) -> B-spline registration of every phase to end-inhale -> prepare (HU window to [0, 1])
     # -> train motion-ldm's three stages (configs/motion-ldm-tiny.yaml) on the registered fields -> every phase of
     # two samples for each held-out CT, with 4D CT, fields and movies.
     "motion-ldm": Demo(
-        recipe="motion-ldm", config="motion-ldm-tiny", phantom="lung", n=12, size=64, summary="lung 4D CT phantom (6 phases)",
+        recipe="motion-ldm", config="motion-ldm-tiny", phantom="lung", n=12, size=(48, 48, 12), summary="lung 4D CT phantom (6 phases)",
         phantom_options={"frames": 6}, prepare={"recipe": "motion-ldm", "ct_window": (-1000.0, 500.0)},
-        register={"pairs": "consecutive", "config": "register-demo"}, samples=(SampleCall(n=2),),
+        register={"pairs": "reference", "config": "register-demo"}, samples=(SampleCall(n=2),),
     ),
 }
 

@@ -27,7 +27,7 @@ REGISTRATION_CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if
 # The data each config is written for: image side in pixels/voxels; None: a 3D GPU config, run reduced.
 SHIPPED_SIDE = {"cvae-tiny": 64, "cvae-224": 224, "cvae-448": 448,
                 "sdm-tiny": 24, "sdm-tiny-high": 32, "sdm-low-64": None, "sdm-high-128": None,
-                "flow-cvae-tiny": 32, "flow-cvae-86": None, "motion-ldm-tiny": 64, "motion-ldm-256": None}
+                "flow-cvae-tiny": 32, "flow-cvae-86": None, "motion-ldm-tiny": 48, "motion-ldm-256": None}
 CILIA_CLASSES = ["normal", "disarranged", "oda_defect", "ida_defect", "cp_defect"]
 CORONARY_LABELS = {0: "background", 1: "myocardium", 2: "blood_pool", 3: "coronary"}
 
@@ -110,7 +110,7 @@ def motion_ldm_case(name: str, tmp_path: Path) -> list[Path]:
     config = load_config(recipe.config_class, name, ["train.num_threads=1", "sample.steps=1", "sample.phases=[1]"])
     model = config.model
     in_plane = 2 ** (len(model.image_ae.channels) - 1) * 2 ** (len(model.channels) - 1)
-    shape = [64, 64, 12] if SHIPPED_SIDE[name] else [2 * in_plane, 2 * in_plane, 2 ** len(model.channels)]
+    shape = [48, 48, 12] if SHIPPED_SIDE[name] else [2 * in_plane, 2 * in_plane, 2 ** len(model.channels)]
     affine = np.diag([5.6, 4.2, 21.0, 1.0])
     config = config.model_copy(update={"data_dir": None, "model": model.model_copy(update={
         "phases": 3, "image_shape": shape, "reference_affine": affine.tolist(), "ct_window": [-1000.0, 500.0]})})
