@@ -177,7 +177,8 @@ def _render(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", default="axial,coronal,sagittal", help="comma-separated views")
     p.add_argument("--slices", type=int, default=1, help="slices per view")
     p.add_argument("--anchor", choices=["middle", "first", "last"], default="middle", help="where the slices are taken")
-    p.add_argument("--style", choices=["quiver", "magnitude"], default="quiver", help="how a field is drawn")
+    p.add_argument("--style", choices=["quiver", "magnitude", "jacobian"], default="quiver",
+                   help="how a field is drawn: in-plane arrows, |u| in mm, or the Jacobian determinant (<= 0 folds)")
     p.add_argument("--fps", type=float, default=5.0, help="movie frames per second")
 
 

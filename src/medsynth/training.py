@@ -17,12 +17,13 @@ Lightning gives the loop, precision, DDP, TensorBoard, the progress bar, EMA
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import random
 import signal
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -89,6 +90,27 @@ class MedsynthModule(L.LightningModule):
         steps = self.trainer.estimated_stepping_batches
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(steps)), eta_min=lr * 0.05)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def staged_optimizer(module: MedsynthModule, networks: Sequence[torch.nn.Module], stage_of_epoch: Callable[[int], int]) -> Any:
+    """The optimiser of a module whose networks train one after another (``stage_of_epoch(epoch)`` = the index
+    of the network that trains then): AdamW with one parameter group per network, each on its own cosine
+    schedule over its stage's steps (``train.lr_schedule``). A network outside its stage gets no gradient,
+    and AdamW skips parameters without one: no momentum drift, no weight decay."""
+    train = module.config.train
+    optimizer = torch.optim.AdamW([{"params": n.parameters()} for n in networks], lr=scaled_lr(train), weight_decay=train.weight_decay)
+    if train.lr_schedule == "constant":
+        return optimizer
+    epochs = max(1, module.trainer.max_epochs)
+    per_epoch = max(1, int(module.trainer.estimated_stepping_batches) // epochs)
+    windows = [[e for e in range(epochs) if stage_of_epoch(e) == index] or [0] for index in range(len(networks))]
+
+    def cosine(window: list[int]) -> Callable[[int], float]:
+        start, length = window[0] * per_epoch, len(window) * per_epoch
+        return lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - start) / length)))  # floats: checkpoints hold no numpy
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [cosine(w) for w in windows])
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def scaled_lr(train: TrainConfig) -> float:

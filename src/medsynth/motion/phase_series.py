@@ -6,7 +6,7 @@ reference phase ``r``; with ``pairs="consecutive"`` it is the neighbour towards 
 that reaches phase ``t`` from its moving image; ``<out>/registration.json`` records the
 pairing. :func:`phase_fields` turns the grids into the fields that warp the reference
 phase onto every phase, composing consecutive fields (never adding them: adding is only
-right to first order).
+right to first order); :class:`PhaseData` gives them to training, made dense while loading.
 
 Input layouts: a ``dataset.json`` with ``subject``/``phase`` cases; a folder of 4D NIfTI
 files ``(X, Y, Z, phase)``, one per subject; or one folder per subject with one 3D file
@@ -31,11 +31,11 @@ from medsynth.data.io import NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
 from medsynth.data.manifest import MANIFEST_NAME, Manifest
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.motion.bspline import load_transform
-from medsynth.motion.fields import compose
+from medsynth.motion.fields import compose, resample_field, voxel_to_mm
 from medsynth.motion.registration import RegistrationConfig, RegistrationResult, _load_volume, register_batch
 from medsynth.runs import atomic_write_json
 
-__all__ = ["RECORD_NAME", "phase_fields", "register_dataset"]
+__all__ = ["RECORD_NAME", "PhaseData", "phase_fields", "register_dataset"]
 
 RECORD_NAME = "registration.json"
 Pairs = Literal["reference", "consecutive"]
@@ -347,3 +347,69 @@ def phase_fields(registration_dir: str | Path, subject: str) -> MetaTensor:
         grid = grids[t].as_tensor()
         fields[t] = compose(fields[t - 1 if t > reference else t + 1], grid) if consecutive else grid
     return MetaTensor(torch.stack([fields[t] for t in phases]), affine=affine)
+
+
+class PhaseData:
+    """A prepared phase-series dataset (one case per subject and phase) with the fields to learn from.
+
+    Called on a prepared item (:class:`~medsynth.data.datasets.PreparedDataset`), it adds ``subject``,
+    ``reference`` (the subject's reference-phase image ``(1, *S)``) and ``field`` ``(3, *S)``: the field
+    that warps the reference onto the item's phase, in world mm divided by ``field_scale_mm``. Fields
+    come from ``registration`` (a :func:`register_dataset` folder: its compact grids are made dense per
+    subject when first needed, moved onto the prepared grid, and kept for ``cached_subjects`` subjects),
+    or, without it, from the dataset's own ``flow`` (e.g. a phantom's exact motion).
+    """
+
+    def __init__(self, data_dir: str | Path, registration: str | Path | None = None, reference_phase: int = 0,
+                 field_scale_mm: float = 1.0, cached_subjects: int = 64):
+        from medsynth.data.datasets import load_prepared_manifest
+
+        self.data_dir, self.registration = Path(data_dir), registration
+        self.reference_phase, self.field_scale_mm = reference_phase, field_scale_mm
+        cases = load_prepared_manifest(data_dir).cases
+        self.subject = {case.id: case.subject for case in cases}
+        self.phase_case = {(case.subject, case.phase): case.id for case in cases}
+        self.registered = lru_cache(maxsize=cached_subjects)(self._registered)
+        self.reference_image = lru_cache(maxsize=cached_subjects)(self._reference_image)
+
+    def _reference_image(self, subject: str) -> torch.Tensor:
+        case = self.phase_case.get((subject, self.reference_phase))
+        if case is None:
+            raise BadInputError(self.data_dir, f"subject {subject} has no reference phase {self.reference_phase}")
+        with np.load(self.data_dir / "cases" / f"{case}.npz") as arrays:
+            return torch.from_numpy(arrays["image"]).float()
+
+    def _registered(self, subject: str) -> tuple[torch.Tensor, np.ndarray]:
+        fields = phase_fields(self.registration, subject)
+        return fields.as_tensor(), np.asarray(fields.affine, dtype=np.float64)
+
+    def field_voxels(self, item: dict) -> torch.Tensor:
+        """The training field of a prepared item ``(3, *S)`` in voxels of its grid."""
+        if self.registration is None:
+            if "flow" not in item:
+                raise BadInputError(self.data_dir, f"case {item['id']} has no field: give the registration folder (`medsynth register --data`)")
+            return item["flow"].float()
+        fields, affine = self.registered(self.subject[item["id"]])
+        return resample_field(fields[item["phase"]], affine, tuple(item["image"].shape[1:]), item["affine"].numpy()).float()
+
+    def true_field(self, item: dict) -> torch.Tensor:
+        """What a generated field of the item's phase is judged against ``(3, *S)`` voxels: the dataset's own field
+        (a phantom's exact motion) when it has one, else the registration's."""
+        return item["flow"].float() if "flow" in item else self.field_voxels(item)
+
+    def __call__(self, item: dict) -> dict:
+        subject = self.subject[item["id"]]
+        field = voxel_to_mm(self.field_voxels(item).double(), item["affine"].numpy()).float() / self.field_scale_mm
+        return {**item, "subject": subject, "reference": self.reference_image(subject), "field": field}
+
+    def by_subject(self, splits: Sequence[str]) -> dict[str, dict[int, dict]]:
+        """The first non-empty split of ``splits`` as subject -> phase -> item (with the keys above)."""
+        from medsynth.data.datasets import load_split
+
+        for split in splits:
+            grouped: dict[str, dict[int, dict]] = {}
+            for item in map(self, load_split(self.data_dir, split)):
+                grouped.setdefault(item["subject"], {})[int(item["phase"])] = item
+            if grouped:
+                return grouped
+        return {}

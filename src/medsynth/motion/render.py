@@ -21,16 +21,16 @@ import torch
 
 from medsynth.data.io import load_image, spacing_of, suffix_of
 from medsynth.errors import BadInputError
-from medsynth.motion.fields import load_field, voxel_to_mm
+from medsynth.motion.fields import jacobian_determinant, load_field, voxel_to_mm
 from medsynth.runs import atomic_write_bytes
 
-__all__ = ["VIEWS", "load_fields", "load_frames", "render_movie", "render_still", "slice_indices"]
+__all__ = ["VIEWS", "load_fields", "load_frames", "render_movie", "render_still", "slice_indices", "write_motion"]
 
 View = Literal["axial", "coronal", "sagittal"]
 VIEWS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # the array axis each view slices along
 _VIEW_OF_AXIS = {axis: view for view, axis in VIEWS.items()}
 Anchor = Literal["middle", "first", "last"]
-Style = Literal["quiver", "magnitude"]
+Style = Literal["quiver", "magnitude", "jacobian"]
 
 FrameSource = str | Path | Sequence[str | Path] | np.ndarray | torch.Tensor
 FieldSource = str | Path | Sequence[str | Path] | np.ndarray | torch.Tensor
@@ -143,14 +143,21 @@ class _Figure:
         for view in views:
             if view not in VIEWS:
                 raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
-        if style not in ("quiver", "magnitude"):
-            raise ValueError(f"style must be 'quiver' or 'magnitude', got {style!r}")
+        if style not in ("quiver", "magnitude", "jacobian"):
+            raise ValueError(f"style must be 'quiver', 'magnitude' or 'jacobian', got {style!r}")
         self.images, self.style = images, style
         spacing = spacing_of(affine)
         self.fields_mm = None if fields is None else np.asarray(voxel_to_mm(torch.from_numpy(np.array(fields, dtype=np.float32)), affine))
         low, high = window or tuple(np.percentile(images, [1.0, 99.5]))
         magnitudes = None if self.fields_mm is None else np.linalg.norm(self.fields_mm, axis=1)
         peak = float(magnitudes.max()) if magnitudes is not None and magnitudes.max() > 0 else 1.0
+        # The scalar map over the image: |u| in mm, or the Jacobian determinant (< 0: folding, 1: no volume change).
+        self.scalars, scale = None, None
+        if fields is not None and style == "magnitude":
+            self.scalars, scale = magnitudes, {"cmap": "inferno", "vmin": 0.0, "vmax": peak, "label": "displacement (mm)"}
+        elif fields is not None and style == "jacobian":
+            self.scalars = jacobian_determinant(torch.from_numpy(np.array(fields, dtype=np.float64))).numpy()
+            scale = {"cmap": "RdBu_r", "vmin": 0.0, "vmax": 2.0, "label": "Jacobian determinant"}
         self.panels = [(VIEWS[view], index) for view in views for index in slice_indices(images.shape[1 + VIEWS[view]], slices, anchor)]
         columns = len(self.panels) // len(views)
         self.figure = Figure(figsize=(3.2 * columns, 3.2 * len(views) + 0.4), dpi=80, layout="constrained")
@@ -162,8 +169,9 @@ class _Figure:
             extent = (0.0, images.shape[1 + in_plane[0]] * spacing[in_plane[0]], 0.0, images.shape[1 + in_plane[1]] * spacing[in_plane[1]])
             image = plot.imshow(_plane(images[0], axis, index), cmap="gray", vmin=low, vmax=high, origin="lower", extent=extent, interpolation="nearest")
             overlay, sample = None, (slice(None), slice(None))
-            if magnitudes is not None and style == "magnitude":
-                overlay = plot.imshow(_plane(magnitudes[0], axis, index), cmap="inferno", vmin=0.0, vmax=peak, alpha=0.55, origin="lower", extent=extent, interpolation="bilinear")
+            if self.scalars is not None:
+                overlay = plot.imshow(_plane(self.scalars[0], axis, index), cmap=scale["cmap"], vmin=scale["vmin"], vmax=scale["vmax"],
+                                      alpha=0.55, origin="lower", extent=extent, interpolation="bilinear")
             elif magnitudes is not None:
                 # Arrows every ``step`` voxels, drawn at their length in mm times ``gain`` (about one arrow spacing at the peak).
                 steps = [max(1, images.shape[1 + a] // arrows) for a in in_plane]
@@ -177,8 +185,8 @@ class _Figure:
             plot.set_xticks([])
             plot.set_yticks([])
             self.artists.append((image, overlay, axis, index, in_plane, sample))
-        if magnitudes is not None and style == "magnitude":
-            self.figure.colorbar(self.artists[0][1], ax=self.figure.axes, shrink=0.6, label="displacement (mm)")
+        if self.scalars is not None:
+            self.figure.colorbar(self.artists[0][1], ax=self.figure.axes, shrink=0.6, label=scale["label"])
         self.title = self.figure.suptitle("", fontsize=9)
 
     def _arrows(self, t: int, axis: int, index: int, in_plane: list[int], sample: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
@@ -189,8 +197,8 @@ class _Figure:
         """Show frame ``t`` and return the picture ``(H, W, 3)`` uint8."""
         for image, overlay, axis, index, in_plane, sample in self.artists:
             image.set_data(_plane(self.images[t], axis, index))
-            if overlay is not None and self.style == "magnitude":
-                overlay.set_data(_plane(np.linalg.norm(self.fields_mm[t], axis=0), axis, index))
+            if overlay is not None and self.scalars is not None:
+                overlay.set_data(_plane(self.scalars[t], axis, index))
             elif overlay is not None:
                 overlay.set_UVC(*self._arrows(t, axis, index, in_plane, sample))
         self.title.set_text(title)
@@ -220,7 +228,8 @@ def render_movie(
         views: any of ``"axial"``, ``"coronal"``, ``"sagittal"``: one row each.
         slices: slices per view (columns), around the ``anchor``.
         anchor: ``"middle"``, ``"first"`` or ``"last"`` slice.
-        style: ``"quiver"`` (in-plane arrows) or ``"magnitude"`` (heatmap in mm).
+        style: ``"quiver"`` (in-plane arrows), ``"magnitude"`` (heatmap in mm) or ``"jacobian"``
+            (the Jacobian determinant: < 1 compression, > 1 expansion, <= 0 folding).
         fps: frames per second.
         window: grey-level range; default the 1st-99.5th percentile of the sequence.
         arrows: about this many arrows along each panel axis.
@@ -271,3 +280,32 @@ def render_still(
     figure.figure.savefig(buffer, format=out_png.suffix.lstrip(".") or "png")
     atomic_write_bytes(out_png, buffer.getvalue())
     return out_png
+
+
+def write_motion(folder: str | Path, image: torch.Tensor, affine: np.ndarray, fields: torch.Tensor, phases: Sequence[int],
+                 views: Sequence[View] = ("axial", "coronal", "sagittal"), style: Style = "quiver") -> list[Path]:
+    """A motion over phases on disk: what ``medsynth sample`` writes for a generated breathing cycle.
+
+    Writes ``field_tNN.nii.gz`` (mm vectors with ``affine``), ``image_tNN.nii.gz`` (``image`` warped by
+    that field), ``image_4d.nii.gz`` (the phases as one 4D scan) and ``movie_<view>.gif`` per view
+    (the field drawn as ``style``); the folder is a sequence :func:`load_frames` and ``medsynth render`` read.
+
+    Args:
+        folder: output folder.
+        image: ``(1, *S)`` the reference image (e.g. HU) on the grid of ``affine``.
+        affine: its 4x4 affine.
+        fields: ``(P, 3, *S)`` voxel fields, ``warp_image(image, fields[i])`` = phase ``phases[i]``.
+        phases: the phase number of each field (file names).
+
+    Returns:
+        The written files, fields first.
+    """
+    from medsynth.data.io import save_image
+    from medsynth.motion.fields import save_field, warp_image
+
+    folder = Path(folder)
+    frames = warp_image(image[None].expand(len(fields), *image.shape).float(), fields.float())[:, 0]
+    field_paths = [save_field(f, folder / f"field_t{p:02d}.nii.gz", affine) for p, f in zip(phases, fields)]
+    frame_paths = [save_image(frame[None], folder / f"image_t{p:02d}.nii.gz", affine=affine) for p, frame in zip(phases, frames)]
+    written = [*field_paths, *frame_paths, save_image(frames, folder / "image_4d.nii.gz", affine=affine, series=True)]
+    return written + [render_movie(frame_paths, folder / f"movie_{view}.gif", field=field_paths, views=(view,), style=style) for view in views]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -119,3 +120,38 @@ def condition_name(path: Path) -> str:
     """A conditioning file's name without its (possibly double) suffix: ``case_001.nii.gz`` -> ``case_001``."""
     suffix = suffix_of(path)
     return path.name[: -len(suffix)] if suffix and path.name.lower().endswith(suffix) else path.stem
+
+
+@dataclass(frozen=True)
+class ConditionVolume:
+    """A condition CT read for a model: as given and on the model's grid."""
+
+    name: str  # the file name without its suffix
+    image: torch.Tensor  # (1, *S) as read (e.g. HU), on its own grid
+    affine: np.ndarray  # (4, 4) of that grid
+    unit: torch.Tensor  # (1, *shape) in [0, 1] on the model's grid
+    grid_affine: np.ndarray  # (4, 4) of the model's grid (the same field of view)
+
+
+def condition_volumes(condition: Path, shape: Sequence[int], window: Sequence[float] | None) -> list[ConditionVolume]:
+    """The 3D volumes of ``condition`` (a file or folder), each resampled over its own field of view to the model's
+    ``shape`` when it has another (said in one line) and mapped to [0, 1] by the CT ``window`` (HU; None: as is)."""
+    from monai.transforms import Resize
+
+    from medsynth.console import note
+    from medsynth.data.io import load_image
+    from medsynth.data.prepare import hu_to_unit
+
+    volumes = []
+    for path in condition_files(Path(condition)):
+        image = load_image(path)
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise BadInputError(path, f"a condition is one 3D volume, got shape {tuple(image.shape)}")
+        grid = image
+        if list(image.shape[1:]) != list(shape):
+            note(f"{path}: shape {list(image.shape[1:])} resampled to the model grid {list(shape)} (same field of view)")
+            grid = Resize(list(shape), mode="trilinear", anti_aliasing=True)(image)
+        unit = hu_to_unit(grid.as_tensor().float(), window).clamp(0, 1)
+        volumes.append(ConditionVolume(condition_name(path), image.as_tensor().float(), np.asarray(image.affine, dtype=np.float64),
+                                       unit, np.asarray(grid.affine, dtype=np.float64)))
+    return volumes

@@ -29,17 +29,16 @@ from pydantic import Field
 from torch import Tensor
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.console import note
 from medsynth.data.datasets import PreparedDataModule, first_split, load_prepared_info, load_split, require_prepared, stack_items
 from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
-from medsynth.data.prepare import hu_to_unit, unit_to_hu
-from medsynth.errors import BadInputError, MedsynthError
+from medsynth.data.prepare import unit_to_hu
+from medsynth.errors import MedsynthError
 from medsynth.latent import channel_directions, direction_grid, interpolate_latents, plane_basis
 from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import epe_map_mm, invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name, require_finite
+from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_volumes, require_finite
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seed
@@ -277,19 +276,7 @@ class FlowCVAERecipe(Recipe):
             if not cases:
                 raise MedsynthError(f"flow-cvae: no --condition given and no prepared frames in {module.config.data_dir}")
             return [(case["id"], case["image"][None], case["affine"].numpy()) for case in cases]
-        frames = []
-        for path in condition_files(Path(condition)):
-            image = load_image(path)
-            if image.ndim != 4 or image.shape[0] != 1:
-                raise BadInputError(path, f"a condition frame is one 3D volume, got shape {tuple(image.shape)}")
-            if list(image.shape[1:]) != model.image_shape:
-                from monai.transforms import Resize
-
-                note(f"{path}: shape {list(image.shape[1:])} resampled to the model grid {model.image_shape}")
-                image = Resize(model.image_shape, mode="trilinear")(image)
-            unit = hu_to_unit(image.as_tensor().float(), model.ct_window).clamp(0, 1)
-            frames.append((condition_name(path), unit[None], np.asarray(image.affine, dtype=np.float64)))
-        return frames
+        return [(v.name, v.unit[None], v.grid_affine) for v in condition_volumes(Path(condition), model.image_shape, model.ct_window)]
 
     def latents(self, module: FlowCVAEModule, request: SampleRequest, count: int) -> Tensor:
         """Latent codes ``(N, *latent_shape)`` of a request made on ``count`` condition frames."""

@@ -24,9 +24,7 @@ phase t: ``warp_image(reference, u_t) ~ phase_t``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +36,8 @@ from torch import Tensor
 
 from medsynth.config import RecipeConfig, StrictModel
 from medsynth.data.datasets import PreparedDataModule, load_prepared_manifest, load_split, require_prepared, stack_items
-from medsynth.data.fields import mm_to_voxel, save_field, voxel_to_mm
-from medsynth.data.io import load_image, save_image
-from medsynth.data.prepare import hu_to_unit, unit_to_hu
+from medsynth.data.fields import mm_to_voxel
+from medsynth.data.prepare import unit_to_hu
 from medsynth.diffusion.autoencoder import AutoencoderConfig, LatentAutoencoder, LatentCache
 from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.config import DenoiserConfig
@@ -49,11 +46,12 @@ from medsynth.diffusion.module import DiffusionModule
 from medsynth.diffusion.sampling import SamplerConfig
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.motion.fields import resample_field, warp_image
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name, require_finite
+from medsynth.motion.phase_series import PhaseData
+from medsynth.recipes.base import ConditionVolume, Recipe, SampleRequest, TinyExample, condition_volumes, require_finite
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seed, item_seeds
-from medsynth.training import load_module, scaled_lr
+from medsynth.training import load_module, staged_optimizer
 
 STAGES = ("image-ae", "field-vae", "ldm")
 
@@ -114,55 +112,6 @@ class MotionLDMConfig(RecipeConfig):
     evaluate: MotionLDMEvaluateConfig = MotionLDMEvaluateConfig()
 
 
-# -- data ---------------------------------------------------------------------------------------------
-
-
-class PhaseSeries:
-    """Adds to each prepared case (one phase of a subject) ``subject``, ``reference`` (the subject's
-    reference-phase image ``(1, *S)``) and ``field`` (``(3, *S)`` world mm / ``field_scale_mm``).
-
-    Registration fields are made dense per subject on first use and kept for ``cached_subjects``
-    subjects, so a large dataset stays a folder of compact grids.
-    """
-
-    def __init__(self, data_dir: Path, config: MotionLDMConfig):
-        self.config, self.data_dir = config, Path(data_dir)
-        cases = load_prepared_manifest(data_dir).cases
-        self.subject = {case.id: case.subject for case in cases}
-        self.phase_case = {(case.subject, case.phase): case.id for case in cases}
-        self.registered = lru_cache(maxsize=config.data.cached_subjects)(self._registered)
-        self.reference_image = lru_cache(maxsize=config.data.cached_subjects)(self._reference_image)
-
-    def _reference_image(self, subject: str) -> Tensor:
-        case = self.phase_case.get((subject, self.config.model.reference_phase))
-        if case is None:
-            raise BadInputError(self.data_dir, f"subject {subject} has no reference phase {self.config.model.reference_phase}")
-        return torch.from_numpy(np.load(self.data_dir / "cases" / f"{case}.npz")["image"]).float()
-
-    def _registered(self, subject: str) -> tuple[Tensor, np.ndarray]:
-        """The registration's fields of every phase ``(P, 3, *S)`` voxels on their grid, and its affine."""
-        from medsynth.motion.phase_series import phase_fields
-
-        fields = phase_fields(self.config.data.registration, subject)
-        return fields.as_tensor(), np.asarray(fields.affine, dtype=np.float64)
-
-    def field_mm(self, sample: dict[str, Any]) -> Tensor:
-        """The training field of a case in mm ``(3, *S)`` on its prepared grid."""
-        affine = sample["affine"].numpy()
-        if self.config.data.registration is None:
-            if "flow" not in sample:
-                raise BadInputError(self.data_dir, f"case {sample['id']} has no field: give data.registration (a `medsynth register --data` folder)")
-            return voxel_to_mm(sample["flow"].double(), affine).float()
-        fields, grid_affine = self.registered(self.subject[sample["id"]])
-        field = resample_field(fields[sample["phase"]], grid_affine, tuple(sample["image"].shape[1:]), affine)
-        return voxel_to_mm(field.double(), affine).float()
-
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        subject = self.subject[sample["id"]]
-        return {**sample, "subject": subject, "reference": self.reference_image(subject),
-                "field": self.field_mm(sample) / self.config.model.field_scale_mm}
-
-
 # -- the LightningModule ------------------------------------------------------------------------------
 
 
@@ -209,22 +158,7 @@ class MotionLDMModule(DiffusionModule):
             getattr(self, attribute).load_state_dict(getattr(other, attribute).state_dict())
 
     def configure_optimizers(self) -> Any:
-        """One AdamW group per network; each follows a cosine schedule over its own stage's steps.
-        A network outside its stage gets no gradient, which AdamW skips (no momentum drift)."""
-        train = self.config.train
-        networks = (self.image_ae, self.field_vae, self.net)
-        optimizer = torch.optim.AdamW([{"params": n.parameters()} for n in networks], lr=scaled_lr(train), weight_decay=train.weight_decay)
-        if train.lr_schedule == "constant":
-            return optimizer
-        per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs))
-        windows = [[e for e in range(self.trainer.max_epochs) if self.config.model.stage_at(e) == name] or [0] for name in STAGES]
-
-        def cosine(window: list[int]):
-            start, length = window[0] * per_epoch, len(window) * per_epoch
-            return lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - start) / length)))  # a float: checkpoints hold no numpy
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [cosine(w) for w in windows])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return staged_optimizer(self, (self.image_ae, self.field_vae, self.net), lambda epoch: STAGES.index(self.config.model.stage_at(epoch)))
 
     # -- the autoencoder stages
 
@@ -270,7 +204,7 @@ class MotionLDMModule(DiffusionModule):
         """Posterior means ``(L, *latent)`` of every subject's reference image and every case's field
         (all splits of the datamodule), encoded once by the frozen autoencoders."""
         if self._means is None:
-            datasets = getattr(self.trainer.datamodule, "datasets", None) if self._trainer is not None else None
+            datasets = getattr(self._trainer.datamodule, "datasets", None) if self._trainer is not None else None
             if datasets is None:  # data given without the prepared datamodule (a custom loop): encoded per batch
                 return {}, {}
             items = {item["id"]: item for dataset in datasets.values() for item in (dataset[i] for i in range(len(dataset)))}
@@ -285,6 +219,8 @@ class MotionLDMModule(DiffusionModule):
     def fit_latent_scales(self) -> None:
         """Scale both latent spaces to unit standard deviation over the training items (once, when the LDM starts)."""
         image, field = self.posterior_means()
+        if not image:  # trained without the prepared datamodule: the scales stay 1
+            return
         train = self.trainer.datamodule.datasets["train"]
         ids = [train.cases[i].id for i in range(len(train))]
         subjects = sorted({train.cases[i].subject for i in range(len(train))})
@@ -312,6 +248,12 @@ class MotionLDMModule(DiffusionModule):
         fields = self.field_vae.decode(self.field_vae.from_diffusion(z), shape) * self.config.model.field_scale_mm
         fields[labels == self.config.model.reference_phase] = 0.0
         return fields.float().cpu()
+
+
+def phase_data(config: MotionLDMConfig, data_dir: Path | None = None) -> PhaseData:
+    """The run's prepared phase series with its training fields (mm / ``model.field_scale_mm``)."""
+    return PhaseData(data_dir or Path(config.data_dir), config.data.registration, config.model.reference_phase,
+                     config.model.field_scale_mm, config.data.cached_subjects)
 
 
 def check_latent_grid(model: MotionLDMModelConfig, shape: list[int]) -> None:
@@ -395,38 +337,19 @@ class MotionLDMRecipe(Recipe):
 
     def build_datamodule(self, config: MotionLDMConfig) -> L.LightningDataModule:
         return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
-                                  seed=config.train.seed, in_memory=True, transform=PhaseSeries(Path(config.data_dir), config))
+                                  seed=config.train.seed, in_memory=True, transform=phase_data(config))
 
     # -- sampling
 
-    def conditions(self, module: MotionLDMModule, condition: Path | None) -> list[tuple[str, Tensor, np.ndarray]]:
-        """(name, the CT in HU ``(1, *S)`` on its own grid, its affine) of each condition file, or of the held-out subjects."""
+    def conditions(self, module: MotionLDMModule, condition: Path | None) -> list[ConditionVolume]:
+        """The condition CTs (:func:`~medsynth.recipes.base.condition_volumes`), or the held-out subjects' reference phases."""
         model = module.config.model
-        if condition is None:
-            series = PhaseSeries(Path(module.config.data_dir), module.config)
-            held_out = [c for c in load_split(module.config.data_dir, "test") if c["phase"] == model.reference_phase]
-            return [(series.subject[c["id"]], unit_to_hu(c["image"], model.ct_window), c["affine"].numpy()) for c in held_out]
-        found = []
-        for path in condition_files(Path(condition)):
-            image = load_image(path)
-            if image.shape[0] != 1 or image.ndim != 4:
-                raise BadInputError(path, f"expected one 3D CT volume, got shape {tuple(image.shape)}")
-            found.append((condition_name(path), image.as_tensor().float(), np.asarray(image.affine, dtype=np.float64)))
-        return found
-
-    def on_model_grid(self, module: MotionLDMModule, name: str, ct: Tensor, affine: np.ndarray) -> tuple[Tensor, np.ndarray]:
-        """The CT in [0, 1] on the model's grid (resampled over the same field of view when its shape differs) and that grid's affine."""
-        from monai.data import MetaTensor
-        from monai.transforms import Resize
-
-        shape = module.config.model.image_shape
-        if list(ct.shape[1:]) != shape:
-            from medsynth.console import note
-
-            note(f"{name}: CT of shape {list(ct.shape[1:])} resampled to the model's {shape} over the same field of view")
-            resized = Resize(shape, mode="trilinear", anti_aliasing=True)(MetaTensor(ct, affine=torch.as_tensor(affine)))
-            ct, affine = resized.as_tensor(), np.asarray(resized.affine, dtype=np.float64)
-        return hu_to_unit(ct, module.config.model.ct_window).float(), affine
+        if condition is not None:
+            return condition_volumes(Path(condition), model.image_shape, model.ct_window)
+        series = phase_data(module.config)
+        held_out = [c for c in load_split(module.config.data_dir, "test") if c["phase"] == model.reference_phase]
+        return [ConditionVolume(series.subject[c["id"]], unit_to_hu(c["image"], model.ct_window), c["affine"].numpy(), c["image"], c["affine"].numpy())
+                for c in held_out]
 
     def requested_phases(self, module: MotionLDMModule, phases: Sequence[int] | None) -> list[int]:
         count = module.config.model.phases
@@ -437,7 +360,9 @@ class MotionLDMRecipe(Recipe):
         return chosen
 
     def sample(self, module: MotionLDMModule, request: SampleRequest, out: Path) -> list[Path]:
-        from medsynth.motion.render import render_movie
+        """For each condition CT and sample: every requested phase's field (mm, the CT's affine), the CT warped by
+        it (per phase and as one 4D file) and movies (:func:`medsynth.motion.render.write_motion`)."""
+        from medsynth.motion.render import write_motion
 
         settings = module.config.sample
         phases = self.requested_phases(module, request.phases if request.phases is not None else settings.phases)
@@ -445,162 +370,133 @@ class MotionLDMRecipe(Recipe):
         if not conditions:
             raise MedsynthError(f"motion-ldm: no --condition given and no held-out reference phases in {module.config.data_dir}")
         generated = []
-        for c, (name, ct, affine) in enumerate(conditions):
-            image, grid_affine = self.on_model_grid(module, name, ct, affine)
+        for c, ct in enumerate(conditions):
             for k in range(request.n):
-                seeds = [item_seed(request.seed, c * 100_000 + k * 1000 + p) for p in phases]
-                fields_mm = module.fields_mm(image, phases, seeds, settings)
-                generated.append((name if request.n == 1 else f"{name}_s{k:02d}", ct, affine, mm_to_voxel(fields_mm.double(), grid_affine), grid_affine))
-        require_finite([g[3] for g in generated], "motion-ldm fields")
-        written = []
-        for name, ct, affine, fields, grid_affine in generated:
-            folder = out / request.mode / name
-            fields = torch.stack([resample_field(f, grid_affine, tuple(ct.shape[1:]), affine) for f in fields]).float()
-            frames = warp_image(ct[None].expand(len(fields), *ct.shape).float(), fields)[:, 0]
-            field_paths = [save_field(f, folder / f"field_t{p:02d}.nii.gz", affine) for p, f in zip(phases, fields)]
-            frame_paths = [save_image(frame[None], folder / f"ct_t{p:02d}.nii.gz", affine=affine) for p, frame in zip(phases, frames)]
-            written += field_paths + frame_paths + [save_image(frames, folder / "ct_4d.nii.gz", affine=affine, series=True)]
-            written += [render_movie(frame_paths, folder / f"movie_{view}.gif", field=field_paths, views=(view,), style=settings.movie_style)
-                        for view in ("axial", "coronal", "sagittal")]
-        return written
+                fields = module.fields_mm(ct.unit, phases, [item_seed(request.seed, c * 100_000 + k * 1000 + p) for p in phases], settings)
+                on_ct = [resample_field(f, ct.grid_affine, tuple(ct.image.shape[1:]), ct.affine) for f in mm_to_voxel(fields.double(), ct.grid_affine)]
+                generated.append((ct.name if request.n == 1 else f"{ct.name}_s{k:02d}", ct.image, ct.affine, torch.stack(on_ct).float()))
+        require_finite([fields for *_, fields in generated], "motion-ldm fields")
+        return [path for name, ct, affine, fields in generated
+                for path in write_motion(out / request.mode / name, ct, affine, fields, phases, style=settings.movie_style)]
 
     # -- evaluation
 
     def evaluate(self, run: Run, module: MotionLDMModule, data_dir: Path) -> dict[str, Any]:
-        """Autoencoder fidelity, the generated motion of every held-out subject against its real phases and
-        true fields (:func:`medsynth.evaluate.fields.field_report`, prefix ``field``), the lung-volume curve,
-        diaphragm excursion, and the downstream utility of generated pairs for a registration network."""
+        """On held-out subjects: autoencoder fidelity; generated motions against the real phases (warped-CT SSIM) and
+        true fields (:func:`~medsynth.evaluate.fields.field_report`, prefix ``field``); lung-volume curve and
+        diaphragm excursion (:func:`~medsynth.evaluate.breathing.breathing_metrics`); downstream utility."""
+        from medsynth.evaluate.breathing import BreathingCase, breathing_metrics, volume_ssim
         from medsynth.evaluate.fields import field_report
+        from medsynth.motion.render import write_motion
 
         model, settings, module = module.config.model, module.config.evaluate, module.eval()
-        series = PhaseSeries(Path(data_dir), module.config)
-        train, test = by_subject(series, data_dir, ("train",)), by_subject(series, data_dir, ("test", "val"))
+        series = phase_data(module.config, data_dir)
+        train, test = series.by_subject(("train",)), series.by_subject(("test", "val"))
         if not train or not test:
             raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) subjects")
-        moving_phases = [p for p in range(model.phases) if p != model.reference_phase]
-        lung = lung_value(model.labels)
-        metrics: dict[str, Any] = {**autoencoder_fidelity(module, [item for phases in test.values() for item in phases.values()])}
-
-        cases, samples, warped_ssim, zero_ssim = [], [], [], []
-        generated_by_subject = {}
-        for s, (subject, phases) in enumerate(test.items()):
-            reference = phases[model.reference_phase]
-            fields = torch.stack([module.fields_mm(reference["image"], moving_phases, item_seeds(item_seed(settings.seed, s) + 1000 * k, len(moving_phases)),
-                                                   module.config.sample) for k in range(settings.n_samples)])  # (N, P-1, 3, *S) mm
-            fields = mm_to_voxel(fields.flatten(0, 1).double(), reference["affine"]).float().unflatten(0, fields.shape[:2])
-            generated_by_subject[subject] = fields
-            for index, phase in enumerate(moving_phases):
-                real = phases[phase]
-                cases.append((subject, phase, real))
-                samples.append(fields[:, index])
-                warped = warp_image(reference["image"][None].expand(settings.n_samples, -1, *reference["image"].shape[1:]), fields[:, index])
-                warped_ssim.append(ssim(warped, real["image"][None].expand_as(warped)))
-                zero_ssim.append(ssim(reference["image"][None], real["image"][None]))
-        truths = [true_field(series, real) for _, _, real in cases]
-        masks = {} if lung is None else {"body": [real["label"][0] > 0 for _, _, real in cases], "lung": [real["label"][0] == lung for _, _, real in cases]}
+        moving = [p for p in range(model.phases) if p != model.reference_phase]
+        metrics: dict[str, Any] = autoencoder_fidelity(module, [item for phases in test.values() for item in phases.values()])
+        # (N, P, 3, *S) voxel fields per held-out subject, zero at the reference phase
+        generated = {subject: self.motions(module, phases[model.reference_phase], settings.n_samples, item_seed(settings.seed, s))
+                     for s, (subject, phases) in enumerate(test.items())}
+        cases = [(phases[model.reference_phase], phases[p], generated[subject][:, p]) for subject, phases in test.items() for p in moving]
+        warped = [volume_ssim(warp_image(ref["image"][None].expand(len(fields), -1, *ref["image"].shape[1:]), fields),
+                              real["image"][None].expand(len(fields), -1, *real["image"].shape[1:])) for ref, real, fields in cases]
         train_items = [item for phases in train.values() for p, item in phases.items() if p != model.reference_phase]
-        train_fields = torch.stack([field_voxels(series, item) for item in train_items])
-        metrics.update(field_report(samples, truths, [real["affine"] for _, _, real in cases], masks, train_fields,
+        lung = next((int(value) for value, name in model.labels.items() if name == "lung"), None)
+        masks = {} if lung is None else {"body": [real["label"][0] > 0 for _, real, _ in cases], "lung": [real["label"][0] == lung for _, real, _ in cases]}
+        metrics.update(field_report([fields for *_, fields in cases], [series.true_field(real) for _, real, _ in cases],
+                                    [real["affine"] for _, real, _ in cases], masks, torch.stack([series.field_voxels(i) for i in train_items]),
                                     stack_items(train_items, "affine"), prefix="field"))
-        metrics.update({"warped_ssim_generated": float(np.mean(warped_ssim)), "warped_ssim_generated_sd": float(np.std(warped_ssim)),
-                        "warped_ssim_zero": float(np.mean(zero_ssim))})
+        metrics.update({"warped_ssim_generated": float(np.mean(warped)), "warped_ssim_generated_sd": float(np.std(warped)),
+                        "warped_ssim_zero": float(np.mean([volume_ssim(ref["image"][None], real["image"][None]) for ref, real, _ in cases]))})
         if lung is not None:
-            metrics.update(breathing_metrics(test, generated_by_subject, train, series, model, lung))
+            def breathing(phases: dict[int, dict[str, Any]]) -> BreathingCase:
+                ordered = [phases[p] for p in range(model.phases)]
+                return BreathingCase(torch.stack([i["label"][0] == lung for i in ordered]), torch.stack([series.true_field(i) for i in ordered]),
+                                     ordered[0]["affine"].numpy(), model.reference_phase)
+
+            metrics.update(breathing_metrics([breathing(p) for p in test.values()], list(generated.values()), [breathing(p) for p in train.values()]))
         metrics.update(self.downstream(module, series, train, test, settings))
         metrics.update({"n_test_subjects": len(test), "n_samples": settings.n_samples, "phases": model.phases,
                         "sampler": module.config.sample.describe(module.schedule),
                         "training_fields": "registration" if module.config.data.registration else "dataset"})
-        first = next(iter(test))
-        write_subject(run.samples / "evaluate" / first, test[first], generated_by_subject[first][0], moving_phases, model, module.config.sample.movie_style)
+        subject, reference = next(iter(test)), next(iter(test.values()))[model.reference_phase]
+        folder = run.samples / "evaluate" / subject  # one generated motion of a held-out subject, for the report
+        write_motion(folder, unit_to_hu(reference["image"], model.ct_window), reference["affine"].numpy(), generated[subject][0],
+                     range(model.phases), views=("axial", "coronal"), style=module.config.sample.movie_style)
         return metrics
 
-    def downstream(self, module: MotionLDMModule, series: PhaseSeries, train: dict, test: dict, settings: MotionLDMEvaluateConfig) -> dict[str, Any]:
-        """A registration network trained on real phase pairs of a few training subjects, alone and with generated
-        (warped reference, reference, generated field) triples of the same subjects added; EPE on held-out real pairs."""
+    @staticmethod
+    def motions(module: MotionLDMModule, reference: dict[str, Any], n: int, seed: int) -> Tensor:
+        """``n`` generated motions ``(n, P, 3, *S)`` (voxels, zero at the reference phase) of a prepared reference item."""
+        model = module.config.model
+        phases = [p for p in range(model.phases) for _ in range(n)]
+        fields = module.fields_mm(reference["image"], phases, item_seeds(seed, len(phases)), module.config.sample)
+        return mm_to_voxel(fields.double(), reference["affine"]).float().unflatten(0, (model.phases, n)).transpose(0, 1)
+
+    def downstream(self, module: MotionLDMModule, series: PhaseData, train: dict, test: dict, settings: MotionLDMEvaluateConfig) -> dict[str, Any]:
+        """A registration network trained on the real (phase, reference) pairs of a few training subjects (their training
+        fields as targets), alone and with generated (warped reference, reference, generated field) triples of the same
+        subjects added; end-point error on the held-out subjects' pairs against their true fields."""
         from medsynth.evaluate.downstream import downstream_motion_utility
 
         model = module.config.model
-        moving_phases = [p for p in range(model.phases) if p != model.reference_phase]
+        moving = [p for p in range(model.phases) if p != model.reference_phase]
         subjects = list(train)[: settings.downstream_real_subjects]
-        real = [(train[s][model.reference_phase], train[s][p], field_voxels(series, train[s][p])) for s in subjects for p in moving_phases]
+
+        def pairs(triples: list[tuple[dict[str, Any], Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            """(reference item, fixed image, field) -> (fixed, moving, flow, affines)."""
+            return (torch.stack([fixed for _, fixed, _ in triples]), torch.stack([ref["image"] for ref, _, _ in triples]),
+                    torch.stack([flow for *_, flow in triples]), torch.stack([ref["affine"] for ref, _, _ in triples]))
+
+        real = [(train[s][model.reference_phase], train[s][p]["image"], series.field_voxels(train[s][p])) for s in subjects for p in moving]
         fake = []
         for s, subject in enumerate(subjects):
             reference = train[subject][model.reference_phase]
-            for k in range(settings.generated_per_subject):
-                seeds = item_seeds(item_seed(settings.seed + 1, s) + 1000 * k, len(moving_phases))
-                fields = mm_to_voxel(module.fields_mm(reference["image"], moving_phases, seeds, module.config.sample).double(), reference["affine"]).float()
-                fake += [(reference, warp_image(reference["image"], field), field) for field in fields]
-        test_pairs = [(phases[model.reference_phase], phases[p], true_field(series, phases[p])) for phases in test.values() for p in moving_phases]
-
-        def pairs(triples: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            fixed = torch.stack([t[1] if isinstance(t[1], Tensor) else t[1]["image"] for t in triples])
-            moving = torch.stack([t[0]["image"] for t in triples])
-            return fixed, moving, torch.stack([t[2] for t in triples]), torch.stack([t[0]["affine"] for t in triples])
-
-        return downstream_motion_utility(pairs([(r, p["image"], f) for r, p, f in real]), pairs(fake),
-                                         pairs([(r, p["image"], f) for r, p, f in test_pairs]), steps=settings.downstream_steps, seed=settings.seed)
+            for motion in self.motions(module, reference, settings.generated_per_subject, item_seed(settings.seed + 1, s)):
+                fake += [(reference, warp_image(reference["image"], motion[p]), motion[p]) for p in moving]
+        held_out = [(phases[model.reference_phase], phases[p]["image"], series.true_field(phases[p])) for phases in test.values() for p in moving]
+        return downstream_motion_utility(pairs(real), pairs(fake), pairs(held_out), steps=settings.downstream_steps, seed=settings.seed)
 
     # -- report
 
     def report_sections(self, run: Run, module: MotionLDMModule) -> list[ReportSection]:
+        from matplotlib.figure import Figure
+
+        from medsynth.motion.render import render_still
         from medsynth.report.html import figure_html, file_html
         from medsynth.runs import read_structured
 
-        folder = next((p for p in sorted((run.samples / "evaluate").glob("*")) if p.is_dir()), None) if (run.samples / "evaluate").exists() else None
-        if folder is None or not (run.path / "metrics.json").exists():
+        folders = sorted(p for p in (run.samples / "evaluate").glob("*") if p.is_dir()) if (run.samples / "evaluate").is_dir() else []
+        if not folders or not run.metrics_path.exists():
             return [ReportSection("Generated motion", "<p>Run <code>medsynth evaluate</code> first: it writes the motions shown here.</p>")]
-        metrics = read_structured(run.path / "metrics.json", "metrics")
-        sections = [ReportSection(f"Generated breathing of held-out subject {folder.name}: the reference CT warped by each phase's field "
-                                  f"({view}, arrows: the field)", file_html(folder / f"movie_{view}.gif")) for view in ("axial", "coronal")]
-        if (folder / "jacobian.png").exists():
-            sections.append(ReportSection("Jacobian determinant of the generated end-exhale field (middle coronal slice; < 0 folds)", file_html(folder / "jacobian.png")))
+        folder, metrics = folders[0], read_structured(run.metrics_path, "metrics")
+        sections = [ReportSection(f"A generated breathing cycle of held-out subject {folder.name}: its reference CT warped by each phase's "
+                                  f"field ({view}; arrows: the field)", file_html(folder / f"movie_{view}.gif")) for view in ("axial", "coronal")]
+        exhale = int(metrics.get("end_exhale_phase") or module.config.model.phases // 2)
+        still = render_still(folder / f"image_t{exhale:02d}.nii.gz", folder / "jacobian.png", field=folder / f"field_t{exhale:02d}.nii.gz",
+                             views=("coronal", "axial"), style="jacobian")
+        sections.append(ReportSection(f"Jacobian determinant of its end-exhale field (phase {exhale}; <= 0 folds)", file_html(still)))
         if metrics.get("lung_volume_curve_real"):
-            sections.append(ReportSection("Lung volume over the breathing cycle (relative to the reference phase), held-out subjects",
-                                          figure_html(lung_volume_figure(metrics), "lung volume curve")))
+            figure = Figure(figsize=(5, 3), layout="constrained")
+            axes = figure.add_subplot()
+            for key, style in (("lung_volume_curve_real", "k-o"), ("lung_volume_curve_generated", "C1-s")):
+                axes.plot(metrics[key], style, label=key.rsplit("_", 1)[-1])
+            axes.set(xlabel="phase", ylabel="lung volume / reference phase")
+            axes.legend()
+            sections.append(ReportSection("Lung volume over the breathing cycle, mean of the held-out subjects", figure_html(figure, "lung volume curve")))
         return sections
 
 
 # -- evaluation helpers -------------------------------------------------------------------------------
 
 
-def by_subject(series: PhaseSeries, data_dir: Path, splits: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
-    """The first non-empty split of ``splits`` as subject -> phase -> item (with ``reference`` and ``field``)."""
-    for split in splits:
-        items = load_split(data_dir, split)
-        if items:
-            grouped: dict[str, dict[int, dict[str, Any]]] = {}
-            for item in items:
-                item = series(item)
-                grouped.setdefault(item["subject"], {})[int(item["phase"])] = item
-            return grouped
-    return {}
-
-
-def field_voxels(series: PhaseSeries, item: dict[str, Any]) -> Tensor:
-    """The training field of an item in voxels of its grid."""
-    return mm_to_voxel(item["field"].double() * series.config.model.field_scale_mm, item["affine"]).float()
-
-
-def true_field(series: PhaseSeries, item: dict[str, Any]) -> Tensor:
-    """The reference for a held-out phase: the dataset's own field (a phantom's exact motion), else the registration's."""
-    return item["flow"].float() if "flow" in item else field_voxels(series, item)
-
-
-def lung_value(labels: dict[str, str]) -> int | None:
-    return next((int(value) for value, name in labels.items() if name == "lung"), None)
-
-
-def ssim(a: Tensor, b: Tensor) -> float:
-    """Mean SSIM of volumes ``(B, 1, *S)`` in [0, 1] (MONAI; the window fits the thinnest axis)."""
-    from monai.metrics import SSIMMetric
-
-    window = [min(7, s if s % 2 else s - 1) for s in a.shape[2:]]
-    return float(SSIMMetric(spatial_dims=3, data_range=1.0, win_size=window)(a.float(), b.float()).mean())
-
-
 def autoencoder_fidelity(module: MotionLDMModule, items: list[dict[str, Any]]) -> dict[str, float]:
     """PSNR and SSIM of the image autoencoder and end-point error (mm) of the field VAE on held-out items (posterior means)."""
     from monai.metrics import PSNRMetric
+
+    from medsynth.evaluate.breathing import volume_ssim
 
     with torch.no_grad():
         images = stack_items(items, "image").float()
@@ -608,92 +504,6 @@ def autoencoder_fidelity(module: MotionLDMModule, items: list[dict[str, Any]]) -
         fields = stack_items(items, "field").float()
         field_recon = module.field_vae.decode(module.field_vae.encode(fields)[0], tuple(fields.shape[2:]))
     scale = module.config.model.field_scale_mm
-    return {"image_ae_psnr": float(PSNRMetric(max_val=1.0)(recon, images).mean()), "image_ae_ssim": ssim(recon, images),
+    return {"image_ae_psnr": float(PSNRMetric(max_val=1.0)(recon, images).mean()), "image_ae_ssim": volume_ssim(recon, images),
             "field_vae_epe_mm": float(torch.linalg.vector_norm((field_recon - fields) * scale, dim=1).mean()),
             "field_vae_epe_zero_mm": float(torch.linalg.vector_norm(fields * scale, dim=1).mean())}
-
-
-def lung_volumes(lung_reference: Tensor, fields: Tensor) -> Tensor:
-    """Lung volume of each phase relative to the reference phase: the reference lung mask ``(*S)`` warped by
-    each field ``(P, 3, *S)`` (voxels; linear interpolation keeps partial volumes), summed."""
-    mask = lung_reference.float()[None, None].expand(len(fields), 1, *lung_reference.shape)
-    return warp_image(mask, fields.float()).flatten(1).sum(1) / mask[0].sum().clamp_min(1.0)
-
-
-def superior_excursion_mm(field: Tensor, affine: Tensor, region: Tensor) -> float:
-    """The 95th percentile of the superior-inferior (world z) displacement magnitude (mm) inside ``region``: the diaphragm's excursion."""
-    si = voxel_to_mm(field.double(), affine)[2].abs()
-    return float(torch.quantile(si[region.bool()].float(), 0.95)) if region.any() else float("nan")
-
-
-def breathing_metrics(test: dict, generated: dict[str, Tensor], train: dict, series: PhaseSeries, model: MotionLDMModelConfig,
-                      lung: int) -> dict[str, Any]:
-    """Lung-volume curves (generated: the reference lung warped by each generated field; real: the real phases'
-    lung labels) with their ratio at end-exhale (the phase of smallest real lung volume), and the diaphragm's
-    superior-inferior excursion at end-exhale against the range of the real ones (training and held-out)."""
-    moving = [p for p in range(model.phases) if p != model.reference_phase]
-    real_curves, generated_curves = [], []
-    for subject, phases in test.items():
-        lung_reference = phases[model.reference_phase]["label"][0] == lung
-        real_curves.append([float((phases[p]["label"][0] == lung).sum() / lung_reference.sum().clamp_min(1)) for p in range(model.phases)])
-        curves = torch.stack([lung_volumes(lung_reference, fields) for fields in generated[subject]])  # (N, P-1)
-        full = torch.ones(len(curves), model.phases, dtype=curves.dtype)
-        full[:, moving] = curves
-        generated_curves.append(full.mean(0).tolist())
-    real_curve, generated_curve = np.mean(real_curves, axis=0), np.mean(generated_curves, axis=0)
-    exhale = int(np.argmin(real_curve))
-    index = moving.index(exhale) if exhale in moving else 0
-    excursion_generated = [superior_excursion_mm(fields[index], test[s][exhale]["affine"], test[s][exhale]["label"][0] == lung)
-                           for s, sample_fields in generated.items() for fields in sample_fields]
-    real_excursions = [superior_excursion_mm(true_field(series, phases[exhale]), phases[exhale]["affine"], phases[exhale]["label"][0] == lung)
-                       for phases in (*train.values(), *test.values())]
-    low, high = float(np.nanmin(real_excursions)), float(np.nanmax(real_excursions))
-    return {"end_exhale_phase": exhale, "lung_volume_ratio_generated": float(generated_curve[exhale]),
-            "lung_volume_ratio_real": float(real_curve[exhale]), "lung_volume_curve_generated": generated_curve.tolist(),
-            "lung_volume_curve_real": real_curve.tolist(),
-            "diaphragm_excursion_generated_mm": float(np.nanmean(excursion_generated)), "diaphragm_excursion_real_mm": float(np.nanmean(real_excursions)),
-            "diaphragm_excursion_real_min_mm": low, "diaphragm_excursion_real_max_mm": high,
-            "diaphragm_excursion_generated_in_real_range": float(np.mean([low <= e <= high for e in excursion_generated]))}
-
-
-def write_subject(folder: Path, phases: dict[int, dict[str, Any]], fields: Tensor, moving: list[int], model: MotionLDMModelConfig,
-                  style: str) -> None:
-    """One generated motion of a held-out subject for the report: the warped reference per phase, its movies and
-    the Jacobian determinant of the end-exhale field."""
-    from matplotlib.figure import Figure
-
-    from medsynth.motion.fields import jacobian_determinant
-    from medsynth.motion.render import render_movie
-    from medsynth.report.html import save_figure
-
-    reference = phases[model.reference_phase]
-    affine = reference["affine"].numpy()
-    all_fields = torch.zeros(model.phases, 3, *reference["image"].shape[1:])
-    all_fields[moving] = fields
-    ct = unit_to_hu(reference["image"], model.ct_window)
-    frames = warp_image(ct[None].expand(model.phases, *ct.shape).float(), all_fields)[:, 0]
-    frame_paths = [save_image(frame[None], folder / f"ct_t{p:02d}.nii.gz", affine=affine) for p, frame in enumerate(frames)]
-    field_paths = [save_field(f, folder / f"field_t{p:02d}.nii.gz", affine) for p, f in enumerate(all_fields)]
-    for view in ("axial", "coronal"):
-        render_movie(frame_paths, folder / f"movie_{view}.gif", field=field_paths, views=(view,), style=style)
-    determinant = jacobian_determinant(all_fields[model.phases // 2][None])[0]
-    figure = Figure(figsize=(4, 3))
-    axes = figure.add_subplot()
-    shown = axes.imshow(determinant[:, determinant.shape[1] // 2, :].T.numpy(), origin="lower", cmap="RdBu_r", vmin=0.5, vmax=1.5, aspect="auto")
-    figure.colorbar(shown, ax=axes)
-    save_figure(figure, folder / "jacobian.png")
-
-
-def lung_volume_figure(metrics: dict[str, Any]) -> Any:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3))
-    axes = figure.add_subplot()
-    for key, style in (("lung_volume_curve_real", "k-o"), ("lung_volume_curve_generated", "C1-s")):
-        axes.plot(metrics[key], style, label=key.rsplit("_", 1)[-1])
-    axes.set_xlabel("phase")
-    axes.set_ylabel("lung volume / reference")
-    axes.legend()
-    figure.tight_layout()
-    return figure
-
