@@ -74,7 +74,8 @@ def _phantom(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=list(PHANTOMS), help="; ".join(f"{name}: {entry.summary}" for name, entry in PHANTOMS.items()))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=10, help="images per class (cilia) or subjects")
-    p.add_argument("--size", type=int, default=None, help="image size in voxels (default: the phantom's own)")
+    p.add_argument("--size", type=int, nargs="+", default=None, metavar="N",
+                   help="image size in voxels: one side, or X Y Z for the 3D phantoms (default: the phantom's own)")
     p.add_argument("--seed", type=_seed, default=0, help="dataset seed: the same seed writes the same files")
     p.add_argument("--frames", type=int, default=None, help="cardiac: frames per cycle; lung: breathing phases per cycle (default 10)")
     modality = CardiacOptions.model_fields["modality"]
@@ -237,7 +238,11 @@ def run_command(args: argparse.Namespace) -> None:
             options["flow_pairs"] = args.flow_pairs
         if args.views:
             options["views"] = True
-        print(api.phantom(args.kind, args.out, n=args.n, seed=args.seed, size=args.size, progress=progress, **options))
+        size = args.size if args.size is None or len(args.size) > 1 else args.size[0]
+        if isinstance(size, list) and len(size) != 3:
+            raise MedsynthError(f"--size takes one side or X Y Z, got {len(size)} numbers")
+        print(api.phantom(args.kind, args.out, n=args.n, seed=args.seed, size=tuple(size) if isinstance(size, list) else size,
+                          progress=progress, **options))
     elif args.command == "prepare":
         given = {"size": args.size, "keep_aspect": args.keep_aspect, "crop": args.crop, "spacing": args.spacing,
                  "orientation": args.orientation, "normalize": args.normalize, "seed": args.seed,
