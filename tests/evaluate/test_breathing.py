@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from oblique_geometry import oblique_affine
 
 from medsynth.data.fields import mm_to_voxel
 from medsynth.evaluate.breathing import BreathingCase, breathing_metrics, lung_volume_curve, superior_excursion_mm, volume_ssim
 from medsynth.motion.fields import warp_image
+from oblique_geometry import oblique_affine
 
 AFFINE = oblique_affine((1.2, 0.9, 2.5))  # oblique and anisotropic: world z is no array axis
 
