@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import math
 import pickle
 import random
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -15,11 +17,14 @@ from medsynth.errors import BadInputError, DivergedError, MedsynthError
 from medsynth.runs import Run, atomic_write_bytes
 from medsynth.training import (
     AtomicCheckpointIO,
+    EpochEMA,
+    MedsynthModule,
     RNGStateCallback,
     build_trainer,
     fit,
     read_checkpoint,
     scaled_lr,
+    staged_optimizer,
     with_effective_batch,
 )
 
@@ -189,3 +194,86 @@ def test_read_checkpoint_refuses_truncated_and_pickled_files(tmp_path):
     path.write_bytes(pickle.dumps({"x": np.random.RandomState(0)}))
     with pytest.raises(BadInputError, match=r"holds objects other than tensors \(refused: never unpickled\)"):
         read_checkpoint(path)
+
+
+def test_epoch_ema_updates_only_from_its_first_epoch():
+    ema = EpochEMA(decay=0.9, first_epoch=2)
+    for epoch, expected in [(0, False), (1, False), (2, True), (3, True)]:
+        ema.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), None)
+        assert ema.should_update(step_idx=7) is expected
+        assert ema.should_update(epoch_idx=epoch) is False  # per step only, never at epoch ends
+    assert EpochEMA(decay=0.9).should_update(step_idx=0)  # from the start by default
+
+
+class _Staged(MedsynthModule):
+    """Two networks trained one after another: network ``stage_of_epoch(epoch)`` alone gets the loss's gradient
+    (the second stage reads the first one's output without a gradient, as motion-ldm's later stages do)."""
+
+    def __init__(self, train: TrainConfig):
+        super().__init__(SimpleNamespace(train=train))
+        torch.manual_seed(0)
+        self.first, self.second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+        self.stage_of_epoch = lambda epoch: 0 if epoch < 1 else 1
+
+    def training_step(self, batch, batch_idx):
+        if self.stage_of_epoch(self.current_epoch) == 0:
+            return (self.first(batch) - 1.0).pow(2).mean()
+        with torch.no_grad():
+            hidden = self.first(batch)
+        return (self.second(hidden) - 1.0).pow(2).mean()
+
+    def train_dataloader(self):
+        return DataLoader(torch.randn(8, 2, generator=torch.Generator().manual_seed(1)), batch_size=2)  # 4 steps per epoch
+
+    def configure_optimizers(self):
+        return staged_optimizer(self, (self.first, self.second), self.stage_of_epoch)
+
+
+class _StageSpy(Callback):
+    """Records the weights of both networks at each epoch's start and end, and each group's lr before every step."""
+
+    def __init__(self):
+        self.weights, self.lrs = [], []
+
+    def _record(self, module):
+        self.weights.append([torch.cat([p.detach().clone().flatten() for p in net.parameters()]) for net in (module.first, module.second)])
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._record(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._record(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+
+def test_staged_optimizer_trains_one_network_per_stage_each_on_its_own_cosine():
+    lr = 0.05
+    spy = _StageSpy()
+    # Weight decay on: AdamW would shrink a frozen network's weights if it stepped them at all.
+    module = _Staged(TrainConfig(max_epochs=2, lr=lr, weight_decay=0.1))
+    trainer = L.Trainer(max_epochs=2, callbacks=[spy], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    (first_0, second_0), (first_1, second_1), (first_2, second_2), (first_3, second_3) = spy.weights
+    assert not torch.equal(first_0, first_1) and torch.equal(second_0, second_1)  # epoch 0: the first network alone
+    assert torch.equal(first_2, first_3) and not torch.equal(second_2, second_3)  # epoch 1: the second alone
+    assert len(trainer.optimizers[0].param_groups) == 2
+    lrs = np.array(spy.lrs)  # (steps, groups): 4 steps per epoch
+    assert lrs.shape == (8, 2)
+    # Each group's cosine starts at the full lr at its own stage's first step and decays over that stage's 4 steps
+    # to no lower than 5 % of it; the second group waits at the full lr until its stage, then repeats the first's curve.
+    assert lrs[0, 0] == pytest.approx(lr) and lrs[4, 1] == pytest.approx(lr)
+    assert np.all(np.diff(lrs[:4, 0]) < 0) and np.all(np.diff(lrs[4:, 1]) < 0)
+    assert np.allclose(lrs[:4, 1], lr)
+    assert np.allclose(lrs[4:, 1], lrs[:4, 0])
+    cosine = [0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert np.allclose(lrs[:4, 0], lr * np.array(cosine))
+    assert np.allclose(lrs[4:, 0], 0.05 * lr)  # after its stage the first group rests at the floor
+
+
+def test_staged_optimizer_with_a_constant_schedule_is_the_plain_optimiser():
+    module = _Staged(TrainConfig(max_epochs=2, lr=0.01, lr_schedule="constant"))
+    optimizer = staged_optimizer(module, (module.first, module.second), module.stage_of_epoch)
+    assert isinstance(optimizer, torch.optim.AdamW) and [g["lr"] for g in optimizer.param_groups] == [0.01, 0.01]

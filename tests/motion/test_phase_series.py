@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from medsynth import api
+from medsynth.data.datasets import load_split
 from medsynth.data.io import load_image
 from medsynth.data.phantoms.lung import make_lung_dataset
 from medsynth.errors import BadInputError
 from medsynth.motion.bspline import BSplineTransform, _cubic_bspline_matrix, load_transform
-from medsynth.motion.fields import compose, end_point_error, invert, load_field
-from medsynth.motion.phase_series import phase_fields, register_dataset
+from medsynth.motion.fields import compose, end_point_error, invert, load_field, voxel_to_mm
+from medsynth.motion.phase_series import PhaseData, phase_fields, register_dataset
 from medsynth.motion.registration import RegistrationConfig
 from medsynth.runs import atomic_write_json
 
@@ -236,3 +238,61 @@ def test_command_line_takes_pairs_batch_and_devices(capsys, tmp_path, lung_datas
     assert main(["register", "--data", str(lung_dataset), "--out", str(out), "--batch", "0", *fast]) == 2
     err = capsys.readouterr().err.strip()
     assert "batch must be at least 1" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def prepared_series(tmp_path_factory):
+    """A tiny lung phantom (2 subjects, 3 phases at 16 x 16 x 4), prepared for motion-ldm and registered to phase 0."""
+    root = tmp_path_factory.mktemp("series")
+    raw = make_lung_dataset(root / "raw", n=2, size=(16, 16, 4), frames=3)
+    prepared = api.prepare(raw, root / "prepared", recipe="motion-ldm", progress=False, ct_window=(-1000.0, 500.0))
+    registration = root / "registration"
+    api.register(data=raw, out=registration, pairs="reference", progress=False, overrides=["levels=1", "iterations=3"])
+    return raw, prepared, registration
+
+
+def test_phase_data_fields_from_the_registration(prepared_series):
+    raw, prepared, registration = prepared_series
+    series = PhaseData(prepared, registration, 0, field_scale_mm=10)
+    items = load_split(prepared, None)
+    assert len(items) == 6
+    for item in items:
+        out = series(item)
+        subject, phase = out["subject"], int(out["phase"])
+        assert subject == item["id"].split("_")[0] and out["field"].shape == (3, 16, 16, 4)
+        reference = next(other for other in items if other["id"] == f"{subject}_t00")
+        assert torch.equal(out["reference"], reference["image"])  # the subject's reference-phase image (1, *S)
+        registered = phase_fields(registration, subject)
+        assert np.allclose(registered.affine, item["affine"])  # prepare kept the grid: no resampling in between
+        expected = voxel_to_mm(registered.as_tensor()[phase].double(), item["affine"].numpy()).float()
+        assert torch.allclose(out["field"] * 10, expected, atol=1e-4)  # world mm / field_scale_mm
+        if phase == 0:
+            assert out["field"].abs().max() == 0  # the reference phase does not move
+        else:
+            assert out["field"].abs().max() > 0
+        assert torch.equal(out["image"], item["image"])  # the prepared item passes through
+
+
+def test_phase_data_without_registration_uses_the_exact_motion(prepared_series, tmp_path):
+    raw, prepared, _ = prepared_series
+    series = PhaseData(prepared, None, 0, field_scale_mm=10)
+    for item in load_split(prepared, None):
+        subject, phase = item["id"].split("_")[0], int(item["phase"])
+        exact_mm = np.asarray(nib.load(raw / subject / f"dvf_t{phase:02d}.nii.gz").dataobj)[..., 0, :]  # (X, Y, Z, 3) mm
+        field = series(item)["field"]
+        assert torch.allclose(field * 10, torch.from_numpy(np.moveaxis(exact_mm, -1, 0)).float(), atol=1e-3)
+        assert torch.equal(series.true_field(item), item["flow"])  # judged against the exact motion, in voxels
+        del item["flow"]
+        with pytest.raises(BadInputError, match=rf"{prepared.name}.*case {item['id']} has no field: give the registration folder"):
+            series(item)
+
+
+def test_phase_data_groups_phases_by_subject(prepared_series):
+    _, prepared, registration = prepared_series
+    grouped = PhaseData(prepared, registration, 0, field_scale_mm=10).by_subject(["val", "train"])  # no val split: train
+    assert sorted(grouped) == ["sub000", "sub001"]
+    for subject, phases in grouped.items():
+        assert sorted(phases) == [0, 1, 2]
+        assert all(item["subject"] == subject and int(item["phase"]) == phase for phase, item in phases.items())
+        assert torch.equal(phases[1]["reference"], phases[0]["image"])
+    assert PhaseData(prepared, registration).by_subject(["val", "test"]) == {}
