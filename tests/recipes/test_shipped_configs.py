@@ -23,7 +23,6 @@ from medsynth.runs import Run
 from medsynth.training import export_weights
 
 CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if "recipe" in read_yaml(path))
-REGISTRATION_CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if "recipe" not in read_yaml(path))
 # The data each config is written for: image side in pixels/voxels; None: a 3D GPU config, run reduced.
 SHIPPED_SIDE = {"cvae-tiny": 64, "cvae-224": 224, "cvae-448": 448,
                 "sdm-tiny": 24, "sdm-tiny-high": 32, "sdm-low-64": None, "sdm-high-128": None,
@@ -146,11 +145,3 @@ def test_shipped_config_trains_a_step_and_samples(name, tmp_path):
     written = CASES[recipe](name, tmp_path)
     assert written and all(path.is_file() and path.stat().st_size > 0 for path in written)
 
-
-@pytest.mark.parametrize("name", REGISTRATION_CONFIGS)
-def test_shipped_registration_config_validates(name):
-    from medsynth.motion.registration import RegistrationConfig
-
-    assert name == "register-demo"  # a new registration config: list it here and in the README
-    config = load_config(RegistrationConfig, name, [])
-    assert config.iterations_per_level()
