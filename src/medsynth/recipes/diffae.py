@@ -73,6 +73,8 @@ class DiffAESampleConfig(SamplerConfig):
     sampler: Literal["ddpm", "ddim", "dpmpp", "rflow"] = "ddim"
     steps: int | None = Field(20, ge=1, description="decoding, inversion and latent steps")
     interpolation_frames: int = Field(7, ge=3, description="--mode interpolate: images per strip, both ends included")
+    inversion_iterations: int = Field(2, ge=0, description="fixed-point refinements per DDIM inversion step (0: plain inversion; "
+                                                          "at 10 steps on the tiny model 0/1/3 gave 8/18/30 dB round trips)")
 
 
 class DiffAEEvaluateConfig(StrictModel):
@@ -150,8 +152,10 @@ class DiffAEModule(DiffusionModule):
         return self.encoder(x) if self.semantic else None
 
     def invert(self, x: Tensor, z_sem: Tensor | None, steps: int) -> Tensor:
-        """Deterministic DDIM inversion: slices ``x`` (B, 1, H, W) in [-1, 1] and their codes -> x_T (B, 1, H, W)."""
-        return ddim_invert(self.net, x.float(), self.schedule, z_sem, steps=steps)
+        """Deterministic DDIM inversion: slices ``x`` (B, 1, H, W) in [-1, 1] and their codes -> x_T (B, 1, H, W)
+        (``sample.inversion_iterations`` fixed-point refinements per step)."""
+        return ddim_invert(self.net, x.float(), self.schedule, z_sem, steps=steps,
+                           fixed_point_iterations=self.config.sample.inversion_iterations)
 
     def decode(self, z_sem: Tensor | None, x_T: Tensor, steps: int) -> Tensor:
         """Deterministic DDIM (eta 0) from x_T (B, 1, H, W) under ``z_sem`` (B, D) -> x0 (B, 1, H, W), unclamped.
