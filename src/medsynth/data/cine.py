@@ -18,10 +18,13 @@ indices, ``es`` ``None`` when unknown; ``views`` the LAX planes present, found b
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from monai.data import MetaTensor
 
 from medsynth.data.io import load_image
 from medsynth.data.manifest import Case, Manifest
@@ -234,3 +237,56 @@ def sax_slices(manifest: Manifest, split: str | None = None, val_fraction: float
             slices.append(SaxSlice(case.subject, case.phase if case.phase is not None else frame, k, image[:, :, k],
                                    None if label is None else label[:, :, k], moved))
     return slices
+
+
+# -- 2D slices for `medsynth prepare --slices` (recipe diffae) -------------------------------------
+
+HR_NAME, HR_LABEL_NAME = "sa_hr.nii.gz", "sa_hr_gt.nii.gz"  # the cardiac phantom's thin-slice SAX truth
+
+
+def slice_manifest(manifest: Manifest) -> Manifest:
+    """The 2D view of a cine manifest: one case per subject, frame and SAX slice, for ``prepare --slices``.
+
+    A subject with the high-resolution truth beside its stack (``sa_hr.nii.gz`` + ``sa_hr_gt.nii.gz``,
+    the phantom) gives its thin slices, others their acquired ``sa.nii.gz`` slices. Case ``<id>_sNN`` keeps
+    the subject (so splits stay by subject), ``frame`` and ``phase``, and adds ``slice`` (the index on the
+    stack's third axis); :func:`load_case_file` reads it.
+
+    Raises:
+        BadInputError: a case whose image is not one 3D/4D file (names it).
+    """
+    cases = []
+    for case in manifest.cases:
+        if len(case.images) != 1:
+            raise BadInputError(manifest.resolve(case.images[0]), "a cine case is one 3D/4D SAX file")
+        image, label = case.images[0], case.label
+        hr, hr_label = (Path(image).with_name(name).as_posix() for name in (HR_NAME, HR_LABEL_NAME))
+        if Path(image).name == SAX_NAME and manifest.resolve(hr).is_file():
+            image, label = hr, hr_label if manifest.resolve(hr_label).is_file() else None
+        shape, _ = cine_header(manifest.resolve(image))
+        cases += [case.model_copy(update={"id": f"{case.id}_s{k:02d}", "image": image, "label": label, "slice": k}) for k in range(shape[2])]
+    return manifest.model_copy(update={"spatial_dims": 2, "cases": cases})
+
+
+@lru_cache(maxsize=2)  # one 4D file (and its labels) serves every frame and slice of a subject
+def _read_cine(path: str, dtype: str, stamp: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    tensor = load_image(path, dtype=np.dtype(dtype))
+    return tensor.numpy(), np.asarray(tensor.affine, dtype=np.float64)
+
+
+def load_case_file(path: str | Path, case: Case, dtype: np.dtype | type = np.float32, **options: Any) -> MetaTensor:
+    """A case's image or label file as :func:`~medsynth.data.io.load_image` reads it, or, for a slice case of
+    :func:`slice_manifest`, its one 2D slice ``(1, X, Y)`` of frame ``case.frame``; the slice's 4x4 affine maps
+    pixel ``(i, j, 0)`` to world mm (the stack's, moved to the slice), so its third column keeps the stack's
+    through-plane step."""
+    index = getattr(case, "slice", None)
+    if index is None:
+        return load_image(path, dtype=dtype, **options)
+    stat = Path(path).stat()
+    volume, affine = _read_cine(str(path), np.dtype(dtype).name, (stat.st_mtime_ns, stat.st_size))
+    if not 0 <= index < volume.shape[-1]:
+        raise BadInputError(path, f"has {volume.shape[-1]} slices, the case '{case.id}' asks for slice {index}")
+    moved = affine.copy()
+    moved[:3, 3] = affine[:3, 3] + index * affine[:3, 2]
+    frame = volume[case.frame or 0]  # (X, Y, S): channels are frames of a 4D NIfTI
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(frame[None, :, :, index])), affine=torch.from_numpy(moved))

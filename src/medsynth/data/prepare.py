@@ -48,6 +48,7 @@ from rich.progress import track
 from medsynth.config import format_validation_error
 from medsynth.console import console, note
 from medsynth.data.cache import cached_meta, stamp
+from medsynth.data.cine import load_case_file, slice_manifest
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.data.importers import check_same_grid, import_dataset
 from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
@@ -93,6 +94,7 @@ class PrepareConfig(BaseModel):
     series: str | None = Field(None, description="the DICOM series (SeriesInstanceUID or SeriesDescription) to read "
                                                  "from folders holding several")
     keep_color: bool = Field(False, description="colour pictures keep their R, G, B channels instead of becoming grey")
+    slices: bool = Field(False, description="cine SAX stacks: one 2D case per subject, frame and slice (cine.slice_manifest)")
 
     @model_validator(mode="after")
     def _consistent(self) -> PrepareConfig:
@@ -117,7 +119,7 @@ class PrepareConfig(BaseModel):
 
         Settings added later count only when set, so datasets prepared before keep their hash.
         """
-        later = {name for name in ("series", "keep_color") if getattr(self, name) == type(self).model_fields[name].default}
+        later = {name for name in ("series", "keep_color", "slices") if getattr(self, name) == type(self).model_fields[name].default}
         return hashlib.sha256(self.model_dump_json(exclude=later).encode()).hexdigest()[:16]
 
     def check_dims(self, spatial_dims: int) -> None:
@@ -155,6 +157,7 @@ def prepare_dataset(src: str | Path, out: str | Path, config: PrepareConfig | No
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise MedsynthError(f"{out}: the output folder must not be inside the source folder {src}")
     manifest = import_dataset(src)
+    manifest = slice_manifest(manifest) if config.slices else manifest
     config.check_dims(manifest.spatial_dims)
     source = str(src.resolve())
     _claim(out, source, config.digest(), force)
@@ -256,7 +259,7 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
 def _load_case_image(manifest: Manifest, case: Case, config: PrepareConfig) -> MetaTensor:
     """The case's channels stacked ``(C, *spatial)``, with its affine sidecar applied (``meta["colour"]`` kept)."""
     paths = [manifest.resolve(p) for p in case.images]
-    channels = [load_image(p, series=config.series, keep_color=config.keep_color) for p in paths]
+    channels = [load_case_file(p, case, series=config.series, keep_color=config.keep_color) for p in paths]
     for path, channel in zip(paths[1:], channels[1:]):
         check_same_grid(channels[0].shape[1:], channels[0].affine.numpy(), channel.shape[1:], channel.affine.numpy(), path, paths[0])
     image = MetaTensor(torch.cat([c.as_tensor() for c in channels]), affine=channels[0].affine)
@@ -281,7 +284,7 @@ def _read_affine(path: Path) -> np.ndarray:
 
 def _load_label(manifest: Manifest, case: Case, image: MetaTensor) -> MetaTensor:
     path = manifest.resolve(case.label)
-    label = _without_geometry_on(load_image(path, dtype=np.int64, key="label"), path, image, manifest.resolve(case.images[0]))
+    label = _without_geometry_on(load_case_file(path, case, np.int64, key="label"), path, image, manifest.resolve(case.images[0]))
     check_same_grid(image.shape[1:], image.affine.numpy(), label.shape[1:], label.affine.numpy(), path, manifest.resolve(case.images[0]))
     if label.shape[0] != 1:
         raise BadInputError(path, f"a label map has one channel, got {label.shape[0]}")

@@ -46,6 +46,7 @@ RECIPES: dict[str, LazyRecipe] = {
     "sdm": LazyRecipe("medsynth.recipes.sdm", "SDMRecipe"),
     "flow-cvae": LazyRecipe("medsynth.recipes.flow_cvae", "FlowCVAERecipe"),
     "motion-ldm": LazyRecipe("medsynth.recipes.motion_ldm", "MotionLDMRecipe"),
+    "diffae": LazyRecipe("medsynth.recipes.diffae", "DiffAERecipe"),
 }
 
 
