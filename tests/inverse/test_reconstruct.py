@@ -113,8 +113,8 @@ def test_cubic_is_exact_on_a_quadratic_and_nearest_copies_slices():
     assert all(any(np.array_equal(nearest[..., n], stack[..., j]) for j in range(4)) for n in range(13))
 
 
-# A volume whose through-plane detail is only in the LAX planes: a bright blob half way between two thin
-# SAX slices, on the two LAX planes that cross at the stack's centre and contain its normal.
+# A volume whose through-plane detail is only in the LAX planes: two bright walls, on the two LAX planes that
+# cross at the stack's centre and contain its normal, that exist only half way between two thin SAX slices.
 N, SLICES, FACTOR, SPACING, PIXEL = 12, 4, 4, 8.0, 2.0
 
 
@@ -123,8 +123,8 @@ def _blob_case():
     fine_affine = fine_stack_affine(affine, FACTOR)
     i, j, n = np.meshgrid(np.arange(N), np.arange(N), np.arange((SLICES - 1) * FACTOR + 1), indexing="ij")
     background = 100.0 + 4.0 * n + 10.0 * np.sin(i / 3.0) * np.cos(j / 4.0)
-    blob = 120.0 * np.exp(-((i - 5.5) ** 2 + (j - 5.5) ** 2) / 8.0 - (n - 6.0) ** 2 / 1.5)
-    truth = torch.from_numpy(background + blob)[None, None]
+    walls = 120.0 * (np.exp(-((i - 5.5) ** 2) / 1.5) + np.exp(-((j - 5.5) ** 2) / 1.5)) * np.exp(-((n - 6.0) ** 2) / 1.5)
+    truth = torch.from_numpy(background + walls)[None, None]
     sax_operator = SliceStackOperator(fine_affine, truth.shape[2:], affine, (N, N, SLICES), thickness=1.0)
     sax = sax_operator(truth)[0, 0].numpy()
     u = affine[:3, 2] / SPACING  # along the stack's normal
@@ -137,7 +137,7 @@ def _blob_case():
         lax_affine[:3, 0], lax_affine[:3, 1] = u * 1.5, v * 1.5
         lax_affine[:3, 2] = np.cross(u, v) * 2.0  # 2 mm thick
         lax_affine[:3, 3] = origin
-        plane = Plane.from_affine(lax_affine, (20, 12, 1))
+        plane = Plane.from_affine(lax_affine, (20, 16, 1))
         image = PlaneOperator(fine_affine, truth.shape[2:], plane)(truth)[0, 0].numpy()
         lax.append((image[:, :, None] * 0.5 + 30.0, lax_affine))  # another scale and offset than the SAX's
     return sax, affine, lax, truth[0, 0].numpy()
@@ -148,10 +148,12 @@ def blob_results():
     sax, affine, lax, truth = _blob_case()
     settings = ReconstructSettings(sax_thickness_mm=1.0, invert_steps=2, iterations=150, onestep_iterations=60, lr=0.05)
     results = {"truth": truth}
-    for name, method, views in (("linear", "linear", lax), ("sax_only", "latent", []), ("lax", "latent", lax),
-                                ("onestep", "onestep", lax)):
+    original = settings.model_copy(update={"lax_intensity": "standardise"})
+    for name, method, views, chosen in (("linear", "linear", lax, settings), ("sax_only", "latent", [], settings),
+                                        ("lax", "latent", lax, settings), ("lax_standardised", "latent", lax, original),
+                                        ("onestep", "onestep", lax, settings)):
         prior = AnalyticPrior(N)
-        volume, _, history = reconstruct_stack(prior, (sax, affine), views, FACTOR, method, settings)
+        volume, _, history = reconstruct_stack(prior, (sax, affine), views, FACTOR, method, chosen)
         results[name] = (volume, history, prior.decode_steps)
     return results
 
@@ -162,9 +164,16 @@ def _error(volume, truth):
 
 def test_lax_views_recover_what_the_sax_stack_misses(blob_results):
     truth = blob_results["truth"]
-    with_lax, sax_only = blob_results["lax"][0], blob_results["sax_only"][0]
-    assert _error(with_lax, truth) < 0.8 * _error(sax_only, truth)
-    assert blob_results["lax"][1].losses["lax"][-1] < 0.5 * blob_results["lax"][1].losses["lax"][0]
+    sax_only = _error(blob_results["sax_only"][0], truth)
+    walls = np.zeros(truth.shape, dtype=bool)
+    walls[5:7], walls[:, 5:7] = True, True  # the voxels next to the two LAX planes
+    # measured: RMSE 12.8 with LAX, 21.5 without, 20.0 linear; on the walls 10.3 against 36.8
+    assert _error(blob_results["lax"][0], truth) < 0.75 * sax_only
+    assert _error(blob_results["lax"][0][walls], truth[walls]) < 0.5 * _error(blob_results["sax_only"][0][walls], truth[walls])
+    losses = blob_results["lax"][1].losses["lax"]
+    assert losses[-1] < 0.2 * losses[0]
+    # the original's per-iteration standardisation helps too, less: it leaves the contrast along the plane free
+    assert _error(blob_results["lax_standardised"][0], truth) < 0.9 * sax_only
 
 
 def test_onestep_is_at_least_as_good_as_linear_with_cheap_decodes(blob_results):

@@ -43,7 +43,7 @@ from medsynth.inverse.latent import (
     optimise_codes,
 )
 from medsynth.inverse.operators import PlaneOperator, SliceStackOperator
-from medsynth.inverse.planes import Plane, fine_stack_affine, fine_stack_shape, stack_slice_axis
+from medsynth.inverse.planes import Plane, fine_stack_affine, fine_stack_shape, pixel_points, stack_slice_axis
 from medsynth.inverse.prior import SlicePrior, from_unit, resize_slices, to_unit, unit_range
 from medsynth.runs import atomic_write_json
 
@@ -159,10 +159,36 @@ def _lax_views(lax: Sequence[Any], names: Sequence[str] | None, fine_affine: np.
         mask = operator.mask()
         if int(mask.sum()) < 2:
             raise BadInputError(name, "does not intersect the SAX stack (no pixel of the plane lies inside it)")
-        values = torch.from_numpy(pixels)[mask].double()
-        standard = (values - values.mean()) / (values.std(unbiased=False) + 1e-6)
-        views.append(LaxView(operator, standard.float(), mask))
+        views.append(LaxView(operator, torch.from_numpy(pixels)[mask].float(), mask))  # raw: matched in _match_lax
     return views
+
+
+def _match_lax(views: list[LaxView], stack: torch.Tensor, fine_affine: np.ndarray, factor: int, how: str) -> None:
+    """Put each view's pixels (inside its mask) in the units the loss compares them in (in place).
+
+    ``standardise``: mean 0, sd 1 (the loss standardises the volume's samples every iteration too).
+    ``intersections``: a fixed linear map onto the prior's units, whose mean and sd match the SAX
+    stack's where the LAX plane crosses an observed slice (pixels within half a fine step of one): the
+    through-plane interpolation of the stack, seen through the view's operator, is the observed data
+    there. Fewer than 8 such pixels fall back to ``standardise``.
+    """
+    volume = None
+    for view in views:
+        values = view.image.double()
+        near = torch.zeros_like(view.mask)
+        if how == "intersections":
+            points = pixel_points(view.operator.plane) @ np.linalg.inv(fine_affine)[:3, :3].T + np.linalg.inv(fine_affine)[:3, 3]
+            offset = np.abs(points[..., 2] / factor - np.round(points[..., 2] / factor)) * factor  # fine steps to a slice
+            near = torch.from_numpy(offset < 0.5) & view.mask.cpu()
+        if int(near.sum()) < 8:
+            view.image, view.standardise = ((values - values.mean()) / (values.std(unbiased=False) + 1e-6)).float(), True
+            continue
+        if volume is None:
+            volume = torch.from_numpy(interpolate_stack(stack.cpu().numpy(), factor, "linear"))[None, None]
+        seen = view.operator(volume)[0, 0][near].double()
+        pixels = values[near[view.mask.cpu()]]
+        scale = seen.std(unbiased=False) / (pixels.std(unbiased=False) + 1e-6)
+        view.image, view.standardise = ((values - pixels.mean()) * scale + seen.mean()).float(), False
 
 
 def _device(prior: SlicePrior) -> torch.device:
@@ -186,6 +212,7 @@ def _latent(prior: SlicePrior | None, stack: np.ndarray, stack_affine: np.ndarra
     size = (int(prior.image_size), int(prior.image_size))
     slices = resize_slices(observed.permute(2, 0, 1).unsqueeze(1), size)  # (S, 1, s, s)
     sax_operator = SliceStackOperator(fine_affine, fine_shape, stack_affine, stack.shape, thickness=settings.sax_thickness_mm)
+    _match_lax(views, observed, fine_affine, factor, settings.lax_intensity)
     for view in views:
         view.image, view.mask = view.image.to(device), view.mask.to(device)
     data = Measurements(sax_operator, observed[None, None], views, in_plane)
