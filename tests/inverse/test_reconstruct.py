@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from oblique_geometry import oblique_affine, world
 
 from medsynth import api
 from medsynth.cli import main
@@ -27,6 +26,7 @@ from medsynth.inverse import (
     reconstruct_stack,
 )
 from medsynth.inverse.prior import from_unit, slerp, to_unit
+from oblique_geometry import oblique_affine, world
 
 
 class AnalyticPrior:
@@ -255,7 +255,9 @@ def test_a_volume_sampled_on_a_lax_plane_agrees_with_the_phantoms_lax_image(tmp_
     root = make_cardiac_phantom(tmp_path / "views", n=1, seed=5, size=32, frames=2, modality="mri", views=True, hr_factor=4)
     hr = nib.load(str(root / "sub000/sa_hr.nii.gz"))
     hr_volume = torch.from_numpy(np.asarray(hr.dataobj, dtype=np.float32))
-    for view in ("2ch", "4ch"):
+    # measured at 32 px (5 mm pixels, 2.5 mm between thin truth slices): r >= 0.9997, mean |difference| <= 2 %
+    # of the image's sd; the bounds leave room for trilinear interpolation of a coarser truth
+    for view in ("2ch", "3ch", "4ch"):
         la = nib.load(str(root / f"sub000/la_{view}.nii.gz"))
         image = np.asarray(la.dataobj, dtype=np.float32)
         operator = PlaneOperator(hr.affine, hr.shape[:3], Plane.from_affine(la.affine, la.shape), profile_samples=7)
@@ -263,5 +265,7 @@ def test_a_volume_sampled_on_a_lax_plane_agrees_with_the_phantoms_lax_image(tmp_
         assert mask.sum() > 50
         for t in range(2):
             seen = operator(hr_volume[..., t][None, None])[0, 0].numpy()
-            r = np.corrcoef(seen[mask], image[..., 0, t][mask])[0, 1]
-            assert r > 0.9, (view, t, r)
+            rendered = image[..., 0, t][mask]
+            r = np.corrcoef(seen[mask], rendered)[0, 1]
+            assert r > 0.99, (view, t, r)
+            assert np.abs(seen[mask] - rendered).mean() < 0.05 * rendered.std()
