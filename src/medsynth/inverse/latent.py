@@ -71,7 +71,7 @@ class ReconstructSettings(StrictModel):
     sax_weight: float = Field(1.0, ge=0, description="weight of the SAX fidelity (thick slices of the fine volume vs the observed stack)")
     drift_weight: float = Field(0.02, ge=0, description="weight of the drift of the codes from their initial values")
     smooth_weight: float = Field(3.0, ge=0, description="weight of the difference of x_T between neighbouring fine slices")
-    pull: float = Field(0.0, ge=0, lt=1, description="after each step, move the codes this fraction back toward their start")
+    pull: float = Field(0.01, ge=0, lt=1, description="after each step, move the codes this fraction back toward their start")
     batch: int = Field(16, ge=1, description="slices decoded (and checkpointed) together")
     sax_thickness_mm: float | None = Field(None, gt=0, description="SAX slice thickness (default: the slice spacing)")
     lax_intensity: Literal["intersections", "standardise"] = Field(
