@@ -45,7 +45,7 @@ class SlicePrior(Protocol):
         """Deterministic DDIM inversion of slices ``(B, 1, H, W)`` to x_T ``(B, 1, H, W)`` in ``steps`` steps."""
         ...
 
-    def decode(self, z_sem: Tensor | None, x_t: Tensor, steps: int) -> Tensor:
+    def decode(self, z_sem: Tensor | None, x_T: Tensor, steps: int) -> Tensor:
         """DDIM decoding (eta = 0) of x_T ``(B, 1, H, W)`` with z_sem ``(B, D)`` -> x0 ``(B, 1, H, W)``; differentiable."""
         ...
 
