@@ -450,3 +450,38 @@ def render(frames: str | Path, out: str | Path, field: str | Path | None = None,
         return render_movie(frames, out, field=field, **options)
     except ValueError as exc:  # render reports mismatched inputs as ValueError
         raise MedsynthError(f"{frames}: {exc}") from None
+
+
+PRIOR_RECIPES = ("diffae", "ddim")  # the recipes whose modules are slice priors for `reconstruct`
+
+
+def reconstruct(run: str | Path | None, sax: str | Path, lax: Sequence[str | Path] = (), out: str | Path | None = None,
+                factor: int = 8, method: str = "latent", prior_run: str | Path | None = None, keep_steps: bool = False,
+                overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """A fine SAX volume (every frame) from a SAX stack and LAX views: :func:`medsynth.inverse.reconstruct_files`.
+
+    The prior is ``prior_run``'s if given (e.g. the DDIM baseline), else ``run``'s: a ``diffae`` or ``ddim`` run
+    whose module is a :class:`~medsynth.inverse.SlicePrior` or has ``slice_prior()``. The baselines
+    (``nearest``, ``linear``, ``cubic``) load none: ``run`` may then be ``None`` or ``"-"``.
+    ``overrides`` set :class:`~medsynth.inverse.ReconstructSettings` (``iterations=50``).
+    """
+    from medsynth.inverse import BASELINES, ReconstructSettings, SlicePrior, reconstruct_files
+    from medsynth.inverse.reconstruct import check_inputs
+
+    if out is None:
+        raise MedsynthError("reconstruct: --out is required")
+    settings = validate_config(ReconstructSettings, apply_overrides({}, list(overrides)), "reconstruct --set")
+    check_inputs(sax, lax, factor)  # bad files fail before a prior is loaded
+    source, prior = prior_run if prior_run is not None else run, None
+    if method not in BASELINES:
+        if source is None or str(source) == "-":
+            raise MedsynthError(f"reconstruct: method '{method}' needs a trained diffae or ddim run (RUN or --prior-run)")
+        opened = Run.open(source)
+        recipe = str(read_yaml(opened.config_path).get("recipe"))
+        if recipe not in PRIOR_RECIPES:
+            raise BadInputError(opened.path, f"a run of recipe '{recipe}': reconstruct needs a {' or '.join(PRIOR_RECIPES)} run")
+        module = load_run(opened.path)[2]
+        prior = module.slice_prior() if hasattr(module, "slice_prior") else module
+        if not isinstance(prior, SlicePrior):
+            raise MedsynthError(f"{opened.path}: its module is not a slice prior (encode_semantic, invert, decode)")
+    return reconstruct_files(prior, sax, lax, out, factor=factor, method=method, settings=settings, keep_steps=keep_steps)[0]

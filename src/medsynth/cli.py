@@ -183,6 +183,22 @@ def _render(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=5.0, help="movie frames per second")
 
 
+def _reconstruct(p: argparse.ArgumentParser) -> None:
+    from medsynth.inverse.reconstruct import METHODS
+
+    p.add_argument("run", nargs="?", default=None,
+                   help="a trained diffae (or ddim) run: the prior of the latent methods; '-' or omitted for the baselines")
+    p.add_argument("--sax", required=True, help="short-axis stack NIfTI, (X, Y, S) or (X, Y, S, T)")
+    p.add_argument("--lax", nargs="*", default=[], metavar="LA", help="long-axis views (X, Y, 1[, T]), e.g. la_2ch.nii.gz la_4ch.nii.gz")
+    p.add_argument("--factor", type=int, default=8, help="through-plane refinement: (S - 1) * factor + 1 slices (>= 2)")
+    p.add_argument("--method", choices=list(METHODS), default="latent", help="latent (original), onestep (faster) or an interpolation baseline")
+    p.add_argument("--prior-run", default=None, help="use this run's prior instead of RUN's (e.g. the DDIM baseline)")
+    p.add_argument("--out", required=True, help="output NIfTI: the fine volume, (X, Y, Z[, T]) with the fine affine")
+    p.add_argument("--keep-steps", action="store_true", help="also write the volume at every optimisation step (OUT_steps/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="reconstruction settings, e.g. iterations=50, lax_weight=6, decode_steps=20")
+
+
 def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a trained run directory, or a fold set (each fold on its held-out subjects; mean and sd)")
     p.add_argument("--data", default=None, help="prepared dataset (default: the run's own)")
@@ -209,6 +225,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "sample": ("generate from a trained run", _sample),
     "register": ("B-spline registration: FIXED MOVING --out FIELD, or --data DIR --out DIR", _register),
     "render": ("GIF movie of a 4D sequence or field, or a still figure", _render),
+    "reconstruct": ("a fine 3D SAX volume from a thick-slice SAX stack and LAX views", _reconstruct),
     "evaluate": ("compute metrics.json for a run", _evaluate),
     "report": ("write report.html for a run", _report),
     "demo": ("phantom -> prepare -> train -> sample -> evaluate -> report", _demo),
@@ -274,6 +291,9 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "render":
         print(api.render(args.frames, args.out, field=args.field, still=args.still, views=tuple(args.views.split(",")),
                          slices=args.slices, anchor=args.anchor, style=args.style, fps=args.fps))
+    elif args.command == "reconstruct":
+        print(api.reconstruct(args.run, args.sax, args.lax, out=args.out, factor=args.factor, method=args.method,
+                              prior_run=args.prior_run, keep_steps=args.keep_steps, overrides=args.overrides))
     elif args.command == "evaluate":
         import json
 
