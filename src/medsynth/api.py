@@ -1,8 +1,9 @@
-"""The Python API: phantom -> prepare -> train -> sample -> evaluate -> report; register; render.
+"""The Python API: phantom -> prepare -> train -> sample -> evaluate -> report; register; render; reconstruct.
 
 The CLI (`medsynth ...`) calls exactly these functions (and :mod:`medsynth.demo`, which sits
 above this module). Lightning, torch and the recipes are imported inside the functions that
 need them, so ``import medsynth.api`` and the commands that train nothing start fast.
+One file over 450 lines on purpose: every entry point a user imports, one function per command.
 """
 
 from __future__ import annotations
