@@ -37,7 +37,7 @@ def test_run_layout(trained):
     assert any((trained.path / "tb").rglob("events.out.tfevents.*"))
     checkpoint = torch.load(trained.last_checkpoint, weights_only=True)
     assert checkpoint["epoch"] == 1
-    assert any("EMAWeightAveraging" in key for key in checkpoint["callbacks"])
+    assert any("EpochEMA" in key for key in checkpoint["callbacks"])  # Lightning's EMA, from the recipe's first epoch
 
 
 def test_same_seed_same_samples_bit_for_bit(trained, tmp_path):

@@ -176,7 +176,7 @@ def test_resume_after_sigkill_restores_weights_optimiser_ema_and_step(prepared, 
     killed_at = train_until_killed(["sdm", "--stage", "high", "--data", str(prepared),
                                     *[arg for item in settings if item != "model.stage=high" for arg in ("--set", item)]], run)
     assert killed_at["epoch"] < epochs - 1 and not (run / "model.safetensors").exists()
-    assert killed_at["optimizer_states"] and any("EMAWeightAveraging" in key for key in killed_at["callbacks"])
+    assert killed_at["optimizer_states"] and any("EpochEMA" in key for key in killed_at["callbacks"])
 
     resumed = api.train(resume=run, progress=False)
     final = torch.load(resumed.last_checkpoint, weights_only=True)
