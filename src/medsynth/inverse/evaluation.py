@@ -127,9 +127,9 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
             ``histories.json`` (each latent method's losses per iteration, first case).
 
     Returns:
-        Per method ``m``: ``reconstruction_{psnr,ssim}_m`` (+ ``_heart``), ``reconstruction_{dice,hd95}_m_<s>``
-        and ``reconstruction_lax_dice_m_<s>`` for s in lv/myo/rv, ``reconstruction_dice_<s>_m`` aliases (the issue's
-        names), ``reconstruction_{edv,esv,ef}_error_m`` (ml, ml, percentage points, mean absolute over subjects),
+        Per method ``m``: ``reconstruction_{psnr,ssim}_m`` and ``reconstruction_{psnr,ssim}_heart_m``,
+        ``reconstruction_dice_<s>_m``, ``reconstruction_hd95_m_<s>`` (mm) and ``reconstruction_lax_dice_<s>_m`` for s in
+        lv/myo/rv, ``reconstruction_{edv,esv,ef}_error_m`` (ml, ml, percentage points, mean absolute over subjects),
         ``reconstruction_seconds_m`` (mean wall seconds per volume); the same segmentation scores for ``truth``;
         ``reconstruction_onestep_speedup`` (seconds of diffae_lax / onestep); counts and subjects.
     """
@@ -219,11 +219,8 @@ def _summarise(scores: dict[str, list[dict[str, float]]], lv_ml: dict[str, dict[
         for key in sorted({k for row in rows for k in row}):
             values = np.array([row.get(key, np.nan) for row in rows], dtype=np.float64)
             mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-            if key.startswith(("dice_", "hd95_")):
-                measure, structure = key.split("_", 1)
-                metrics[f"reconstruction_{measure}_{method}_{structure}"] = mean
-                if measure == "dice":
-                    metrics[f"reconstruction_dice_{structure}_{method}"] = mean  # the issue's name
+            if key.startswith("hd95_"):  # the issue's names: reconstruction_dice_myo_<m>, reconstruction_hd95_<m>_myo
+                metrics[f"reconstruction_hd95_{method}_{key[5:]}"] = mean
             else:
                 metrics[f"reconstruction_{key}_{method}"] = mean
         truth, own = lv_ml["truth"], lv_ml[method]
