@@ -12,6 +12,7 @@ seconds per volume. The truth itself, segmented the same way, is scored as ``tru
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from medsynth.inverse.prior import SlicePrior
 from medsynth.inverse.reconstruct import reconstruct_stack
 from medsynth.runs import atomic_write_bytes, atomic_write_json
 
-__all__ = ["EVAL_METHODS", "reconstruction_metrics"]
+__all__ = ["EVAL_METHODS", "reconstruction_figures", "reconstruction_metrics"]
 
 # name -> (reconstruct_stack method, prior ("diffae" / "ddim" / None), LAX views used)
 EVAL_METHODS: dict[str, tuple[str, str | None, bool]] = {
@@ -235,3 +236,46 @@ def _summarise(scores: dict[str, list[dict[str, float]]], lv_ml: dict[str, dict[
                   for s in subjects]
         metrics[f"reconstruction_ef_error_{method}"] = float(np.mean(errors)) if errors else float("nan")
     return metrics
+
+
+def reconstruction_figures(folder: Path) -> list[tuple[str, Any]]:
+    """(title, matplotlib Figure) for the report from what :func:`reconstruction_metrics` kept in ``folder``: per
+    method, through-plane sections (the middle X and Y sections, slice axis vertical) beside the truth's and their
+    difference; the latent methods' losses per iteration. Empty when nothing was kept."""
+    from matplotlib.figure import Figure
+
+    figures: list[tuple[str, Any]] = []
+    if not (folder / "volumes.npz").is_file():
+        return figures
+    with np.load(folder / "volumes.npz") as data:
+        volumes = {name: data[name] for name in data.files}
+    truth = volumes.pop("truth")
+    lo, hi = float(truth.min()), float(truth.max())
+
+    def sections(volume: np.ndarray) -> list[np.ndarray]:
+        return [volume[volume.shape[0] // 2].T, volume[:, volume.shape[1] // 2].T]  # (Z, Y) and (Z, X)
+
+    for method, volume in volumes.items():
+        fig = Figure(figsize=(7.5, 2.2))
+        axes = fig.subplots(1, 6)
+        panels = [*sections(truth), *sections(volume), *(np.abs(a - b) for a, b in zip(sections(volume), sections(truth)))]
+        titles = ["truth x", "truth y", f"{method} x", f"{method} y", "|diff| x", "|diff| y"]
+        for ax, panel, title in zip(axes, panels, titles):
+            ax.imshow(panel, cmap="gray", vmin=0 if title.startswith("|") else lo, vmax=(hi - lo) if title.startswith("|") else hi,
+                      aspect="auto", origin="lower")
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+        fig.tight_layout(pad=0.2)
+        figures.append((f"Reconstruction: {method} (through-plane sections against the truth)", fig))
+    histories = json.loads((folder / "histories.json").read_text()) if (folder / "histories.json").is_file() else {}
+    if histories:
+        fig = Figure(figsize=(3.2 * len(histories), 2.6))
+        for ax, (method, losses) in zip(fig.subplots(1, len(histories), squeeze=False).flat, histories.items()):
+            for name, values in losses.items():
+                ax.semilogy(np.maximum(np.asarray(values, dtype=float), 1e-12), lw=1, label=name)
+            ax.set_title(method, fontsize=9)
+            ax.set_xlabel("iteration", fontsize=8)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        figures.append(("Reconstruction: optimisation curves (losses per Adam iteration, first held-out case)", fig))
+    return figures

@@ -89,6 +89,7 @@ class DiffAEEvaluateConfig(StrictModel):
     reconstruction_methods: list[str] = Field(list(EVAL_METHODS), description="--reconstruction: methods scored (inverse.evaluation)")
     reconstruct: ReconstructSettings = Field(ReconstructSettings(), description="--reconstruction: the latent methods' settings")
     segmenter_epochs: int = Field(20, ge=1, description="--reconstruction: epochs of the 2D segmenter trained on the thin slices")
+    reconstruction_subjects: int | None = Field(None, ge=1, description="--reconstruction: at most this many held-out subjects")
 
 
 class DiffAEConfig(RecipeConfig):
@@ -414,7 +415,7 @@ class DiffAERecipe(Recipe):
         from medsynth.data.manifest import Manifest
 
         splits = {case.subject: case.split for case in Manifest.load(module.config.data_dir).cases}
-        held = sorted(s for s, split in splits.items() if split == "test") or None
+        held = sorted(s for s, split in splits.items() if split == "test")[: settings.reconstruction_subjects] or None
         train = sorted(s for s, split in splits.items() if split == "train") or None
         return reconstruction_metrics(module if module.semantic else None, data, ddim if module.semantic else module,
                                       settings.reconstruction_methods, settings.reconstruct, held_out=held, train=train,
@@ -435,4 +436,6 @@ class DiffAERecipe(Recipe):
             images = [load_image(path).as_tensor() for path in sorted((folder / name).glob("*.png"))[:16]]
             if images:
                 sections.append(ReportSection(title, figure_html(image_grid(images, ncols=8), name)))
-        return sections
+        from medsynth.inverse.evaluation import reconstruction_figures
+
+        return sections + [ReportSection(title, figure_html(fig, title)) for title, fig in reconstruction_figures(run.samples / "reconstruction")]
