@@ -342,22 +342,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = True, reconstruction: str | Path | None = None,
+             overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Evaluate a run against its (or another) prepared dataset; results merge into metrics.json.
 
-    ``progress`` is accepted for the CLI's ``--no-progress``; evaluation shows no progress bar yet.
+    ``reconstruction``: also reconstruct the held-out subjects of this UK Biobank-layout folder (with thin-slice
+    truth) with every method (recipes with ``evaluate_reconstruction``: diffae). ``overrides`` change the run's
+    settings for this evaluation (``evaluate.ddim_run=RUN2``). ``progress`` is accepted for the CLI's
+    ``--no-progress``; evaluation shows no progress bar yet.
     """
     if Run.open(run).is_fold_set:
-        if data is not None:
+        if data is not None or reconstruction is not None:
             raise MedsynthError(f"{run}: each fold of a fold set is evaluated on its own held-out subjects; --data is not taken")
         return evaluate_folds(run)
     Run.open(run).check_free()
-    opened, chosen, module = load_run(run)
+    opened, chosen, module = load_run(run, overrides)
     data_dir = Path(data) if data is not None else Path(module.config.data_dir or "")
     if not (data_dir / "dataset.json").exists():
         raise BadInputError(data_dir, "not a prepared dataset (no dataset.json)")
+    if reconstruction is not None and not hasattr(chosen, "evaluate_reconstruction"):
+        raise MedsynthError(f"evaluate --reconstruction: recipe '{chosen.name}' reconstructs nothing (use a diffae run)")
     with opened.lock():
-        return opened.write_metrics(chosen.evaluate(opened, module, data_dir))
+        metrics = chosen.evaluate(opened, module, data_dir)
+        if reconstruction is not None:
+            metrics |= chosen.evaluate_reconstruction(opened, module, Path(reconstruction))  # type: ignore[attr-defined]
+        return opened.write_metrics(metrics)
 
 
 def evaluate_folds(run: str | Path) -> dict[str, Any]:

@@ -202,6 +202,10 @@ def _reconstruct(p: argparse.ArgumentParser) -> None:
 def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a trained run directory, or a fold set (each fold on its held-out subjects; mean and sd)")
     p.add_argument("--data", default=None, help="prepared dataset (default: the run's own)")
+    p.add_argument("--reconstruction", default=None, metavar="DATA",
+                   help="diffae: reconstruct the held-out subjects of this UK Biobank-layout folder (with sa_hr truth) by every method")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="settings for this evaluation, e.g. evaluate.ddim_run=RUN2")
     _no_progress(p)
 
 
@@ -297,7 +301,8 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         import json
 
-        print(json.dumps(api.evaluate(args.run, data=args.data, progress=progress), indent=2))
+        print(json.dumps(api.evaluate(args.run, data=args.data, progress=progress, reconstruction=args.reconstruction,
+                                       overrides=args.overrides), indent=2))
     elif args.command == "report":
         print(api.report(args.run))
     elif args.command == "demo":

@@ -50,6 +50,9 @@ class Demo:
     samples: tuple[SampleCall, ...] = (SampleCall(),)
     seed: int = 0
     register: dict[str, Any] | None = None  # api.register settings: the phantom is registered and its fields train the recipe
+    overrides: tuple[str, ...] = ()  # config overrides of the training run (the demo's size)
+    baseline: tuple[str, ...] | None = None  # overrides of a second run on the same data (diffae: the DDIM baseline)
+    reconstruction: tuple[str, ...] | None = None  # evaluate --reconstruction of the phantom's held-out subjects, with these overrides
 
 
 DEMOS: dict[str, Demo] = {
@@ -81,6 +84,24 @@ DEMOS: dict[str, Demo] = {
         phantom_options={"frames": 6}, prepare={"recipe": "motion-ldm", "ct_window": (-1000.0, 500.0)},
         register={"pairs": "reference", "config": "register-demo"}, samples=(SampleCall(n=2),),
     ),
+    # Cardiac cine-MRI phantom in the UK Biobank layout (12 subjects, 32 px planes, ED/ES, thin truth at 4x through-plane)
+    # -> 2D slices (32 px) -> train diffae and its DDIM baseline (model.semantic=false) -> random, interpolate, autoencode ->
+    # evaluate, with every reconstruction method on a held-out subject (ED and ES) at demo settings (few DDIM steps
+    # and Adam iterations, larger lr) -> report with a figure per method and the optimisation curves.
+    "diffae": Demo(
+        recipe="diffae", config="diffae-tiny", phantom="cardiac", n=12, size=32, summary="cardiac cine-MRI phantom (UK Biobank layout)",
+        phantom_options={"modality": "mri", "views": True, "frames": 2, "hr_factor": 4}, prepare={"recipe": "diffae", "size": 32},
+        # measured on this CPU (1 thread) with diffae-tiny's own model ([32, 64, 64] + attention), 15 epochs and two subjects:
+        # 5 min per training run, 150 s per `latent` volume: a smaller model, fewer epochs and one subject (ED and ES) here.
+        overrides=("model.channels=[16, 32, 32]", "model.attention_levels=[false, false, false]", "model.encoder_channels=[8, 16, 32]",
+                   "model.semantic_dim=32", "model.stage_epochs=8", "train.max_epochs=10", "sample.steps=10", "evaluate.steps=10",
+                   "evaluate.n_generated=32"),
+        baseline=("model.semantic=false",),
+        samples=(SampleCall(n=16), SampleCall(n=2, mode="interpolate"), SampleCall(n=8, mode="autoencode")),
+        reconstruction=("evaluate.reconstruction_subjects=1", "evaluate.segmenter_epochs=15", "evaluate.reconstruct.invert_steps=10",
+                        "evaluate.reconstruct.decode_steps=4", "evaluate.reconstruct.iterations=8",
+                        "evaluate.reconstruct.onestep_iterations=8", "evaluate.reconstruct.lr=0.05"),
+    ),
 }
 
 
@@ -93,7 +114,7 @@ def run_demo(name: str = "cvae", out: str | Path = "demo-output", force: bool = 
     step("demo", f"1/6 {demo.summary}")
     if force or not raw.is_dir() or not any(raw.iterdir()):
         api.phantom(demo.phantom, raw, n=demo.n, seed=demo.seed, size=demo.size, progress=progress, **demo.phantom_options)
-    overrides = []
+    overrides = list(demo.overrides)
     if demo.register is not None:  # registered grids are kept like the phantom: a rerun skips them
         step("demo", f"1/6 register the phases ({demo.register.get('pairs', 'reference')} pairs)")
         registration = out / f"{demo.phantom}-registration"
@@ -103,12 +124,19 @@ def run_demo(name: str = "cvae", out: str | Path = "demo-output", force: bool = 
     api.prepare(raw, prepared, seed=demo.seed, progress=progress, **demo.prepare)
     step("demo", f"3/6 train {demo.recipe}")
     run = api.train(demo.recipe, data=prepared, config=demo.config, overrides=overrides, out=run_dir, force=True, progress=progress)
+    evaluate_overrides = list(demo.reconstruction or ())
+    if demo.baseline is not None:  # the same data and settings, the baseline's switches on top
+        step("demo", f"3/6 train the {demo.recipe} baseline ({', '.join(demo.baseline)})")
+        baseline = api.train(demo.recipe, data=prepared, config=demo.config, overrides=[*overrides, *demo.baseline],
+                             out=out / f"{demo.recipe}-baseline-run", force=True, progress=progress)
+        evaluate_overrides.append(f"evaluate.ddim_run={baseline.path.resolve()}")
     step("demo", "4/6 sample (" + ", ".join(call.mode if call.condition is None else "a label-map file" for call in demo.samples) + ")")
     for call in demo.samples:
         api.sample(run.path, n=call.n, mode=call.mode, condition=raw / call.condition if call.condition else None,
                    out=run.samples / call.out if call.out else None, seed=demo.seed, force=True, progress=progress)
-    step("demo", "5/6 evaluate")
-    metrics = api.evaluate(run.path, progress=progress)
+    step("demo", "5/6 evaluate" + (" (+ reconstruction of the held-out subjects by every method)" if demo.reconstruction is not None else ""))
+    metrics = api.evaluate(run.path, progress=progress, reconstruction=raw if demo.reconstruction is not None else None,
+                           overrides=evaluate_overrides)
     step("demo", "6/6 report")
     report = api.report(run.path)
     shown: dict[str, Any] = {}

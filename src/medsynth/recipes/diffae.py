@@ -43,6 +43,8 @@ from medsynth.diffusion.objectives import DiffusionLoss
 from medsynth.diffusion.samplers import sample_ddim
 from medsynth.diffusion.sampling import SamplerConfig, run_sampler
 from medsynth.errors import MedsynthError
+from medsynth.inverse.evaluation import EVAL_METHODS
+from medsynth.inverse.latent import ReconstructSettings
 from medsynth.nets.latent_mlp import LatentMLP
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
 from medsynth.report.sections import ReportSection
@@ -83,6 +85,11 @@ class DiffAEEvaluateConfig(StrictModel):
     n_generated: int = Field(64, ge=2, description="random samples judged against held-out slices")
     classifier_epochs: int = Field(10, ge=1, description="epochs of the feature network (structures present in a slice)")
     seed: int = 0
+    ddim_run: str | None = Field(None, description="--reconstruction: a DDIM-baseline run (model.semantic=false), the prior of ddim_lax")
+    reconstruction_methods: list[str] = Field(list(EVAL_METHODS), description="--reconstruction: methods scored (inverse.evaluation)")
+    reconstruct: ReconstructSettings = Field(ReconstructSettings(), description="--reconstruction: the latent methods' settings")
+    segmenter_epochs: int = Field(20, ge=1, description="--reconstruction: epochs of the 2D segmenter trained on the thin slices")
+    reconstruction_subjects: int | None = Field(None, ge=1, description="--reconstruction: at most this many held-out subjects")
 
 
 class DiffAEConfig(RecipeConfig):
@@ -391,6 +398,29 @@ class DiffAERecipe(Recipe):
                 save_image(image, folder / name / f"{k:03d}.png")
         return metrics
 
+    def evaluate_reconstruction(self, run: Run, module: DiffAEModule, data: Path) -> dict[str, Any]:
+        """``evaluate --reconstruction DATA``: every method on the held-out subjects of DATA (the run's test split by
+        subject, from its prepared dataset) against their thin-slice truth (:func:`~medsynth.inverse.evaluation.
+        reconstruction_metrics`); the DDIM prior from ``evaluate.ddim_run``. Volumes and histories go to
+        ``samples/reconstruction`` for the report."""
+        from medsynth.inverse.evaluation import reconstruction_metrics
+        from medsynth.training import load_module
+
+        settings = module.config.evaluate
+        ddim = None
+        if settings.ddim_run:
+            ddim = load_module(Run.open(settings.ddim_run), self).eval()
+            if getattr(ddim, "semantic", True):
+                raise MedsynthError(f"{settings.ddim_run}: evaluate.ddim_run must be a DDIM-baseline run (model.semantic=false)")
+        from medsynth.data.manifest import Manifest
+
+        splits = {case.subject: case.split for case in Manifest.load(module.config.data_dir).cases}
+        held = sorted(s for s, split in splits.items() if split == "test")[: settings.reconstruction_subjects] or None
+        train = sorted(s for s, split in splits.items() if split == "train") or None
+        return reconstruction_metrics(module if module.semantic else None, data, ddim if module.semantic else module,
+                                      settings.reconstruction_methods, settings.reconstruct, held_out=held, train=train,
+                                      segmenter_epochs=settings.segmenter_epochs, seed=settings.seed, out=run.samples / "reconstruction")
+
     # -- report
 
     def report_sections(self, run: Run, module: DiffAEModule) -> list[ReportSection]:
@@ -406,4 +436,6 @@ class DiffAERecipe(Recipe):
             images = [load_image(path).as_tensor() for path in sorted((folder / name).glob("*.png"))[:16]]
             if images:
                 sections.append(ReportSection(title, figure_html(image_grid(images, ncols=8), name)))
-        return sections
+        from medsynth.inverse.evaluation import reconstruction_figures
+
+        return sections + [ReportSection(title, figure_html(fig, title)) for title, fig in reconstruction_figures(run.samples / "reconstruction")]

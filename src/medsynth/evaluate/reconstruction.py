@@ -1,0 +1,196 @@
+"""Judging a reconstructed fine SAX volume against its ground truth: intensities, segmentation, function.
+
+- Intensities: PSNR and SSIM of the whole volume and inside a region (the dilated heart labels),
+  both sides mapped to [0, 1] by the truth's own range (:func:`unit_scale`), so every method is
+  judged in the same units. PSNR is capped at :data:`PSNR_CAP` (a perfect reconstruction).
+- Segmentation: a small 2D MONAI ``UNet`` trained here on the high-resolution training slices
+  (:func:`train_slice_segmenter`; :mod:`.segmentation`'s trainer is 3D) is applied slice by slice
+  to a reconstruction (:func:`segment_volume`); Dice and HD95 (mm) per structure against the true
+  labels (:func:`structure_scores`).
+- Function: LV blood-pool volumes (ml) at end-diastole and end-systole and the ejection fraction
+  (:func:`lv_volume_ml`, :func:`ejection_fraction`).
+
+Volumes are numpy arrays (X, Y, Z) on one grid with one affine (mm); labels are class indices
+(0 background) with :data:`STRUCTURES` naming the classes a cardiac SAX segmentation holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.metrics.regression import compute_ssim_and_cs
+from monai.networks.nets import UNet
+from scipy.ndimage import binary_dilation
+from torch import nn
+
+__all__ = ["PSNR_CAP", "STRUCTURES", "SliceSegmenter", "class_indices", "ejection_fraction", "heart_mask", "lv_volume_ml", "psnr",
+           "segment_volume", "ssim", "structure_classes", "structure_scores", "train_slice_segmenter", "unit_scale"]
+
+PSNR_CAP = 100.0  # dB: what a reconstruction equal to the truth scores (no error -> no finite PSNR)
+# Short names of the structures of a cardiac SAX segmentation -> their label names (UK Biobank / phantom / ACDC names).
+STRUCTURES = {"lv": "lv_blood_pool", "myo": "lv_myocardium", "rv": "rv_blood_pool"}
+
+
+def unit_scale(truth: np.ndarray) -> tuple[float, float]:
+    """(lo, hi): the truth's min and max, which :func:`psnr` and :func:`ssim` map to 0 and 1 on both sides."""
+    lo, hi = float(np.min(truth)), float(np.max(truth))
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def psnr(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR (dB) of ``recon`` against ``truth`` (same shape, same units) with the truth's range as the peak,
+    over the voxels of ``mask`` (bool, default all); :data:`PSNR_CAP` where they agree exactly.
+    (Our own: MONAI's ``PSNRMetric`` has no mask.)"""
+    lo, hi = unit_scale(truth)
+    diff = (np.asarray(recon, np.float64) - np.asarray(truth, np.float64)) / (hi - lo)
+    mse = float(np.mean(diff[mask] ** 2 if mask is not None else diff ** 2))
+    return PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else float(-10 * np.log10(mse))
+
+
+def ssim(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, win_size: int = 7) -> float:
+    """Mean SSIM (Gaussian window ``win_size``, sigma 1.5; MONAI's ``compute_ssim_and_cs``) of volumes (X, Y, Z)
+    mapped to [0, 1] by the truth's range; over the windows centred in ``mask`` when given. The window shrinks
+    to the smallest axis (odd)."""
+    lo, hi = unit_scale(truth)
+    win = max(1, min(win_size, *(n if n % 2 else n - 1 for n in truth.shape)))
+
+    def unit(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((np.asarray(a, np.float64) - lo) / (hi - lo)).float()[None, None]
+
+    value, _ = compute_ssim_and_cs(unit(recon), unit(truth), spatial_dims=truth.ndim, kernel_size=[win] * truth.ndim,
+                                   kernel_sigma=[1.5] * truth.ndim, data_range=1.0)
+    value = value[0, 0].numpy()  # "valid" windows: each axis shrinks by win - 1
+    if mask is None:
+        return float(value.mean())
+    half = win // 2
+    inner = np.asarray(mask, bool)[tuple(slice(half, n - half) for n in mask.shape)]
+    return float(value[inner].mean()) if inner.any() else float("nan")
+
+
+def class_indices(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Label values -> class indices: ``values[i]`` -> i (values not listed -> 0, background)."""
+    out = np.zeros(labels.shape, np.int64)
+    for index, value in enumerate(values):
+        if index:
+            out[labels == value] = index
+    return out
+
+
+def structure_classes(label_names: Mapping[int, str]) -> dict[str, int]:
+    """Short structure name (``lv``, ``myo``, ``rv``) -> class index, for classes ordered by label value
+    (background first), as :func:`class_indices` numbers them; structures absent from the names are left out."""
+    ordered = sorted(label_names)
+    by_name = {label_names[value]: index for index, value in enumerate(ordered)}
+    return {short: by_name[name] for short, name in STRUCTURES.items() if name in by_name}
+
+
+def heart_mask(labels: np.ndarray, dilation: int = 2) -> np.ndarray:
+    """Every labelled voxel (> 0), dilated by ``dilation`` voxels (3D cross): the heart region."""
+    mask = np.asarray(labels) > 0
+    return binary_dilation(mask, iterations=dilation) if dilation > 0 and mask.any() else mask
+
+
+def lv_volume_ml(labels: np.ndarray, lv_class: int, voxel_mm3: float) -> float:
+    """Volume of the LV blood pool (ml): voxels of class ``lv_class`` times the voxel volume (mm^3) / 1000."""
+    return float(np.count_nonzero(np.asarray(labels) == lv_class)) * voxel_mm3 / 1000.0
+
+
+def ejection_fraction(edv_ml: float, esv_ml: float) -> float:
+    """Ejection fraction (%): 100 (EDV - ESV) / EDV (NaN for an empty EDV)."""
+    return float("nan") if edv_ml <= 0 else 100.0 * (edv_ml - esv_ml) / edv_ml
+
+
+def structure_scores(pred: np.ndarray, truth: np.ndarray, classes: Mapping[str, int], spacing: Sequence[float] | None = None,
+                     hd95: bool = True) -> dict[str, float]:
+    """Dice (MONAI ``DiceMetric``) and, with ``hd95``, the 95th-percentile Hausdorff distance (MONAI, in mm with
+    ``spacing``) per structure of label maps of one shape (2D or 3D).
+
+    Returns:
+        ``dice_<name>`` and ``hd95_<name>`` for each ``name`` of ``classes``: Dice 1 where the structure is
+        absent from both, NaN where it is absent from one (HD95) or both (HD95).
+    """
+    pred_t, truth_t = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(truth)).long()
+    result: dict[str, float] = {}
+    for name, index in classes.items():
+        p, t = (pred_t == index)[None, None].float(), (truth_t == index)[None, None].float()
+        if not p.any() and not t.any():
+            result[f"dice_{name}"] = 1.0
+            if hd95:
+                result[f"hd95_{name}"] = float("nan")
+            continue
+        result[f"dice_{name}"] = float(DiceMetric(include_background=True, ignore_empty=False)(p, t).item())
+        if hd95:
+            if p.any() and t.any():
+                metric = HausdorffDistanceMetric(include_background=True, percentile=95)
+                result[f"hd95_{name}"] = float(metric(p, t, spacing=list(spacing) if spacing is not None else None).item())
+            else:
+                result[f"hd95_{name}"] = float("nan")
+    return result
+
+
+# -- a 2D segmenter of SAX slices -----------------------------------------------------------------------
+
+
+class SliceSegmenter(nn.Module):
+    """MONAI 2D ``UNet`` on SAX slices in their own units (the normalisation learnt from the training slices is
+    part of the model); slices whose size is not a multiple of the total stride are padded and cropped back."""
+
+    def __init__(self, num_classes: int, channels: Sequence[int] = (8, 16, 32), offset: float = 0.0, scale: float = 1.0):
+        super().__init__()
+        self.unet = UNet(spatial_dims=2, in_channels=1, out_channels=num_classes, channels=tuple(channels),
+                         strides=(2,) * (len(channels) - 1), num_res_units=0)
+        self.multiple = 2 ** (len(channels) - 1)
+        self.register_buffer("offset", torch.tensor(float(offset)))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Slices (B, 1, H, W) in their units -> logits (B, num_classes, H, W)."""
+        h, w = x.shape[-2:]
+        x = (x.float() - self.offset) / self.scale
+        pad = (0, -w % self.multiple, 0, -h % self.multiple)
+        return self.unet(F.pad(x, pad, mode="replicate") if any(pad) else x)[..., :h, :w]
+
+
+def train_slice_segmenter(slices: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 20, batch_size: int = 16,
+                          lr: float = 1e-2, seed: int = 0, channels: Sequence[int] = (8, 16, 32)) -> SliceSegmenter:
+    """Train a :class:`SliceSegmenter` with MONAI's Dice + cross-entropy loss (Adam, cosine schedule).
+
+    Args:
+        slices: (N, 1, H, W) in the volumes' units; labels: (N, H, W) class indices.
+
+    Returns:
+        The segmenter in eval mode; the global torch RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        slices = slices.float()
+        model = SliceSegmenter(num_classes, channels, float(slices.mean()), float(slices.std().clamp_min(1e-6)))
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        steps = epochs * -(-len(slices) // batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(slices), generator=generator)
+            for start in range(0, len(slices), batch_size):
+                pick = order[start:start + batch_size]
+                loss = loss_fn(model(slices[pick]), labels[pick][:, None].long())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def segment_volume(model: SliceSegmenter, volume: np.ndarray, axis: int = 2, batch_size: int = 32) -> np.ndarray:
+    """Class indices (X, Y, Z) of a volume (X, Y, Z), segmented slice by slice along ``axis``."""
+    stack = torch.from_numpy(np.moveaxis(np.asarray(volume, np.float32), axis, 0).copy())[:, None]  # (S, 1, H, W)
+    labels = torch.cat([model(part).argmax(1) for part in stack.split(batch_size)])
+    return np.moveaxis(labels.numpy(), 0, axis)
