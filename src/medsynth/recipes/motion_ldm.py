@@ -20,6 +20,9 @@ training field of a phase is the registration's (``data.registration``: the fold
 per subject while loading, consecutive ones composed), or the dataset's own fields
 (``flow``, e.g. a phantom's exact motion) without it. A field ``u_t`` warps the reference onto
 phase t: ``warp_image(reference, u_t) ~ phase_t``.
+
+One file a little over 450 lines: three networks trained in one run, whose sampling, evaluation and
+report read them together; the generic parts are services (PhaseData, the autoencoder, breathing metrics).
 """
 
 from __future__ import annotations
