@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, itk_affine, suffix_of
+from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, itk_affine, natural_key, suffix_of
 from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.runs import read_structured
@@ -348,7 +348,7 @@ def import_flow_pairs(src: str | Path) -> Manifest:
     description = _read_json(src / FLOW_PAIRS_DESCRIPTION) if (src / FLOW_PAIRS_DESCRIPTION).is_file() else {}
     folder_affine = FOLDER_AFFINE if (src / FOLDER_AFFINE).is_file() else None
     cases = []
-    for n, files in sorted(groups.items(), key=lambda item: _natural_key(item[0])):
+    for n, files in sorted(groups.items(), key=lambda item: natural_key(item[0])):
         if "template_img" not in files:
             orphan = next(iter(files.values()))
             raise BadInputError(orphan, f"no matching template_img_{n}.npy")
@@ -367,10 +367,6 @@ def import_flow_pairs(src: str | Path) -> Manifest:
                         labels=_by_value({str(int(k)): str(v) for k, v in labels.items()}), cases=cases).with_root(src)
     except (AttributeError, ValueError) as exc:
         raise BadInputError(src / FLOW_PAIRS_DESCRIPTION, f"'labels' must map integer values to names ({type(exc).__name__})") from None
-
-
-def _natural_key(text: str) -> tuple[int, int | str]:
-    return (0, int(text)) if text.isdigit() else (1, text)
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -242,6 +243,11 @@ def _read_numpy(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 def _looks_channel_first(array: np.ndarray) -> bool:
     # A 3-D NumPy array is a volume unless its first axis is a small channel axis (e.g. a 2D flow (2, H, W)).
     return array.ndim == 3 and array.shape[0] <= 4 and min(array.shape[1:]) > 4
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers in names by value: ``image_2`` before ``image_10`` (case-insensitive)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 def save_image(image: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor | None = None,

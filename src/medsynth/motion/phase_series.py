@@ -16,7 +16,6 @@ per phase (phase order = natural sort of the names; only ``image*`` files when a
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medsynth.data.io import NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
+from medsynth.data.io import NIFTI_SUFFIXES, load_image, natural_key, spacing_of, suffix_of
 from medsynth.data.manifest import MANIFEST_NAME, Manifest
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.motion.bspline import load_transform
@@ -58,10 +57,6 @@ class _Subject:
 
     def source(self, phase: int) -> str:
         return str(self.files[phase]) if self.volume is None else f"{self.volume}[phase {phase}]"
-
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 def _header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -102,7 +97,7 @@ def _volume(path: Path) -> _Subject:
 def _find_subjects(data_dir: Path, reference_phase: int) -> list[_Subject]:
     """The subjects of ``data_dir`` in one of the three layouts, checked from the headers."""
     manifest_path = data_dir / MANIFEST_NAME
-    nifti = lambda folder: sorted((p for p in folder.iterdir() if p.is_file() and suffix_of(p) in NIFTI_SUFFIXES), key=lambda p: _natural_key(p.name))  # noqa: E731
+    nifti = lambda folder: sorted((p for p in folder.iterdir() if p.is_file() and suffix_of(p) in NIFTI_SUFFIXES), key=lambda p: natural_key(p.name))  # noqa: E731
     if manifest_path.exists():
         manifest = Manifest.load(manifest_path)
         phase_paths: dict[str, dict[int, Path]] = {}
@@ -121,7 +116,7 @@ def _find_subjects(data_dir: Path, reference_phase: int) -> list[_Subject]:
         subjects = [_volume(path) for path in nifti(data_dir)]
     else:
         subjects = []
-        for folder in sorted((p for p in data_dir.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
+        for folder in sorted((p for p in data_dir.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
             files = nifti(folder)
             images = [p for p in files if p.name.startswith("image")]  # next to label/dvf files, only the images
             if files:
