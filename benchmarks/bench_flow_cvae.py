@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from steps import median_step_cpu_s, peak_rss_mb  # benchmarks/steps.py (scripts run from this folder)
 
 from medsynth import api
 from medsynth.config import load_config
@@ -44,14 +44,6 @@ def demo_data(work: Path, n: int = 28, size: int = 32) -> Path:
     """The demo's data: cardiac phantom flow pairs (ES frame, ES->ED flow, labels), prepared at ``size``^3."""
     raw = api.phantom("cardiac", work / "raw", n=n, size=size, seed=0, flow_pairs="npy", progress=False)
     return api.prepare(raw, work / "prepared", recipe="flow-cvae", size=size, progress=False)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux ``VmHWM``), MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def one_model_steps(kind: str, prepared: Path, steps: int) -> dict:
@@ -83,17 +75,9 @@ def one_model_steps(kind: str, prepared: Path, steps: int) -> dict:
             recon, mu, logvar, _ = module(inputs)
             kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
             return torch.nn.functional.mse_loss(recon[:, :3], batch["flow"].float()) + kl / inputs[0].numel()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    times = []
-    for step in range(steps + 2):
-        start = time.process_time()
-        optimizer.zero_grad()
-        loss_of().backward()
-        optimizer.step()
-        if step >= 2:
-            times.append(time.process_time() - start)
+    step_s = median_step_cpu_s(module.parameters(), loss_of, steps, lr=1e-3)
     return {"model": kind, "parameters": sum(p.numel() for p in module.parameters()), "batch": len(batch["image"]),
-            "shape": list(batch["image"].shape[2:]), "step_cpu_s": round(statistics.median(times), 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "shape": list(batch["image"].shape[2:]), "step_cpu_s": step_s, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def step(args: argparse.Namespace) -> dict:

@@ -23,27 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from steps import median_step_cpu_s, peak_rss_mb  # benchmarks/steps.py (scripts run from this folder)
 
 from medsynth.config import load_config
 from medsynth.recipes import get_recipe
 
 SHAPE, PHASES, BATCH = (48, 48, 12), 6, 4
 KINDS = ("image-ae", "image-ae-isotropic", "field-vae", "field-vae-isotropic", "ldm", "pixel-diffusion")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux ``VmHWM``), MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def demo_module(**model):
@@ -101,17 +92,9 @@ def one_kind(kind: str, steps: int) -> dict:
 
         def loss_of() -> torch.Tensor:
             return loss(network, field, Condition(concat=image, class_labels=phase))[0]
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
-    times = []
-    for step in range(steps + 2):
-        start = time.process_time()
-        optimizer.zero_grad()
-        loss_of().backward()
-        optimizer.step()
-        if step >= 2:
-            times.append(time.process_time() - start)
+    step_s = median_step_cpu_s(network.parameters(), loss_of, steps, lr=1e-4)
     return {"kind": kind, "parameters": sum(p.numel() for p in network.parameters()), "batch": BATCH, "shape": list(SHAPE),
-            "step_cpu_s": round(statistics.median(times), 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "step_cpu_s": step_s, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def step(args: argparse.Namespace) -> dict:
