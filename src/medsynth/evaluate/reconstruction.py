@@ -20,15 +20,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.metrics.regression import compute_ssim_and_cs
-from monai.networks.nets import UNet
 from scipy.ndimage import binary_dilation
-from torch import nn
 
-__all__ = ["PSNR_CAP", "STRUCTURES", "SliceSegmenter", "class_indices", "ejection_fraction", "heart_mask", "lv_volume_ml", "psnr",
+from medsynth.evaluate.segmentation import Segmenter
+
+__all__ = ["PSNR_CAP", "STRUCTURES", "class_indices", "ejection_fraction", "heart_mask", "lv_volume_ml", "psnr",
            "segment_volume", "ssim", "structure_classes", "structure_scores", "train_slice_segmenter", "unit_scale"]
 
 PSNR_CAP = 100.0  # dB: what a reconstruction equal to the truth scores (no error -> no finite PSNR)
@@ -136,29 +135,10 @@ def structure_scores(pred: np.ndarray, truth: np.ndarray, classes: Mapping[str, 
 # -- a 2D segmenter of SAX slices -----------------------------------------------------------------------
 
 
-class SliceSegmenter(nn.Module):
-    """MONAI 2D ``UNet`` on SAX slices in their own units (the normalisation learnt from the training slices is
-    part of the model); slices whose size is not a multiple of the total stride are padded and cropped back."""
-
-    def __init__(self, num_classes: int, channels: Sequence[int] = (8, 16, 32), offset: float = 0.0, scale: float = 1.0):
-        super().__init__()
-        self.unet = UNet(spatial_dims=2, in_channels=1, out_channels=num_classes, channels=tuple(channels),
-                         strides=(2,) * (len(channels) - 1), num_res_units=0)
-        self.multiple = 2 ** (len(channels) - 1)
-        self.register_buffer("offset", torch.tensor(float(offset)))
-        self.register_buffer("scale", torch.tensor(float(scale)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Slices (B, 1, H, W) in their units -> logits (B, num_classes, H, W)."""
-        h, w = x.shape[-2:]
-        x = (x.float() - self.offset) / self.scale
-        pad = (0, -w % self.multiple, 0, -h % self.multiple)
-        return self.unet(F.pad(x, pad, mode="replicate") if any(pad) else x)[..., :h, :w]
-
-
 def train_slice_segmenter(slices: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 20, batch_size: int = 16,
-                          lr: float = 1e-2, seed: int = 0, channels: Sequence[int] = (8, 16, 32)) -> SliceSegmenter:
-    """Train a :class:`SliceSegmenter` with MONAI's Dice + cross-entropy loss (Adam, cosine schedule).
+                          lr: float = 1e-2, seed: int = 0, channels: Sequence[int] = (8, 16, 32)) -> Segmenter:
+    """Train a 2D :class:`~medsynth.evaluate.segmentation.Segmenter` of slices with MONAI's Dice + cross-entropy loss
+    (Adam, cosine schedule, no augmentation).
 
     Args:
         slices: (N, 1, H, W) in the volumes' units; labels: (N, H, W) class indices.
@@ -170,7 +150,7 @@ def train_slice_segmenter(slices: torch.Tensor, labels: torch.Tensor, num_classe
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         slices = slices.float()
-        model = SliceSegmenter(num_classes, channels, float(slices.mean()), float(slices.std().clamp_min(1e-6)))
+        model = Segmenter(num_classes, channels, float(slices.mean()), float(slices.std().clamp_min(1e-6)), spatial_dims=2)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         steps = epochs * -(-len(slices) // batch_size)
@@ -180,7 +160,7 @@ def train_slice_segmenter(slices: torch.Tensor, labels: torch.Tensor, num_classe
             order = torch.randperm(len(slices), generator=generator)
             for start in range(0, len(slices), batch_size):
                 pick = order[start:start + batch_size]
-                loss = loss_fn(model(slices[pick]), labels[pick][:, None].long())
+                loss = loss_fn(model(model.normalise(slices[pick])), labels[pick][:, None].long())
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -189,8 +169,8 @@ def train_slice_segmenter(slices: torch.Tensor, labels: torch.Tensor, num_classe
 
 
 @torch.no_grad()
-def segment_volume(model: SliceSegmenter, volume: np.ndarray, axis: int = 2, batch_size: int = 32) -> np.ndarray:
+def segment_volume(model: Segmenter, volume: np.ndarray, axis: int = 2, batch_size: int = 32) -> np.ndarray:
     """Class indices (X, Y, Z) of a volume (X, Y, Z), segmented slice by slice along ``axis``."""
     stack = torch.from_numpy(np.moveaxis(np.asarray(volume, np.float32), axis, 0).copy())[:, None]  # (S, 1, H, W)
-    labels = torch.cat([model(part).argmax(1) for part in stack.split(batch_size)])
+    labels = torch.cat([model(model.normalise(part)).argmax(1) for part in stack.split(batch_size)])
     return np.moveaxis(labels.numpy(), 0, axis)

@@ -30,28 +30,29 @@ from medsynth.config import StrictModel
 
 
 class Segmenter(nn.Module):
-    """MONAI 3D ``UNet`` that takes images in their own units (e.g. HU).
+    """MONAI ``UNet`` (3D volumes, or 2D slices with ``spatial_dims=2``) that takes images in their own units (e.g. HU).
 
     The intensity normalisation learnt from the training images is part of the model,
     so real and generated volumes go in unchanged. Inputs whose size is not a multiple
     of the UNet's total stride are padded (replicating the border) and the logits cropped back.
     """
 
-    def __init__(self, num_classes: int, channels: Sequence[int] = (8, 16, 32), offset: float = 0.0, scale: float = 1.0):
+    def __init__(self, num_classes: int, channels: Sequence[int] = (8, 16, 32), offset: float = 0.0, scale: float = 1.0,
+                 spatial_dims: int = 3):
         super().__init__()
         # Plain conv blocks: residual units cost ~5x per step on CPU without helping this small task.
-        self.unet = UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=tuple(channels),
+        self.unet = UNet(spatial_dims=spatial_dims, in_channels=1, out_channels=num_classes, channels=tuple(channels),
                          strides=(2,) * (len(channels) - 1), num_res_units=0)
         self.multiple = 2 ** (len(channels) - 1)
         self.register_buffer("offset", torch.tensor(float(offset)))
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 1, X, Y, Z)`` in their units to the network's zero-mean, unit-variance range."""
+        """Images ``(B, 1, *S)`` in their units to the network's zero-mean, unit-variance range."""
         return (images.float() - self.offset) / self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes, X, Y, Z)`` for normalised images ``(B, 1, X, Y, Z)``."""
+        """Logits ``(B, num_classes, *S)`` for normalised images ``(B, 1, *S)``."""
         spatial = x.shape[2:]
         pad = [p for size in reversed(spatial) for p in (0, -size % self.multiple)]
         logits = self.unet(F.pad(x, pad, mode="replicate") if any(pad) else x)
