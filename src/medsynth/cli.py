@@ -191,12 +191,12 @@ def _reconstruct(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sax", required=True, help="short-axis stack NIfTI, (X, Y, S) or (X, Y, S, T)")
     p.add_argument("--lax", nargs="*", default=[], metavar="LA", help="long-axis views (X, Y, 1[, T]), e.g. la_2ch.nii.gz la_4ch.nii.gz")
     p.add_argument("--factor", type=int, default=8, help="through-plane refinement: (S - 1) * factor + 1 slices (>= 2)")
-    p.add_argument("--method", choices=list(METHODS), default="latent", help="latent (original), onestep (faster) or an interpolation baseline")
+    p.add_argument("--method", choices=list(METHODS), default="latent", help="latent (original), pnp (faster) or an interpolation baseline")
     p.add_argument("--prior-run", default=None, help="use this run's prior instead of RUN's (e.g. the DDIM baseline)")
     p.add_argument("--out", required=True, help="output NIfTI: the fine volume, (X, Y, Z[, T]) with the fine affine")
     p.add_argument("--keep-steps", action="store_true", help="also write the volume at every optimisation step (OUT_steps/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="reconstruction settings, e.g. iterations=50, lax_weight=6, decode_steps=20")
+                   help="reconstruction settings, e.g. iterations=50, lax_weight=6, steps=20")
 
 
 def _evaluate(p: argparse.ArgumentParser) -> None:

@@ -110,12 +110,12 @@ def test_evaluate_reconstruction_with_the_baselines_writes_every_key(tiny_run):
 def test_evaluate_reconstruction_runs_a_latent_method_and_reports_its_figures(tiny_run):
     run, raw = tiny_run
     metrics = api.evaluate(run, reconstruction=raw, progress=False, overrides=[
-        "evaluate.reconstruction_methods=[cubic, onestep, ddim_lax]", "evaluate.segmenter_epochs=1",
-        "evaluate.reconstruct.invert_steps=2", "evaluate.reconstruct.onestep_iterations=2"])
-    assert metrics["reconstruction_methods"] == ["cubic", "onestep"]
+        "evaluate.reconstruction_methods=[cubic, pnp, ddim_lax]", "evaluate.segmenter_epochs=1",
+        "evaluate.reconstruct.steps=2", "evaluate.reconstruct.pnp_iterations=2"])
+    assert metrics["reconstruction_methods"] == ["cubic", "pnp"]
     assert metrics["reconstruction_skipped"] == ["ddim_lax"]  # no evaluate.ddim_run given
-    assert np.isfinite(metrics["reconstruction_psnr_onestep"]) and metrics["reconstruction_seconds_onestep"] > 0
+    assert np.isfinite(metrics["reconstruction_psnr_pnp"]) and metrics["reconstruction_seconds_pnp"] > 0
     histories = json.loads((run / "samples" / "reconstruction" / "histories.json").read_text())
-    assert len(histories["onestep"]["total"]) >= 1
+    assert len(histories["pnp"]["total"]) >= 1
     html = api.report(run).read_text()
-    assert "Reconstruction: onestep" in html and "optimisation curves" in html
+    assert "Reconstruction: pnp" in html and "optimisation curves" in html

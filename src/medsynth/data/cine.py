@@ -290,3 +290,19 @@ def load_case_file(path: str | Path, case: Case, dtype: np.dtype | type = np.flo
     moved[:3, 3] = affine[:3, 3] + index * affine[:3, 2]
     frame = volume[case.frame or 0]  # (X, Y, S): channels are frames of a 4D NIfTI
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(frame[None, :, :, index])), affine=torch.from_numpy(moved))
+
+
+def stack_percentiles(path: str | Path, case: Case, percentiles: tuple[float, float]) -> tuple[float, float] | None:
+    """The intensity percentiles of the whole frame volume a slice case of :func:`slice_manifest` comes from
+    (``None`` for any other case).
+
+    ``prepare --slices`` maps these to [0, 1] for every slice of the frame, so training slices are in the
+    units :mod:`medsynth.inverse` gives a whole stack (its percentiles to [-1, 1]): an apical slice stays
+    as dark as it is in its volume instead of being stretched to full contrast on its own.
+    """
+    if getattr(case, "slice", None) is None:
+        return None
+    stat = Path(path).stat()
+    volume, _ = _read_cine(str(path), "float32", (stat.st_mtime_ns, stat.st_size))
+    low, high = (float(v) for v in np.percentile(volume[case.frame or 0], percentiles))
+    return low, (high if high > low else low + 1.0)

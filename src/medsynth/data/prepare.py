@@ -48,7 +48,7 @@ from rich.progress import track
 from medsynth.config import format_validation_error
 from medsynth.console import console, note
 from medsynth.data.cache import cached_meta, stamp
-from medsynth.data.cine import load_case_file, slice_manifest
+from medsynth.data.cine import load_case_file, slice_manifest, stack_percentiles
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.data.importers import check_same_grid, import_dataset
 from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
@@ -68,7 +68,7 @@ _MM_FLOW_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 class Normalize(str, Enum):
     """Intensity normalisation of prepared images."""
 
-    PERCENTILE = "percentile"  # percentiles[0]..percentiles[1] -> [0, 1] per channel, clipped
+    PERCENTILE = "percentile"  # percentiles[0]..percentiles[1] -> [0, 1] per channel (slices: of their frame volume), clipped
     ZSCORE = "zscore"  # zero mean, unit variance per channel
     CT = "ct"  # ct_window (HU) -> [0, 1], clipped
     NONE = "none"
@@ -237,7 +237,7 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
     if case.moving is not None:  # the pair's other frame: the same transforms as extra channels, split off below
         image = MetaTensor(torch.cat([image.as_tensor(), _load_moving(manifest, case, image, config).as_tensor()]), affine=image.affine)
     image, label, flow = _resample(image, label, flow, config, dims)
-    image = _normalize(image, config)
+    image = _normalize(image, config, stack_percentiles(manifest.resolve(case.images[0]), case, config.percentiles))
     if config.size is not None:
         image, label, flow = (_crop_or_pad if config.crop else _resize)(image, label, flow, config, dims)
     image, moving = image[:channels], (image[channels:] if case.moving is not None else None)
@@ -354,7 +354,11 @@ def _resample(image: MetaTensor, label: MetaTensor | None, flow: MetaTensor | No
     return image, label, flow
 
 
-def _normalize(image: MetaTensor, config: PrepareConfig) -> MetaTensor:
+def _normalize(image: MetaTensor, config: PrepareConfig, intensity_range: tuple[float, float] | None = None) -> MetaTensor:
+    """``intensity_range``: for percentile normalisation, the (low, high) intensities to map to [0, 1] instead of
+    the image's own percentiles (a slice case: its frame volume's, :func:`medsynth.data.cine.stack_percentiles`)."""
+    if config.normalize is Normalize.PERCENTILE and intensity_range is not None:
+        return ScaleIntensityRange(a_min=intensity_range[0], a_max=intensity_range[1], b_min=0.0, b_max=1.0, clip=True)(image)
     if config.normalize is Normalize.PERCENTILE:
         low, high = config.percentiles
         return ScaleIntensityRangePercentiles(low, high, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)(image)

@@ -7,9 +7,10 @@
   a plane's pixel grid with a slice profile (:class:`PlaneOperator`), a fine volume seen as a
   thick-slice stack (:class:`SliceStackOperator`).
 - :mod:`.prior`: the :class:`SlicePrior` protocol (a DiffAE/DDIM slice prior) and code interpolation.
-- :mod:`.latent`, :mod:`.reconstruct`: a fine SAX volume from a thick-slice stack and LAX views
+- :mod:`.latent`, :mod:`.pnp`, :mod:`.reconstruct`: a fine SAX volume from a thick-slice stack and LAX views
   (:func:`reconstruct_stack` for one frame, :func:`reconstruct_files` for a cine series): latent
-  optimisation through the prior (``latent``, ``onestep``) or through-plane interpolation.
+  optimisation of the codes (``latent``) or of the voxels (``pnp``) with the prior, or through-plane
+  interpolation.
 
 Geometry is in world (RAS) millimetres throughout; volumes are (B, C, X, Y, Z) with their 4x4 affine.
 """

@@ -50,7 +50,7 @@ __all__ = ["EVAL_METHODS", "reconstruction_figures", "reconstruction_metrics"]
 EVAL_METHODS: dict[str, tuple[str, str | None, bool]] = {
     "nearest": ("nearest", None, False), "linear": ("linear", None, False), "cubic": ("cubic", None, False),
     "diffae_lax": ("latent", "diffae", True), "diffae_sax_only": ("latent", "diffae", False),
-    "ddim_lax": ("latent", "ddim", True), "onestep": ("onestep", "diffae", True),
+    "ddim_lax": ("latent", "ddim", True), "pnp": ("pnp", "diffae", True),
 }
 
 
@@ -118,7 +118,7 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
     """Reconstruct the held-out subjects of ``data_dir`` with every method and score them against the truth.
 
     Args:
-        prior: the DiffAE prior (``diffae_*``, ``onestep``); ddim_prior: the DDIM baseline's (``ddim_lax``). A
+        prior: the DiffAE prior (``diffae_*``, ``pnp``); ddim_prior: the DDIM baseline's (``ddim_lax``). A
             method whose prior is missing is skipped (listed under ``reconstruction_skipped``).
         data_dir: a UK Biobank-layout folder whose subjects have ``sa_hr.nii.gz`` and ``sa_hr_gt.nii.gz``.
         methods: names of :data:`EVAL_METHODS`.
@@ -132,7 +132,7 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
         ``reconstruction_dice_<s>_m``, ``reconstruction_hd95_m_<s>`` (mm) and ``reconstruction_lax_dice_<s>_m`` for s in
         lv/myo/rv, ``reconstruction_{edv,esv,ef}_error_m`` (ml, ml, percentage points, mean absolute over subjects),
         ``reconstruction_seconds_m`` (mean wall seconds per volume); the same segmentation scores for ``truth``;
-        ``reconstruction_onestep_speedup`` (seconds of diffae_lax / onestep); counts and subjects.
+        ``reconstruction_pnp_speedup`` (seconds of diffae_lax / pnp); counts and subjects.
     """
     data_dir, settings = Path(data_dir), settings or ReconstructSettings()
     unknown = [m for m in methods if m not in EVAL_METHODS]
@@ -200,9 +200,9 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
     metrics |= {"reconstruction_subjects": list(held_out), "reconstruction_cases": len(scores["truth"]),
                 "reconstruction_factor": factor, "reconstruction_methods": chosen,
                 "reconstruction_skipped": [m for m in methods if m not in chosen]}
-    seconds = metrics.get("reconstruction_seconds_diffae_lax"), metrics.get("reconstruction_seconds_onestep")
+    seconds = metrics.get("reconstruction_seconds_diffae_lax"), metrics.get("reconstruction_seconds_pnp")
     if seconds[0] is not None and seconds[1]:
-        metrics["reconstruction_onestep_speedup"] = seconds[0] / seconds[1]
+        metrics["reconstruction_pnp_speedup"] = seconds[0] / seconds[1]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()

@@ -49,6 +49,11 @@ class SlicePrior(Protocol):
         """DDIM decoding (eta = 0) of x_T ``(B, 1, H, W)`` with z_sem ``(B, D)`` -> x0 ``(B, 1, H, W)``; differentiable."""
         ...
 
+    def denoise(self, x: Tensor, z_sem: Tensor | None, timestep: int, noise: Tensor) -> Tensor:
+        """One-step denoising: slices ``x`` ``(B, 1, H, W)`` noised to training timestep ``timestep`` with ``noise``
+        (``sqrt(abar_t) x + sqrt(1 - abar_t) noise``) -> the prior's estimate of the clean slices ``(B, 1, H, W)``."""
+        ...
+
 
 def slerp(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     """Spherical interpolation per sample between ``a`` and ``b`` ``(B, ...)`` at ``alpha`` in [0, 1].

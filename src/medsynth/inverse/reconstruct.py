@@ -12,8 +12,8 @@ Methods (:data:`METHODS`):
   axis (``scipy.interpolate``; ``cubic`` is a not-a-knot cubic spline, exact on polynomials up to
   degree 3 with 4 or more slices, on quadratics with 3); need no prior, ignore the LAX views
   (which are still checked).
-- ``latent``, ``onestep``: latent optimisation through a :class:`~medsynth.inverse.prior.SlicePrior`
-  (:mod:`medsynth.inverse.latent`). Intensities are mapped to the prior's [-1, 1] with the frame's
+- ``latent`` (the original, :mod:`medsynth.inverse.latent`), ``pnp`` (faster, :mod:`medsynth.inverse.pnp`):
+  optimisation through a :class:`~medsynth.inverse.prior.SlicePrior`. Intensities are mapped to the prior's [-1, 1] with the frame's
   SAX percentiles and back; slices are resized in-plane to the prior's size and back.
 
 :func:`reconstruct_stack` does one frame in memory; :func:`reconstruct_files` a cine series of
@@ -44,13 +44,14 @@ from medsynth.inverse.latent import (
 )
 from medsynth.inverse.operators import PlaneOperator, SliceStackOperator
 from medsynth.inverse.planes import Plane, fine_stack_affine, fine_stack_shape, pixel_points, stack_slice_axis
+from medsynth.inverse.pnp import optimise_volume
 from medsynth.inverse.prior import SlicePrior, from_unit, resize_slices, to_unit, unit_range
 from medsynth.runs import atomic_write_json
 
 __all__ = ["BASELINES", "METHODS", "check_inputs", "interpolate_stack", "reconstruct_files", "reconstruct_stack"]
 
 BASELINES = ("nearest", "linear", "cubic")
-METHODS = ("latent", "onestep", *BASELINES)
+METHODS = ("latent", "pnp", *BASELINES)
 
 
 def interpolate_stack(stack: np.ndarray, factor: int, method: str) -> np.ndarray:
@@ -179,7 +180,10 @@ def _match_lax(views: list[LaxView], stack: torch.Tensor, fine_affine: np.ndarra
         if how == "intersections":
             points = pixel_points(view.operator.plane) @ np.linalg.inv(fine_affine)[:3, :3].T + np.linalg.inv(fine_affine)[:3, 3]
             offset = np.abs(points[..., 2] / factor - np.round(points[..., 2] / factor)) * factor  # fine steps to a slice
-            near = torch.from_numpy(offset < 0.5) & view.mask.cpu()
+            # a plane whose pixel rows step over several fine slices may put no pixel centre within half a fine
+            # step of an observed slice: the tolerance grows to half the plane's own step across the slices
+            step = max(abs(points[1, 0, 2] - points[0, 0, 2]), abs(points[0, 1, 2] - points[0, 0, 2])) if min(points.shape[:2]) > 1 else 0.0
+            near = torch.from_numpy(offset <= max(0.5, step / 2)) & view.mask.cpu()
         if int(near.sum()) < 8:
             view.image, view.standardise = ((values - values.mean()) / (values.std(unbiased=False) + 1e-6)).float(), True
             continue
@@ -216,14 +220,21 @@ def _latent(prior: SlicePrior | None, stack: np.ndarray, stack_affine: np.ndarra
     for view in views:
         view.image, view.mask = view.image.to(device), view.mask.to(device)
     data = Measurements(sax_operator, observed[None, None], views, in_plane)
-    with torch.no_grad():
-        z0, x_t0 = initial_codes(prior, slices, factor, settings.invert_steps)
+    cubic = torch.from_numpy(interpolate_stack(observed.cpu().numpy(), factor, "cubic")).float().to(device)  # (X, Y, N)
     steps: list[np.ndarray] = []
 
     def keep(volume: torch.Tensor) -> None:
         steps.append(from_unit(volume[0, 0], lo, hi).float().cpu().numpy())
 
-    volume, run = optimise_codes(prior, z0, x_t0, data, settings, method, keep if keep_steps else None)  # type: ignore[arg-type]
+    if method == "pnp":
+        volume, run = optimise_volume(prior, cubic[None, None], data, settings, keep if keep_steps else None)
+    else:
+        interpolated = None
+        if settings.init == "interpolation":  # at the prior's size, slice axis first
+            interpolated = resize_slices(cubic.permute(2, 0, 1).unsqueeze(1), size)
+        with torch.no_grad():
+            z0, x_t0 = initial_codes(prior, slices, factor, settings.steps, interpolated)
+        volume, run = optimise_codes(prior, z0, x_t0, data, settings, keep if keep_steps else None)
     history.iterations, history.losses, history.steps = run.iterations, run.losses, steps
     return from_unit(volume[0, 0], lo, hi).float().cpu().numpy()
 

@@ -75,8 +75,9 @@ class DiffAESampleConfig(SamplerConfig):
     sampler: Literal["ddpm", "ddim", "dpmpp", "rflow"] = "ddim"
     steps: int | None = Field(20, ge=1, description="decoding, inversion and latent steps")
     interpolation_frames: int = Field(7, ge=3, description="--mode interpolate: images per strip, both ends included")
-    inversion_iterations: int = Field(2, ge=0, description="fixed-point refinements per DDIM inversion step (0: plain inversion; "
-                                                          "at 10 steps on the tiny model 0/1/3 gave 8/18/30 dB round trips)")
+    inversion_iterations: int = Field(10, ge=0, description="fixed-point refinements per DDIM inversion step (0: plain inversion; "
+                                                           "at 10 steps on the demo's 40-epoch prior 0/2/5/10/20 gave "
+                                                           "18.6/23.7/35.7/43.6/47.6 dB round trips of held-out SAX slices)")
 
 
 class DiffAEEvaluateConfig(StrictModel):
@@ -168,6 +169,15 @@ class DiffAEModule(DiffusionModule):
         """Deterministic DDIM (eta 0) from x_T (B, 1, H, W) under ``z_sem`` (B, D) -> x0 (B, 1, H, W), unclamped.
         Differentiable in both (no ``no_grad`` here: reconstruction back-propagates through it)."""
         return sample_ddim(self.net, x_T, self.schedule, z_sem, steps=steps, eta=0.0)
+
+    def denoise(self, x: Tensor, z_sem: Tensor | None, timestep: int, noise: Tensor) -> Tensor:
+        """Slices ``x`` (B, 1, H, W) in [-1, 1] noised to ``timestep`` with ``noise`` -> the one-step x0 estimate (B, 1, H, W)."""
+        t = torch.tensor(timestep, device=x.device)
+        abar = self.schedule.abar(t).to(x.dtype)
+        x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+        prediction, _ = self.schedule.split(self.net(x_t, t.expand(len(x)), z_sem))
+        x0, _ = self.schedule.predict_x0_eps(prediction, x_t, t)
+        return x0
 
     # -- training
 
