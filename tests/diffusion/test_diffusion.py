@@ -34,7 +34,7 @@ from medsynth.diffusion import (
     spaced_timesteps,
     vlb_terms,
 )
-from medsynth.diffusion.sampling import SamplerName
+from medsynth.diffusion.sampling import ClippedX0, SamplerName
 from medsynth.errors import MedsynthError
 from medsynth.seeds import item_generators, item_noise, item_seed
 
@@ -147,6 +147,20 @@ def test_ddim_matches_diffusers_step_for_step(kind, prediction):
                             _diffusers_trajectory(diffusers, _toy_model, x, 50))
     _assert_same_trajectory(_trajectory(sample_ddim, _toy_model, x, schedule, seed=7, steps=50, eta=0.5),
                             _diffusers_trajectory(diffusers, _toy_model, x, 50, seed=7, eta=0.5))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_clipped_x0_ddim_matches_diffusers_clip_sample(prediction):
+    """SamplerConfig.clip_x0 = diffusers' clip_sample with the eps recomputed from the clipped x_0."""
+    schedule, x = make_schedule("cosine", prediction=prediction), _noise()
+    diffusers = DDIMScheduler(clip_sample=True, clip_sample_range=1.5, set_alpha_to_one=True, **_diffusers_args(schedule))
+    clipped = ClippedX0(_toy_model, schedule, 1.5)
+    ours = _trajectory(sample_ddim, clipped, x, schedule, steps=20)
+    # float32 eps re-derived by dividing by sqrt(1 - abar) in diffusers, float64 abar here: 1e-5 relative at worst
+    _assert_same_trajectory(ours, _diffusers_trajectory(diffusers, _toy_model, x, 20, use_clipped_model_output=True), tol=1e-4)
+    assert ours[-1].abs().max() <= 1.5 + 1e-6  # the toy model's unclipped samples reach 1e3 on this schedule
+    config = SamplerConfig(sampler="ddim", steps=20, clip_x0=1.5)
+    torch.testing.assert_close(run_sampler(_toy_model, x, schedule, None, config), ours[-1])
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -62,6 +62,15 @@ def test_prepare_writes_one_2d_case_per_subject_frame_and_thin_slice(phantom, pr
         # geometry: the slice's pixel (i, j) of the 16 px grid is where pixel ((2i + 0.5), (2j + 0.5)) of the 32 px slice 2 is
         source = hr.affine @ np.array([2 * 3 + 0.5, 2 * 5 + 0.5, 2, 1.0])
         np.testing.assert_allclose(affine @ np.array([3, 5, 0, 1.0]), source, atol=1e-6)
+    # units: every slice of a frame in its volume's (0.5, 99.5) percentiles -> [0, 1], as inverse/ maps a stack (each
+    # slice stretched by its own percentiles instead would put the means 0.05-0.2 apart)
+    hr = nib.load(str(phantom / "sub000" / "sa_hr.nii.gz")).get_fdata()[..., 1]
+    low, high = np.percentile(hr, (0.5, 99.5))
+    for k in range(hr.shape[2]):
+        case = next(c for c in manifest["cases"] if c["subject"] == "sub000" and c["frame"] == 1 and c["slice"] == k)
+        with np.load(prepared / case["image"]) as data:
+            mean = float(data["image"].mean())
+        np.testing.assert_allclose(mean, np.clip((hr[:, :, k] - low) / (high - low), 0, 1).mean(), atol=0.02)  # resized 32 -> 16
 
 
 def test_structure_classes_count_the_labelled_structures():

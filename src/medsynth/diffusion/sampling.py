@@ -15,7 +15,7 @@ from torch import Tensor
 
 from medsynth.config import StrictModel
 from medsynth.diffusion.samplers import Denoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_rflow
-from medsynth.diffusion.schedule import FlowSchedule, NoiseSchedule
+from medsynth.diffusion.schedule import FlowSchedule, NoiseSchedule, broadcast
 from medsynth.errors import MedsynthError
 
 # name -> (sampler, default steps; None: all T training timesteps)
@@ -37,6 +37,8 @@ class SamplerConfig(StrictModel):
                             description="classifier-free guidance scale s (0: plain conditional model)")
     eta: float = Field(0.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 DDPM-like")
     batch_size: int = Field(4, ge=1, description="items per sampler call")
+    clip_x0: float | None = Field(None, gt=0, description="clamp every step's x_0 estimate to [-c, c] (diffusers' clip_sample; "
+                                                         "noise schedules only): keeps an undertrained model from diverging")
 
     def steps_for(self, schedule: NoiseSchedule | FlowSchedule) -> int:
         """The number of steps this config runs on ``schedule``."""
@@ -57,6 +59,23 @@ def check_sampler(config: SamplerConfig, schedule: NoiseSchedule | FlowSchedule)
         raise MedsynthError(f"--steps {config.steps} exceeds the model's {schedule.num_train_timesteps} training timesteps")
 
 
+class ClippedX0:
+    """A denoiser whose x_0 estimate is clamped to [-limit, limit], its output given back in the model's own
+    parametrisation (eps or v, variance channels kept), so every sampler clips without knowing it."""
+
+    def __init__(self, model: Denoiser, schedule: NoiseSchedule, limit: float):
+        self.model, self.schedule, self.limit = model, schedule, limit
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        prediction, variance = self.schedule.split(self.model(x, t, cond))
+        x0, _ = self.schedule.predict_x0_eps(prediction, x, t)
+        x0 = x0.clamp(-self.limit, self.limit)
+        abar = broadcast(self.schedule.abar(t), x).to(x.dtype)
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        prediction = self.schedule.target(x0, eps, t).to(x.dtype)
+        return prediction if variance is None else torch.cat([prediction, variance], dim=1)
+
+
 def run_sampler(model: Denoiser, noise: Tensor, schedule: NoiseSchedule | FlowSchedule, cond: Any, config: SamplerConfig,
                 generators: Sequence[torch.Generator] | None = None) -> Tensor:
     """Runs the named sampler from ``noise`` (x_T, (B, C, *S)).
@@ -75,6 +94,8 @@ def run_sampler(model: Denoiser, noise: Tensor, schedule: NoiseSchedule | FlowSc
     """
     check_sampler(config, schedule)
     sampler, _ = SAMPLERS[config.sampler]
+    if config.clip_x0 is not None and isinstance(schedule, NoiseSchedule):
+        model = ClippedX0(model, schedule, config.clip_x0)
     kwargs: dict[str, Any] = {"steps": config.steps_for(schedule)}
     if config.sampler == "ddim":
         kwargs["eta"] = config.eta

@@ -16,6 +16,7 @@ Volumes are numpy arrays (X, Y, Z) on one grid with one affine (mm); labels are 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -126,7 +127,9 @@ def structure_scores(pred: np.ndarray, truth: np.ndarray, classes: Mapping[str, 
         if hd95:
             if p.any() and t.any():
                 metric = HausdorffDistanceMetric(include_background=True, percentile=95)
-                result[f"hd95_{name}"] = float(metric(p, t, spacing=list(spacing) if spacing is not None else None).item())
+                with warnings.catch_warnings():  # MONAI 1.5 warns about an argument its own metric passes
+                    warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+                    result[f"hd95_{name}"] = float(metric(p, t, spacing=list(spacing) if spacing is not None else None).item())
             else:
                 result[f"hd95_{name}"] = float("nan")
     return result

@@ -75,6 +75,9 @@ class DiffAESampleConfig(SamplerConfig):
     sampler: Literal["ddpm", "ddim", "dpmpp", "rflow"] = "ddim"
     steps: int | None = Field(20, ge=1, description="decoding, inversion and latent steps")
     interpolation_frames: int = Field(7, ge=3, description="--mode interpolate: images per strip, both ends included")
+    clip_x0: float | None = Field(1.0, gt=0, description="--mode random: clamp each step's x_0 estimate to the slices' [-1, 1] "
+                                                        "(the demo's priors diverge from pure noise without it)")
+    latent_clip: float | None = Field(5.0, gt=0, description="--mode random: the same for the latent DDIM's normalised z_sem")
     inversion_iterations: int = Field(10, ge=0, description="fixed-point refinements per DDIM inversion step (0: plain inversion; "
                                                            "at 10 steps on the demo's 40-epoch prior 0/2/5/10/20 gave "
                                                            "18.6/23.7/35.7/43.6/47.6 dB round trips of held-out SAX slices)")
@@ -226,7 +229,7 @@ class DiffAEModule(DiffusionModule):
     # -- sampling
 
     @torch.no_grad()
-    def random(self, seeds: list[int], settings: SamplerConfig) -> Tensor:
+    def random(self, seeds: list[int], settings: DiffAESampleConfig) -> Tensor:
         """New slices (len(seeds), 1, H, W) in [-1, 1], one per seed: z_sem from the latent DDIM (the baseline:
         none), x_T ~ N(0, I), decoded; item i's draws come from its own generator."""
         self.eval()
@@ -236,7 +239,7 @@ class DiffAEModule(DiffusionModule):
             z_sem = None
             if self.semantic:
                 z = run_sampler(self.latent_net, item_noise((self.config.model.semantic_dim,), generators).to(self.device),
-                                self.latent_schedule, None, settings, generators)
+                                self.latent_schedule, None, settings.model_copy(update={"clip_x0": settings.latent_clip}), generators)
                 z_sem = z * self.z_std + self.z_mean
             x_T = item_noise((1, size, size), generators).to(self.device)
             outputs.append(run_sampler(self.net, x_T, self.schedule, z_sem, settings, generators))
