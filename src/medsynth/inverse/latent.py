@@ -6,7 +6,7 @@ in N). Where the codes start (``init``): ``interpolation`` (default) encodes eve
 stack's cubic through-plane interpolation, so the optimisation starts where the best baseline ends;
 ``slerp`` (the original) encodes the observed slices only and fills the ``factor - 1`` slices between two
 neighbours with slerp(x_T) / lerp(z_sem) (:mod:`.prior`), which decodes to the truth's slices only under a
-prior that interpolates well (measured on the demo's CPU-trained prior: -3 dB against cubic's 39 dB). Then
+prior that interpolates well (on a CPU-trained demo prior the start was a -3 dB volume; cubic: 39 dB). Then
 the loss (weights in :class:`ReconstructSettings`)
 
     lax_weight    * mean over LAX views of || A_v V - y_v ||^2 inside the view's mask
@@ -66,8 +66,8 @@ class ReconstructSettings(StrictModel):
                                      "interpolation, or slerp(x_T) / lerp(z_sem) of the neighbours' codes (the original)")
     iterations: int = Field(200, ge=0, description="`latent`: most Adam iterations")
     lr: float = Field(5e-5, gt=0, description="`latent`: Adam learning rate on x_T and z_sem (on the demo's CPU-trained prior "
-                                              "the decoder amplifies x_T: 0.02 wrecked the volume (39 -> 6 dB), 3e-4 lost 2 dB "
-                                              "in 6 iterations, 5e-5 0.4 dB in 4)")
+                                              "the decoder amplifies x_T: 0.02 took the volume from 38 to 6 dB in 20 iterations, "
+                                              "3e-4 lost 2 dB in 6, 5e-5 0.4 dB in 4)")
     pnp_iterations: int = Field(12, ge=0, description="`pnp`: most Adam iterations on the volume")
     pnp_lr: float = Field(5e-4, gt=0, description="`pnp`: Adam learning rate on the volume (the prior's [-1, 1] units)")
     pnp_weight: float = Field(2.0, ge=0, description="`pnp`: weight of the prior's denoising residual V - D_t(V)")

@@ -13,8 +13,9 @@ Methods (:data:`METHODS`):
   degree 3 with 4 or more slices, on quadratics with 3); need no prior, ignore the LAX views
   (which are still checked).
 - ``latent`` (the original, :mod:`medsynth.inverse.latent`), ``pnp`` (faster, :mod:`medsynth.inverse.pnp`):
-  optimisation through a :class:`~medsynth.inverse.prior.SlicePrior`. Intensities are mapped to the prior's [-1, 1] with the frame's
-  SAX percentiles and back; slices are resized in-plane to the prior's size and back.
+  optimisation through a :class:`~medsynth.inverse.prior.SlicePrior`. Intensities are mapped to the
+  prior's [-1, 1] with the frame's SAX percentiles and back; slices are resized in-plane to the prior's
+  size and back.
 
 :func:`reconstruct_stack` does one frame in memory; :func:`reconstruct_files` a cine series of
 NIfTI files (every frame in one call) into one (X, Y, Z[, T]) NIfTI with the fine affine.
