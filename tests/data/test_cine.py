@@ -112,3 +112,14 @@ def test_bad_ukbb_files_are_named(phantom, tmp_path, name, shape, problem):
     with pytest.raises(BadInputError, match=problem) as error:
         import_ukbb(tmp_path)
     assert error.value.path == subject / name and "\n" not in str(error.value)
+
+
+def test_ukbb_labels_on_another_grid_are_named(phantom, tmp_path):
+    subject = _copy_subject(phantom, tmp_path)
+    sax = nib.load(str(subject / "sa.nii.gz"))
+    shifted = sax.affine.copy()
+    shifted[:3, 3] += [0.0, 0.0, 5.0]  # same shape, half a slice away
+    _nifti(subject / "sa_gt.nii.gz", np.zeros(sax.shape, dtype=np.uint8), shifted)
+    with pytest.raises(BadInputError, match="affine differs from its image sa.nii.gz") as error:
+        import_ukbb(tmp_path)
+    assert error.value.path == subject / "sa_gt.nii.gz"

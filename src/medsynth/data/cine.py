@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medsynth.data.io import load_image
+from medsynth.data.io import check_same_grid, load_image
 from medsynth.data.manifest import Case, Manifest
 from medsynth.data.splits import subject_splits
 from medsynth.errors import BadInputError
@@ -116,10 +116,8 @@ def _check_stack(path: Path, shape: tuple[int, ...]) -> None:
 
 
 def _check_label(label: Path, shape: tuple[int, ...], image: Path) -> None:
-    # Shapes only: importers.check_same_grid (the affine tolerance) is out of reach, importers imports this module.
-    label_shape, _ = cine_header(label)
-    if label_shape != shape:
-        raise BadInputError(label, f"shape {label_shape} differs from its image {image.name} {shape}")
+    label_shape, label_affine = cine_header(label)
+    check_same_grid(shape, cine_header(image)[1], label_shape, label_affine, label, image)
 
 
 def _relative(path: Path, root: Path) -> str:

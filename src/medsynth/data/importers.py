@@ -25,13 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, itk_affine, natural_key, suffix_of
+from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, check_same_grid, itk_affine, natural_key, suffix_of
 from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.runs import read_structured
 
 # Image and label geometry must agree to this many millimetres (nnU-Net uses a similar tolerance).
-AFFINE_TOLERANCE = 1e-4
 
 
 def import_dataset(src: str | Path, out_dir: str | Path | None = None) -> Manifest:
@@ -300,20 +299,6 @@ def check_label_header(image: Path, label: Path) -> None:
     label_shape, label_affine = read_header(label)
     if image_shape is not None and label_shape is not None:
         check_same_grid(image_shape, image_affine, label_shape, label_affine, label, image)
-
-
-def check_same_grid(image_shape: tuple[int, ...], image_affine: np.ndarray, other_shape: tuple[int, ...],
-                    other_affine: np.ndarray, other: Path, image: Path) -> None:
-    """Refuse a label or flow whose spatial shape or affine (to 1e-4 mm) differs from its image's.
-
-    Raises:
-        BadInputError: naming ``other``.
-    """
-    if tuple(other_shape) != tuple(image_shape):
-        raise BadInputError(other, f"shape {tuple(other_shape)} differs from its image {image.name} {tuple(image_shape)}")
-    difference = float(np.abs(np.asarray(other_affine) - np.asarray(image_affine)).max())
-    if difference > AFFINE_TOLERANCE:
-        raise BadInputError(other, f"affine differs from its image {image.name} (by up to {difference:.3g} mm)")
 
 
 # -- template/flow NumPy pairs --------------------------------------------------------------

@@ -308,3 +308,20 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray, series: bool = False) ->
         data = spatial[:, :, None, None, :] if array.ndim == 3 else spatial[..., None, :]
         header.set_intent("vector")
     return nib.Nifti1Image(data, affine, header=header).to_bytes()
+
+
+AFFINE_TOLERANCE = 1e-4  # mm: a label, flow or second channel whose affine differs by more is on another grid
+
+
+def check_same_grid(image_shape: tuple[int, ...], image_affine: np.ndarray, other_shape: tuple[int, ...],
+                    other_affine: np.ndarray, other: Path, image: Path) -> None:
+    """Refuse a label or flow whose spatial shape or affine (to 1e-4 mm) differs from its image's.
+
+    Raises:
+        BadInputError: naming ``other``.
+    """
+    if tuple(other_shape) != tuple(image_shape):
+        raise BadInputError(other, f"shape {tuple(other_shape)} differs from its image {image.name} {tuple(image_shape)}")
+    difference = float(np.abs(np.asarray(other_affine) - np.asarray(image_affine)).max())
+    if difference > AFFINE_TOLERANCE:
+        raise BadInputError(other, f"affine differs from its image {image.name} (by up to {difference:.3g} mm)")

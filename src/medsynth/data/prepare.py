@@ -50,8 +50,8 @@ from medsynth.console import console, note
 from medsynth.data.cache import cached_meta, stamp
 from medsynth.data.cine import load_case_file, slice_manifest, stack_percentiles
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
-from medsynth.data.importers import check_same_grid, import_dataset
-from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_image, spacing_of, suffix_of
+from medsynth.data.importers import import_dataset
+from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, check_same_grid, load_image, spacing_of, suffix_of
 from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
 from medsynth.data.splits import split_subjects, subject_splits
 from medsynth.data.stats import STATS_COLUMNS, fingerprint, intensity_stats, write_stats
