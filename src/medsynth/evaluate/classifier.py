@@ -15,6 +15,8 @@ from monai.networks.layers import GaussianFilter
 from monai.networks.nets import Classifier
 from torch import nn
 
+from medsynth.training import fit_minibatches
+
 
 @dataclass
 class ClassifierResult:
@@ -75,17 +77,12 @@ def train_classifier(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, -(-len(images) // batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images), batch_size):
-            index = order[start:start + batch_size]
-            loss = F.cross_entropy(model(augment_batch(images[index].float(), generator)), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return model.eval()
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(augment_batch(images[index].float(), generator)), labels[index])
+
+    return fit_minibatches(model, loss_of, len(images), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                           scheduler=scheduler, generator=generator)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from monai.metrics.regression import compute_ssim_and_cs
 from scipy.ndimage import binary_dilation
 
 from medsynth.evaluate.segmentation import Segmenter
+from medsynth.training import fit_minibatches
 
 __all__ = ["PSNR_CAP", "STRUCTURES", "class_indices", "ejection_fraction", "heart_mask", "lv_volume_ml", "psnr",
            "segment_volume", "ssim", "structure_classes", "structure_scores", "train_slice_segmenter", "unit_scale"]
@@ -158,17 +159,12 @@ def train_slice_segmenter(slices: torch.Tensor, labels: torch.Tensor, num_classe
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         steps = epochs * -(-len(slices) // batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(slices), generator=generator)
-            for start in range(0, len(slices), batch_size):
-                pick = order[start:start + batch_size]
-                loss = loss_fn(model(model.normalise(slices[pick])), labels[pick][:, None].long())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-    return model.eval()
+
+        def loss_of(pick: torch.Tensor) -> torch.Tensor:
+            return loss_fn(model(model.normalise(slices[pick])), labels[pick][:, None].long())
+
+        return fit_minibatches(model, loss_of, len(slices), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                               scheduler=scheduler, generator=generator)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from medsynth.config import StrictModel
+from medsynth.training import fit_minibatches
 
 
 class Segmenter(nn.Module):
@@ -109,19 +110,15 @@ def train_segmenter(
         steps_per_epoch = -(-len(images) // batch_size)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
         normalised = model.normalise(images)
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(images), generator=generator)
-            for start in range(0, len(images), batch_size):
-                samples = [augment({"image": normalised[i], "label": labels[i][None]}) for i in order[start:start + batch_size]]
-                x = torch.stack([torch.as_tensor(s["image"]) for s in samples])
-                y = torch.stack([torch.as_tensor(s["label"]) for s in samples]).long()
-                loss = loss_fn(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-    return model.eval()
+
+        def loss_of(index: torch.Tensor) -> torch.Tensor:
+            samples = [augment({"image": normalised[i], "label": labels[i][None]}) for i in index]
+            x = torch.stack([torch.as_tensor(s["image"]) for s in samples])
+            y = torch.stack([torch.as_tensor(s["label"]) for s in samples]).long()
+            return loss_fn(model(x), y)
+
+        return fit_minibatches(model, loss_of, len(images), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                               scheduler=scheduler, generator=generator)
 
 
 def _numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
