@@ -79,8 +79,8 @@ class DiffAESampleConfig(SamplerConfig):
                                                         "(the demo's priors diverge from pure noise without it)")
     latent_clip: float | None = Field(5.0, gt=0, description="--mode random: the same for the latent DDIM's normalised z_sem")
     inversion_iterations: int = Field(10, ge=0, description="fixed-point refinements per DDIM inversion step (0: plain inversion; "
-                                                           "at 10 steps on the demo's 40-epoch prior 0/2/5/10/20 gave "
-                                                           "18.6/23.7/35.7/43.6/47.6 dB round trips of held-out SAX slices)")
+                                                           "at 10 steps on the demo's 40-epoch prior 0/5/10/20 gave "
+                                                           "14.9/35.1/44.9/50.0 dB round trips of held-out SAX slices)")
 
 
 class DiffAEEvaluateConfig(StrictModel):
