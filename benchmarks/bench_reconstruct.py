@@ -21,19 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsynth.data.cine import lax_views
-from medsynth.data.io import load_image
+from medsynth.data.cine import cine_frame, lax_views
 from medsynth.evaluate.reconstruction import psnr
 from medsynth.inverse import ReconstructSettings, reconstruct_stack
 from medsynth.inverse.prior import to_unit, unit_range
 from medsynth.recipes import get_recipe
 from medsynth.runs import Run
 from medsynth.training import load_module
-
-
-def frame(path: Path, t: int) -> tuple[np.ndarray, np.ndarray]:
-    image = load_image(path)  # (T, X, Y, Z)
-    return image.numpy()[t], np.asarray(image.affine, dtype=np.float64)
 
 
 def main() -> None:
@@ -49,19 +43,17 @@ def main() -> None:
     base = ReconstructSettings(steps=args.steps, iterations=0)
     rows: dict[str, list[float]] = {}
     for t in (0, 1):
-        sax, sax_affine = frame(folder / "sa.nii.gz", t)
-        truth, _ = frame(folder / "sa_hr.nii.gz", t)
-        lax = [frame(path, t) for _, path in sorted(lax_views(folder).items())]
+        sax, sax_affine = cine_frame(folder / "sa.nii.gz", t)
+        truth, _ = cine_frame(folder / "sa_hr.nii.gz", t)
+        lax = [cine_frame(path, t) for _, path in sorted(lax_views(folder).items())]
         factor = (truth.shape[2] - 1) // (sax.shape[2] - 1)
         lo, hi = unit_range(sax)
         observed = to_unit(torch.from_numpy(sax).float(), lo, hi).permute(2, 0, 1)[:, None]
-        with torch.no_grad():
-            z = module.encode_semantic(observed)
-            for iterations in (0, 5, 10, 20):
-                module.config.sample.inversion_iterations = iterations
-                back = module.decode(z, module.invert(observed, z, args.steps), args.steps)
-                rows.setdefault(f"round trip of the SAX slices, {iterations} fixed-point refinements", []).append(
-                    float(10 * np.log10(4.0 / ((back - observed) ** 2).mean())))
+        for iterations in (0, 5, 10, 20):
+            module.config.sample.inversion_iterations = iterations
+            back = module.autoencode(observed, args.steps, batch_size=len(observed))
+            rows.setdefault(f"round trip of the SAX slices, {iterations} fixed-point refinements", []).append(
+                float(10 * np.log10(4.0 / ((back - observed) ** 2).mean())))
         module.config.sample.inversion_iterations = 20
         cases = {"cubic": ("cubic", base)}
         for init in ("interpolation", "slerp"):

@@ -13,8 +13,9 @@ from monai.metrics import PSNRMetric
 
 from medsynth import api
 from medsynth.data.datasets import load_split, stack_items
+from medsynth.inverse.prior import slerp
 from medsynth.recipes import get_recipe
-from medsynth.recipes.diffae import DiffAEConfig, DiffAEModule, slerp, structure_classes, to_model
+from medsynth.recipes.diffae import DiffAEConfig, DiffAEModule, structure_classes, to_model
 
 # Measured at the tiny size below (16 px, 10 DDIM steps, 2 fixed-point refinements per inversion step, 8 epochs of
 # the first stage): a held-out slice comes back at 24.9 dB; the bound leaves a margin.
@@ -81,7 +82,7 @@ def test_structure_classes_count_the_labelled_structures():
 
 
 def test_slerp_keeps_the_ends_and_the_norm_of_orthogonal_codes():
-    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])  # one code each (batch of 1), as interpolate passes them
     assert torch.allclose(slerp(a, b, 0.0), a) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
     assert torch.allclose(slerp(a, b, 0.3).norm(), torch.tensor(1.0))
 

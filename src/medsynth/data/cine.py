@@ -290,6 +290,19 @@ def load_case_file(path: str | Path, case: Case, dtype: np.dtype | type = np.flo
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(frame[None, :, :, index])), affine=torch.from_numpy(moved))
 
 
+def cine_frame(path: str | Path, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame ``t`` of a 3D/4D cine NIfTI as (array (X, Y, Z), float64 4x4 affine)."""
+    image = load_image(path)  # (T, X, Y, Z): frames as channels
+    return image.numpy()[t], np.asarray(image.affine, dtype=np.float64)
+
+
+@lru_cache(maxsize=8)  # every slice of a frame asks for the same percentiles
+def _frame_percentiles(path: str, frame: int, percentiles: tuple[float, float], stamp: tuple[int, int]) -> tuple[float, float]:
+    volume, _ = _read_cine(path, "float32", stamp)
+    low, high = (float(v) for v in np.percentile(volume[frame], percentiles))
+    return low, (high if high > low else low + 1.0)
+
+
 def stack_percentiles(path: str | Path, case: Case, percentiles: tuple[float, float]) -> tuple[float, float] | None:
     """The intensity percentiles of the whole frame volume a slice case of :func:`slice_manifest` comes from
     (``None`` for any other case).
@@ -301,6 +314,4 @@ def stack_percentiles(path: str | Path, case: Case, percentiles: tuple[float, fl
     if getattr(case, "slice", None) is None:
         return None
     stat = Path(path).stat()
-    volume, _ = _read_cine(str(path), "float32", (stat.st_mtime_ns, stat.st_size))
-    low, high = (float(v) for v in np.percentile(volume[case.frame or 0], percentiles))
-    return low, (high if high > low else low + 1.0)
+    return _frame_percentiles(str(path), case.frame or 0, tuple(percentiles), (stat.st_mtime_ns, stat.st_size))

@@ -30,8 +30,6 @@ from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.runs import read_structured
 
-# Image and label geometry must agree to this many millimetres (nnU-Net uses a similar tolerance).
-
 
 def import_dataset(src: str | Path, out_dir: str | Path | None = None) -> Manifest:
     """Recognise the layout of ``src`` and build its manifest.

@@ -310,7 +310,9 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray, series: bool = False) ->
     return nib.Nifti1Image(data, affine, header=header).to_bytes()
 
 
-AFFINE_TOLERANCE = 1e-4  # mm: a label, flow or second channel whose affine differs by more is on another grid
+# Image and label geometry must agree to this many millimetres (nnU-Net uses a similar tolerance): a label,
+# flow or second channel whose affine differs by more is on another grid.
+AFFINE_TOLERANCE = 1e-4
 
 
 def check_same_grid(image_shape: tuple[int, ...], image_affine: np.ndarray, other_shape: tuple[int, ...],

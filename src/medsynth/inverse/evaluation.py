@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsynth.data.cine import HR_LABEL_NAME, HR_NAME, SAX_NAME, import_ukbb, lax_views
+from medsynth.data.cine import HR_LABEL_NAME, HR_NAME, SAX_NAME, cine_frame, import_ukbb, lax_views
 from medsynth.data.io import load_image
 from medsynth.data.splits import subject_splits
 from medsynth.errors import BadInputError, MedsynthError
@@ -56,11 +56,6 @@ EVAL_METHODS: dict[str, tuple[str, str | None, bool]] = {
 
 def _labels(manifest_labels: dict[str, str]) -> dict[int, str]:
     return {int(k): v for k, v in manifest_labels.items()}
-
-
-def _frame(path: Path, t: int) -> tuple[np.ndarray, np.ndarray]:
-    image = load_image(path)  # (T, X, Y, S), frames as channels
-    return image.numpy()[t], np.asarray(image.affine, dtype=np.float64)
 
 
 def _segmenter(data_dir: Path, subjects: Sequence[str], values: Sequence[int], epochs: int, seed: int) -> Any:
@@ -160,11 +155,11 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
         frames = {"ed": info["ed"], **({"es": info["es"]} if info.get("es") is not None and info["es"] != info["ed"] else {})}
         views = lax_views(data_dir / subject)
         for phase, t in frames.items():
-            sax, sax_affine = _frame(data_dir / subject / SAX_NAME, t)
-            truth, hr_affine = _frame(data_dir / subject / HR_NAME, t)
-            truth_labels = class_indices(_frame(data_dir / subject / HR_LABEL_NAME, t)[0].astype(np.int64), values)
+            sax, sax_affine = cine_frame(data_dir / subject / SAX_NAME, t)
+            truth, hr_affine = cine_frame(data_dir / subject / HR_NAME, t)
+            truth_labels = class_indices(cine_frame(data_dir / subject / HR_LABEL_NAME, t)[0].astype(np.int64), values)
             factor = (truth.shape[2] - 1) // max(1, sax.shape[2] - 1)
-            lax = [(name, *_frame(path, t)) for name, path in sorted(views.items())]
+            lax = [(name, *cine_frame(path, t)) for name, path in sorted(views.items())]
             operators = [PlaneOperator(hr_affine, truth.shape, Plane.from_affine(affine, image.shape), profile_samples=1)
                          for _, image, affine in lax]
             case = _Truth(truth, truth_labels, heart_mask(truth_labels), np.linalg.norm(hr_affine[:3, :3], axis=0),

@@ -141,7 +141,7 @@ def reconstruct_stack(prior: SlicePrior | None, sax: Any, lax: Sequence[Any] = (
     if method in BASELINES:
         volume = interpolate_stack(stack, factor, method)
     else:
-        volume = _latent(prior, stack, stack_affine, fine_affine, fine_shape, views, factor, method, settings, history, keep_steps)
+        volume = _with_prior(prior, stack, stack_affine, fine_affine, fine_shape, views, factor, method, settings, history, keep_steps)
     back = list(np.argsort(order))
     history.steps = [np.transpose(step, back) for step in history.steps]
     history.seconds = time.perf_counter() - start
@@ -205,17 +205,16 @@ def _device(prior: SlicePrior) -> torch.device:
     return torch.device("cpu")
 
 
-def _latent(prior: SlicePrior | None, stack: np.ndarray, stack_affine: np.ndarray, fine_affine: np.ndarray,
+def _with_prior(prior: SlicePrior | None, stack: np.ndarray, stack_affine: np.ndarray, fine_affine: np.ndarray,
             fine_shape: Sequence[int], views: list[LaxView], factor: int, method: str, settings: ReconstructSettings,
             history: ReconstructionHistory, keep_steps: bool) -> np.ndarray:
-    """The latent methods on a stack with its slice axis last; the fine volume (X, Y, N) in the stack's units."""
+    """``latent`` or ``pnp`` on a stack with its slice axis last; the fine volume (X, Y, N) in the stack's units."""
     assert prior is not None
     device = _device(prior)
     lo, hi = unit_range(stack, settings.percentiles)
     observed = to_unit(torch.from_numpy(stack).float().to(device), lo, hi)  # (X, Y, S)
     in_plane = (int(stack.shape[0]), int(stack.shape[1]))
     size = (int(prior.image_size), int(prior.image_size))
-    slices = resize_slices(observed.permute(2, 0, 1).unsqueeze(1), size)  # (S, 1, s, s)
     sax_operator = SliceStackOperator(fine_affine, fine_shape, stack_affine, stack.shape, thickness=settings.sax_thickness_mm)
     _match_lax(views, observed, fine_affine, factor, settings.lax_intensity)
     for view in views:
@@ -233,6 +232,7 @@ def _latent(prior: SlicePrior | None, stack: np.ndarray, stack_affine: np.ndarra
         interpolated = None
         if settings.init == "interpolation":  # at the prior's size, slice axis first
             interpolated = resize_slices(cubic.permute(2, 0, 1).unsqueeze(1), size)
+        slices = resize_slices(observed.permute(2, 0, 1).unsqueeze(1), size)  # (S, 1, s, s)
         with torch.no_grad():
             z0, x_t0 = initial_codes(prior, slices, factor, settings.steps, interpolated)
         volume, run = optimise_codes(prior, z0, x_t0, data, settings, keep if keep_steps else None)

@@ -45,6 +45,7 @@ from medsynth.diffusion.sampling import SamplerConfig, run_sampler
 from medsynth.errors import MedsynthError
 from medsynth.inverse.evaluation import EVAL_METHODS
 from medsynth.inverse.latent import ReconstructSettings
+from medsynth.inverse.prior import slerp
 from medsynth.nets.latent_mlp import LatentMLP
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
 from medsynth.report.sections import ReportSection
@@ -257,15 +258,6 @@ class DiffAEModule(DiffusionModule):
         return torch.cat(outputs)
 
 
-def slerp(a: Tensor, b: Tensor, w: float) -> Tensor:
-    """Spherical interpolation between two noise codes of one shape (DiffAE's x_T interpolation)."""
-    cos = (a.flatten() @ b.flatten()) / (a.norm() * b.norm()).clamp_min(1e-12)
-    theta = torch.arccos(cos.clamp(-1, 1))
-    if float(theta) < 1e-6:
-        return (1 - w) * a + w * b
-    return (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)
-
-
 # -- the recipe -----------------------------------------------------------------------------------
 
 
@@ -364,7 +356,7 @@ class DiffAERecipe(Recipe):
         z = module.encode_semantic(x)
         x_T = module.invert(x, z, steps)
         weights = torch.linspace(0, 1, frames).tolist()
-        noise = torch.stack([slerp(x_T[0], x_T[1], w) for w in weights])
+        noise = torch.cat([slerp(x_T[:1], x_T[1:], w) for w in weights])
         codes = None if z is None else torch.stack([torch.lerp(z[0], z[1], w) for w in weights])
         return module.decode(codes, noise, steps).clamp(-1, 1).cpu()
 
