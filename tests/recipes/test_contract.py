@@ -25,6 +25,7 @@ from medsynth import api
 from medsynth.config import read_yaml, validate_config
 from medsynth.recipes import RECIPES, get_recipe
 from medsynth.recipes.base import TinyExample
+from medsynth.report.html import MIN_CELL_PX, embedded_images
 
 RESUME_EPOCHS = 6  # killed after its second epoch, so four are left to resume
 
@@ -118,6 +119,10 @@ def test_report_renders(name, run, metrics):
     assert report == run / "report.html" and report.is_file()
     page = report.read_text()
     assert name in page and "<table" in page
+    images = embedded_images(page)  # each decodes, or this raises
+    assert any(alt == "training curves" for alt, *_ in images)
+    small = [(alt, shown) for alt, _, _, shown in images if shown < MIN_CELL_PX]
+    assert small == [], "pictures shown narrower than a readable cell"
 
 
 def test_resume_after_a_kill_continues_exactly(name, prepared, tmp_path):

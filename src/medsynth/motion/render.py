@@ -160,7 +160,8 @@ class _Figure:
             scale = {"cmap": "RdBu_r", "vmin": 0.0, "vmax": 2.0, "label": "Jacobian determinant"}
         self.panels = [(VIEWS[view], index) for view in views for index in slice_indices(images.shape[1 + VIEWS[view]], slices, anchor)]
         columns = len(self.panels) // len(views)
-        self.figure = Figure(figsize=(3.2 * columns, 3.2 * len(views) + 0.4), dpi=80, layout="constrained")
+        bars = 1.1 * (1 + (self.scalars is not None))  # inches for the grey window's and the field's colour bars
+        self.figure = Figure(figsize=(3.2 * columns + bars, 3.2 * len(views) + 0.4), dpi=80, layout="constrained")
         self.canvas = FigureCanvasAgg(self.figure)
         self.artists = []
         for number, (axis, index) in enumerate(self.panels):
@@ -185,8 +186,12 @@ class _Figure:
             plot.set_xticks([])
             plot.set_yticks([])
             self.artists.append((image, overlay, axis, index, in_plane, sample))
+        panels = list(self.figure.axes)
         if self.scalars is not None:
-            self.figure.colorbar(self.artists[0][1], ax=self.figure.axes, shrink=0.6, label=scale["label"])
+            self.figure.colorbar(self.artists[0][1], ax=panels, shrink=0.6, label=scale["label"])
+        # The grey scale's window, in the image's units (HU for CT), so a reader knows what grey means.
+        self.figure.colorbar(self.artists[0][0], ax=panels, shrink=0.6, location="left",
+                             label=f"image, window {low:.4g} .. {high:.4g}")
         self.title = self.figure.suptitle("", fontsize=9)
 
     def _arrows(self, t: int, axis: int, index: int, in_plane: list[int], sample: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:

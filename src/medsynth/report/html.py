@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from medsynth.report.charts import fold_charts, reconstruction_charts, utility_charts
+from medsynth.report.curves import training_curves
 from medsynth.report.headline import headlines
 from medsynth.runs import Run, atomic_write_bytes, atomic_write_text
 
@@ -30,9 +33,16 @@ def middle_slice(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return array[..., array.shape[-1] // 2] if array.ndim == 3 else array
 
 
+FIGURE_DPI = 90  # the report's figures; a cell of CELL_INCHES is then 144 px
+CELL_INCHES = 1.6
+MIN_CELL_PX = 128  # the smallest picture cell a reader can judge anatomy in
+
+
 def image_grid(images: Sequence[torch.Tensor | np.ndarray], ncols: int = 8, titles: Sequence[str] | None = None,
-               vmin: float | None = 0.0, vmax: float | None = 1.0, cell: float = 1.3) -> Figure:
-    """A grid figure of channel-first images (3D shown by their middle slice)."""
+               vmin: float | None = 0.0, vmax: float | None = 1.0, cell: float = CELL_INCHES) -> Figure:
+    """A grid figure of channel-first images (3D shown by their middle slice), ``cell`` inches a picture
+    (never under :data:`MIN_CELL_PX` at the report's dpi), upscaled by nearest neighbour so voxels stay voxels."""
+    cell = max(cell, MIN_CELL_PX / FIGURE_DPI)
     n = max(1, len(images))
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
@@ -41,7 +51,7 @@ def image_grid(images: Sequence[torch.Tensor | np.ndarray], ncols: int = 8, titl
     for index, ax in enumerate(axes.flat):
         ax.axis("off")
         if index < len(images):
-            ax.imshow(middle_slice(images[index]), cmap="gray", vmin=vmin, vmax=vmax)
+            ax.imshow(middle_slice(images[index]), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
             if titles:
                 ax.set_title(titles[index], fontsize=7)
     fig.tight_layout(pad=0.2)
@@ -74,48 +84,26 @@ def save_figure(fig: Figure, path: Path) -> Path:
 def figure_html(fig: Figure, alt: str = "") -> str:
     """An ``<img>`` tag holding the figure as base64 PNG."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
     data = base64.b64encode(buffer.getvalue()).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def file_html(path: Path) -> str:
-    """An ``<img>`` tag holding a PNG or GIF file (a movie) as base64."""
+MIN_FILE_PX = 480  # pictures and movies from files are shown at least this wide, by a whole factor
+
+
+def file_html(path: Path, min_width: int = MIN_FILE_PX) -> str:
+    """An ``<img>`` tag holding a PNG or GIF file (a movie) as base64, shown at least ``min_width`` px wide
+    (a whole-number upscale, pixelated, so a small movie is readable and its voxels stay sharp)."""
+    from PIL import Image
+
+    data = Path(path).read_bytes()
     kind = "gif" if Path(path).suffix.lower() == ".gif" else "png"
-    return f'<img alt="{html.escape(Path(path).name)}" src="data:image/{kind};base64,{base64.b64encode(Path(path).read_bytes()).decode()}">'
-
-
-def read_scalars(tb_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """All scalar series of a TensorBoard log folder: tag -> (steps, values)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    series: dict[str, tuple[list[int], list[float]]] = {}
-    for events in sorted(tb_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags().get("scalars", []):
-            steps, values = series.setdefault(tag, ([], []))
-            for event in accumulator.Scalars(tag):
-                steps.append(event.step)
-                values.append(event.value)
-    return series
-
-
-def loss_curves(tb_dir: Path) -> Figure | None:
-    """Training and validation curves of every ``*loss*`` scalar (None when nothing was logged)."""
-    series = {tag: data for tag, data in read_scalars(tb_dir).items() if "loss" in tag or "kl" in tag or "recon" in tag}
-    if not series:
-        return None
-    fig = Figure(figsize=(3.2 * len(series), 2.6))
-    axes = fig.subplots(1, len(series), squeeze=False)
-    for ax, (tag, (steps, values)) in zip(axes.flat, sorted(series.items())):
-        order = np.argsort(steps)
-        ax.plot(np.asarray(steps)[order], np.asarray(values)[order], lw=1)
-        ax.set_title(tag, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return fig
+    with Image.open(io.BytesIO(data)) as picture:
+        width = picture.width
+    factor = max(1, -(-min_width // max(1, width)))
+    style = f' style="width:{width * factor}px;image-rendering:pixelated"' if factor > 1 else ""
+    return f'<img alt="{html.escape(Path(path).name)}"{style} src="data:image/{kind};base64,{base64.b64encode(data).decode()}">'
 
 
 def _shown(value: Any) -> str:
@@ -153,12 +141,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
-img{max-width:100%}.meta{color:#666;font-size:.85em}"""
+img{max-width:100%;display:block;margin:.4em 0}.meta{color:#666;font-size:.85em}"""
 
 
 def write_report(run: Run, title: str, sections: Sequence[tuple[str, str]], headline: Sequence[str] = ()) -> Path:
     """Write ``run/report.html``: the ``headline`` metrics beside their references, the
-    ``(title, html)`` sections, loss curves, then every metric and the config."""
+    ``(title, html)`` sections, the comparison charts that metrics.json allows (utility arms, reconstruction
+    methods, folds: :mod:`medsynth.report.charts`), the training curves, then every metric and the config."""
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">run: {html.escape(str(run.path.resolve()))} &middot; {datetime.now():%Y-%m-%d %H:%M}</p>']
     metrics = run.read_metrics()
@@ -167,9 +156,11 @@ def write_report(run: Run, title: str, sections: Sequence[tuple[str, str]], head
         parts.append("<h2>Headline metrics</h2>" + top)
     for section_title, body in sections:
         parts.append(f"<h2>{html.escape(section_title)}</h2>{body}")
-    curves = loss_curves(run.tb) if run.tb.exists() else None
+    for chart_title, chart in [*utility_charts(metrics), *reconstruction_charts(metrics), *fold_charts(metrics)]:
+        parts.append(f"<h2>{html.escape(chart_title)}</h2>" + figure_html(chart, chart_title))
+    curves = training_curves(run.tb) if run.tb.exists() else None
     if curves is not None:
-        parts.append("<h2>Training curves</h2>" + figure_html(curves, "loss curves"))
+        parts.append("<h2>Training curves</h2>" + figure_html(curves, "training curves"))
     if metrics:
         parts.append("<h2>All metrics</h2>" + metrics_table(metrics))
     if run.config_path.exists():
@@ -177,3 +168,16 @@ def write_report(run: Run, title: str, sections: Sequence[tuple[str, str]], head
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
     atomic_write_text(run.report_path, page)
     return run.report_path
+
+
+def embedded_images(page: str) -> list[tuple[str, int, int, int]]:
+    """Every base64 ``<img>`` of a report page as ``(alt, width, height, shown width)`` in pixels, decoding each
+    (a picture that does not decode raises); the shown width is the style's, else the picture's own."""
+    from PIL import Image
+
+    found = []
+    for match in re.finditer(r'<img alt="([^"]*)"(?: style="width:(\d+)px[^"]*")? src="data:image/\w+;base64,([^"]+)">', page):
+        with Image.open(io.BytesIO(base64.b64decode(match.group(3)))) as picture:
+            picture.load()
+            found.append((html.unescape(match.group(1)), picture.width, picture.height, int(match.group(2) or picture.width)))
+    return found
