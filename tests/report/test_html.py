@@ -111,3 +111,11 @@ def test_small_pictures_are_shown_upscaled_by_a_whole_factor(tmp_path):
     path = save_figure(image_grid([np.zeros((1, 8, 8))]), tmp_path / "one.png")
     (alt, width, _, shown), = embedded_images(file_html(path))
     assert width >= 128 and shown >= 480 and shown % width == 0
+
+
+def test_field_and_downstream_headlines_sit_beside_their_baselines():
+    metrics = {"flow_epe_mean_mm": 1.2, "flow_epe_mean_flow_mm": 1.5, "flow_epe_zero_mm": 3.0,
+               "downstream_epe_with_generated_mm": 0.8, "downstream_epe_real_only_mm": 0.9, "field_epe_mean_mm": 2.0, "field_epe_zero_mm": 4.0}
+    assert reference_of("flow_epe_mean_mm", metrics) == "flow_epe_mean_flow_mm"
+    assert reference_of("field_epe_mean_mm", metrics) == "field_epe_zero_mm"
+    assert reference_of("downstream_epe_with_generated_mm", metrics) == "downstream_epe_real_only_mm"
