@@ -8,6 +8,7 @@ features (for MMD) stand in for Inception-based scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,10 @@ from monai.networks.layers import GaussianFilter
 from monai.networks.nets import Classifier
 from torch import nn
 
+from medsynth.evaluate.augmentation import classic_augmentation
 from medsynth.training import fit_minibatches
+
+Augmentation = Literal["judge", "classic", "none"]
 
 
 @dataclass
@@ -65,11 +69,14 @@ def train_classifier(
     batch_size: int = 32,
     lr: float = 2e-3,
     seed: int = 0,
+    augmentation: Augmentation = "judge",
 ) -> ImageClassifier:
-    """Train on real images ``(N, C, *spatial)`` in [0, 1] with class indices ``(N,)``.
+    """Train on images ``(N, C, *spatial)`` in [0, 1] with class indices ``(N,)``.
 
-    Training augments with flips, 90-degree turns, blur and noise so that the classifier
-    judges structure, not the sharpness that separates real from generated images.
+    ``augmentation``: ``"judge"`` (flips, 90-degree turns, blur and noise, so that a classifier that
+    judges generated images looks at structure, not at the sharpness that separates real from
+    generated), ``"classic"`` (nnU-Net's augmentation, :func:`~medsynth.evaluate.augmentation.classic_augmentation`:
+    the free baseline of the utility test) or ``"none"``.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -78,8 +85,18 @@ def train_classifier(
     steps = epochs * max(1, -(-len(images) // batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
 
+    classic = classic_augmentation(images.ndim - 2, with_label=False, seed=seed, noise_std=0.03) if augmentation == "classic" else None
+
+    def batch_of(index: torch.Tensor) -> torch.Tensor:
+        x = images[index].float()
+        if augmentation == "judge":
+            return augment_batch(x, generator)
+        if classic is not None:
+            return torch.stack([torch.as_tensor(classic({"image": image})["image"]) for image in x]).float()
+        return x
+
     def loss_of(index: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(augment_batch(images[index].float(), generator)), labels[index])
+        return F.cross_entropy(model(batch_of(index)), labels[index])
 
     return fit_minibatches(model, loss_of, len(images), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                            scheduler=scheduler, generator=generator)

@@ -117,3 +117,27 @@ def real_reference(metric: Callable[[torch.Tensor, torch.Tensor], float], real: 
     if len(first) < min_per_half:
         return math.nan
     return float(metric(real[first], real[second]))
+
+
+def high_frequency_share(images: torch.Tensor) -> float:
+    """The share of spectral power in the upper half of spatial frequencies, averaged over images.
+
+    The radially averaged power spectrum (squared magnitude of the FFT over the spatial axes, each
+    image's mean removed) is split at half the Nyquist radius; blur moves power below it.
+
+    Args:
+        images: ``(N, C, *S)``, 2D or 3D.
+    """
+    x = images.float()
+    x = x - x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+    power = torch.fft.fftn(x, dim=tuple(range(2, x.ndim))).abs().square().mean(dim=(0, 1))
+    grids = torch.meshgrid(*[torch.fft.fftfreq(n) / 0.5 for n in power.shape], indexing="ij")  # 1 at Nyquist on each axis
+    radius = torch.sqrt(sum(g.square() for g in grids))
+    total = power[radius <= 1.0].sum()
+    return float(power[(radius > 0.5) & (radius <= 1.0)].sum() / total) if total > 0 else math.nan
+
+
+def spectrum_ratio_high(real: torch.Tensor, generated: torch.Tensor) -> float:
+    """``high_frequency_share(generated) / high_frequency_share(real)``: about 1 for sharp images, far below for blurred
+    ones (the order of a :func:`real_reference` metric: real first)."""
+    return high_frequency_share(generated) / high_frequency_share(real)

@@ -14,6 +14,7 @@ For the memorisation audit use :func:`medsynth.evaluate.metrics.nearest_ssim`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from medsynth.config import StrictModel
+from medsynth.evaluate.augmentation import classic_augmentation
 from medsynth.training import fit_minibatches
 
 
@@ -70,6 +72,7 @@ def train_segmenter(
     batch_size: int = 1,
     lr: float = 5e-2,
     flip_axes: Sequence[int] = (),
+    augmentation: Literal["light", "classic", "none"] = "light",
 ) -> Segmenter:
     """Train a segmenter on real volumes with MONAI's Dice + cross-entropy loss.
 
@@ -90,6 +93,9 @@ def train_segmenter(
         batch_size: Volumes per step.
         lr: Peak learning rate of the one-cycle schedule (AdamW).
         flip_axes: Spatial axes (0-2) to flip at random (probability 0.5 each).
+        augmentation: ``"light"`` (the above), ``"classic"`` (nnU-Net's augmentation,
+            :func:`~medsynth.evaluate.augmentation.classic_augmentation`: the free baseline of the
+            utility test; ``flip_axes`` is then not used) or ``"none"``.
 
     Returns:
         The trained :class:`Segmenter`, in eval mode.
@@ -99,12 +105,15 @@ def train_segmenter(
         generator = torch.Generator().manual_seed(seed)
         images = images.float()
         model = Segmenter(num_classes, channels, offset=float(images.mean()), scale=float(images.std().clamp_min(1e-6)))
-        augment = Compose([
-            *(RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=axis) for axis in flip_axes),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-            RandGaussianNoised(keys="image", std=0.05, prob=0.5),
-        ])
-        augment.set_random_state(seed=seed)
+        if augmentation == "classic":
+            augment = classic_augmentation(images.ndim - 2, with_label=True, seed=seed)
+        else:
+            augment = Compose([
+                *(RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=axis) for axis in flip_axes),
+                RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+                RandGaussianNoised(keys="image", std=0.05, prob=0.5),
+            ] if augmentation == "light" else [])
+            augment.set_random_state(seed=seed)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         steps_per_epoch = -(-len(images) // batch_size)

@@ -22,7 +22,7 @@ from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.classifier import accuracy_by_class, classify, train_classifier
-from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference
+from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference, spectrum_ratio_high
 from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
@@ -59,6 +59,10 @@ class CVAEEvaluateConfig(StrictModel):
     n_per_class: int = Field(64, ge=2)
     classifier_epochs: int = Field(15, ge=1)
     seed: int = 0
+    utility: bool = Field(True, description="train-on-synthetic and the augmentation test (medsynth.evaluate.image_utility)")
+    n_labelled: int | None = Field(None, ge=1, description="augmentation test: training images in the labelled pool "
+                                   "(default a quarter of the training split); the rest are the pool of which only the classes are used")
+    utility_seeds: list[int] = Field([0], min_length=1, description="seeds of the task network in the utility tests (>= 3 in benchmarks)")
 
 
 class CVAEConfig(RecipeConfig):
@@ -158,7 +162,8 @@ class CVAERecipe(Recipe):
     name = "cvae"
     config_class = CVAEConfig
     sample_modes = tuple(mode.value for mode in LatentMode)  # random, grid, plane, interpolate
-    headline_metrics = ("classifier_accuracy_real", "classifier_accuracy_generated", "memorisation_max_ssim")
+    headline_metrics = ("classifier_accuracy_real", "classifier_accuracy_generated", "tstr_accuracy", "downstream_accuracy_with_generated",
+                        "spectrum_ratio_high", "memorisation_max_ssim")
     condition_refusal = "cvae is conditioned on classes: use --class NAME"
     tiny_example = TinyExample(
         phantom="cilia", n=6, size=32, prepare={"size": 32, "normalize": "none", "seed": 0}, config="cvae-tiny",
@@ -277,6 +282,7 @@ class CVAERecipe(Recipe):
         generated_y = torch.arange(len(classes)).repeat_interleave(settings.n_per_class)
         fake = classify(classifier, generated)
 
+        utility = self.utility(module, (train_x, train_y), (test_x, test_y), settings) if settings.utility else {}
         acc_real = accuracy_by_class(real.predictions, test_y, classes)
         acc_fake = accuracy_by_class(fake.predictions, generated_y, classes)
         diversity_generated = {n: ms_ssim_diversity(generated[generated_y == k]) for k, n in enumerate(classes)}
@@ -295,9 +301,38 @@ class CVAERecipe(Recipe):
             "mmd_classifier_features": feature_mmd(real.features, fake.features),
             "mmd_classifier_features_real_reference": real_reference(feature_mmd, real.features, seed=settings.seed),
             **memorisation_audit(generated, train_x, held_out=test_x),
+            "spectrum_ratio_high": spectrum_ratio_high(test_x, generated),
+            "spectrum_ratio_high_real_reference": real_reference(spectrum_ratio_high, test_x, seed=settings.seed),
+            **utility,
             "n_generated_per_class": settings.n_per_class,
             "n_test_real": len(test_x),
         }
+
+    def generate_for(self, module: CVAEModule, classes: torch.Tensor, seed: int) -> torch.Tensor:
+        """One image from the prior for each class index of ``classes`` ``(N,)``: ``(N, C, *spatial)`` in [0, 1], in that order."""
+        images = torch.empty((len(classes), *module.config.model.in_shape))
+        for k in torch.unique(classes).tolist():
+            where = (classes == k).nonzero().flatten()
+            images[where] = self.generate(module, k, self.latents(module, SampleRequest(n=len(where), seed=seed), k))
+        return images
+
+    def utility(self, module: CVAEModule, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                settings: CVAEEvaluateConfig) -> dict[str, Any]:
+        """Train-on-synthetic (as many generated images as the training split, its class balance) and the augmentation
+        test (a labelled pool, classic augmentation, images generated for the other pool's classes, the oracle)."""
+        from medsynth.evaluate.image_utility import augmentation_test, classifier_task, labelled_pools, tstr
+
+        images, classes = train
+        n_labelled = settings.n_labelled if settings.n_labelled is not None else max(1, len(classes) // 4)
+        labelled, unlabelled = labelled_pools(classes, n_labelled, seed=settings.seed, setting="evaluate.n_labelled")
+        task = classifier_task(len(module.config.model.classes), settings.classifier_epochs)
+        seeds = settings.utility_seeds
+        # Other seeds than the evaluation's samples, so these images are new draws from the prior.
+        synthetic = (self.generate_for(module, classes, seed=settings.seed + 1), classes)
+        for_unlabelled = self.generate_for(module, classes[unlabelled], seed=settings.seed + 2)
+        return {**tstr(task, train, synthetic, test, seeds),
+                **augmentation_test(task, (images[labelled], classes[labelled]), (images[unlabelled], classes[unlabelled]),
+                                    for_unlabelled, test, seeds)}
 
     def report_sections(self, run: Run, module: CVAEModule) -> list[ReportSection]:
         classes = module.config.model.classes
