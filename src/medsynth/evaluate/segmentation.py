@@ -278,6 +278,12 @@ class LabelMapFidelityConfig(StrictModel):
     segmenter_epochs: int = Field(40, ge=1)
     segmenter_channels: list[int] = [8, 16, 32]
     seed: int = 0
+    utility: bool = Field(True, description="train-on-synthetic and the augmentation test (medsynth.evaluate.image_utility)")
+    n_synthetic: int | None = Field(None, ge=2, description="training subjects whose label maps are generated from for the utility "
+                                    "tests (default all; fewer cost less sampling)")
+    n_labelled: int | None = Field(None, ge=1, description="augmentation test: subjects of those in the labelled pool "
+                                   "(default a quarter); the rest are the pool of which only the label maps are used")
+    utility_seeds: list[int] = Field([0], min_length=1, description="seeds of the task network in the utility tests (>= 3 in benchmarks)")
 
 
 def label_map_fidelity(train_images: torch.Tensor, train_labels: torch.Tensor, real_images: torch.Tensor,

@@ -22,7 +22,7 @@ are average-pooled (labels by majority vote) on the fly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -245,7 +245,8 @@ class SDMRecipe(Recipe):
     name = "sdm"
     config_class = SDMConfig
     sample_modes = ("random",)
-    headline_metrics = ("segmenter_dice_real", "segmenter_dice_generated", "segmenter_dice_ratio", "memorisation_max_ssim")
+    headline_metrics = ("segmenter_dice_real", "segmenter_dice_generated", "segmenter_dice_ratio", "tstr_dice",
+                        "downstream_dice_with_generated", "spectrum_ratio_high", "memorisation_max_ssim")
     # HU window -> [0, 1] (written back in HU); --size crops/pads around the heart at the --spacing grid.
     prepare_defaults = {"normalize": "ct", "crop": True}
     tiny_example = TinyExample(  # 16^3 volumes, the low stage on the 8^3 grid
@@ -339,7 +340,7 @@ class SDMRecipe(Recipe):
         return written
 
     def evaluate(self, run: Run, module: SDMModule, data_dir: Path) -> dict[str, Any]:
-        from medsynth.evaluate.metrics import memorisation_audit
+        from medsynth.evaluate.metrics import memorisation_audit, real_reference, spectrum_ratio_high
 
         settings, model, stage = module.config.evaluate, module.config.model, module.stage
         num_classes, factor = len(model.classes), stage.grid_factor
@@ -380,10 +381,40 @@ class SDMRecipe(Recipe):
             "evaluated_shape": list(generated.shape[2:]),
             "sampler": module.config.sample.describe(module.schedule),
             **stage.extra_metrics(units(generated), reference_kind),
+            "spectrum_ratio_high": spectrum_ratio_high(test["x"], generated),
+            "spectrum_ratio_high_real_reference": real_reference(spectrum_ratio_high, test["x"], seed=settings.seed),
         }
+        if settings.utility:
+            metrics |= self.utility(module, train, test, units, settings)
         affine = cascade.low_res_affine(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)), factor)
         save_labelled(run.samples / "evaluate", units(generated), values_of(cond_y[:, None], model.label_values), affine)
         return metrics
+
+    def utility(self, module: SDMModule, train: dict[str, Tensor], test: dict[str, Tensor], units: Callable[[Tensor], Tensor],
+                settings: LabelMapFidelityConfig) -> dict[str, Any]:
+        """Train-on-synthetic (volumes generated from the training label maps) and the augmentation test (a labelled
+        pool, classic augmentation, volumes generated for the other pool's label maps, the oracle), by the segmenter's Dice.
+
+        ``train``/``test`` hold ``x`` (volumes in [0, 1] on the evaluated grid) and ``y`` (their class maps).
+        """
+        from medsynth.evaluate.image_utility import augmentation_test, labelled_pools, segmenter_task, tstr
+
+        n = len(train["x"])
+        count = n if settings.n_synthetic is None else settings.n_synthetic
+        if count > n:
+            raise MedsynthError(f"evaluate.n_synthetic={count}: the training split has {n} subjects")
+        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))[:count].sort().values
+        images, maps = units(train["x"][chosen]), train["y"][chosen]
+        n_labelled = settings.n_labelled if settings.n_labelled is not None else max(1, count // 4)
+        labelled, unlabelled = labelled_pools(maps, n_labelled, seed=settings.seed, setting="evaluate.n_labelled")
+        reference, _ = module.stage.evaluation_reference(module, train["image"][chosen])
+        seeds = item_seeds(settings.seed + 1, count)  # other seeds than the evaluation's volumes
+        generated = units((self.generate(module, train["label"][chosen].to(module.device), seeds, reference) + 1) / 2).cpu()
+        task = segmenter_task(module.config.model.classes, settings.segmenter_epochs, settings.segmenter_channels)
+        real_test = (units(test["x"]), test["y"])
+        return {**tstr(task, (images, maps), (generated, maps), real_test, settings.utility_seeds),
+                **augmentation_test(task, (images[labelled], maps[labelled]), (images[unlabelled], maps[unlabelled]),
+                                    generated[unlabelled], real_test, settings.utility_seeds)}
 
     def report_sections(self, run: Run, module: SDMModule) -> list[ReportSection]:
         from medsynth.report.html import figure_html, label_map_grid
