@@ -137,3 +137,27 @@ def test_evaluate_reports_real_references(trained):
         assert f"{key}_real_reference" in metrics, key
     assert metrics["ms_ssim_generated_per_class_real_reference"] == metrics["ms_ssim_real_per_class"]
     assert 0.0 <= metrics["memorisation_max_ssim_real_reference"] <= 1.0
+
+
+def test_adversarial_term_trains_each_network_on_its_own_loss(prepared, tmp_path):
+    """The generator's patch-GAN loss reaches the decoder only, the discriminator's the discriminator only,
+    and a run with the term trains, logs both and resumes like any other (one optimiser)."""
+    from medsynth.recipes import get_recipe
+
+    settings = [*TINY, "model.adversarial_weight=0.05", "model.adversarial_start_epoch=0", "model.discriminator_channels=4",
+                "train.max_epochs=1"]
+    run = api.train("cvae", data=prepared, overrides=settings, out=tmp_path / "adv", progress=False)
+    module = api.load_run(run.path)[2].train()
+    batch = {"image": torch.rand((2, 1, 32, 32)), "class": torch.tensor([0, 1])}
+    x, c = batch["image"], batch["class"]
+    out, _, _, _ = module.net(x, c)
+    losses = module._adversarial({"loss": torch.zeros(())}, x, c, out, per_image=1)
+    losses["adv_g"].backward(retain_graph=True)
+    assert all(p.grad is None for p in module.discriminator.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.parameters())
+    module.zero_grad(set_to_none=True)
+    losses["adv_d"].backward()
+    assert all(p.grad is None for p in module.net.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.discriminator.parameters())
+    assert get_recipe("cvae").config_class.model_fields["model"].annotation.model_fields["adversarial_weight"].default == 0.0
+    assert any((run.path / "tb").rglob("events.out.tfevents.*"))

@@ -29,9 +29,10 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) else None
 
 
-def bar_chart(bars: Sequence[tuple[str, float, float | None, Sequence[float]]], ylabel: str, title: str,
+def bar_chart(bars: Sequence[tuple[str, float, float | None, Sequence[float]]], ylabel: str,
               reference: tuple[str, float] | None = None) -> Figure:
-    """Bars ``(label, value, sd or None, per-seed values)`` with sd whiskers and seed dots, and an optional reference line."""
+    """Bars ``(label, value, sd or None, per-seed values)`` with sd whiskers and seed dots, and an optional reference line
+    (the report's section heading is the chart's title)."""
     fig = Figure(figsize=(max(4.6, 1.1 * len(bars) + 1.5), 3.2), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(bars))
@@ -50,7 +51,6 @@ def bar_chart(bars: Sequence[tuple[str, float, float | None, Sequence[float]]], 
     ax.set_ylim(max(0.0, low - margin) if low >= 0 else low - margin, high + margin)
     ax.set_xticks(x, [bar[0] for bar in bars], fontsize=8, rotation=20 if len(bars) > 5 else 0)
     ax.set_ylabel(ylabel, fontsize=8)
-    ax.set_title(title, fontsize=10)
     ax.tick_params(labelsize=7)
     ax.grid(axis="y", alpha=0.3, zorder=0)
     return fig
@@ -72,13 +72,12 @@ def utility_charts(metrics: Mapping[str, Any]) -> list[tuple[str, Figure]]:
         if len(bars) >= 2:
             seeds = metrics.get("downstream_seeds")
             count = len(seeds) if isinstance(seeds, list) else seeds
-            title = f"Downstream {measure}: the task network trained on each pool" + (f" ({count} seeds, mean ± sd)" if count else "")
-            charts.append((title, bar_chart(bars, ylabel, title)))
+            spread = "" if not count else " (1 seed)" if count == 1 else f" ({count} seeds, mean ± sd, dots: seeds)"
+            charts.append((f"Downstream {measure}: the task network trained on each pool{spread}", bar_chart(bars, ylabel)))
         tstr = _bar(metrics, f"tstr_{measure}", "trained on generated")
         real = _bar(metrics, f"tstr_{measure}_real_reference", "trained on real")
         if tstr and real:
-            title = f"Train on synthetic, test on real ({measure})"
-            charts.append((title, bar_chart([real, tstr], ylabel, title)))
+            charts.append((f"Train on synthetic, test on real ({measure})", bar_chart([real, tstr], ylabel)))
     return charts
 
 
@@ -99,7 +98,7 @@ def reconstruction_charts(metrics: Mapping[str, Any]) -> list[tuple[str, Figure]
         if len(bars) >= 2:
             limit = _number(metrics.get(ceiling)) if ceiling else None
             reference = ("segmenter on the truth", limit) if limit is not None else None
-            charts.append((f"Reconstruction: {ylabel} per method", bar_chart(bars, ylabel, ylabel, reference)))
+            charts.append((f"Reconstruction: {ylabel} per method", bar_chart(bars, ylabel, reference)))
     return charts
 
 
