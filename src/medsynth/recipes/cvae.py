@@ -13,8 +13,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import SSIMLoss
+from monai.losses import PatchAdversarialLoss, SSIMLoss
+from monai.networks.nets import PatchDiscriminator
 from pydantic import Field
+from torch.func import functional_call
 
 from medsynth.config import RecipeConfig, StrictModel
 from medsynth.console import note
@@ -49,6 +51,10 @@ class CVAEModelConfig(StrictModel):
     ssim_weight: float = Field(0.0, ge=0)
     kl_weight: float = Field(1.0, ge=0)
     kl_warmup_epochs: float = Field(5.0, ge=0)
+    adversarial_weight: float = Field(0.0, ge=0, description="a patch-GAN term against blur (MONAI PatchDiscriminator, least "
+                                      "squares, on reconstructions and prior samples), as MONAI trains its autoencoders; 0: the original ELBO")
+    adversarial_start_epoch: int = Field(10, ge=0, description="epochs of plain ELBO before the adversarial term starts")
+    discriminator_channels: int = Field(32, ge=4, description="the discriminator's first-layer channels (3 layers)")
 
 
 class CVAEDataConfig(StrictModel):
@@ -90,6 +96,10 @@ class CVAEModule(MedsynthModule):
         )
         # MONAI's SSIMLoss names its window `win_size`; 7 px suits the 64-448 px sizes shipped.
         self.ssim = SSIMLoss(spatial_dims=model.spatial_dims, win_size=7) if model.ssim_weight > 0 else None
+        self.discriminator = (PatchDiscriminator(spatial_dims=model.spatial_dims, num_layers_d=3, channels=model.discriminator_channels,
+                                                 in_channels=model.in_shape[0], out_channels=1)
+                              if model.adversarial_weight > 0 else None)
+        self.adversarial = PatchAdversarialLoss(criterion="least_squares")
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from latents ``(B, D)`` and classes ``(B,)``."""
@@ -123,7 +133,28 @@ class CVAEModule(MedsynthModule):
         loss = recon + beta * kl
         if self.ssim is not None:
             loss = loss + self.config.model.ssim_weight * self.ssim(image.float(), x.float()) * per_image
-        return {"loss": loss, "recon": recon, "kl": kl}
+        losses = {"loss": loss, "recon": recon, "kl": kl}
+        if self.discriminator is not None and self.training and self.current_epoch >= self.config.model.adversarial_start_epoch:
+            losses = self._adversarial(losses, x, c, image, per_image)
+        return losses
+
+    def _adversarial(self, losses: dict[str, torch.Tensor], x: torch.Tensor, c: torch.Tensor, image: torch.Tensor,
+                     per_image: int) -> dict[str, torch.Tensor]:
+        """Add the generator's and the discriminator's least-squares patch-GAN losses to ``losses``.
+
+        One loss for one optimiser (so Lightning's clipping, checkpoints and resume stay as they are): the
+        generator's term sees the discriminator through detached weights, so its gradient reaches the
+        decoder only; the discriminator's term sees detached fakes, so its gradient reaches the
+        discriminator only. Fakes are the reconstructions and as many decodes of prior samples.
+        """
+        prior = self.decode(torch.randn((len(c), self.config.model.latent_size), device=x.device, dtype=x.dtype), c)
+        fakes = torch.cat([image, prior])
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        generator = self.adversarial(functional_call(self.discriminator, frozen, (fakes,))[-1], target_is_real=True, for_discriminator=False)
+        discriminator = 0.5 * (self.adversarial(self.discriminator(fakes.detach())[-1], target_is_real=False, for_discriminator=True)
+                               + self.adversarial(self.discriminator(x)[-1], target_is_real=True, for_discriminator=True))
+        weight = self.config.model.adversarial_weight * per_image  # on the scale of the summed reconstruction error
+        return {**losses, "loss": losses["loss"] + weight * generator + per_image * discriminator, "adv_g": generator, "adv_d": discriminator}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         beta = self.kl_beta()
