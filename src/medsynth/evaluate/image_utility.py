@@ -9,11 +9,12 @@ serve every arm; only the training data changes, and every arm is scored on the 
   trained on the real training split (``tstr_<m>_real_reference``).
 - **Augmentation test** (as MAISI and Med-DDPM argue for synthetic data): the training subjects are
   split into a labelled pool L (real images) and a pool U of which only the targets (class labels,
-  label maps) are used. The arms: (a) L only; (b) L with classic augmentation (nnU-Net's, MONAI
-  transforms: :mod:`medsynth.evaluate.augmentation`); (c) L + images generated for U's targets;
-  (d) L + U's real images (the oracle). ``gain share (x - a) / (d - a)`` says how much of U's real
-  images the arm replaces; (c) must beat (b) or the generator is not worth training.
-  Arms (a), (c) and (d) train without augmentation, so that the data is all that differs from (b).
+  label maps) are used. The arms: (a) L only, no augmentation; (b) L with classic augmentation
+  (nnU-Net's, MONAI transforms: :mod:`medsynth.evaluate.augmentation`); (c) L + images generated for
+  U's targets; (d) L + U's real images (the oracle). (c) and (d) train with the classic augmentation
+  too, as a user would: it is free, so generated images earn their place only by adding to it.
+  ``gain share (x - a) / (d - a)`` says how much of the oracle's gain the arm reaches; (c) must beat
+  (b) or the generator is not worth training.
 
 With several seeds every figure is the mean, with ``_sd`` and ``_per_seed``.
 """
@@ -113,7 +114,8 @@ def tstr(task: ImageTask, real: tuple[Tensor, Tensor], generated: tuple[Tensor, 
 
 def augmentation_test(task: ImageTask, labelled: tuple[Tensor, Tensor], unlabelled: tuple[Tensor, Tensor], generated_images: Tensor,
                       test: tuple[Tensor, Tensor], seeds: Sequence[int]) -> dict[str, float | list[float] | int | None]:
-    """The four arms (a) L only, (b) L + classic augmentation, (c) L + generated for U's targets, (d) L + U real.
+    """The four arms (a) L only, (b) L + classic augmentation, (c) L + generated for U's targets, (d) L + U real
+    ((c) and (d) with the classic augmentation too).
 
     Args:
         task: the task network.
@@ -134,8 +136,8 @@ def augmentation_test(task: ImageTask, labelled: tuple[Tensor, Tensor], unlabell
     arms = {
         "real_only": (images_l, targets_l, "none"),
         "classic": (images_l, targets_l, "classic"),
-        "with_generated": (torch.cat([images_l, generated_images.to(images_l.dtype)]), torch.cat([targets_l, targets_u]), "none"),
-        "oracle": (torch.cat([images_l, images_u]), torch.cat([targets_l, targets_u]), "none"),
+        "with_generated": (torch.cat([images_l, generated_images.to(images_l.dtype)]), torch.cat([targets_l, targets_u]), "classic"),
+        "oracle": (torch.cat([images_l, images_u]), torch.cat([targets_l, targets_u]), "classic"),
     }
     name = task.score_name
     metrics: dict[str, float | list[float] | int | None] = {}
