@@ -102,7 +102,7 @@ def _split(merged: dict[str, tuple[list[int], list[float]]], stages: set[str]) -
         series = Series(np.asarray(steps)[order], np.asarray(values, dtype=float)[order])
         if stage is not None:
             spans.setdefault(stage, []).extend([int(series.steps[0]), int(series.steps[-1])])
-        label = f"{split} ({stage})" if stage else split
+        label = f"{split or 'logged'} ({stage})" if stage else (split or "logged")
         curves.quantities.setdefault(quantity, {})[label] = series
     curves.stages = sorted(((stage, min(s), max(s)) for stage, s in spans.items()), key=lambda span: span[1])
     return curves
