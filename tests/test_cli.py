@@ -172,7 +172,8 @@ def test_demo_is_data_run_by_one_function(monkeypatch, capsys, tmp_path):
     calls = []
     run = Run.create(tmp_path / "cvae-run")
     metrics = {"classifier_accuracy_real": 0.91, "classifier_accuracy_generated": 0.5, "memorisation_max_ssim": 0.4,
-               "memorisation_max_ssim_real_reference": 0.3, "mmd_classifier_features": 9.0}
+               "memorisation_max_ssim_real_reference": 0.3, "mmd_classifier_features": 9.0, "tstr_accuracy": 0.8,
+               "downstream_accuracy_with_generated": 0.7, "spectrum_ratio_high": 0.6}
     monkeypatch.setattr(api, "phantom", lambda kind, out, **kw: calls.append(("phantom", kind, kw)) or out)
     monkeypatch.setattr(api, "prepare", lambda src, out, **kw: calls.append(("prepare", kw)) or out)
     monkeypatch.setattr(api, "train", lambda recipe, **kw: calls.append(("train", recipe, kw["config"])) or run)
@@ -181,7 +182,7 @@ def test_demo_is_data_run_by_one_function(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(api, "report", lambda path: run.report_path)
     demo.run_demo("cvae", out=tmp_path, progress=False)
     spec = demo.DEMOS["cvae"]
-    assert calls[0] == ("phantom", spec.phantom, {"n": spec.n, "seed": 0, "size": spec.size, "progress": False})
+    assert calls[0] == ("phantom", spec.phantom, {"n": spec.n, "seed": 0, "size": spec.size, "progress": False, "force": False})
     assert calls[2] == ("train", "cvae", spec.config)
     assert [c[1:] for c in calls if c[0] == "sample"] == [(call.mode, call.n) for call in spec.samples]
     err = capsys.readouterr().err

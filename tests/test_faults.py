@@ -264,7 +264,7 @@ def test_two_cpu_processes_train_and_resume_one_complete_run(prepared, tmp_path)
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and stdout.strip() == str(Path("runs") / runs[0].name)  # one folder, printed once (rank 0)
     run = runs[0]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "model.safetensors", "tb"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "model.safetensors", "tb", "train.log"]
     assert all(torch.isfinite(t).all() for t in load_file(run / "model.safetensors").values())
     train = read_yaml(run / "config.yaml")["train"]
     assert train["effective_batch_size"] == 2 * train["batch_size"] and train["lr_scaling"] == "none"

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medsynth.config import apply_overrides, dump_config, load_config, read_yaml, resolve_config_path, validate_config
+from medsynth.config import dump_config, load_config, read_yaml
 from medsynth.console import note
 from medsynth.data.phantoms import get_phantom
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.recipes import get_recipe
-from medsynth.runs import Run, atomic_write_bytes, atomic_write_json, fold_summary, is_rank_zero, remove_stale_temps
+from medsynth.runs import Run, atomic_write_bytes, atomic_write_json, check_output, fold_summary, is_rank_zero, remove_stale_temps
 
 RUN_DIR_VARIABLE = "MEDSYNTH_RUN_DIR"  # the run folder rank 0 chose, for the ranks Lightning starts
 
@@ -31,14 +31,15 @@ if TYPE_CHECKING:  # imported inside the functions that train or load a model: L
 
 
 def phantom(kind: str, out: str | Path, n: int = 10, seed: int = 0, size: int | None = None, progress: bool = True,
-            **options: Any) -> Path:
+            force: bool = False, **options: Any) -> Path:
     """Write a procedural phantom dataset (see DESIGN.md, Phantoms) and return its folder.
 
     ``n`` is the number of images per class for ``cilia`` and of subjects otherwise;
     ``options`` are the phantom's own (``frames``: cardiac frames or lung breathing phases per
     cycle; ``modality``, ``flow_pairs``: cardiac; ``spacing``: coronary), refused if unknown.
+    ``out`` must be new or empty; ``force`` replaces an earlier phantom dataset there whole.
     """
-    return get_phantom(kind).make(out, n=n, seed=seed, size=size, progress=progress, **options)
+    return get_phantom(kind).make(out, n=n, seed=seed, size=size, progress=progress, force=force, **options)
 
 
 def prepare(src: str | Path, out: str | Path, recipe: str | None = None, **settings: Any) -> Path:
@@ -51,6 +52,7 @@ def prepare(src: str | Path, out: str | Path, recipe: str | None = None, **setti
 
     if recipe is not None:
         settings = {**get_recipe(recipe).prepare_defaults, **settings}
+    check_output(out, [src], None, folder=True)  # an existing prepared dataset: prepare_dataset's own rule (reuse, or --force)
     return prepare_dataset(src, out, **settings)
 
 
@@ -124,6 +126,7 @@ def train(
     if not (Path(settings.data_dir) / "dataset.json").exists():
         raise BadInputError(settings.data_dir, "not a prepared dataset (no dataset.json); run `medsynth prepare` first")
     settings = chosen.resolve_config(settings)
+    chosen.check_data(settings)  # every file training reads, before the first write
     seed_everything(settings.train)
     trainer = build_trainer(settings.train, run, monitor=chosen.monitor, monitor_mode=chosen.monitor_mode, progress=progress,
                             extra_callbacks=chosen.callbacks(settings), ema_first_epoch=chosen.ema_first_epoch(settings))
@@ -152,6 +155,38 @@ def train(
         if trainer.is_global_zero:
             export_weights(module, settings, run.weights_path)
     return run
+
+
+def estimate(recipe: str | None, data: str | Path | None = None, config: str | Path | None = None,
+             overrides: list[str] | tuple[str, ...] = (), size: Sequence[int] | None = None) -> Any:
+    """``train --dry-run``: the planner's estimate (:class:`medsynth.plan.Estimate`) of a training config, writing
+    nothing. The input size is the data's (``data``), else the one the config states; ``size`` overrides both."""
+    from medsynth.plan import estimate as estimate_config
+
+    if recipe is None:
+        raise MedsynthError("train --dry-run: name a recipe (--resume is not estimated)")
+    chosen = get_recipe(recipe)
+    if data is None and config is None and size is None:
+        raise MedsynthError("train --dry-run: give --data, a --config that states its input size (e.g. sdm-low-64), or --size")
+    base = {"recipe": chosen.name, "data_dir": str(Path(data).resolve()) if data is not None else None}
+    settings = load_config(chosen.config_class, config, overrides, base=base)
+    if data is not None:
+        if not (Path(data) / "dataset.json").exists():
+            raise BadInputError(data, "not a prepared dataset (no dataset.json); run `medsynth prepare` first")
+        settings = chosen.resolve_config(settings.model_copy(update={"data_dir": base["data_dir"]}))
+    return estimate_config(settings, size)
+
+
+def plan(data: str | Path, recipe: str, out: str | Path, gpu: str | None = None, memory: str | None = None,
+         hours: float | None = None, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         force: bool = False) -> Any:
+    """``medsynth plan``: a config for ``recipe`` that fits the prepared ``data`` on ``gpu`` (or within ``memory``),
+    written to ``out`` (see :func:`medsynth.plan.plan`); an existing ``out`` is kept unless ``force``."""
+    from medsynth.plan import plan as make_plan
+
+    if Path(out).exists() and not force:
+        raise BadInputError(out, "exists; give --force to replace it")
+    return make_plan(data, recipe, gpu=gpu, memory=memory, hours=hours, config=config, overrides=overrides, out=out)
 
 
 def train_folds(recipe: str | None, data: str | Path | None, folds: int, config: str | Path | None = None,
@@ -293,7 +328,7 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
     n = n if n is not None else (1 if condition is not None else 16)
     if n < 1:
         raise MedsynthError(f"--n must be at least 1 (got {n})")
-    target = Path(out) if out is not None else opened.samples
+    target = check_output(out, [condition], None, folder=True) if out is not None else opened.samples  # TARGET/<mode>: below
     existing = target / mode
     if existing.exists() and any(existing.iterdir()) and not force:
         raise MedsynthError(f"{existing}: samples already exist; use --force to overwrite or --out for another folder")
@@ -421,12 +456,15 @@ def _fold_table(metrics: dict[str, Any]) -> str:
 def register(fixed: str | Path | None = None, moving: str | Path | None = None, out: str | Path | None = None,
              data: str | Path | None = None, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
              reference_phase: int = 0, progress: bool = True, pairs: str = "reference", batch: int = 1,
-             devices: list[str] | tuple[str, ...] | None = None) -> list[Any]:
+             devices: list[str] | tuple[str, ...] | None = None, force: bool = False,
+             landmarks: tuple[str | Path, str | Path] | None = None) -> list[Any]:
     """B-spline registration: a pair (``fixed``, ``moving`` -> ``out``) or a dataset (``data`` -> ``out`` folder).
 
     Dataset mode takes ``pairs`` (``"reference"`` or ``"consecutive"``), ``batch`` (pairs
-    registered jointly) and ``devices`` (one worker process per device), as
-    :func:`~medsynth.motion.phase_series.register_dataset`.
+    registered jointly), ``devices`` (one worker process per device) and ``force`` (start over
+    in a folder registered with other settings), as
+    :func:`~medsynth.motion.phase_series.register_dataset`. Pair mode takes ``landmarks``
+    (fixed and moving landmark files: the TRE before and after, :mod:`medsynth.motion.landmarks`).
     Returns the :class:`~medsynth.motion.registration.RegistrationResult` of every pair.
     """
     from medsynth.motion.phase_series import register_dataset
@@ -434,25 +472,32 @@ def register(fixed: str | Path | None = None, moving: str | Path | None = None, 
 
     if out is None:
         raise MedsynthError("register: --out is required")
-    source = resolve_config_path(config) if config else None
-    settings = validate_config(RegistrationConfig, apply_overrides(read_yaml(source) if source else {}, list(overrides)),
-                               str(source or "register"))
+    settings = load_config(RegistrationConfig, config, overrides, source="register")  # a refusal names the --set or the file
     if data is not None:
+        if landmarks:
+            raise MedsynthError("register: --landmarks is for a pair; with --data, landmark files sit beside the phases "
+                                "(<phase file stem>.pts or .csv)")
+        dataset = Path(data) if Path(data).is_dir() else Path(data).parent  # a dataset.json: its folder
+        check_output(out, [dataset], None, folder=True)  # an existing folder: register_dataset resumes it (or --force)
         # With a progress bar, register_dataset prints each quality line under it; without, we do.
         return register_dataset(data, out, settings, reference_phase=reference_phase, progress=progress,
                                 callback=None if progress else lambda result: note(result.line()),
-                                pairs=pairs, batch=batch, devices=devices)
+                                pairs=pairs, batch=batch, devices=devices, force=force)
     if fixed is None or moving is None:
         raise MedsynthError("register: give FIXED MOVING --out FIELD, or --data DIR --out DIR")
-    result = register_pair(fixed, moving, out, settings)
+    check_output(out, [fixed, moving, *(landmarks or ())], force)
+    result = register_pair(fixed, moving, out, settings, landmarks=landmarks, progress=progress)
     note(result.line())
     return [result]
 
 
-def render(frames: str | Path, out: str | Path, field: str | Path | None = None, still: bool = False, **options: Any) -> Path:
-    """A GIF of a 4D sequence (optionally with its fields), or a still figure of an image with a field."""
+def render(frames: str | Path, out: str | Path, field: str | Path | None = None, still: bool = False, force: bool = False,
+           **options: Any) -> Path:
+    """A GIF of a 4D sequence (optionally with its fields), or a still figure of an image with a field;
+    an existing ``out`` is replaced only with ``force``."""
     from medsynth.motion.render import render_movie, render_still
 
+    check_output(out, [frames, *([field] if isinstance(field, (str, Path)) else field or [])], force)
     try:
         if still:
             options.pop("fps", None)
@@ -462,36 +507,55 @@ def render(frames: str | Path, out: str | Path, field: str | Path | None = None,
         raise MedsynthError(f"{frames}: {exc}") from None
 
 
-PRIOR_RECIPES = ("diffae", "ddim")  # the recipes whose modules are slice priors for `reconstruct`
+PRIOR_RECIPES = ("diffae",)  # recipes whose modules are slice priors for `reconstruct` (the DDIM baseline: diffae, model.semantic false)
 
 
 def reconstruct(run: str | Path | None, sax: str | Path, lax: Sequence[str | Path] = (), out: str | Path | None = None,
                 factor: int = 8, method: str = "latent", prior_run: str | Path | None = None, keep_steps: bool = False,
-                overrides: list[str] | tuple[str, ...] = ()) -> Path:
+                overrides: list[str] | tuple[str, ...] = (), force: bool = False, progress: bool = True) -> Path:
     """A fine SAX volume (every frame) from a SAX stack and LAX views: :func:`medsynth.inverse.reconstruct_files`.
 
-    The prior is ``prior_run``'s if given (e.g. the DDIM baseline), else ``run``'s: a ``diffae`` or ``ddim`` run
-    whose module is a :class:`~medsynth.inverse.SlicePrior` or has ``slice_prior()``. The baselines
-    (``nearest``, ``linear``, ``cubic``) load none: ``run`` may then be ``None`` or ``"-"``.
-    ``overrides`` set :class:`~medsynth.inverse.ReconstructSettings` (``iterations=50``).
+    The prior is ``prior_run``'s if given (e.g. the DDIM baseline), else ``run``'s: a ``diffae`` run (its DDIM
+    baseline is one with ``model.semantic: false``) whose module is a :class:`~medsynth.inverse.SlicePrior` or has
+    ``slice_prior()``. The baselines (``nearest``, ``linear``, ``cubic``) load none: ``run`` may then be ``None`` or
+    ``"-"``; a run of another recipe is refused for every method. ``overrides`` set the method's
+    :class:`~medsynth.inverse.ReconstructSettings` (``iterations=50``; a key the method does not read is refused,
+    :func:`~medsynth.inverse.reconstruct.settings_for`). The memory is estimated before the prior is loaded.
+    An existing ``out`` is replaced only with ``force``; an ``out`` that is an input is refused.
     """
-    from medsynth.inverse import BASELINES, ReconstructSettings, SlicePrior, reconstruct_files
-    from medsynth.inverse.reconstruct import check_inputs
+    from medsynth.inverse import BASELINES, SlicePrior, reconstruct_files
+    from medsynth.inverse.reconstruct import check_inputs, check_memory, check_output_name, settings_for
 
     if out is None:
         raise MedsynthError("reconstruct: --out is required")
-    settings = validate_config(ReconstructSettings, apply_overrides({}, list(overrides)), "reconstruct --set")
+    check_output_name(out)  # a NIfTI, before any work
+    settings = settings_for(method, overrides)
     check_inputs(sax, lax, factor)  # bad files fail before a prior is loaded
+    check_output(out, [sax, *lax, *(source for source in (run, prior_run) if source is not None and str(source) != "-")], force)
     source, prior = prior_run if prior_run is not None else run, None
-    if method not in BASELINES:
-        if source is None or str(source) == "-":
-            raise MedsynthError(f"reconstruct: method '{method}' needs a trained diffae or ddim run (RUN or --prior-run)")
-        opened = Run.open(source)
-        recipe = str(read_yaml(opened.config_path).get("recipe"))
+    opened, saved = None, {}
+    if source is None or str(source) == "-":
+        if method not in BASELINES:
+            raise MedsynthError(f"reconstruct: method '{method}' needs a trained diffae run (or its DDIM baseline: RUN or --prior-run)")
+    else:
+        opened = open_run(source)[0]
+        saved = read_yaml(opened.config_path)
+        recipe = str(saved.get("recipe"))
         if recipe not in PRIOR_RECIPES:
-            raise BadInputError(opened.path, f"a run of recipe '{recipe}': reconstruct needs a {' or '.join(PRIOR_RECIPES)} run")
+            if method in BASELINES:
+                raise BadInputError(opened.path, f"a run of recipe '{recipe}' is no slice prior, and the interpolation baseline "
+                                                 f"'{method}' uses none: give '-' or no run")
+            raise BadInputError(opened.path, f"a run of recipe '{recipe}': reconstruct needs a diffae run (or its DDIM baseline, "
+                                             "a diffae run with model.semantic: false)")
+        if method in BASELINES:
+            note(f"reconstruct: the interpolation baseline '{method}' uses no prior; {opened.path} is not loaded")
+    prior_size = (saved.get("model") or {}).get("image_size") if method not in BASELINES else None
+    check_memory(sax, factor, method, settings, prior_size, keep_steps)  # refused before the prior is loaded
+    if method not in BASELINES:
+        assert opened is not None
         module = load_run(opened.path)[2]
         prior = module.slice_prior() if hasattr(module, "slice_prior") else module
         if not isinstance(prior, SlicePrior):
             raise MedsynthError(f"{opened.path}: its module is not a slice prior (encode_semantic, invert, decode)")
-    return reconstruct_files(prior, sax, lax, out, factor=factor, method=method, settings=settings, keep_steps=keep_steps)[0]
+    return reconstruct_files(prior, sax, lax, out, factor=factor, method=method, settings=settings, keep_steps=keep_steps,
+                             progress=progress)[0]

@@ -13,6 +13,7 @@ what its choices need: ``phantom`` never imports torch's samplers or Lightning's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -55,9 +56,22 @@ def _phases(text: str) -> list[int] | None:
     if text.strip().lower() == "all":
         return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        phases = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid phases {text!r} ('all' or comma-separated integers, e.g. 3,5)") from None
+    if not phases:
+        raise argparse.ArgumentTypeError("empty; give 'all' or phases such as 3,5")
+    return phases
+
+
+def _max_voxels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid voxel count {text!r} (a positive integer, e.g. {2**31})")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -85,6 +99,7 @@ def _phantom(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flow-pairs", nargs="?", const=layouts[0], default=None, choices=layouts, metavar="{" + ",".join(layouts) + "}",
                    help=f"cardiac: {flow_pairs.description}; bare --flow-pairs: {layouts[0]}")
     p.add_argument("--views", action="store_true", help=f"cardiac: {CardiacOptions.model_fields['views'].description}")
+    p.add_argument("--force", action="store_true", help="replace the phantom dataset in an existing --out (only a phantom dataset)")
     _no_progress(p)
 
 
@@ -130,7 +145,26 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (a run, .safetensors or .ckpt)")
     p.add_argument("--folds", type=int, default=None, metavar="K",
                    help="K-fold cross-validation by subject: K runs in OUT/fold-<i>/ (K = number of subjects: leave-one-out)")
+    p.add_argument("--dry-run", action="store_true", help="print the planner's estimate (memory, FLOPs, seconds per GPU) and write nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the estimate as JSON")
+    p.add_argument("--size", type=int, nargs="+", default=None, metavar="N",
+                   help="with --dry-run: the input size (X Y [Z]) instead of the data's or the config's")
     _no_progress(p)
+
+
+def _plan(p: argparse.ArgumentParser) -> None:
+    from medsynth.plan import GPUS
+    from medsynth.recipes import RECIPES
+
+    p.add_argument("data", help="prepared dataset folder (with fingerprint.json)")
+    p.add_argument("--recipe", required=True, choices=list(RECIPES), help="the recipe to plan")
+    p.add_argument("--gpu", default=None, metavar="NAME", help=f"the GPU to fit (default h100-80gb): {', '.join(GPUS)}")
+    p.add_argument("--memory", default=None, metavar="SIZE", help="a memory budget instead of --gpu, e.g. 24GB")
+    p.add_argument("--hours", type=float, default=None, help="training time: sets the epochs from the projected step time")
+    p.add_argument("--config", default=None, help="the config to start from (default the recipe's shipped GPU config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key first")
+    p.add_argument("--out", required=True, help="the planned config (YAML) to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
 def _sample(p: argparse.ArgumentParser) -> None:
@@ -156,7 +190,8 @@ def _register(p: argparse.ArgumentParser) -> None:
     p.add_argument("fixed", nargs="?", default=None, help="fixed image (pair mode)")
     p.add_argument("moving", nargs="?", default=None, help="moving image (pair mode)")
     p.add_argument("--out", required=True, help="field NIfTI (pair) or output folder (dataset)")
-    p.add_argument("--data", default=None, help="dataset mode: a dataset.json of phases, a folder of 4D NIfTIs, or one folder per subject with a 3D file per phase")
+    p.add_argument("--data", default=None, help="dataset mode: a dataset.json of phases, a folder of 4D NIfTIs, or one folder per subject: one 4D NIfTI, "
+                        "one DICOM series per phase, or a 3D file per phase")
     p.add_argument("--reference-phase", type=int, default=0, help="dataset mode: the phase the fields start from")
     p.add_argument("--pairs", choices=["reference", "consecutive"], default="reference",
                    help="dataset mode: register each phase to the reference phase, or to its neighbour towards it "
@@ -167,6 +202,12 @@ def _register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML file or shipped config name of registration settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. control_spacing_mm=15, diffeomorphic=true, similarity=mi")
+    p.add_argument("--landmarks", nargs=2, default=None, metavar=("FIXED_PTS", "MOVING_PTS"),
+                   help="pair mode: corresponding points of FIXED and MOVING (point i of one is point i of the other); reports the "
+                        "target registration error before and after (mean ± sd, max mm). An elastix/transformix point set (first line "
+                        "'point': LPS mm, or 'index': 0-based voxels; then the count; then x y z per line) or a .csv of x,y,z in RAS mm "
+                        "(optional header). Dataset mode reads <phase file stem>.pts/.csv beside each phase (<4D stem>_tNN beside a 4D file)")
+    p.add_argument("--force", action="store_true", help="start over: replace an existing output")
     _no_progress(p)
 
 
@@ -181,22 +222,26 @@ def _render(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", choices=["quiver", "magnitude", "jacobian"], default="quiver",
                    help="how a field is drawn: in-plane arrows, |u| in mm, or the Jacobian determinant (<= 0 folds)")
     p.add_argument("--fps", type=float, default=5.0, help="movie frames per second")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
 def _reconstruct(p: argparse.ArgumentParser) -> None:
     from medsynth.inverse.reconstruct import METHODS
 
     p.add_argument("run", nargs="?", default=None,
-                   help="a trained diffae (or ddim) run: the prior of the latent methods; '-' or omitted for the baselines")
+                   help="a trained diffae run (or its DDIM baseline): the prior of latent and pnp; '-' or omitted for the baselines")
     p.add_argument("--sax", required=True, help="short-axis stack NIfTI, (X, Y, S) or (X, Y, S, T)")
     p.add_argument("--lax", nargs="*", default=[], metavar="LA", help="long-axis views (X, Y, 1[, T]), e.g. la_2ch.nii.gz la_4ch.nii.gz")
-    p.add_argument("--factor", type=int, default=8, help="through-plane refinement: (S - 1) * factor + 1 slices (>= 2)")
+    p.add_argument("--factor", type=int, default=8, help="through-plane refinement: (S - 1) * factor + 1 slices (2 .. 64)")
     p.add_argument("--method", choices=list(METHODS), default="latent", help="latent (original), pnp (faster) or an interpolation baseline")
     p.add_argument("--prior-run", default=None, help="use this run's prior instead of RUN's (e.g. the DDIM baseline)")
     p.add_argument("--out", required=True, help="output NIfTI: the fine volume, (X, Y, Z[, T]) with the fine affine")
     p.add_argument("--keep-steps", action="store_true", help="also write the volume at every optimisation step (OUT_steps/)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="reconstruction settings, e.g. iterations=50, lax_weight=6, steps=20")
+                   help="settings of the method (others are refused), e.g. latent: iterations=50, lax_weight=6, steps=20; "
+                        "pnp: pnp_iterations=20, pnp_lr=5e-4")
+    _no_progress(p)
 
 
 def _evaluate(p: argparse.ArgumentParser) -> None:
@@ -226,6 +271,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "phantom": ("write a procedural phantom dataset with exact ground truth", _phantom),
     "prepare": ("import a dataset and prepare it for training", _prepare),
     "train": ("train a recipe (or continue a run with --resume)", _train),
+    "plan": ("fit a recipe's config to a prepared dataset and a GPU (estimated memory and time)", _plan),
     "sample": ("generate from a trained run", _sample),
     "register": ("B-spline registration: FIXED MOVING --out FIELD, or --data DIR --out DIR", _register),
     "render": ("GIF movie of a 4D sequence or field, or a still figure", _render),
@@ -241,12 +287,53 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="medsynth", description="Conditional generative synthesis of medical images and motion.")
     parser.add_argument("--version", action="version", version=f"medsynth {__version__}", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also MEDSYNTH_DEBUG=1)")
+    _global_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (summary, add_arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)
         if command is None or command == name:
             add_arguments(p)
+            _global_options(p, name)
     return parser
+
+
+OUTSIDE_COMMANDS = ("prepare", "train", "sample", "evaluate")  # the commands that read a dataset.json's case paths
+
+
+def _global_options(p: argparse.ArgumentParser, command: str | None) -> None:
+    """``--max-voxels`` (before or after the command) and ``--allow-outside`` (commands that read datasets); a command's
+    copy does not overwrite the value given before it (``SUPPRESS``). :func:`_environment` hands them down."""
+    from medsynth.data.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_VARIABLE
+    from medsynth.data.manifest import ALLOW_OUTSIDE_VARIABLE
+
+    default = None if command is None else argparse.SUPPRESS
+    p.add_argument("--max-voxels", type=_max_voxels, default=default, metavar="N",
+                   help=f"refuse image files whose header claims more voxels than N, before reading them "
+                        f"(default {DEFAULT_MAX_VOXELS}; also {MAX_VOXELS_VARIABLE})")
+    if command in OUTSIDE_COMMANDS:
+        p.add_argument("--allow-outside", action="store_true", default=False,
+                       help=f"let a dataset.json name files outside its folder (absolute, ../, symlinks out; also {ALLOW_OUTSIDE_VARIABLE}=1)")
+
+
+@contextlib.contextmanager
+def _environment(args: argparse.Namespace):
+    """``--max-voxels`` and ``--allow-outside`` as the environment variables the readers consult (one place each:
+    :func:`medsynth.data.io.max_voxels`, :func:`medsynth.data.manifest.outside_allowed`), for this command only."""
+    from medsynth.data.io import MAX_VOXELS_VARIABLE
+    from medsynth.data.manifest import ALLOW_OUTSIDE_VARIABLE
+
+    wanted = {MAX_VOXELS_VARIABLE: str(args.max_voxels) if getattr(args, "max_voxels", None) is not None else None,
+              ALLOW_OUTSIDE_VARIABLE: "1" if getattr(args, "allow_outside", False) else None}
+    saved = {key: os.environ.get(key) for key, value in wanted.items() if value is not None}
+    os.environ.update({key: value for key, value in wanted.items() if value is not None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -263,7 +350,7 @@ def run_command(args: argparse.Namespace) -> None:
         if isinstance(size, list) and len(size) != 3:
             raise MedsynthError(f"--size takes one side or X Y Z, got {len(size)} numbers")
         print(api.phantom(args.kind, args.out, n=args.n, seed=args.seed, size=tuple(size) if isinstance(size, list) else size,
-                          progress=progress, **options))
+                          progress=progress, force=args.force, **options))
     elif args.command == "prepare":
         given = {"size": args.size, "keep_aspect": args.keep_aspect, "crop": args.crop, "spacing": args.spacing,
                  "orientation": args.orientation, "normalize": args.normalize, "seed": args.seed,
@@ -276,12 +363,25 @@ def run_command(args: argparse.Namespace) -> None:
         overrides += [f"train.strategy={args.strategy}"] if args.strategy else []
         overrides += [f"train.num_nodes={args.num_nodes}"] if args.num_nodes is not None else []
         overrides += [f"model.stage={args.stage}"] if args.stage else []
+        if args.dry_run:
+            import json
+
+            estimate = api.estimate(args.recipe, data=args.data, config=args.config, overrides=overrides, size=args.size)
+            print(json.dumps(estimate.as_dict(), indent=2) if args.json else estimate.table())
+            return
+        if args.json or args.size:
+            raise MedsynthError("train: --json and --size go with --dry-run")
         run = api.train(args.recipe, data=args.data, config=args.config, overrides=overrides, out=args.out,
                         resume=args.resume, force=args.force, init=args.init, folds=args.folds, progress=progress)
         from medsynth.runs import is_rank_zero
 
         if is_rank_zero():  # the other ranks of a multi-process run print nothing
             print(run.path)
+    elif args.command == "plan":
+        made = api.plan(args.data, args.recipe, args.out, gpu=args.gpu, memory=args.memory, hours=args.hours, config=args.config,
+                        overrides=args.overrides, force=args.force)
+        print(made.estimate.table())
+        print(made.path)
     elif args.command == "sample":
         settings = {"guidance": args.guidance, "steps": args.steps, "sampler": args.sampler}
         paths = api.sample(args.run, n=args.n, mode=args.mode, class_name=args.class_name, condition=args.condition,
@@ -291,13 +391,14 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "register":
         api.register(args.fixed, args.moving, out=args.out, data=args.data, config=args.config,
                      overrides=args.overrides, reference_phase=args.reference_phase, progress=progress,
-                     pairs=args.pairs, batch=args.batch, devices=args.devices)
+                     pairs=args.pairs, batch=args.batch, devices=args.devices, force=args.force, landmarks=args.landmarks)
     elif args.command == "render":
         print(api.render(args.frames, args.out, field=args.field, still=args.still, views=tuple(args.views.split(",")),
-                         slices=args.slices, anchor=args.anchor, style=args.style, fps=args.fps))
+                         slices=args.slices, anchor=args.anchor, style=args.style, fps=args.fps, force=args.force))
     elif args.command == "reconstruct":
         print(api.reconstruct(args.run, args.sax, args.lax, out=args.out, factor=args.factor, method=args.method,
-                              prior_run=args.prior_run, keep_steps=args.keep_steps, overrides=args.overrides))
+                              prior_run=args.prior_run, keep_steps=args.keep_steps, overrides=args.overrides, force=args.force,
+                              progress=progress))
     elif args.command == "evaluate":
         import json
 
@@ -315,12 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MEDSYNTH_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
-    command = next((arg for arg in argv if not arg.startswith("-")), None)  # the first word is the command
+    # the first word is the command (skipping the value of a global --max-voxels N)
+    command = next((arg for i, arg in enumerate(argv) if not arg.startswith("-") and (i == 0 or argv[i - 1] != "--max-voxels")), None)
     args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     for message in _HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     try:
-        run_command(args)
+        with _environment(args):
+            run_command(args)
     except KeyboardInterrupt as exc:
         if debug:
             raise
@@ -350,15 +453,18 @@ def _interrupted(exc: KeyboardInterrupt) -> str:
 
 def _one_line(command: str, exc: Exception) -> tuple[int, str]:
     """The one line and exit status of a failure: 2 for what the user can cause or meet (medsynth's
-    own errors, refusals of Lightning, torch and the OS), 1 for anything else (a bug)."""
+    own errors, refusals of Lightning, torch and the OS), 1 for anything else (a bug). Newlines and other
+    control characters left in a message (a file name's) are escaped: the line stays one line."""
+    from medsynth.errors import one_line
+
     if isinstance(exc, MedsynthError):
-        return 2, f"medsynth: error: {exc}"
+        return 2, one_line(f"medsynth: error: {exc}")
     text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     text = text if len(text) <= 300 else text[:297] + "..."
     kind = type(exc).__name__
     if isinstance(exc, (OSError, RuntimeError, ValueError, MemoryError)) or kind == "MisconfigurationException":
-        return 2, f"medsynth {command}: error: {kind}: {text} (--debug shows the traceback)"
-    return 1, f"medsynth {command}: internal error: {kind}: {text} (please report it with the output of --debug)"
+        return 2, one_line(f"medsynth {command}: error: {kind}: {text} (--debug shows the traceback)")
+    return 1, one_line(f"medsynth {command}: internal error: {kind}: {text} (please report it with the output of --debug)")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ DEMOS: dict[str, Demo] = {
     "flow-cvae": Demo(
         recipe="flow-cvae", config="flow-cvae-tiny", phantom="cardiac", n=28, size=32, summary="cardiac phantom (flow pairs)",
         phantom_options={"flow_pairs": True}, prepare={"recipe": "flow-cvae", "size": 32},
+        # the utility protocol's five downstream arms (issue 18) at 150 steps each: about 750 steps of 32^3 in all
+        overrides=("evaluate.downstream_steps=150",),
         samples=(SampleCall(n=8), SampleCall(n=25, mode="grid")),
     ),
     # Lung 4D CT phantom (6 phases, 48 x 48 x 12) -> B-spline registration of every phase to end-inhale -> prepare (HU window to [0, 1])
@@ -83,6 +85,7 @@ DEMOS: dict[str, Demo] = {
         recipe="motion-ldm", config="motion-ldm-tiny", phantom="lung", n=12, size=(48, 48, 12), summary="lung 4D CT phantom (6 phases)",
         phantom_options={"frames": 6}, prepare={"recipe": "motion-ldm", "ct_window": (-1000.0, 500.0)},
         register={"pairs": "reference", "config": "register-demo"}, samples=(SampleCall(n=2),),
+        overrides=("evaluate.downstream_steps=120",),  # five downstream arms (issue 18) within the 15-minute budget
     ),
     # Cardiac cine-MRI phantom in the UK Biobank layout (12 subjects, 32 px planes, ED/ES, thin truth at 4x through-plane)
     # -> 2D slices (32 px) -> train diffae and its DDIM baseline (model.semantic=false) -> random, interpolate, autoencode ->
@@ -113,12 +116,12 @@ def run_demo(name: str = "cvae", out: str | Path = "demo-output", force: bool = 
     raw, prepared, run_dir = out / demo.phantom, out / f"{demo.phantom}-prepared", out / f"{demo.recipe}-run"
     step("demo", f"1/6 {demo.summary}")
     if force or not raw.is_dir() or not any(raw.iterdir()):
-        api.phantom(demo.phantom, raw, n=demo.n, seed=demo.seed, size=demo.size, progress=progress, **demo.phantom_options)
+        api.phantom(demo.phantom, raw, n=demo.n, seed=demo.seed, size=demo.size, progress=progress, force=force, **demo.phantom_options)
     overrides = list(demo.overrides)
     if demo.register is not None:  # registered grids are kept like the phantom: a rerun skips them
         step("demo", f"1/6 register the phases ({demo.register.get('pairs', 'reference')} pairs)")
         registration = out / f"{demo.phantom}-registration"
-        api.register(data=raw, out=registration, progress=progress, **demo.register)
+        api.register(data=raw, out=registration, progress=progress, force=force, **demo.register)
         overrides.append(f"data.registration={registration.resolve()}")
     step("demo", "2/6 prepare")
     api.prepare(raw, prepared, seed=demo.seed, progress=progress, **demo.prepare)

@@ -16,9 +16,11 @@ A cross-validation fold set (``medsynth train RECIPE --folds K``) is a folder of
 run, its data view in ``RUN/fold-<i>/data/dataset.json``), ``RUN/metrics.json`` (per fold, mean
 and sd) and ``RUN/report.html``; it has no ``config.yaml`` of its own.
 
-It also holds the ground floor's two file primitives: the one atomic writer
-(:func:`atomic_write_bytes`) every file a kill could corrupt goes through, and the one reader of
-JSON/YAML files (:func:`read_structured`) that fails with one line naming the file.
+It also holds the ground floor's file primitives: the one atomic writer
+(:func:`atomic_write_bytes`) every file a kill could corrupt goes through (with the umask's mode),
+the one reader of JSON/YAML files (:func:`read_structured`) that fails with one line naming the
+file, and the one check of a command's ``--out`` (:func:`check_output`: never an input, never an
+earlier result without ``--force``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from medsynth.errors import BadInputError, MedsynthError, RunBusyError
+from medsynth.errors import BadInputError, MedsynthError, RunBusyError, quote_path
 
 try:  # POSIX advisory locks; elsewhere runs are not locked
     import fcntl
@@ -345,15 +347,66 @@ def _yaml_line(exc: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1}" if mark is not None else ""
 
 
+def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), force: bool | None = False, *,
+                 folder: bool = False) -> Path:
+    """The one check of a command's ``--out`` before its first write: it never clobbers an input, and an
+    existing result is only replaced with ``--force``.
+
+    Refused (one line naming ``out``; a missing input, naming it, comes first): an ``out`` that is an input
+    (the same path after resolving symlinks, or the same file through a hard link); with ``folder``, an
+    ``out`` inside an input folder or holding an input; a file ``out`` that is a folder or the reverse; an
+    existing ``out`` (a file, or a folder that is not empty) without ``force``.
+
+    Args:
+        out: the command's ``--out``: a file, or with ``folder`` the folder it writes into.
+        inputs: every file and folder the command reads (``None`` entries are skipped).
+        force: replace an existing ``out``; ``None``: the command has its own rule for an existing folder
+            (one it resumes into: ``register --data``, ``prepare``), so only the inputs are checked.
+        folder: ``out`` is a folder.
+
+    Returns:
+        ``out`` as a ``Path``. Writes nothing.
+
+    Raises:
+        BadInputError: naming ``out`` and the input or the flag (a missing input: naming it).
+    """
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given)
+        if not source.exists():  # said first: the input is the problem to fix, not an earlier output
+            raise BadInputError(source, "not found")
+        resolved = source.resolve()
+        if resolved == target or (out.exists() and os.path.samefile(source, out)):
+            raise BadInputError(out, f"--out is the input {quote_path(source)}; choose another output")
+        if folder and target in resolved.parents:
+            raise BadInputError(out, f"--out holds the input {quote_path(source)}; choose a folder outside it")
+        if folder and resolved.is_dir() and resolved in target.parents:
+            raise BadInputError(out, f"--out is inside the input folder {quote_path(source)}; choose a folder outside it")
+    if folder and out.exists() and not out.is_dir():
+        raise BadInputError(out, "--out is a file; it names the folder to write into")
+    if not folder and out.is_dir():
+        raise BadInputError(out, "--out is a folder; it names the file to write")
+    if force is False and out.exists() and (not folder or any(out.iterdir())):
+        raise BadInputError(out, "already exists" + (" and is not empty" if folder else "") + "; pass --force to replace it")
+    return out
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """The one atomic writer: a uniquely named temporary file in the same folder, fsync of the
     file, rename over ``path``, fsync of the folder. A kill leaves the old file or the new one,
-    never half of one; two writers never share a temporary file."""
+    never half of one; two writers never share a temporary file. The file gets the mode a plain
+    ``open`` would give it, ``0o666 & ~umask`` (mkstemp's own is 0600), so a group-shared run stays
+    readable by the group."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):  # POSIX; elsewhere files have no such mode bits
+                os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -362,6 +415,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+_UMASK_FALLBACK: list[int] = []  # where /proc is missing: the umask read once (setting and restoring it)
+
+
+def current_umask() -> int:
+    """The process's file-creation mask, read without changing it (Linux: ``/proc/self/status``);
+    elsewhere read once by setting and restoring it (the only portable way, racy if threads create files then)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if not _UMASK_FALLBACK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _UMASK_FALLBACK.append(mask)
+    return _UMASK_FALLBACK[0]
 
 
 def remove_stale_temps(folder: Path) -> None:

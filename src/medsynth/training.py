@@ -36,8 +36,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file, save
 
 from medsynth.config import RecipeConfig, TrainConfig, load_config, read_yaml
+from medsynth.console import LOG_NAME, RunLog, lightning_to_log, note
 from medsynth.errors import BadInputError, DivergedError, MedsynthError, TrainingInterrupted
-from medsynth.runs import Run, atomic_write_bytes
+from medsynth.runs import Run, atomic_write_bytes, atomic_write_json, read_structured
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -214,28 +215,32 @@ def build_trainer(train: TrainConfig, run: Run, monitor: str | None = "val/loss"
     if train.ema_decay is not None:
         callbacks.append(EpochEMA(train.ema_decay, ema_first_epoch))
     callbacks.extend(extra_callbacks)
+    log = RunLog()  # Lightning's banner and tips, held until fit() may write RUN/train.log
     try:
-        return L.Trainer(
-            default_root_dir=run.path,
-            max_epochs=train.max_epochs,
-            accelerator=train.accelerator,
-            devices=train.devices,
-            num_nodes=train.num_nodes,
-            strategy=train.strategy,
-            precision=train.precision,
-            gradient_clip_val=train.grad_clip,
-            accumulate_grad_batches=train.accumulate_grad_batches,
-            logger=TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
-            callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
-            log_every_n_steps=train.log_every_n_steps,
-            enable_progress_bar=progress,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
+        with lightning_to_log(log):
+            trainer = L.Trainer(
+                default_root_dir=run.path,
+                max_epochs=train.max_epochs,
+                accelerator=train.accelerator,
+                devices=train.devices,
+                num_nodes=train.num_nodes,
+                strategy=train.strategy,
+                precision=train.precision,
+                gradient_clip_val=train.grad_clip,
+                accumulate_grad_batches=train.accumulate_grad_batches,
+                logger=TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
+                callbacks=callbacks,
+                plugins=[AtomicCheckpointIO()],
+                log_every_n_steps=train.log_every_n_steps,
+                enable_progress_bar=progress,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+            )
     except Exception as exc:  # Lightning refuses devices, accelerators, strategies in many types
         asked = ", ".join(f"train.{key}={getattr(train, key)!r}" for key in ("accelerator", "devices", "strategy", "num_nodes", "precision"))
         raise MedsynthError(f"train: cannot train with {asked}: {one_line(exc)}") from None
+    trainer.medsynth_log = log  # fit() writes these held lines first, once the run folder may be written
+    return trainer
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -254,8 +259,12 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
     """
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main_thread else None
+    log = getattr(trainer, "medsynth_log", None) or RunLog()
+    if trainer.is_global_zero:  # Lightning's notices go to the run's log, not the console
+        log.open(run.path / LOG_NAME)
     try:
-        trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with lightning_to_log(log):
+            trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SystemExit:
         if trainer.interrupted:
             raise TrainingInterrupted(run.path, resumable=run.last_checkpoint.exists()) from None
@@ -263,6 +272,8 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
     except DivergedError as exc:
         kept = (f"kept the last finite checkpoint {run.last_checkpoint} (epoch {_epoch_of(run.last_checkpoint)})"
                 if run.last_checkpoint.exists() else "no checkpoint was written")
+        if trainer.is_global_zero:  # read by weights_of: sample/evaluate refuse the checkpoint of a diverged run
+            atomic_write_json(run.path / DIVERGED_NAME, {"message": str(exc), "checkpoint_step": _step_of(run.last_checkpoint)})
         raise DivergedError(f"{exc}; {kept}; no weights exported") from None
     finally:
         if main_thread and handler is not None:
@@ -276,6 +287,14 @@ def _epoch_of(path: Path) -> int | str:
         return int(read_checkpoint(path)["epoch"])
     except (BadInputError, KeyError, TypeError, ValueError):
         return "?"
+
+
+def _step_of(path: Path) -> int | None:
+    """The global step a checkpoint was saved at (``None``: no checkpoint, or unreadable)."""
+    try:
+        return int(read_checkpoint(path)["global_step"]) if path.exists() else None
+    except (BadInputError, KeyError, TypeError, ValueError):
+        return None
 
 
 def seed_everything(train: TrainConfig) -> None:
@@ -332,12 +351,33 @@ def load_state(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     return module
 
 
+DIVERGED_NAME = "diverged.json"  # RUN/diverged.json: written by fit() when training diverged (message, step of last.ckpt)
+
+
 def weights_of(run: Run) -> Path:
-    """The run's weights file: ``model.safetensors``, or ``last.ckpt`` when training never finished."""
-    for path in (run.weights_path, run.last_checkpoint):
-        if path.exists():
-            return path
-    raise BadInputError(run.path, "run has no weights yet (no model.safetensors or checkpoints/last.ckpt)")
+    """The run's weights file: ``model.safetensors``, or ``last.ckpt`` when training never finished (one line says
+    so, with its epoch).
+
+    Raises:
+        BadInputError: no weights at all.
+        DivergedError: no ``model.safetensors`` and ``last.ckpt`` is the last finite checkpoint of a training that
+            diverged (``RUN/diverged.json`` names it): its weights are those of a model already failing.
+    """
+    if run.weights_path.exists():
+        return run.weights_path
+    if not run.last_checkpoint.exists():
+        raise BadInputError(run.path, "run has no weights yet (no model.safetensors or checkpoints/last.ckpt)")
+    marker = run.path / DIVERGED_NAME
+    if marker.is_file():
+        record = read_structured(marker, "divergence record")
+        if record.get("checkpoint_step") == _step_of(run.last_checkpoint):  # a later resume wrote a newer checkpoint
+            detail = str(record.get("message", "a non-finite loss")).removeprefix("training diverged: ")
+            raise DivergedError(f"{run.path}: training diverged ({detail}); no model.safetensors, "
+                                f"and {run.last_checkpoint} is its last finite checkpoint, not a trained model: lower train.lr "
+                                f"and train again (or start from it: --init {run.last_checkpoint} --out NEW)")
+    note(f"{run.path}: no model.safetensors (training did not finish); using {run.last_checkpoint} from epoch "
+         f"{_epoch_of(run.last_checkpoint)}")
+    return run.last_checkpoint
 
 
 class RecipeLike(Protocol):

@@ -222,7 +222,7 @@ def test_declared_classes_must_name_the_folders(tmp_path: Path) -> None:
 
 def test_a_medsynth_manifest_keeps_its_class_order(tmp_path: Path) -> None:
     cases = [Case(id=f"c{k}", subject=f"c{k}", image=f"c{k}.png", class_name=name) for k, name in enumerate(["zeta", "alpha"])]
-    Manifest(name="m", spatial_dims=2, classes=["zeta", "alpha"], cases=cases).save(tmp_path)
+    Manifest(name="m", spatial_dims=2, classes=["zeta", "alpha"], cases=cases).with_root(tmp_path).save(tmp_path)
     assert import_dataset(tmp_path).classes == ["zeta", "alpha"]
 
 

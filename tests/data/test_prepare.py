@@ -308,8 +308,9 @@ def test_unknown_label_value_is_named(tmp_path: Path) -> None:
         prepare_dataset(src, tmp_path / "out", progress=False)
 
 
-def test_label_affine_mismatch_found_after_loading(tmp_path: Path) -> None:
+def test_label_affine_mismatch_found_after_loading(tmp_path: Path, monkeypatch) -> None:
     # A manifest-listed NumPy label has no header; its (identity) affine is checked after loading.
+    monkeypatch.setenv("MEDSYNTH_ALLOW_OUTSIDE", "1")  # the manifest names files of the dataset beside it (../raw)
     src = _nnunet(tmp_path / "raw", n=1)
     np.save(src / "label.npy", np.zeros((10, 8, 6), np.int16))
     Manifest(name="m", spatial_dims=3, cases=[Case(id="c", subject="s", image="imagesTr/c0_0000.nii.gz", label="label.npy")]).with_root(src).save(tmp_path / "m")

@@ -157,7 +157,7 @@ def test_dataset_mode_resumes_after_a_kill(tmp_path, lung_dataset):
     transform, extra = load_transform(results[1].output)
     assert extra["fixed"].endswith("sub000/image_t02.nii.gz") and extra["moving"].endswith("sub000/image_t00.nii.gz")
     assert transform.dense_field().shape == (3, 24, 24, 12)
-    with pytest.raises(BadInputError, match="registration.json: grids here were made with pairs=reference"):
+    with pytest.raises(BadInputError, match=r"registration.json: grids here were made with other settings \(pairs: reference -> consecutive\)"):
         register_dataset(lung_dataset, out, TINY, progress=False, pairs="consecutive")
 
 

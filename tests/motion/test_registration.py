@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.losses import LocalNormalizedCrossCorrelationLoss
 from pydantic import ValidationError
 
 from medsynth.data.io import save_image
@@ -14,8 +15,13 @@ from medsynth.data.phantoms.cardiac import render_cardiac, sample_cardiac_params
 from medsynth.errors import BadInputError
 from medsynth.motion.fields import end_point_error, load_field, voxel_to_mm, warp_image
 from medsynth.motion.registration import (
+    WINDOW,
     BSplineTransform,
     RegistrationConfig,
+    _block_similarity,
+    _lncc,
+    _optimise,
+    _sample_blocks,
     field_from_grid,
     load_transform,
     register,
@@ -117,7 +123,9 @@ def test_pair_mode_refuses_bad_input(tmp_path, pair_files, cardiac_pair):
     nan = moving.numpy().copy()
     nan[0, 3, 3, 3] = np.nan
     with pytest.raises(BadInputError, match="nan.nii.gz: .*NaN"):
-        register_pair(fixed_path, save_image(nan, tmp_path / "nan.nii.gz", affine=moving.affine), tmp_path / "dvf.nii.gz", TINY)
+        # written with nibabel: medsynth's own writer refuses NaN
+        nib.save(nib.Nifti1Image(nan[0], np.asarray(moving.affine)), str(tmp_path / "nan.nii.gz"))
+        register_pair(fixed_path, tmp_path / "nan.nii.gz", tmp_path / "dvf.nii.gz", TINY)
     with pytest.raises(BadInputError, match="dvf.mha"):
         register_pair(fixed_path, moving_path, tmp_path / "dvf.mha", TINY)
     assert not (tmp_path / "dvf.nii.gz").exists()
@@ -142,3 +150,88 @@ def test_a_batch_gives_each_pair_its_own_registration(cardiac_pair, similarity):
         assert torch.allclose(transform.coefficients, alone.coefficients, atol=1e-4)
         assert quality["after"] == pytest.approx(alone_quality["after"], abs=1e-5)
     assert not torch.allclose(joint[0][0].coefficients, joint[1][0].coefficients, atol=1e-2)  # the pairs did differ
+
+
+# --- speed at real size (issue 21): random blocks, separable evaluation, convergence stop, progress ---
+
+# The fine level (32x32x24 > 4 x 6000 voxels) on 12 random 8^3 blocks per iteration, 150 iterations; the coarse one on every voxel.
+SAMPLED = RegistrationConfig(levels=2, iterations=(60, 30), samples=6000)
+
+
+def _cubic_bspline(u: torch.Tensor) -> torch.Tensor:
+    """The centred uniform cubic B-spline B(u) (support |u| < 2), written out piece by piece."""
+    a = u.abs()
+    return torch.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6, torch.where(a < 2, (2 - a) ** 3 / 6, torch.zeros_like(a)))
+
+
+def test_separable_bspline_equals_the_dense_sum_and_blocks_equal_its_crops():
+    shape, spacing = (14, 11, 9), (4.0, 3.5, 5.0)
+    coefficients = torch.randn(3, *BSplineTransform.grid_shape(shape, spacing), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    transform = BSplineTransform(coefficients, spacing, shape, np.eye(4))
+    # Dense: every voxel sums every control point k (at (k - 1) * spacing) weighted by B(x / spacing - k + 1) per axis.
+    weights = [_cubic_bspline(torch.arange(n, dtype=torch.float64)[:, None] / s - torch.arange(m, dtype=torch.float64)[None] + 1) for n, s, m in zip(shape, spacing, coefficients.shape[1:])]
+    dense = torch.einsum("cijk,xi,yj,zk->cxyz", coefficients, *weights)
+    separable = transform.spline_field()[0]
+    assert torch.allclose(separable, dense, atol=1e-5)
+    corners = torch.tensor([[0, 0, 0], [6, 3, 1], [2, 5, 4]])
+    blocks = transform.spline_blocks(shape, corners, 5)
+    assert blocks.shape == (1, 3, 3, 5, 5, 5)
+    for k, (x, y, z) in enumerate(corners.tolist()):
+        assert torch.allclose(blocks[0, k], dense[:, x : x + 5, y : y + 5, z : z + 5], atol=1e-5)
+    coarse, size = transform.spline_field((8, 6, 5)), (8, 6, 5)  # a pyramid level: every block of edge 3 on it
+    corners = torch.stack(torch.meshgrid(*[torch.arange(n - 2) for n in size], indexing="ij"), -1).reshape(-1, 3)
+    blocks = transform.spline_blocks(size, corners, 3)
+    for k, (x, y, z) in enumerate(corners.tolist()):
+        assert torch.allclose(blocks[0, k], coarse[0, :, x : x + 3, y : y + 3, z : z + 3], atol=1e-5)
+
+
+def test_blocks_warp_and_lncc_equal_the_whole_image_values_and_lncc_equals_monais():
+    generator = torch.Generator().manual_seed(1)
+    image, fixed = torch.rand(2, 1, 20, 18, 16, generator=generator), torch.rand(2, 1, 20, 18, 16, generator=generator)
+    ddf = 2 * torch.randn(2, 3, 20, 18, 16, generator=generator)
+    corners, edge = torch.tensor([[0, 0, 0], [10, 8, 6], [4, 3, 2]]), 10
+    crops = torch.stack([ddf[:, :, x : x + edge, y : y + edge, z : z + edge] for x, y, z in corners.tolist()], 1)  # (B, K, 3, E, E, E)
+    warped = _sample_blocks(image, corners, edge, crops)
+    whole = warp_image(image, ddf)
+    lncc = LocalNormalizedCrossCorrelationLoss(3, kernel_size=5, reduction="none")(whole, fixed)  # the window inside a block: 2 voxels in
+    for k, (x, y, z) in enumerate(corners.tolist()):
+        assert torch.allclose(warped[:, :, k], whole[:, :, x : x + edge, y : y + edge, z : z + edge], atol=1e-5)
+    expected = torch.stack([lncc[:, :, x + 2 : x + edge - 2, y + 2 : y + edge - 2, z + 2 : z + edge - 2] for x, y, z in corners.tolist()]).mean()
+    config = RegistrationConfig()
+    assert float(_block_similarity(None, config, warped, _sample_blocks(fixed, corners, edge))) == pytest.approx(float(expected), abs=1e-6)
+    assert float(-_lncc(whole, fixed, 5).mean()) == pytest.approx(float(lncc.mean()), abs=1e-6)  # the whole image: MONAI's loss
+
+
+def test_sampled_registration_is_the_same_bit_for_bit_for_one_seed_and_recovers_the_motion(cardiac_pair):
+    fixed, moving, truth, body = cardiac_pair
+    first, quality = register(fixed, moving, SAMPLED)
+    again, _ = register(fixed, moving, SAMPLED)
+    other, _ = register(fixed, moving, SAMPLED.model_copy(update={"seed": 1}))
+    assert torch.equal(first.coefficients, again.coefficients)
+    assert not torch.equal(first.coefficients, other.coefficients)  # the blocks do come from the seed
+    zero = end_point_error(torch.zeros_like(truth), truth, fixed.affine, body)
+    assert end_point_error(first.dense_field(), truth, fixed.affine, body) < 0.6 * zero  # the dense test's tolerance
+    assert quality["after"] < quality["before"] and quality["folding"] == 0.0
+
+
+def test_convergence_stop_stops_a_level_whose_loss_no_longer_falls():
+    parameters = torch.zeros(3, requires_grad=True)
+
+    def flat() -> torch.Tensor:  # a loss that cannot fall: stopped at the first check, after two windows
+        return (parameters * 0).sum() + 1.0
+
+    assert _optimise(parameters, flat, 100, RegistrationConfig(tolerance=1e-4)) == 2 * WINDOW
+    assert _optimise(parameters, flat, 100, RegistrationConfig(tolerance=0)) == 100  # the default: off
+    assert _optimise(parameters, flat, 100, RegistrationConfig(tolerance=1e-4), anneal=True) == 100  # sampled levels anneal instead
+    target = torch.tensor([30.0, -20.0, 10.0])
+    steps = _optimise(parameters, lambda: ((parameters - target) ** 2).sum(), 1000, RegistrationConfig(learning_rate=1.0, tolerance=1e-4))
+    assert steps < 1000 and torch.allclose(parameters, target, atol=1.0)  # converged, then stopped
+
+
+def test_progress_bar_per_level_and_seconds_per_level_in_the_line(tmp_path, pair_files, capsys):
+    fixed_path, moving_path = pair_files
+    result = register_pair(fixed_path, moving_path, tmp_path / "grid.npz", TINY.model_copy(update={"levels": 2, "iterations": 2}), progress=True)
+    assert "level 2/2 32x32x24" in capsys.readouterr().err
+    assert len(result.level_seconds) == 2 and f"(levels {result.level_seconds[0]:.1f} + " in result.line()
+    _, extra = load_transform(result.output)
+    assert extra["level_seconds"] == pytest.approx(result.level_seconds)

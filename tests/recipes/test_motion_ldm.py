@@ -93,10 +93,22 @@ def test_phases_outside_the_trained_range_are_refused(tmp_path):
 
 def test_a_condition_that_is_not_one_volume_is_refused(tmp_path):
     recipe, module = build()
-    path = tmp_path / "two.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((*SHAPE, 2), dtype=np.float32), np.eye(4)), str(path))
-    with pytest.raises(MedsynthError, match="two.nii.gz.*one 3D volume"):
+    path = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE[:2], dtype=np.float32), np.eye(4)), str(path))
+    with pytest.raises(MedsynthError, match="flat.nii.gz.*one 3D volume"):
         recipe.sample(module, SampleRequest(n=1, condition=path), tmp_path / "out")
+
+
+def test_a_4d_condition_is_its_reference_phase(tmp_path, capsys):
+    recipe, module = build(reference_phase=1)
+    affine = np.diag([2.0, 2.0, 6.0, 1.0])
+    phases = np.stack([np.full(SHAPE, -900.0 + 300.0 * t, dtype=np.float32) for t in range(3)], axis=-1)  # (X, Y, Z, T)
+    nib.save(nib.Nifti1Image(phases, affine), str(tmp_path / "ct4d.nii.gz"))
+    recipe.sample(module, SampleRequest(n=1, condition=tmp_path / "ct4d.nii.gz", phases=(1,)), tmp_path / "out")
+    assert "ct4d.nii.gz: 4D scan of 3 phases; phase 1 is the condition" in capsys.readouterr().err
+    written = nib.load(str(tmp_path / "out" / "random" / "ct4d" / "image_t01.nii.gz"))  # phase 1 warped by its zero field
+    np.testing.assert_allclose(written.affine, affine)
+    np.testing.assert_allclose(np.asarray(written.dataobj), -600.0, atol=1e-3)
 
 
 def test_the_ldm_stage_without_the_earlier_stages_is_refused():

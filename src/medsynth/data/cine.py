@@ -124,6 +124,14 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def _note_left_out(src: Path, kept: list[Path], missing: str) -> None:
+    """One line per subject folder of ``src`` that is not imported (not in ``kept``), naming the file it lacks."""
+    from medsynth.console import note
+
+    for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in kept):
+        note(f"prepare: subject {folder.name} left out: no {folder / missing}")
+
+
 def import_ukbb(src: str | Path) -> Manifest:
     """A UK Biobank-layout folder (``<subject>/sa.nii.gz`` [+ ``sa_gt``, ``la_*``, ``Info.cfg``]).
 
@@ -136,6 +144,7 @@ def import_ukbb(src: str | Path) -> Manifest:
     subjects = sorted(p.parent for p in src.glob(f"*/{SAX_NAME}"))
     if not subjects:
         raise BadInputError(src, f"no <subject>/{SAX_NAME} (UK Biobank layout)")
+    _note_left_out(src, subjects, SAX_NAME)
     cases, cine = [], {}
     for folder in subjects:
         sax = folder / SAX_NAME
@@ -175,6 +184,7 @@ def import_acdc(src: str | Path) -> Manifest:
     patients = sorted(p.parent for p in src.glob(f"*/{INFO_NAME}"))
     if not patients:
         raise BadInputError(src, f"no <patient>/{INFO_NAME} (ACDC layout)")
+    _note_left_out(src, patients, INFO_NAME)
     cases, cine = [], {}
     for folder in patients:
         info_path = folder / INFO_NAME

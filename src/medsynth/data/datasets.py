@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from medsynth.data.io import check_npz_sizes
 from medsynth.data.manifest import MANIFEST_NAME, SPLITS, Manifest
 from medsynth.errors import BadInputError, MedsynthError
 
@@ -23,7 +24,8 @@ def load_prepared_manifest(root: str | Path) -> Manifest:
     """The manifest of a prepared dataset.
 
     Raises:
-        BadInputError: no ``dataset.json``, or one that ``medsynth prepare`` did not write.
+        BadInputError: no ``dataset.json``, one that ``medsynth prepare`` did not write, or one naming files
+            outside its folder (:meth:`~medsynth.data.manifest.Manifest.check_paths`; a fold view may name its dataset's).
     """
     try:
         manifest = Manifest.load(root)
@@ -31,7 +33,7 @@ def load_prepared_manifest(root: str | Path) -> Manifest:
         raise BadInputError(exc.path, f"not a prepared dataset ({exc.problem}); run `medsynth prepare` first") from None
     if manifest.prepare is None:
         raise BadInputError(manifest.resolve(MANIFEST_NAME), "not a prepared dataset; run `medsynth prepare` first")
-    return manifest
+    return manifest.check_paths()
 
 
 def load_prepared_info(root: str | Path) -> dict[str, Any]:
@@ -46,7 +48,7 @@ def load_prepared_info(root: str | Path) -> dict[str, Any]:
     manifest = load_prepared_manifest(root)
     if not manifest.cases:
         raise BadInputError(manifest.resolve(MANIFEST_NAME), "the prepared dataset holds no cases")
-    first = _read_case(manifest.resolve(manifest.cases[0].image))
+    first = read_case(manifest.resolve(manifest.cases[0].image))
     shapes = {tuple(case.stats["prepared_shape"]) for case in manifest.cases}
     return {
         "spatial_dims": manifest.spatial_dims,
@@ -93,10 +95,30 @@ def require_prepared(root: str | Path, who: str, spatial_dims: int | None = None
     return info, settings
 
 
-def _read_case(path: Path) -> dict[str, np.ndarray]:
+def check_prepared_files(root: str | Path) -> None:
+    """Refuse a prepared dataset whose case files are not all there (a stat per case: cheap), before training writes.
+
+    Raises:
+        BadInputError: naming the first missing case file and how many are missing.
+    """
+    manifest = load_prepared_manifest(root)
+    missing = [path for case in manifest.cases for path in (manifest.resolve(case.image),) if not path.is_file()]
+    if missing:
+        raise BadInputError(missing[0], f"prepared case file missing ({len(missing)} of {len(manifest.cases)} missing); prepare the dataset again")
+
+
+def read_case(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a prepared case file (``image``, ``affine`` and, when present, ``label``, ``flow``, ``moving``).
+
+    Raises:
+        BadInputError: a missing, truncated, oversized, pickled or foreign file (names it).
+    """
     try:
+        check_npz_sizes(path)  # claimed array sizes against the file and --max-voxels, before NumPy allocates
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in _ARRAY_KEYS if key in data}
+    except BadInputError:
+        raise
     except Exception as exc:  # missing, truncated or foreign files fail in many ways
         raise BadInputError(path, f"cannot read prepared case ({type(exc).__name__}); prepare the dataset again") from None
 
@@ -130,7 +152,7 @@ class PreparedDataset(Dataset):
     def _arrays(self, index: int) -> dict[str, np.ndarray]:
         if index in self._cache:
             return self._cache[index]
-        arrays = _read_case(self.manifest.resolve(self.cases[index].image))
+        arrays = read_case(self.manifest.resolve(self.cases[index].image))
         if self.in_memory:
             self._cache[index] = arrays
         return arrays

@@ -8,9 +8,10 @@ headers. ``tests/data/test_dicom.py`` checks the volume and affine against Simpl
 
 A folder's files (hidden files and ``DICOMDIR`` excepted; not its sub-folders) are:
 
-1. grouped by ``SeriesInstanceUID``: a folder holding several series is refused with one line
-   listing them (UID, description, number of slices) unless ``series`` names one (its UID or
-   its ``SeriesDescription``);
+1. grouped by ``SeriesInstanceUID``: a folder holding several series is the phases of one 4D
+   acquisition when every series carries a phase (:func:`phase_of`); otherwise it is refused with
+   one line listing them (UID, description, number of slices) unless ``series`` names one (its
+   UID or its ``SeriesDescription``);
 2. ordered by their position along the slice normal: ``ImagePositionPatient`` projected on
    the cross product of ``ImageOrientationPatient``'s row and column directions;
 3. refused when two slices share a position, when the gaps between positions vary by more
@@ -19,20 +20,35 @@ A folder's files (hidden files and ``DICOMDIR`` excepted; not its sub-folders) a
 4. stacked with the slice spacing taken from the positions (never ``SliceThickness``) and the
    affine built from orientation, pixel spacing and the first position, in DICOM's own LPS
    frame: :func:`medsynth.data.io.load_image` converts it through
-   :func:`~medsynth.data.io.lps_to_ras` (the one conversion; io imports this module, not back).
+   :func:`~medsynth.data.io.lps_to_ras` (the one conversion; io imports this module, which takes
+   only the grid tolerance back).
 
 Arrays are ``(1, X, Y, Z)`` = (columns, rows, slices), intensities through the modality LUT
-(``RescaleSlope``/``RescaleIntercept``), as :func:`medsynth.data.io.load_image` returns them.
+(``RescaleSlope``/``RescaleIntercept``), as :func:`medsynth.data.io.load_image` returns them; a
+4D acquisition is ``(T, X, Y, Z)``, phases in order, as a 4D NIfTI reads (:func:`read_phase_series`).
+
+4D CT as scanners and TCIA's 4D-Lung store it: one series per breathing or cardiac phase in one
+folder. A series' phase is its ``NominalPercentageOfCardiacPhase`` (0020,9241), else its
+``TriggerTime`` (0018,1060, ms), else the percentage in its ``SeriesDescription`` (4D-Lung:
+``"Gated, 10.0%"``); the first of these that every series has orders them. Each phase is one
+series as above, and all must share one grid (shape and affine to
+:data:`AFFINE_TOLERANCE`), or the folder is refused.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from medsynth.errors import BadInputError
+
+# Image and label geometry must agree to this many millimetres (nnU-Net uses a similar tolerance): a label,
+# flow, second channel or phase whose affine differs by more is on another grid. The one grid tolerance
+# (data.io re-exports it; it lives here because io imports this reader, not the other way).
+AFFINE_TOLERANCE = 1e-4
 
 # Gaps between neighbouring slice positions may differ by this share of the median gap
 # (positions are stored as decimal strings, rounded to a few micrometres).
@@ -47,8 +63,17 @@ def series_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in _SKIPPED)
 
 
+def is_dicom_folder(folder: str | Path) -> bool:
+    """Whether every file a series reader looks at in ``folder`` is DICOM (by its ``DICM`` preamble; no header parsed)."""
+    from pydicom.misc import is_dicom
+
+    files = series_files(folder)
+    return bool(files) and all(is_dicom(path) for path in files)
+
+
 def read_series(folder: str | Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The volume and voxel-to-LPS affine of the one DICOM series in ``folder`` (or the one ``series`` names).
+    """The volume and voxel-to-LPS affine of the one DICOM series in ``folder`` (or the one ``series`` names),
+    or of the 4D acquisition its series are the phases of (:func:`read_phase_series`, when ``series`` is ``None``).
 
     Args:
         folder: a folder of DICOM slice files (any file names, in any order).
@@ -56,18 +81,28 @@ def read_series(folder: str | Path, series: str | None = None) -> tuple[np.ndarr
             holds several series.
 
     Returns:
-        ``(array, affine)``: float64 ``(1, X, Y, Z)`` (columns, rows, slices) in modality units
-        (HU for CT), and the 4x4 voxel-to-LPS affine (mm; DICOM's patient frame).
+        ``(array, affine)``: float64 ``(1, X, Y, Z)`` (columns, rows, slices), or ``(T, X, Y, Z)`` for the
+        phases of a 4D acquisition, in modality units (HU for CT), and the 4x4 voxel-to-LPS affine (mm;
+        DICOM's patient frame).
 
     Raises:
-        BadInputError: no DICOM files, several series and no choice, an unknown ``series``,
-            duplicated or irregular slice positions, or slices that differ in geometry.
+        BadInputError: no DICOM files, several series without phases and no choice, an unknown ``series``,
+            duplicated or irregular slice positions, slices that differ in geometry, or phases on different grids.
     """
+    folder = Path(folder)
+    headers = _headers(folder)
+    if series is None and len(headers) > 1 and _phase_order(headers) is not None:  # the phases of one 4D acquisition
+        geometry = _phase_geometry(folder, headers)
+        return np.stack([_read_slices(files) for files in geometry.files]), geometry.affine
+    files, affine = _geometry(folder, _choose(folder, headers, series))
+    return _read_slices(files)[None], affine
+
+
+def _read_slices(files: list[Path]) -> np.ndarray:
+    """The slices' pixels through the modality LUT, stacked ``(X, Y, Z)`` float64 in the order given."""
     from pydicom import dcmread
     from pydicom.pixels import apply_modality_lut
 
-    folder = Path(folder)
-    files, affine = series_geometry(folder, series)
     slices = []
     for path in files:
         ds = dcmread(path)
@@ -76,19 +111,120 @@ def read_series(folder: str | Path, series: str | None = None) -> tuple[np.ndarr
             raise BadInputError(path, f"holds pixels of shape {pixels.shape}, expected one slice ({ds.Rows}, {ds.Columns}) "
                                       "(multi-frame or colour files are not read as series slices)")
         slices.append(pixels.T)  # (rows, columns) -> (columns, rows): x along the row direction
-    return np.stack(slices, axis=-1)[None], affine
+    return np.stack(slices, axis=-1)
 
 
-def series_geometry(folder: str | Path, series: str | None = None) -> tuple[list[Path], np.ndarray]:
-    """The chosen series' files in slice order and its voxel-to-LPS affine, from the headers only.
+# -- 4D: one series per phase --------------------------------------------------------------
+
+# Where a series' phase is read, in order of preference (the first kind every series has wins).
+PHASE_TAGS = ("NominalPercentageOfCardiacPhase", "TriggerTime", "SeriesDescription")
+_PERCENT = re.compile(r"(-?\d+(?:\.\d+)?)\s*%")
+
+
+def phase_of(ds: Any, tag: str) -> float | None:
+    """The phase ``tag`` gives a DICOM header: the tag's number, or for ``SeriesDescription`` the number before
+    its ``%`` (``"Gated, 10.0%"`` -> 10.0); ``None`` when the header has none."""
+    value = ds.get(tag)
+    if value is None or str(value).strip() == "":
+        return None
+    if tag == "SeriesDescription":
+        match = _PERCENT.search(str(value))
+        return float(match.group(1)) if match else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _phase_order(groups: dict[str, list[tuple[Path, Any]]]) -> tuple[str, list[tuple[float, str]]] | None:
+    """The phase tag every series has and the series ``(phase, uid)`` in phase order, or ``None`` (not phases).
+
+    A tag gives phases only when all slices of each series carry it with one value: series whose slices span
+    several trigger times (a cine MR slice position per series) are not phases of a 4D volume."""
+    for tag in PHASE_TAGS:
+        values = {uid: {phase_of(ds, tag) for _, ds in items} for uid, items in groups.items()}
+        if all(len(v) == 1 and None not in v for v in values.values()):
+            return tag, sorted((float(next(iter(v))), uid) for uid, v in values.items())
+    return None
+
+
+def is_phase_series(folder: str | Path) -> bool:
+    """Whether ``folder`` holds several DICOM series that are the phases of one acquisition (headers only;
+    the grids are checked when read). ``False`` for a folder of one series or with files that are not DICOM."""
+    try:
+        headers = _headers(Path(folder))
+    except BadInputError:
+        return False
+    return len(headers) > 1 and _phase_order(headers) is not None
+
+
+class PhaseGeometry(NamedTuple):
+    """A 4D acquisition's layout, from its headers."""
+
+    files: list[list[Path]]  # each phase's files in slice order, phases in order
+    affine: np.ndarray  # (4, 4) voxel-to-LPS (mm), shared by every phase
+    phases: list[float]  # each phase's value: percent, or ms for TriggerTime
+    shape: tuple[int, int, int, int]  # (X, Y, Z, T) = (columns, rows, slices, phases)
+
+
+def phase_series_geometry(folder: str | Path) -> PhaseGeometry:
+    """Each phase's files in slice order, the voxel-to-LPS affine they share, the phase values and the 4D shape,
+    from the headers.
 
     Raises:
-        BadInputError: as :func:`read_series`.
+        BadInputError: the folder is not a phase series (one series, or series without a phase tag: the
+            line lists them), two series share a phase, or a phase differs from the first in grid.
     """
     folder = Path(folder)
     headers = _headers(folder)
-    chosen = _choose(folder, headers, series)
-    return _geometry(folder, chosen)
+    if len(headers) < 2 or _phase_order(headers) is None:
+        _choose(folder, headers, None)  # several series without phases: the line that lists them
+        raise BadInputError(folder, "holds one DICOM series, not one series per phase of a 4D acquisition")
+    return _phase_geometry(folder, headers)
+
+
+def read_phase_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A 4D acquisition stored as one DICOM series per phase.
+
+    Returns:
+        ``(array, affine, phases)``: float64 ``(T, X, Y, Z)`` in modality units (HU for CT), phases in
+        order (the layout :func:`medsynth.data.io.load_image` gives a 4D NIfTI); the 4x4 voxel-to-LPS
+        affine (mm) all phases share; each phase's value (percent, or ms for ``TriggerTime``).
+
+    Raises:
+        BadInputError: as :func:`phase_series_geometry`, or a slice that cannot be read.
+    """
+    geometry = phase_series_geometry(folder)
+    return np.stack([_read_slices(files) for files in geometry.files]), geometry.affine, geometry.phases
+
+
+def _phase_geometry(folder: Path, headers: dict[str, list[tuple[Path, Any]]]) -> PhaseGeometry:
+    """Every phase series ordered and placed by :func:`_geometry`, refused unless all share the first one's grid."""
+    order = _phase_order(headers)
+    assert order is not None
+    tag, ordered = order
+    values = [value for value, _ in ordered]
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        clash = "; ".join(_describe(uid, headers[uid]) for v, uid in ordered if v == repeated[0])
+        raise BadInputError(folder, f"several DICOM series share the phase {repeated[0]:g} ({tag}): {clash}; "
+                                    "keep one series per phase in the folder, or choose one with --series")
+    phases, first_affine, first_shape = [], None, None
+    for value, uid in ordered:
+        files, affine = _geometry(folder, headers[uid])
+        first = headers[uid][0][1]
+        shape = (int(first.Columns), int(first.Rows), len(files))
+        if first_affine is None:
+            first_affine, first_shape, first_value = affine, shape, value
+        elif shape != first_shape:
+            raise BadInputError(folder, f"phase {value:g} ({tag}) has shape {shape}, phase {first_value:g} {first_shape}: "
+                                        "the phases of one acquisition share one grid")
+        elif np.abs(affine - first_affine).max() > AFFINE_TOLERANCE:
+            difference = float(np.abs(affine - first_affine).max())
+            raise BadInputError(folder, f"phase {value:g} ({tag}) lies on another grid than phase {first_value:g} "
+                                        f"(affine differs by up to {difference:.3g} mm): the phases of one acquisition share one grid")
+        phases.append(files)
+    return PhaseGeometry(phases, first_affine, values, (*first_shape, len(phases)))
 
 
 def _headers(folder: Path) -> dict[str, list[tuple[Path, Any]]]:

@@ -14,6 +14,8 @@ Importers only list and check files (headers, not voxels); nothing is copied. La
 - class-per-folder 2D pictures: ``<root>/<Class>/<Class>_<n>.png``.
 - cine MRI (:mod:`medsynth.data.cine`): UK Biobank ``<subject>/sa.nii.gz`` [+ ``la_*``], ACDC
   ``<patient>/<patient>_frameNN.nii.gz`` + ``Info.cfg``.
+- phase series (4D CT): 4D NIfTI files, or subject folders of one 4D NIfTI, one DICOM series per
+  phase, or one 3D file per phase (:func:`import_phase_series`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, check_same_grid, itk_affine, natural_key, suffix_of
-from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
+from medsynth.data.io import (
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PICTURE_SUFFIXES,
+    check_same_grid,
+    itk_affine,
+    lps_to_ras,
+    natural_key,
+    suffix_of,
+)
+from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest, check_inside
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.runs import read_structured
 
@@ -37,7 +48,8 @@ def import_dataset(src: str | Path, out_dir: str | Path | None = None) -> Manife
     Args:
         src: dataset folder (any layout above).
         out_dir: where to write ``dataset.json`` (paths relative to it, pointing to the
-            original files); ``None`` writes nothing and keeps paths relative to ``src``.
+            original files: outside that folder, so reading it needs ``--allow-outside``);
+            ``None`` writes nothing and keeps paths relative to ``src``.
 
     Raises:
         MedsynthError: ``src`` is in no known layout.
@@ -57,7 +69,7 @@ def _detect(src: Path) -> Callable[[Path], Manifest]:
     if description.is_file():
         data = _read_json(description)
         if "cases" in data:
-            return Manifest.load
+            return lambda folder: Manifest.load(folder).check_paths()  # its files inside its folder, unless --allow-outside
         if "channel_names" in data and (src / "imagesTr").is_dir():
             return import_nnunet
         if "training" in data:
@@ -70,12 +82,15 @@ def _detect(src: Path) -> Callable[[Path], Manifest]:
         return cine.import_ukbb
     if any(src.glob(f"*/{cine.INFO_NAME}")) and any(src.glob("*/*_frame[0-9]*.nii*")):
         return cine.import_acdc
+    if not (src / "imagesTr").exists() and is_phase_layout(src):
+        return import_phase_series
     if any(p.is_dir() and not p.name.startswith(".") for p in src.iterdir()) and not (src / "imagesTr").exists():
         return import_class_folders
     raise MedsynthError(
         f"{src}: not a recognised dataset layout (expected a medsynth dataset.json, an nnU-Net v2 raw folder "
         "[dataset.json + imagesTr/], a Decathlon folder [dataset.json with 'training'], template_img_<n>.npy + "
-        "flow_<n>.npy pairs, UK Biobank <subject>/sa.nii.gz, ACDC <patient>/Info.cfg, or one folder of 2D pictures per class)"
+        "flow_<n>.npy pairs, UK Biobank <subject>/sa.nii.gz, ACDC <patient>/Info.cfg, 4D NIfTI files or subject folders of phases, "
+        "or one folder of 2D pictures per class)"
     )
 
 
@@ -190,6 +205,11 @@ def import_nnunet(src: str | Path) -> Manifest:
         image = [_relative(p, src) for p in paths]
         cases.append(Case(id=case_id, subject=case_id, image=image if len(image) > 1 else image[0],
                           label=_relative(label, src) if label.is_file() else None))
+    if labels_dir.is_dir():  # a label without its image is left out: say so
+        from medsynth.console import note
+
+        for label in sorted(p for p in labels_dir.iterdir() if p.name.endswith(ending) and p.name[: -len(ending)] not in found):
+            note(f"prepare: label {label} left out: no image {images / (label.name[: -len(ending)] + '_0000' + ending)}")
     return Manifest(name=str(description.get("name", src.name)), spatial_dims=_spatial_dims(cases[0], src),
                     modality="+".join(channels[c] for c in sorted(channels)), source="nnunet-v2",
                     labels=labels, cases=cases).with_root(src)
@@ -210,6 +230,10 @@ def import_decathlon(src: str | Path) -> Manifest:
         modality = "+".join(str(v) for v in description.get("modality", {}).values()) or "unknown"
     except (KeyError, AttributeError, TypeError, ValueError) as exc:
         raise BadInputError(description_path, f"not a Decathlon dataset.json ({type(exc).__name__}: {exc})") from None
+    for index, (image_name, label_name) in enumerate(pairs):  # every listed path inside src, unless --allow-outside
+        for what, name in (("image", image_name), ("label", label_name)):
+            if name is not None:
+                check_inside(src, str(name), f"training[{index}] {what}")
     cases = []
     for image_name, label_name in pairs:
         image = src / image_name
@@ -218,8 +242,9 @@ def import_decathlon(src: str | Path) -> Manifest:
         if label_name is not None:
             check_label_header(image, src / label_name)
         case_id = image.name[: len(image.name) - len(suffix_of(image))]  # a series folder keeps its whole name
-        cases.append(Case(id=case_id, subject=case_id, image=_relative(image, src),
-                          label=_relative(src / label_name, src) if label_name is not None else None))
+        # As listed (relative to src, or absolute under --allow-outside), tidied: "./imagesTr/x" -> "imagesTr/x".
+        cases.append(Case(id=case_id, subject=case_id, image=Path(image_name).as_posix(),
+                          label=Path(label_name).as_posix() if label_name is not None else None))
     if not cases:
         raise BadInputError(description_path, "lists no training cases")
     return Manifest(name=str(description.get("name", src.name)), spatial_dims=_spatial_dims(cases[0], src),
@@ -379,3 +404,99 @@ def _check_pair(template: Path, files: dict[str, Path]) -> None:
             other = _npy_shape(files[kind])
             if (other[1:] if len(other) == 4 and other[0] == 1 else other) != spatial:
                 raise BadInputError(files[kind], f"shape {other} differs from its frame {template.name} {spatial}")
+
+
+# -- phase series (4D CT and other 4D scans) --------------------------------------------------
+
+
+def scan_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Full shape and 4x4 RAS affine of a phase-series source from its headers (no voxels): a NIfTI file
+    (``(X, Y, Z)`` or ``(X, Y, Z, T)``), or a DICOM folder of one series per phase (``(X, Y, Z, T)``,
+    :func:`medsynth.data.dicom.phase_series_geometry`).
+
+    Raises:
+        BadInputError: unreadable header, or a DICOM folder that is not the phases of one acquisition.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from medsynth.data.dicom import phase_series_geometry
+
+        geometry = phase_series_geometry(path)
+        return geometry.shape, lps_to_ras(geometry.affine)
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for broken headers
+        raise BadInputError(path, f"cannot read image header ({type(exc).__name__})") from None
+    return tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    """The NIfTI files of a folder in natural order (``image_2`` before ``image_10``)."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and suffix_of(p) in NIFTI_SUFFIXES), key=lambda p: natural_key(p.name))
+
+
+def _holds_dicom(folder: Path) -> bool:
+    from pydicom.misc import is_dicom
+
+    return any(p.is_file() and not p.name.startswith(".") and suffix_of(p) not in PICTURE_SUFFIXES and is_dicom(p) for p in folder.iterdir())
+
+
+def is_phase_layout(src: Path) -> bool:
+    """Whether ``src`` looks like a phase-series layout (without a ``dataset.json``): NIfTI files in it, or
+    sub-folders holding NIfTI or DICOM files (the class-folder layout holds pictures)."""
+    if _nifti_files(src):
+        return True
+    return any(p.is_dir() and not p.name.startswith(".") and (_nifti_files(p) or _holds_dicom(p)) for p in src.iterdir())
+
+
+def import_phase_series(src: str | Path) -> Manifest:
+    """Phase series without a ``dataset.json``: one case per subject and phase (``phase`` set; ``frame`` too
+    when the phases are frames of one 4D scan). Layouts:
+
+    - a folder of 4D NIfTI files ``(X, Y, Z, T)``, one per subject (named after the file);
+    - one folder per subject (named after it) holding one 4D NIfTI, or one DICOM series per phase of one
+      acquisition (:mod:`medsynth.data.dicom`; e.g. TCIA's 4D-Lung), or one 3D file per phase (phase order
+      = natural sort of the names; only ``image*`` files when any exist, so labels and fields beside them
+      are not taken for phases).
+
+    Raises:
+        BadInputError: no subjects; a subject folder holding both a 4D scan and other phase files (ambiguous),
+            or several 4D scans; a DICOM folder that is not the phases of one acquisition; unreadable headers.
+    """
+    src = Path(src)
+    cases: list[Case] = []
+
+    def add(subject: str, image: Path, phases: int, frames: bool) -> None:
+        cases.extend(Case(id=f"{subject}_t{t:02d}", subject=subject, image=_relative(image, src), phase=t,
+                          frame=t if frames else None) for t in range(phases))
+
+    if not src.is_dir():
+        pass  # refused below, as a folder without phases
+    elif _nifti_files(src):
+        for path in _nifti_files(src):
+            shape, _ = scan_header(path)
+            if len(shape) != 4:
+                raise BadInputError(path, f"expected a 4D scan (X, Y, Z, phase), got {len(shape)}D (a folder of scans holds one 4D file per subject)")
+            add(path.name[: -len(suffix_of(path))], path, shape[3], True)
+    else:
+        for folder in sorted((p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: natural_key(p.name)):
+            files = _nifti_files(folder)
+            images = [p for p in files if p.name.startswith("image")] or files  # next to label/dvf files, only the images
+            if images:
+                scans = [p for p in files if len(shape := scan_header(p)[0]) == 4 and shape[3] > 1]  # (fields are 5D)
+                others = [p for p in images if p not in scans]
+                if len(scans) > 1 or (scans and others):
+                    what = f"{len(scans)} 4D scans" if len(scans) > 1 else f"a 4D scan ({scans[0].name}) and {len(others)} other phase file(s)"
+                    raise BadInputError(folder, f"holds {what}: keep one layout per subject folder (one 4D file, or one 3D file per phase)")
+                if scans:
+                    add(folder.name, scans[0], scan_header(scans[0])[0][3], True)
+                else:
+                    cases.extend(Case(id=f"{folder.name}_t{t:02d}", subject=folder.name, image=_relative(p, src), phase=t) for t, p in enumerate(images))
+            elif _holds_dicom(folder):
+                add(folder.name, folder, scan_header(folder)[0][3], True)
+    if not cases:
+        raise BadInputError(src, "no dataset.json with phase cases, no 4D NIfTI files and no subject folders of phases "
+                                 "(one 4D NIfTI, one DICOM series per phase, or one 3D file per phase) found")
+    return Manifest(name=src.name, spatial_dims=3, source="phase-series", cases=cases).with_root(src)

@@ -6,9 +6,14 @@ in a manifest are relative to the folder holding its ``dataset.json``::
 
     {"name": "cilia", "spatial_dims": 2, "modality": "EM", "source": "class-folders",
      "classes": ["normal", "outer-arm"], "labels": {},
-     "cases": [{"id": "normal_001", "subject": "normal_001", "image": "../raw/normal/normal_001.png",
+     "cases": [{"id": "normal_001", "subject": "normal_001", "image": "normal/normal_001.png",
                 "label": null, "class": "normal", "phase": null, "flow": null, "split": null}],
      "prepare": null}
+
+A dataset.json that ``prepare`` imports, and a prepared one that ``train``, ``sample`` and ``evaluate``
+read, name files inside its own folder (:meth:`Manifest.check_paths`): a path that is absolute,
+climbs out with ``../`` or is a symlink leading out is refused unless ``--allow-outside``
+(``MEDSYNTH_ALLOW_OUTSIDE=1``); a fold view's absolute paths into the dataset it views are allowed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,41 @@ MANIFEST_NAME = "dataset.json"
 SPLITS = ("train", "val", "test")
 # Case fields that hold file paths: rebased when a manifest is saved into another folder.
 PATH_FIELDS = ("image", "label", "flow", "affine", "moving")
+ALLOW_OUTSIDE_VARIABLE = "MEDSYNTH_ALLOW_OUTSIDE"  # set by the CLI's --allow-outside
+
+
+def outside_allowed() -> bool:
+    """Whether a dataset.json may name files outside its folder (``--allow-outside``, ``MEDSYNTH_ALLOW_OUTSIDE=1``)."""
+    return os.environ.get(ALLOW_OUTSIDE_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_inside(root: str | Path, path: str, what: str, viewed: str | None = None) -> None:
+    """Refuse ``path`` (named in ``root/dataset.json`` as ``what``) when it leaves ``root``, unless :func:`outside_allowed`.
+
+    It leaves ``root`` when it is absolute (unless it lies in ``viewed``, the dataset a fold view names),
+    climbs out with ``../``, or is, or passes through, a symlink whose target is outside.
+
+    Raises:
+        BadInputError: naming ``root/dataset.json``, ``what`` and the path.
+    """
+    if outside_allowed():
+        return
+    root = os.path.abspath(root)
+    joined = os.path.join(root, path)  # an absolute path stays itself
+    target = os.path.realpath(joined)
+    if os.path.isabs(path):
+        inside, problem = viewed is not None and _within(target, os.path.realpath(viewed)), "is an absolute path"
+    elif not _within(os.path.normpath(joined), root):
+        inside, problem = False, "climbs out with '..'"
+    else:
+        inside, problem = _within(target, os.path.realpath(root)), f"is a symlink to {target!r}"
+    if not inside:
+        raise BadInputError(Path(root) / MANIFEST_NAME, f"{what} {path!r} {problem}, outside the dataset folder; "
+                                                        f"pass --allow-outside (or set {ALLOW_OUTSIDE_VARIABLE}=1) to read it")
 
 
 class Case(BaseModel):
@@ -179,6 +219,27 @@ class Manifest(BaseModel):
             if value is not None:
                 update[name] = [rebase(v) for v in value] if isinstance(value, list) else rebase(value)
         return case.model_copy(update=update)
+
+    def check_paths(self) -> Manifest:
+        """Refuse a case path that leaves the dataset folder, unless :func:`outside_allowed`; returns ``self``.
+
+        A path leaves it when it is absolute, climbs out with ``../``, or is (or passes through) a symlink
+        whose target is outside. A fold view (``prepare.fold_of``: the prepared dataset it views, which
+        holds a dataset.json) may name that dataset's files by absolute paths.
+
+        Raises:
+            BadInputError: naming this ``dataset.json``, the case and its path.
+        """
+        if outside_allowed():
+            return self
+        view_of = (self.prepare or {}).get("fold_of")
+        viewed = view_of if isinstance(view_of, str) and (Path(view_of) / MANIFEST_NAME).is_file() else None
+        for case in self.cases:
+            for name in PATH_FIELDS:
+                value = getattr(case, name)
+                for path in [] if value is None else [value] if isinstance(value, str) else value:
+                    check_inside(self._root, path, f"case {case.id!r} {name}", viewed)
+        return self
 
     # -- lookups ----------------------------------------------------------------------------
 

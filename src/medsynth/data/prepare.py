@@ -51,11 +51,20 @@ from medsynth.data.cache import cached_meta, stamp
 from medsynth.data.cine import load_case_file, slice_manifest, stack_percentiles
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.data.importers import import_dataset
-from medsynth.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, check_same_grid, load_image, spacing_of, suffix_of
+from medsynth.data.io import (
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    check_finite_output,
+    check_same_grid,
+    load_image,
+    load_phase,
+    spacing_of,
+    suffix_of,
+)
 from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
 from medsynth.data.splits import split_subjects, subject_splits
 from medsynth.data.stats import STATS_COLUMNS, fingerprint, intensity_stats, write_stats
-from medsynth.errors import BadInputError, MedsynthError
+from medsynth.errors import BadInputError, MedsynthError, NonFiniteOutputError
 from medsynth.runs import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 __all__ = ["STATS_COLUMNS", "Normalize", "PrepareConfig", "fingerprint", "intensity_stats", "prepare_dataset", "split_subjects", "hu_to_unit", "unit_to_hu"]
@@ -259,7 +268,10 @@ def _prepare_case(manifest: Manifest, case: Case, config: PrepareConfig, target:
 def _load_case_image(manifest: Manifest, case: Case, config: PrepareConfig) -> MetaTensor:
     """The case's channels stacked ``(C, *spatial)``, with its affine sidecar applied (``meta["colour"]`` kept)."""
     paths = [manifest.resolve(p) for p in case.images]
-    channels = [load_case_file(p, case, series=config.series, keep_color=config.keep_color) for p in paths]
+    if case.frame is not None and getattr(case, "slice", None) is None:  # one phase of a 4D NIfTI or DICOM phase series
+        channels = [load_phase(p, case.frame) for p in paths]
+    else:
+        channels = [load_case_file(p, case, series=config.series, keep_color=config.keep_color) for p in paths]
     for path, channel in zip(paths[1:], channels[1:]):
         check_same_grid(channels[0].shape[1:], channels[0].affine.numpy(), channel.shape[1:], channel.affine.numpy(), path, paths[0])
     image = MetaTensor(torch.cat([c.as_tensor() for c in channels]), affine=channels[0].affine)
@@ -431,6 +443,11 @@ def _anti_alias(image: MetaTensor, target: tuple[int, ...]) -> MetaTensor:
 
 
 def _save_npz(target: Path, arrays: dict[str, np.ndarray]) -> None:
+    for array in arrays.values():  # a case's arrays pass the same guard as every image writer
+        try:
+            check_finite_output(array, target)
+        except NonFiniteOutputError as exc:
+            raise exc.blaming("the intensity normalisation overflowed: check --normalize, --ct-window and the source's values") from None
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(target, buffer.getvalue())

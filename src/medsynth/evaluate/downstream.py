@@ -1,18 +1,32 @@
-"""Downstream utility of generated motion: does adding generated (frame, warped frame, field) triples
-to the real training pairs make a supervised motion network better on held-out real pairs?
+"""Downstream utility of generated motion, as a user would meet it: a few subjects with motion labels,
+many static frames without, and a motion network to train.
 
-The same small network (MONAI ``UNet``, 3D, input = (fixed, moving), output = the voxel field) is
-trained twice with the same budget (optimiser steps, batch size, seed, architecture): on the real
-pairs only, and on the real pairs plus the generated triples; both are scored by end-point error in
-mm on the test pairs (:func:`medsynth.evaluate.fields.epe_map_mm`). Shared by ``flow-cvae`` and
-``motion-ldm``. A plain PyTorch loop: a few hundred steps of one small network need none of
-Lightning's checkpointing, logging or devices.
+The training subjects are split into a labelled pool L (their real pairs and fields) and an
+unlabelled pool U (only their reference frame is used); the test set is the held-out subjects'
+real pairs. The same small network (MONAI ``UNet``, 3D, input = (fixed, moving), output = the voxel
+field), with the same budget (optimiser steps, batch size, architecture) and seed, is trained on
+
+- (a) ``real_only``: L's real pairs;
+- (b) ``classic``: L + each U frame warped by random smooth B-spline deformations whose mean
+  magnitude follows the L fields' (:func:`medsynth.motion.augment.random_smooth_fields`);
+- (c) ``with_generated``: L + each U frame warped by the generator's fields for it;
+- (d) ``oracle``: L + each U frame warped by its own true field(s): what labelling U would give;
+- (e) ``pca``: L + each U frame warped by samples of a PCA motion model of the L fields
+  (:class:`PCAMotionModel`);
+
+every arm's U pairs are made the same way from a frame and a field (:func:`pairs_from_frames`), so the
+arms differ only in the motion. Each is scored by the end-point error in mm on the test pairs
+(:func:`medsynth.evaluate.fields.epe_map_mm`), over several downstream seeds (mean and sd), and by the
+gain share ``(a - x) / (a - d)``: the part of U's real labels that arm x replaces. Shared by
+``flow-cvae`` and ``motion-ldm`` (:func:`motion_utility`). A plain PyTorch loop: a few hundred steps
+of one small network need none of Lightning's checkpointing, logging or devices.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,9 +34,18 @@ import torch.nn.functional as F
 from monai.losses import DiffusionLoss
 from monai.networks.nets import UNet
 
+from medsynth.data.fields import mm_to_voxel, voxel_to_mm
+from medsynth.errors import MedsynthError
 from medsynth.evaluate.fields import epe_map_mm
+from medsynth.motion.augment import mean_magnitude_mm, random_smooth_fields
+from medsynth.motion.fields import invert, warp_image
+from medsynth.seeds import item_seed
 
-__all__ = ["MotionPairs", "downstream_motion_utility", "evaluate_motion_network", "train_motion_network"]
+__all__ = ["ARMS", "MotionPairs", "PCAMotionModel", "check_modes", "check_pools", "evaluate_motion_network", "motion_utility", "pairs_from_frames",
+           "train_motion_network"]
+
+ARMS = ("real_only", "classic", "with_generated", "oracle", "pca")
+"""The protocol's arms (a), (b), (c), (d), (e), as they appear in the keys ``downstream_epe_<arm>_mm``."""
 
 MotionPairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | np.ndarray]
 """``(fixed (N, 1, *S), moving (N, 1, *S), flow (N, 3, *S) voxels, affines (N, 4, 4))`` with
@@ -142,36 +165,164 @@ def evaluate_motion_network(network: UNet | None, pairs: MotionPairs, *, levels:
     return float(torch.cat(scores).mean())
 
 
-def downstream_motion_utility(real_train: MotionPairs, generated: MotionPairs, test: MotionPairs, *, steps: int, seed: int,
-                              channels: Sequence[int] = (8, 16, 32), lr: float = 3e-3, batch_size: int = 4, smoothness: float = 0.01,
-                              test_mask: torch.Tensor | None = None, device: str | torch.device = "cpu") -> dict[str, float | int]:
-    """Train the motion network on (a) ``real_train`` and (b) ``real_train`` + ``generated``, same budget; score both on ``test``.
+def check_modes(fields: int, modes: int, setting: str) -> None:
+    """One line naming ``setting`` when a PCA of ``fields`` fields cannot have ``modes`` modes (at most ``fields - 1``)."""
+    if not 0 <= modes <= fields - 1:
+        raise MedsynthError(f"{setting}={modes}: a PCA of {fields} training field(s) has at most {max(fields - 1, 0)} mode(s)")
+
+
+def check_pools(n_train: int, labelled: int, unlabelled: int | None, *, labelled_setting: str, unlabelled_setting: str,
+                pca_modes: int = 0, fields_per_subject: int = 1, pca_setting: str = "pca_modes") -> tuple[int, int]:
+    """The pool sizes (L, U) for ``n_train`` training subjects, or one line naming the setting that empties a pool
+    or asks the PCA model of L's fields for too many modes; called before any work.
 
     Args:
-        real_train: real pairs, see :data:`MotionPairs`.
-        generated: generated triples (fixed = the real frame, moving = the synthetic other phase,
-            flow = the generated field); may hold zero items.
+        n_train: training subjects available.
+        labelled: subjects of L (the first ``labelled`` training subjects).
+        unlabelled: subjects of U (the next ones); None: all the rest.
+        labelled_setting, unlabelled_setting, pca_setting: the settings' names, for the message.
+        pca_modes: modes of the PCA model fitted on L's ``labelled * fields_per_subject`` fields.
+    """
+    if labelled < 1:
+        raise MedsynthError(f"{labelled_setting}={labelled}: the labelled pool needs at least one subject")
+    rest = n_train - labelled
+    if rest < 1:
+        raise MedsynthError(f"{labelled_setting}={labelled} leaves no unlabelled subject: the training split has {n_train} subject(s); "
+                            f"the utility protocol needs both pools (lower {labelled_setting})")
+    if unlabelled is not None and unlabelled < 1:
+        raise MedsynthError(f"{unlabelled_setting}={unlabelled}: the unlabelled pool needs at least one subject")
+    check_modes(labelled * fields_per_subject, pca_modes, pca_setting)
+    return labelled, rest if unlabelled is None else min(unlabelled, rest)
+
+
+class PCAMotionModel:
+    """A linear (PCA) motion model: the mean field plus ``modes`` principal modes with Gaussian coefficients,
+    a classical generative baseline (point distribution model; torch SVD, as nothing we stand on has one for fields).
+
+    Fitted in mm (world vectors, so fields of different grids' spacings mix right) on fields of one shape;
+    a sample is ``mean + sum_j c_j sd_j v_j`` with ``c_j ~ N(0, 1)`` and ``sd_j`` the mode's standard
+    deviation over the training fields (singular value / sqrt(N - 1)).
+    """
+
+    def __init__(self, fields_mm: torch.Tensor, modes: int, setting: str = "modes"):
+        """Args: fields_mm ``(N, 3, *S)`` mm; modes: principal modes kept (at most N - 1); setting: its name, for the message."""
+        n = len(fields_mm)
+        check_modes(n, modes, setting)
+        flat = torch.as_tensor(fields_mm, dtype=torch.float64).flatten(1)
+        self.shape = tuple(fields_mm.shape[1:])
+        self.mean = flat.mean(0)
+        _, singular, basis = torch.linalg.svd(flat - self.mean, full_matrices=False)
+        self.components = basis[:modes]  # (modes, D), orthonormal rows
+        self.sd = singular[:modes] / max(n - 1, 1) ** 0.5
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` fields ``(n, 3, *S)`` in mm, float32; the only randomness is ``generator``."""
+        coefficients = torch.randn(n, len(self.sd), generator=generator, dtype=torch.float64) * self.sd
+        return (self.mean + coefficients @ self.components).view(n, *self.shape).float()
+
+
+def pairs_from_frames(frames: torch.Tensor, fields: torch.Tensor, affines: torch.Tensor,
+                      frame_role: Literal["fixed", "moving"]) -> MotionPairs:
+    """Training pairs made from frames and fields (see :data:`MotionPairs`, pull convention).
+
+    Args:
+        frames: ``(N, 1, *S)``, one per field.
+        fields: ``(N, 3, *S)`` voxels.
+        affines: ``(N, 4, 4)``.
+        frame_role: ``"moving"``: the frame is the moving image, ``fixed = warp_image(frame, u)`` (motion-ldm:
+            the reference CT warped onto phase t); ``"fixed"``: the frame is the fixed image,
+            ``moving = warp_image(frame, invert(u))`` (flow-cvae: the ES frame and its synthetic ED).
+    """
+    with torch.no_grad():
+        if frame_role == "moving":
+            return warp_image(frames, fields), frames, fields, affines
+        return frames, warp_image(frames, invert(fields)), fields, affines
+
+
+Generate = Callable[[int], torch.Tensor]
+"""The recipe's generator: index ``i`` of an unlabelled frame -> its generated fields ``(m, 3, *S)`` in voxels of its grid."""
+
+
+def motion_utility(labelled: MotionPairs, frames: torch.Tensor, frame_affines: torch.Tensor, true_fields: Sequence[torch.Tensor],
+                   test: MotionPairs, generate: Generate, *, per_frame: int, pca_modes: int, seeds: Sequence[int], steps: int,
+                   frame_role: Literal["fixed", "moving"], seed: int = 0, channels: Sequence[int] = (8, 16, 32), lr: float = 3e-3,
+                   batch_size: int = 4, smoothness: float = 0.01, test_mask: torch.Tensor | None = None,
+                   pca_setting: str = "pca_modes", device: str | torch.device = "cpu") -> dict[str, object]:
+    """The utility protocol (module doc): five arms, each trained once per downstream seed, scored on ``test``.
+
+    Args:
+        labelled: L's real pairs (see :data:`MotionPairs`); their fields also fit the PCA model and set the
+            classic augmentation's magnitude (mean and sd over fields of the per-field mean ``|u|`` in mm).
+        frames: U's frames ``(U, 1, *S)``.
+        frame_affines: their affines ``(U, 4, 4)``.
+        true_fields: per U frame its true fields ``(m_i, 3, *S)`` voxels (the oracle).
         test: held-out real pairs.
-        steps, seed, channels, lr, batch_size, smoothness, device: see :func:`train_motion_network`.
+        generate: the generator (see :data:`Generate`), called once per U frame.
+        per_frame: fields per U frame of the classic and PCA arms (match the generator's count).
+        pca_modes: principal modes of the PCA model (at most ``len(labelled) - 1``; else one line naming ``pca_setting``).
+        seeds: downstream seeds (initialisation and batch order); every arm trains once per seed.
+        steps, channels, lr, batch_size, smoothness, device: see :func:`train_motion_network`.
+        frame_role: how a U frame and a field make a pair (:func:`pairs_from_frames`).
+        seed: seed of the classic and PCA draws (U frame ``i`` draws with ``item_seed(seed, i)``).
         test_mask: ``(N_test, *S)`` or ``(*S)`` bool region of the test pairs to score in.
 
     Returns:
-        ``downstream_epe_real_only_mm``, ``downstream_epe_with_generated_mm`` (mm on the test pairs),
-        ``downstream_epe_ratio`` (with generated / real only; < 1 means the generated triples help),
-        ``downstream_epe_zero_mm`` (the zero field), ``downstream_steps``, ``downstream_n_real``,
-        ``downstream_n_generated``.
+        ``downstream_epe_<arm>_mm`` (mean over seeds; ``_sd`` and ``_per_seed`` too with more than one seed) for the arms of
+        :data:`ARMS`; ``downstream_gain_share_<generated|classic|pca>`` ``(a - x) / (a - d)`` of the mean EPEs
+        (NaN when the oracle does not beat real only: no gain to share); ``downstream_epe_ratio`` (with
+        generated / real only); ``downstream_epe_zero_mm``; ``downstream_n_labelled_pairs``,
+        ``downstream_n_unlabelled``, ``downstream_n_<arm>`` (U pairs per arm); ``downstream_n_real`` and
+        ``downstream_n_generated`` (L pairs, generated pairs); magnitudes (mean ``|u|`` mm) of the L fields
+        and of each arm's U fields; ``downstream_seeds``, ``downstream_steps``.
     """
-    real = _check(real_train, "real training pairs")
-    extra = _check(generated, "generated triples")
-    if tuple(extra[0].shape[1:]) != tuple(real[0].shape[1:]) and len(extra[0]):
-        raise ValueError(f"generated triples on a {tuple(extra[0].shape[2:])} grid, real pairs on {tuple(real[0].shape[2:])}")
-    combined = tuple(torch.cat([a, b.to(a.dtype)]) for a, b in zip(real, extra))
-    settings = {"steps": steps, "seed": seed, "channels": channels, "lr": lr, "batch_size": batch_size, "smoothness": smoothness, "device": device}
-    scores = {}
-    for key, pairs in (("real_only", real), ("with_generated", combined)):
-        network = train_motion_network(pairs, **settings)
-        scores[key] = evaluate_motion_network(network, test, levels=len(channels), mask=test_mask, batch_size=batch_size)
-    ratio = scores["with_generated"] / scores["real_only"] if scores["real_only"] > 0 else math.nan
-    return {"downstream_epe_real_only_mm": scores["real_only"], "downstream_epe_with_generated_mm": scores["with_generated"],
-            "downstream_epe_ratio": ratio, "downstream_epe_zero_mm": evaluate_motion_network(None, test, mask=test_mask),
-            "downstream_steps": int(steps), "downstream_n_real": len(real[0]), "downstream_n_generated": len(extra[0])}
+    real = _check(labelled, "labelled pairs")
+    frames, frame_affines = torch.as_tensor(frames).float(), torch.as_tensor(frame_affines).double()
+    if not len(real[0]) or not len(frames):
+        raise MedsynthError(f"utility protocol: {len(real[0])} labelled pair(s) and {len(frames)} unlabelled frame(s); both pools need one")
+    if len(true_fields) != len(frames) or len(frame_affines) != len(frames):
+        raise ValueError(f"{len(frames)} unlabelled frames, {len(frame_affines)} affines and {len(true_fields)} true-field sets")
+    if not seeds:
+        raise ValueError("utility protocol: no downstream seed given")
+    shape = tuple(frames.shape[2:])
+    pca = PCAMotionModel(voxel_to_mm(real[2].double(), real[3]), pca_modes, pca_setting)  # refused before any work
+    magnitudes = mean_magnitude_mm(real[2], real[3])
+    spread = (float(magnitudes.mean()), float(magnitudes.std()) if len(magnitudes) > 1 else 0.0)
+
+    fields: dict[str, list[torch.Tensor]] = {arm: [] for arm in ARMS[1:]}
+    for i, affine in enumerate(frame_affines):
+        draws = torch.Generator().manual_seed(item_seed(seed, i))
+        fields["classic"].append(random_smooth_fields(per_frame, shape, affine, spread, draws))
+        fields["pca"].append(mm_to_voxel(pca.sample(per_frame, draws).double(), affine).float())
+        fields["oracle"].append(torch.as_tensor(true_fields[i]).float().reshape(-1, 3, *shape))
+        generated = torch.as_tensor(generate(i)).float()
+        if generated.ndim != 5 or tuple(generated.shape[1:]) != (3, *shape):
+            raise ValueError(f"generator: fields for unlabelled frame {i} must be (m, 3, {', '.join(map(str, shape))}), got {tuple(generated.shape)}")
+        fields["with_generated"].append(generated)
+    datasets: dict[str, tuple[torch.Tensor, ...]] = {"real_only": real}
+    for arm, per in fields.items():
+        counts = torch.tensor([len(f) for f in per])
+        extra = pairs_from_frames(frames.repeat_interleave(counts, 0), torch.cat(per), frame_affines.repeat_interleave(counts, 0), frame_role)
+        datasets[arm] = tuple(torch.cat([a, b.to(a.dtype)]) for a, b in zip(real, extra))
+
+    settings = {"steps": steps, "channels": channels, "lr": lr, "batch_size": batch_size, "smoothness": smoothness, "device": device}
+    scores = {arm: [evaluate_motion_network(train_motion_network(datasets[arm], seed=s, **settings), test, levels=len(channels),
+                                            mask=test_mask, batch_size=batch_size) for s in seeds] for arm in ARMS}
+    mean = {arm: float(np.mean(values)) for arm, values in scores.items()}
+    metrics: dict[str, object] = {f"downstream_epe_{arm}_mm": mean[arm] for arm in ARMS}
+    if len(seeds) > 1:  # sd over seeds, and each seed's figure: arms trained with one seed pair up (paired differences)
+        metrics.update({f"downstream_epe_{arm}_mm_sd": float(np.std(values, ddof=1)) for arm, values in scores.items()})
+        metrics.update({f"downstream_epe_{arm}_mm_per_seed": [float(v) for v in values] for arm, values in scores.items()})
+    gain = mean["real_only"] - mean["oracle"]
+    for arm, key in (("with_generated", "generated"), ("classic", "classic"), ("pca", "pca")):
+        metrics[f"downstream_gain_share_{key}"] = (mean["real_only"] - mean[arm]) / gain if gain > 0 else math.nan
+    metrics.update({
+        "downstream_epe_ratio": mean["with_generated"] / mean["real_only"] if mean["real_only"] > 0 else math.nan,
+        "downstream_epe_zero_mm": evaluate_motion_network(None, test, mask=test_mask),
+        "downstream_n_labelled_pairs": len(real[0]), "downstream_n_unlabelled": len(frames),
+        **{f"downstream_n_{arm}": sum(len(f) for f in per) for arm, per in fields.items()},
+        "downstream_n_real": len(real[0]), "downstream_n_generated": sum(len(f) for f in fields["with_generated"]),
+        "downstream_magnitude_labelled_mm": spread[0],
+        **{f"downstream_magnitude_{arm}_mm": float(mean_magnitude_mm(torch.cat(per), frame_affines.repeat_interleave(
+            torch.tensor([len(f) for f in per]), 0)).mean()) for arm, per in fields.items()},
+        "downstream_seeds": [int(s) for s in seeds], "downstream_steps": int(steps)})
+    return metrics

@@ -45,7 +45,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -56,37 +56,55 @@ from medsynth.inverse.prior import SlicePrior, lerp, resize_slices, slerp
 __all__ = ["LaxView", "Measurements", "ReconstructSettings", "ReconstructionHistory", "data_terms", "initial_codes", "optimise_codes", "run_adam"]
 
 
-class ReconstructSettings(StrictModel):
-    """Settings of ``medsynth reconstruct`` (``--set key=value``); the defaults are the original's losses and weights."""
+MAX_LR = 10.0  # Adam's step is about lr per iteration in the prior's [-1, 1] units: above this it only throws the volume away
+MAX_ITERATIONS = 100_000
+MAX_WEIGHT = 1e6  # loss weights: above this one term drowns every other in float32
+SEED_MAX = 2**32 - 1  # NumPy's and torch's seed range, as train.seed
 
-    steps: int = Field(30, ge=1, description="DDIM steps of the inversion to x_T and of every render, gradients flowing through "
+
+class ReconstructSettings(StrictModel):
+    """Settings of ``medsynth reconstruct`` (``--set key=value``); the defaults are the original's losses and weights.
+
+    Every value is bounded (finite, learning rates in (0, 10], iterations <= 100000, weights in [0, 1e6], seed
+    0 .. 2**32 - 1), so a typo is refused with the setting's name instead of overflowing inside torch. Which method
+    reads which setting: :data:`medsynth.inverse.reconstruct.METHOD_SPECS`.
+    """
+
+    steps: int = Field(30, ge=1, le=1000, description="DDIM steps of the inversion to x_T and of every render, gradients flowing through "
                                              "all of them (a code inverted in N steps decodes back only in the same N)")
     init: Literal["interpolation", "slerp"] = Field(
         "interpolation", description="codes of the slices between observed ones: encoded from the stack's cubic "
                                      "interpolation, or slerp(x_T) / lerp(z_sem) of the neighbours' codes (the original)")
-    iterations: int = Field(200, ge=0, description="`latent`: most Adam iterations")
-    lr: float = Field(5e-5, gt=0, description="`latent`: Adam learning rate on x_T and z_sem (on the demo's CPU-trained prior "
+    iterations: int = Field(200, ge=0, le=MAX_ITERATIONS, description="`latent`: most Adam iterations (0: the start codes' volume)")
+    lr: float = Field(5e-5, gt=0, le=MAX_LR, description="`latent`: Adam learning rate on x_T and z_sem (on the demo's CPU-trained prior "
                                               "the decoder amplifies x_T: 0.02 took the volume from 38 to 6 dB in 20 iterations, "
                                               "3e-4 lost 2 dB in 6, 5e-5 0.4 dB in 4)")
-    pnp_iterations: int = Field(20, ge=0, description="`pnp`: most Adam iterations on the volume")
-    pnp_lr: float = Field(5e-4, gt=0, description="`pnp`: Adam learning rate on the volume (the prior's [-1, 1] units)")
-    pnp_weight: float = Field(2.0, ge=0, description="`pnp`: weight of the prior's denoising residual V - D_t(V)")
-    pnp_timestep: int = Field(10, ge=0, description="`pnp`: training timestep at which the prior denoises V (on the demo's "
+    pnp_iterations: int = Field(20, ge=0, le=MAX_ITERATIONS, description="`pnp`: most Adam iterations on the volume (0: the cubic start)")
+    pnp_lr: float = Field(5e-4, gt=0, le=MAX_LR, description="`pnp`: Adam learning rate on the volume (the prior's [-1, 1] units)")
+    pnp_weight: float = Field(2.0, ge=0, le=MAX_WEIGHT, description="`pnp`: weight of the prior's denoising residual V - D_t(V)")
+    pnp_timestep: int = Field(10, ge=0, le=100_000, description="`pnp`: training timestep at which the prior denoises V (on the demo's "
                                                     "prior 100 cost 0.3-0.6 dB against 10: its one-step estimates are coarse)")
-    seed: int = Field(0, description="`pnp`: seed of the noise the prior denoises at each iteration")
-    tolerance: float = Field(1e-4, ge=0, description="early stop when the relative change of the loss stays below this")
-    patience: int = Field(5, ge=1, description="iterations in a row below `tolerance` before stopping")
-    lax_weight: float = Field(5.0, ge=0, description="weight of the LAX intensities (mean/std matched inside each view's mask)")
-    sax_weight: float = Field(1.0, ge=0, description="weight of the SAX fidelity (thick slices of the fine volume vs the observed stack)")
-    drift_weight: float = Field(0.02, ge=0, description="weight of the drift of the codes from their initial values")
-    smooth_weight: float = Field(3.0, ge=0, description="weight of the difference of x_T between neighbouring fine slices")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="`pnp`: seed of the noise the prior denoises at each iteration")
+    tolerance: float = Field(1e-4, ge=0, le=1, description="early stop when the relative change of the loss stays below this")
+    patience: int = Field(5, ge=1, le=MAX_ITERATIONS, description="iterations in a row below `tolerance` before stopping")
+    lax_weight: float = Field(5.0, ge=0, le=MAX_WEIGHT, description="weight of the LAX intensities (mean/std matched inside each view's mask)")
+    sax_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of the SAX fidelity (thick slices of the fine volume vs the observed stack)")
+    drift_weight: float = Field(0.02, ge=0, le=MAX_WEIGHT, description="weight of the drift of the codes from their initial values")
+    smooth_weight: float = Field(3.0, ge=0, le=MAX_WEIGHT, description="weight of the difference of x_T between neighbouring fine slices")
     pull: float = Field(0.01, ge=0, lt=1, description="after each step, move the codes this fraction back toward their start")
-    batch: int = Field(16, ge=1, description="slices decoded (and checkpointed) together")
-    sax_thickness_mm: float | None = Field(None, gt=0, description="SAX slice thickness (default: the slice spacing)")
+    batch: int = Field(16, ge=1, le=4096, description="slices decoded (and checkpointed) together")
+    sax_thickness_mm: float | None = Field(None, gt=0, le=1000, description="SAX slice thickness (default: the slice spacing)")
     lax_intensity: Literal["intersections", "standardise"] = Field(
         "intersections", description="how LAX intensities are matched to the volume's (module docstring)")
-    lax_profile_samples: int = Field(5, ge=1, description="points across a LAX plane's thickness (box profile)")
+    lax_profile_samples: int = Field(5, ge=1, le=101, description="points across a LAX plane's thickness (box profile)")
     percentiles: tuple[float, float] = Field((0.5, 99.5), description="SAX percentiles mapped to the prior's -1 and 1")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError(f"needs 0 <= low < high <= 100, got {list(value)}")
+        return value
 
 
 @dataclass
@@ -209,10 +227,12 @@ def _losses(volume: Tensor, z: Tensor | None, x_t: Tensor, z0: Tensor | None, x_
 
 
 def run_adam(parameters: list[Tensor], lr: float, iterations: int, settings: ReconstructSettings, history: ReconstructionHistory,
-             loss_terms: Callable[[], dict[str, Tensor]], after_step: Callable[[], None] | None = None) -> None:
+             loss_terms: Callable[[], dict[str, Tensor]], after_step: Callable[[], None] | None = None,
+             tick: Callable[[], None] | None = None) -> None:
     """Adam on ``parameters`` until ``iterations`` or the early stop (module docstring); ``loss_terms()`` computes the
     terms (``total`` is minimised; a parameter may also get gradient added by the caller inside it), each appended to
-    ``history.losses`` per iteration; ``after_step()`` runs after every step, without gradients."""
+    ``history.losses`` per iteration; ``after_step()`` runs after every step, without gradients; ``tick()`` after every
+    iteration (a progress bar)."""
     optimiser = torch.optim.Adam(parameters, lr=lr)
     previous, calm = None, 0
     for _ in range(iterations):
@@ -226,6 +246,8 @@ def run_adam(parameters: list[Tensor], lr: float, iterations: int, settings: Rec
         for name, value in terms.items():
             history.losses.setdefault(name, []).append(float(value.detach()))
         history.iterations += 1
+        if tick is not None:
+            tick()
         loss = history.losses["total"][-1]
         if previous is not None and abs(previous - loss) <= settings.tolerance * max(abs(previous), 1e-12):
             calm += 1
@@ -237,13 +259,15 @@ def run_adam(parameters: list[Tensor], lr: float, iterations: int, settings: Rec
 
 
 def optimise_codes(prior: SlicePrior, z0: Tensor | None, x_t0: Tensor, data: Measurements, settings: ReconstructSettings,
-                   keep: Callable[[Tensor], None] | None = None) -> tuple[Tensor, ReconstructionHistory]:
+                   keep: Callable[[Tensor], None] | None = None,
+                   tick: Callable[[], None] | None = None) -> tuple[Tensor, ReconstructionHistory]:
     """Optimise every fine slice's codes (``latent``, module docstring) and render the volume.
 
     Args:
         z0, x_t0: the initial codes (:func:`initial_codes`).
         data: the measurements, the LAX images matched (``reconstruct._match_lax``).
         keep: called with the volume (1, 1, X, Y, N) before each iteration and with the final one.
+        tick: called after every iteration (a progress bar).
 
     Returns:
         The fine volume (1, 1, X, Y, N) in [-1, 1] units (no gradient) and the history (losses, seconds).
@@ -266,7 +290,7 @@ def optimise_codes(prior: SlicePrior, z0: Tensor | None, x_t0: Tensor, data: Mea
         if z is not None and z0 is not None:
             z.lerp_(z0, settings.pull)
 
-    run_adam([x_t] + ([z] if z is not None else []), settings.lr, settings.iterations, settings, history, loss_terms, pull)
+    run_adam([x_t] + ([z] if z is not None else []), settings.lr, settings.iterations, settings, history, loss_terms, pull, tick)
     with torch.no_grad():
         volume = render(prior, z, x_t, settings.steps, data.in_plane, settings.batch)
     if keep is not None:

@@ -43,8 +43,10 @@ def denoise_volume(prior: SlicePrior, volume: Tensor, z_sem: Tensor | None, time
 
 
 def optimise_volume(prior: SlicePrior, start: Tensor, data: Measurements, settings: ReconstructSettings,
-                    keep: Callable[[Tensor], None] | None = None) -> tuple[Tensor, ReconstructionHistory]:
-    """Optimise the fine volume from ``start`` (1, 1, X, Y, N) in [-1, 1] (module docstring).
+                    keep: Callable[[Tensor], None] | None = None,
+                    tick: Callable[[], None] | None = None) -> tuple[Tensor, ReconstructionHistory]:
+    """Optimise the fine volume from ``start`` (1, 1, X, Y, N) in [-1, 1] (module docstring); ``tick()`` after every
+    iteration (a progress bar).
 
     Returns:
         The volume (1, 1, X, Y, N) in [-1, 1] units (no gradient) and the history (``total``, ``lax``, ``sax``,
@@ -68,7 +70,7 @@ def optimise_volume(prior: SlicePrior, start: Tensor, data: Measurements, settin
         surrogate = settings.pnp_weight * torch.sum(volume * residual) / residual.numel()
         return {"total": total + surrogate - surrogate.detach(), **terms, "prior": torch.mean(residual ** 2)}
 
-    run_adam([volume], settings.pnp_lr, settings.pnp_iterations, settings, history, loss_terms)
+    run_adam([volume], settings.pnp_lr, settings.pnp_iterations, settings, history, loss_terms, tick=tick)
     result = volume.detach()
     if keep is not None:
         keep(result)

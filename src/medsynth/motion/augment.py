@@ -10,6 +10,10 @@ same map ``A(y) = c + (y - c) / z + t`` (``c`` the grid centre). If ``F(x) = G(x
 the voxel-to-world affine becomes ``affine @ A`` so that mm vectors stay the same physical
 displacement. MONAI's random affine transforms resample fields as images without touching their
 vectors, hence this one function.
+
+:func:`random_smooth_fields` is the classic motion augmentation (SynthMorph trains registration networks
+on nothing else): random cubic B-spline displacements, folding-free, whose mean magnitude in mm follows
+a given distribution (e.g. that of the training fields).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from medsynth.data.fields import mm_to_voxel, voxel_to_mm
+from medsynth.motion.bspline import BSplineTransform
+from medsynth.motion.fields import jacobian_determinant
 
 
 def shift_zoom_matrix(shape: Sequence[int], shift: Sequence[float], zoom: Sequence[float]) -> Tensor:
@@ -79,3 +87,48 @@ def augment_pair(sample: dict[str, Any], shift: float, zoom: float, noise_std: f
     for key, image in zip(keys, images):
         out[key] = (image + noise_std * torch.randn(image.shape)).clamp(0, 1) if noise_std > 0 else image
     return {**out, "flow": flow, "affine": affine}
+
+
+def random_smooth_fields(n: int, shape: Sequence[int], affine: Tensor, magnitude_mm: tuple[float, float], generator: torch.Generator,
+                         control_mm: float | None = None, shrink: float = 0.8) -> Tensor:
+    """``n`` random smooth, folding-free displacements ``(n, 3, *shape)`` in voxels of a grid with ``affine``.
+
+    Each is a cubic B-spline (:class:`~medsynth.motion.bspline.BSplineTransform`) whose control-point
+    values are i.i.d. standard normal in mm per world axis, with control points every ``control_mm``
+    (default: half the grid's smallest extent in mm), rescaled so that its mean ``|u|`` over
+    the grid (mm) is a draw of ``N(magnitude_mm[0], magnitude_mm[1])`` (floored at a tenth of the
+    mean). A draw whose Jacobian determinant is <= 0 anywhere is shrunk by ``shrink`` until it is
+    not, so the distribution's upper tail may be capped for fields too large to stay folding-free.
+
+    Args:
+        n: fields to draw.
+        shape: ``(X, Y, Z)``.
+        affine: 4x4 voxel-to-world affine of the grid (spacing and direction: mm vectors are world vectors).
+        magnitude_mm: (mean, sd) of the per-field mean ``|u|`` in mm.
+        generator: the only randomness (a seeded ``torch.Generator``).
+        control_mm: control-point spacing in mm.
+        shrink: factor applied to a folding draw.
+    """
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    spacing = torch.linalg.vector_norm(affine[:3, :3], dim=0)  # mm per voxel along each array axis
+    extent = spacing * (torch.as_tensor(list(shape), dtype=torch.float64) - 1)
+    control = float(extent.min()) / 2 if control_mm is None else control_mm
+    steps = tuple(max(1.0, control / float(s)) for s in spacing)  # control spacing in voxels per axis
+    grid = BSplineTransform.grid_shape(shape, steps)
+    mean, sd = (float(v) for v in magnitude_mm)
+    fields = []
+    for _ in range(n):
+        coefficients = torch.randn(3, *grid, generator=generator, dtype=torch.float64)
+        spline_mm = BSplineTransform(coefficients, steps, tuple(shape), affine.numpy()).spline_field()[0]  # values in mm (see below)
+        # spline_field scales by 1/step (a voxel field of the sampled grid); at full resolution step = 1, so values stay in mm.
+        target = max(mean + sd * float(torch.randn((), generator=generator, dtype=torch.float64)), 0.1 * mean)
+        field = mm_to_voxel(spline_mm * (target / float(torch.linalg.vector_norm(spline_mm, dim=0).mean().clamp_min(1e-12))), affine)
+        while float(jacobian_determinant(field).min()) <= 0:
+            field = field * shrink
+        fields.append(field.float())
+    return torch.stack(fields) if fields else torch.zeros(0, 3, *shape)
+
+
+def mean_magnitude_mm(fields: Tensor, affines: Tensor) -> Tensor:
+    """Mean ``|u|`` in mm over the grid of each field ``(N, 3, *S)`` voxels with its affine ``(N, 4, 4)``: ``(N,)``."""
+    return torch.linalg.vector_norm(voxel_to_mm(torch.as_tensor(fields).double(), torch.as_tensor(affines)), dim=1).flatten(1).mean(1)

@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
+from medsynth.data.io import check_finite_output
 from medsynth.errors import BadInputError
 from medsynth.motion.fields import integrate_velocity
 from medsynth.runs import atomic_write_bytes
 
 __all__ = ["BSplineTransform", "load_transform"]
-
-
 
 
 def _cubic_bspline_matrix(positions: torch.Tensor, spacing: float, count: int) -> torch.Tensor:
@@ -77,6 +76,52 @@ class BSplineTransform:
         """
         size = tuple(self.shape if size is None else size)
         values = self.coefficients if self.coefficients.ndim == 5 else self.coefficients[None]
+        bases, scale = self._level_bases(size, values)
+        for axis, basis in enumerate(bases):  # separable tensor product, one axis at a time
+            values = torch.movedim(torch.tensordot(values, basis, dims=([axis + 2], [1])), -1, axis + 2)
+        return values * scale.reshape(1, 3, 1, 1, 1)
+
+    def spline_blocks(self, size: Sequence[int], corners: torch.Tensor, edge: int) -> torch.Tensor:
+        """The B-spline field on ``K`` cubic blocks of the ``size`` grid, computed only there.
+
+        Separable as :meth:`spline_field`, on each block's own window of control points (the
+        few with support on it), so the cost grows with the blocks, not with the image or grid.
+
+        Args:
+            size: the grid the blocks lie on (a pyramid level), as in :meth:`spline_field`.
+            corners: ``(K, 3)`` integer first voxel of each block on that grid; a block must
+                fit inside it (``corner + edge <= size`` on every axis).
+            edge: block edge in voxels of that grid.
+
+        Returns:
+            ``(B, K, 3, edge, edge, edge)`` in voxels of the ``size`` grid (``B = 1`` for
+            unbatched coefficients): block ``k`` equals
+            ``spline_field(size)[:, :, x:x + edge, y:y + edge, z:z + edge]`` at its corner ``(x, y, z)``.
+        """
+        size = tuple(size)
+        values = self.coefficients if self.coefficients.ndim == 5 else self.coefficients[None]
+        bases, scale = self._level_bases(size, values)
+        corners = corners.to(values.device)
+        offsets = torch.arange(edge, device=values.device)
+        rows, columns = [], []
+        for axis, (basis, n, m, spacing) in enumerate(zip(bases, self.shape, size, self.control_spacing)):
+            step = (n - 1) / max(m - 1, 1)
+            count = basis.shape[1]
+            # Control points with support on a block: i - 1 .. i + 2 around each voxel's i = floor(x / spacing + 1),
+            # one more on each side against rounding (their weights are zero).
+            span = min(count, int(np.floor((edge - 1) * step / spacing)) + 6)
+            first = (torch.floor(corners[:, axis] * step / spacing + 1).long() - 2).clamp(0, count - span)  # (K,)
+            column = first[:, None] + torch.arange(span, device=values.device)  # (K, span)
+            rows.append(torch.gather(basis[corners[:, axis, None] + offsets], 2, column[:, None, :].expand(-1, edge, -1)))  # (K, edge, span)
+            columns.append(column)
+        window = values[:, :, columns[0][:, :, None, None], columns[1][:, None, :, None], columns[2][:, None, None, :]]  # (B, 3, K, s, s, s)
+        values = torch.einsum("bckxyz,kix->bkciyz", window, rows[0])
+        values = torch.einsum("bkciyz,kjy->bkcijz", values, rows[1])
+        values = torch.einsum("bkcijz,klz->bkcijl", values, rows[2])
+        return values * scale.reshape(1, 1, 3, 1, 1, 1)
+
+    def _level_bases(self, size: tuple[int, ...], values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Basis matrices ``(size[a], M_a)`` per axis of the ``size`` grid, and the voxel scale ``(3,)`` to that grid (cached)."""
         key = (size, values.dtype, values.device)
         if key not in self._bases:
             steps = [(n - 1) / max(m - 1, 1) for n, m in zip(self.shape, size)]
@@ -84,11 +129,8 @@ class BSplineTransform:
                 _cubic_bspline_matrix(torch.arange(m, dtype=values.dtype, device=values.device) * step, spacing, count)
                 for m, step, spacing, count in zip(size, steps, self.control_spacing, self.coefficients.shape[-3:])
             ]
-            self._bases[key] = (bases, torch.as_tensor([1.0 / step for step in steps], dtype=values.dtype, device=values.device).reshape(1, 3, 1, 1, 1))
-        bases, scale = self._bases[key]
-        for axis, basis in enumerate(bases):  # separable tensor product, one axis at a time
-            values = torch.movedim(torch.tensordot(values, basis, dims=([axis + 2], [1])), -1, axis + 2)
-        return values * scale
+            self._bases[key] = (bases, torch.as_tensor([1.0 / step for step in steps], dtype=values.dtype, device=values.device))
+        return self._bases[key]
 
     def displacement(self, size: Sequence[int] | None = None) -> torch.Tensor:
         """Dense displacement ``(1, 3, *size)`` in voxels of the ``size`` grid.
@@ -112,7 +154,11 @@ class BSplineTransform:
         return MetaTensor(field, affine=torch.as_tensor(self.affine, dtype=torch.float64))
 
     def save(self, path: str | Path, **extra: float | str) -> Path:
-        """Write the control grid (and ``extra`` scalars/strings) to ``.npz`` atomically."""
+        """Write the control grid (and ``extra`` scalars/strings) to ``.npz`` atomically.
+
+        Raises:
+            NonFiniteOutputError: coefficients holding NaN or infinity; nothing is written.
+        """
         arrays = {
             "coefficients": self.coefficients.detach().float().cpu().numpy(),
             "control_spacing": np.asarray(self.control_spacing, dtype=np.float64),
@@ -122,14 +168,15 @@ class BSplineTransform:
             "integration_steps": np.asarray(self.integration_steps),
             **{key: np.asarray(value) for key, value in extra.items()},
         }
+        check_finite_output(arrays["coefficients"], path)  # a diverged fit is refused, never written
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
         atomic_write_bytes(Path(path), buffer.getvalue())
         return Path(path)
 
 
-def load_transform(path: str | Path) -> tuple[BSplineTransform, dict[str, float | str]]:
-    """Read a control grid written by :meth:`BSplineTransform.save`: the transform and its extra entries."""
+def load_transform(path: str | Path) -> tuple[BSplineTransform, dict[str, float | str | list]]:
+    """Read a control grid written by :meth:`BSplineTransform.save`: the transform and its extra entries (lists for sequences)."""
     path = Path(path)
     keys = {"coefficients", "control_spacing", "shape", "affine", "diffeomorphic", "integration_steps"}
     try:
@@ -151,5 +198,5 @@ def load_transform(path: str | Path) -> tuple[BSplineTransform, dict[str, float 
         diffeomorphic=bool(arrays["diffeomorphic"]),
         integration_steps=int(arrays["integration_steps"]),
     )
-    extra = {key: value.item() for key, value in arrays.items() if key not in keys}
+    extra = {key: value.item() if value.ndim == 0 else value.tolist() for key, value in arrays.items() if key not in keys}
     return transform, extra

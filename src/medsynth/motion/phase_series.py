@@ -4,20 +4,24 @@ Phase ``t`` is always the FIXED image. With ``pairs="reference"`` the moving ima
 reference phase ``r``; with ``pairs="consecutive"`` it is the neighbour towards ``r``
 (``t - 1`` above ``r``, ``t + 1`` below it). ``<out>/<subject>/grid_tNN.npz`` is the grid
 that reaches phase ``t`` from its moving image; ``<out>/registration.json`` records the
-pairing. :func:`phase_fields` turns the grids into the fields that warp the reference
+pairing, the reference phase and every setting that changes a grid (a rerun with others is
+refused unless ``force``: grids of two settings never mix). :func:`phase_fields` turns the grids into the fields that warp the reference
 phase onto every phase, composing consecutive fields (never adding them: adding is only
 right to first order); :class:`PhaseData` gives them to training, made dense while loading.
 
-Input layouts: a ``dataset.json`` with ``subject``/``phase`` cases; a folder of 4D NIfTI
-files ``(X, Y, Z, phase)``, one per subject; or one folder per subject with one 3D file
-per phase (phase order = natural sort of the names; only ``image*`` files when any exist).
+Input layouts: a ``dataset.json`` with ``subject``/``phase`` cases (a case's ``frame``: the phase
+is that frame of a 4D file); a folder of 4D NIfTI files ``(X, Y, Z, phase)``, one per subject; or one
+folder per subject holding one 4D NIfTI, one DICOM series per phase (4D CT as scanners and TCIA's
+4D-Lung store it, ordered by phase: :mod:`medsynth.data.dicom`), or one 3D file per phase (phase order
+= natural sort of the names; only ``image*`` files when any exist). Without a ``dataset.json`` the
+folder is read by :func:`medsynth.data.importers.import_phase_series`, as ``prepare`` reads it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -26,13 +30,23 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medsynth.data.io import NIFTI_SUFFIXES, load_image, natural_key, spacing_of, suffix_of
-from medsynth.data.manifest import MANIFEST_NAME, Manifest
-from medsynth.errors import BadInputError, MedsynthError
+from medsynth.data.importers import import_phase_series, scan_header
+from medsynth.data.io import load_phase, spacing_of
+from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest
+from medsynth.errors import BadInputError, MedsynthError, NonFiniteOutputError
 from medsynth.motion.bspline import load_transform
 from medsynth.motion.fields import compose, resample_field, voxel_to_mm
-from medsynth.motion.registration import RegistrationConfig, RegistrationResult, _load_volume, register_batch
-from medsynth.runs import atomic_write_json
+from medsynth.motion.landmarks import PointSet, landmark_file, read_pair
+from medsynth.motion.registration import (
+    RegistrationConfig,
+    RegistrationResult,
+    _load_volume,
+    diverged,
+    refuse_constant,
+    register_batch,
+    with_landmarks,
+)
+from medsynth.runs import atomic_write_json, remove_stale_temps
 
 __all__ = ["RECORD_NAME", "PhaseData", "phase_fields", "register_dataset"]
 
@@ -59,24 +73,13 @@ class _Subject:
         return str(self.files[phase]) if self.volume is None else f"{self.volume}[phase {phase}]"
 
 
-def _header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine from the header alone (no voxels read)."""
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for broken headers
-        raise BadInputError(path, f"cannot read image ({type(exc).__name__})") from None
-    return tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
-
-
 def _series(name: str, paths: list[Path], where: Path) -> _Subject:
     """A subject with one 3D file per phase: refused unless every phase has the first one's shape and affine."""
     if len(paths) < 2:
         raise BadInputError(paths[0] if paths else where, f"subject {name} has only {len(paths)} phase (registration needs at least two)")
-    first_shape, first_affine = _header(paths[0])
+    first_shape, first_affine = scan_header(paths[0])
     for path in paths:
-        shape, affine = _header(path)
+        shape, affine = scan_header(path)
         if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] > 1):
             raise BadInputError(path, f"expected one 3D phase per file, got shape {shape}")
         if shape[:3] != first_shape[:3] or not np.allclose(affine, first_affine, atol=1e-4):
@@ -85,44 +88,39 @@ def _series(name: str, paths: list[Path], where: Path) -> _Subject:
     return _Subject(name, paths, len(paths), first_shape[:3], tuple(spacing_of(first_affine)))
 
 
-def _volume(path: Path) -> _Subject:
-    shape, affine = _header(path)
+def _volume(path: Path, name: str, phases: int) -> _Subject:
+    """A subject whose ``phases`` phases are the frames of one 4D NIfTI or DICOM phase series."""
+    shape, affine = scan_header(path)
     if len(shape) != 4:
         raise BadInputError(path, f"expected a 4D scan (X, Y, Z, phase), got {len(shape)}D")
     if shape[3] < 2:
         raise BadInputError(path, "4D scan has only one phase (registration needs at least two)")
-    return _Subject(path.name[: -len(suffix_of(path))], [path], shape[3], shape[:3], tuple(spacing_of(affine)))
+    if shape[3] != phases:
+        raise BadInputError(path, f"4D scan has {shape[3]} phases, its dataset lists {phases} for subject {name}")
+    return _Subject(name, [path], shape[3], shape[:3], tuple(spacing_of(affine)))
 
 
 def _find_subjects(data_dir: Path, reference_phase: int) -> list[_Subject]:
-    """The subjects of ``data_dir`` in one of the three layouts, checked from the headers."""
+    """The subjects of ``data_dir`` in one of the layouts of the module docstring, checked from the headers."""
     manifest_path = data_dir / MANIFEST_NAME
-    nifti = lambda folder: sorted((p for p in folder.iterdir() if p.is_file() and suffix_of(p) in NIFTI_SUFFIXES), key=lambda p: natural_key(p.name))  # noqa: E731
-    if manifest_path.exists():
-        manifest = Manifest.load(manifest_path)
-        phase_paths: dict[str, dict[int, Path]] = {}
-        for entry in manifest.cases:
-            if entry.phase is None or not isinstance(entry.image, str):
-                raise BadInputError(manifest_path, f"case {entry.id} is not one phase of a series (dataset mode needs a phase and one image per case)")
-            phase_paths.setdefault(entry.subject, {})[entry.phase] = manifest.resolve(entry.image)
-        for name, paths in phase_paths.items():
-            missing = sorted(set(range(max(paths) + 1)) - set(paths))
-            if missing:
-                raise BadInputError(manifest_path, f"subject {name} is missing phase(s) {', '.join(map(str, missing))}")
-        subjects = [_series(name, [paths[t] for t in sorted(paths)], manifest_path) for name, paths in phase_paths.items()]
-    elif not data_dir.is_dir():
-        subjects = []
-    elif nifti(data_dir):
-        subjects = [_volume(path) for path in nifti(data_dir)]
-    else:
-        subjects = []
-        for folder in sorted((p for p in data_dir.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
-            files = nifti(folder)
-            images = [p for p in files if p.name.startswith("image")]  # next to label/dvf files, only the images
-            if files:
-                subjects.append(_series(folder.name, images or files, folder))
-    if not subjects:
-        raise BadInputError(data_dir, "no dataset.json with phase cases, no 4D NIfTI files and no subject folders of 3D phases found")
+    manifest, where = (Manifest.load(manifest_path), manifest_path) if manifest_path.exists() else (import_phase_series(data_dir), data_dir)
+    phase_cases: dict[str, dict[int, Case]] = {}
+    for entry in manifest.cases:
+        if entry.phase is None or not isinstance(entry.image, str):
+            raise BadInputError(where, f"case {entry.id} is not one phase of a series (dataset mode needs a phase and one image per case)")
+        phase_cases.setdefault(entry.subject, {})[entry.phase] = entry
+    subjects = []
+    for name, cases in phase_cases.items():
+        missing = sorted(set(range(max(cases) + 1)) - set(cases))
+        if missing:
+            raise BadInputError(where, f"subject {name} is missing phase(s) {', '.join(map(str, missing))}")
+        ordered = [cases[t] for t in sorted(cases)]
+        if all(case.frame is None for case in ordered):
+            subjects.append(_series(name, [manifest.resolve(case.image) for case in ordered], where))
+        elif len({case.image for case in ordered}) == 1 and [case.frame for case in ordered] == list(range(len(ordered))):
+            subjects.append(_volume(manifest.resolve(ordered[0].image), name, len(ordered)))
+        else:
+            raise BadInputError(where, f"subject {name}: phases given as frames must be frames 0, 1, ... of one 4D file, in phase order")
     for subject in subjects:
         if reference_phase >= subject.phase_count or reference_phase < 0:
             raise BadInputError(subject.files[0], f"subject {subject.name} has {subject.phase_count} phases, no reference phase {reference_phase}")
@@ -137,6 +135,8 @@ class _Job:
     fixed: int
     moving: int
     out: Path
+    landmarks: tuple[PointSet, PointSet] | None = None  # the fixed and moving phases' landmarks, when both have a file
+    notes: list[str] = field(default_factory=list)
 
 
 def _jobs(subjects: list[_Subject], out_dir: Path, reference_phase: int, pairs: Pairs) -> list[_Job]:
@@ -149,30 +149,54 @@ def _jobs(subjects: list[_Subject], out_dir: Path, reference_phase: int, pairs: 
     return jobs
 
 
-@lru_cache(maxsize=2)
-def _load_4d(path: Path) -> MetaTensor:
-    return load_image(path)  # (phase, X, Y, Z): a subject's jobs read it once
-
-
 def _phase_image(subject: _Subject, phase: int) -> MetaTensor:
-    return _load_volume(subject.files[phase]) if subject.volume is None else _load_4d(subject.volume)[phase : phase + 1]
+    if subject.volume is None:
+        return _load_volume(subject.files[phase])  # refuses a constant phase too
+    image = load_phase(subject.volume, phase)
+    refuse_constant(image, subject.source(phase))
+    return image
 
 
-def _register_jobs(jobs: Sequence[_Job], config: RegistrationConfig) -> list[RegistrationResult]:
-    """Register one batch of jobs (one grid) jointly and write their grids."""
+def _landmark_path(subject: _Subject, phase: int) -> Path | None:
+    """``<stem>.pts``/``.csv`` beside a phase file, or ``<stem>_tNN.pts``/``.csv`` beside a subject's 4D file or series folder."""
+    return landmark_file(subject.files[phase]) if subject.volume is None else landmark_file(subject.volume, phase)
+
+
+def _read_landmarks(jobs: list[_Job]) -> None:
+    """Give each job the landmarks of its fixed and moving phase (read and checked now, before anything is written)."""
+    for job in jobs:
+        fixed, moving = _landmark_path(job.subject, job.fixed), _landmark_path(job.subject, job.moving)
+        if fixed and moving:
+            job.landmarks = read_pair(fixed, moving)
+        elif fixed or moving:
+            job.notes.append(f"no TRE: landmarks {fixed or moving} have no partner beside phase {job.moving if fixed else job.fixed}")
+
+
+def _register_jobs(jobs: Sequence[_Job], config: RegistrationConfig, progress: bool = False) -> list[RegistrationResult]:
+    """Register one batch of jobs (one grid) jointly and write their grids (``progress``: a bar per pyramid level)."""
     fixed = [_phase_image(job.subject, job.fixed) for job in jobs]
     moving = [_phase_image(job.subject, job.moving) for job in jobs]
+    for job, fixed_image, moving_image in zip(jobs, fixed, moving):
+        if job.landmarks:
+            job.landmarks[0].check_inside(fixed_image.affine, fixed_image.shape, job.subject.source(job.fixed))
+            job.landmarks[1].check_inside(moving_image.affine, moving_image.shape, job.subject.source(job.moving))
     results = []
-    for job, (transform, quality) in zip(jobs, register_batch(fixed, moving, config)):
+    for job, (transform, quality) in zip(jobs, register_batch(fixed, moving, config, progress)):
         fixed_name, moving_name = job.subject.source(job.fixed), job.subject.source(job.moving)
-        transform.save(job.out, fixed=fixed_name, moving=moving_name, similarity=config.similarity, **quality)
-        results.append(RegistrationResult(fixed_name, moving_name, job.out, config.similarity, quality["before"], quality["after"], quality["folding"], quality["seconds"]))
+        try:  # a diverged grid is refused by its writer; the grids written before it are finished results
+            transform.save(job.out, fixed=fixed_name, moving=moving_name, similarity=config.similarity, **quality)
+        except NonFiniteOutputError as exc:
+            raise diverged(exc, config) from None
+        result = RegistrationResult(fixed_name, moving_name, job.out, config.similarity, quality["before"], quality["after"], quality["folding"], quality["seconds"], notes=list(job.notes),
+                                    level_seconds=quality["level_seconds"])
+        results.append(with_landmarks(result, job.landmarks, transform))  # the phases of a subject share one grid
     return results
 
 
-def _done_earlier(path: Path) -> RegistrationResult:
-    _, extra = load_transform(path)
-    return RegistrationResult(str(extra["fixed"]), str(extra["moving"]), path, str(extra["similarity"]), float(extra["before"]), float(extra["after"]), float(extra["folding"]), float(extra["seconds"]), skipped=True)
+def _done_earlier(job: _Job) -> RegistrationResult:
+    transform, extra = load_transform(job.out)
+    result = RegistrationResult(str(extra["fixed"]), str(extra["moving"]), job.out, str(extra["similarity"]), float(extra["before"]), float(extra["after"]), float(extra["folding"]), float(extra["seconds"]), skipped=True, notes=list(job.notes))
+    return with_landmarks(result, job.landmarks, transform)
 
 
 _worker_device: str | None = None  # set once in each worker process
@@ -192,18 +216,60 @@ def _work(task: tuple[list[_Job], RegistrationConfig]) -> list[RegistrationResul
         return str(exc)
 
 
-def _write_record(out_dir: Path, pairs: Pairs, reference_phase: int, subjects: list[_Subject]) -> None:
-    """``registration.json``; refuses a folder whose grids were made with another pairing or reference."""
+_ABSENT = object()  # a setting a record does not hold
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for each setting that differs; a setting only one side has (the other method's, or one an
+    older record lacks) is named only when no setting both have differs."""
+    shown = lambda value: "unrecorded" if value is _ABSENT else value if isinstance(value, str) else json.dumps(value)  # noqa: E731
+    keys = list(new) + [key for key in old if key not in new]
+    both = [key for key in keys if key in old and key in new and old[key] != new[key]]
+    return [f"{key}: {shown(old.get(key, _ABSENT))} -> {shown(new.get(key, _ABSENT))}"
+            for key in both or [key for key in keys if old.get(key, _ABSENT) != new.get(key, _ABSENT)]]
+
+
+def _clear_grids(out_dir: Path, names: set[str]) -> None:
+    """Delete the grids (and half-written temporary files) of the named subjects' folders under ``out_dir`` (``--force``)."""
+    for name in names:
+        folder = out_dir / name
+        if folder.parent.resolve() != out_dir.resolve() or not folder.is_dir():  # a subject name is one folder inside out_dir
+            continue
+        for path in folder.glob("grid_t*.npz"):
+            path.unlink()
+        remove_stale_temps(folder)
+
+
+def _write_record(out_dir: Path, pairs: Pairs, reference_phase: int, subjects: list[_Subject], config: RegistrationConfig,
+                  force: bool = False) -> None:
+    """``registration.json``: the pairing, the reference phase, every setting that changes a grid and the subjects.
+
+    A folder whose grids were made otherwise is refused naming what differs (so grids of two settings never
+    mix), as is a folder from before the settings were recorded; ``force`` starts over: the grids of the
+    recorded and the present subjects are deleted first.
+    """
     path = out_dir / RECORD_NAME
+    settings = config.grid_settings()
+    old: object = None
     if path.exists():
         try:
             old = json.loads(path.read_text())
         except ValueError:
-            raise BadInputError(path, "broken registration record (not JSON): delete it or give another --out") from None
-        if not isinstance(old, dict) or (old.get("pairs"), old.get("reference_phase")) != (pairs, reference_phase):
-            raise BadInputError(path, f"grids here were made with pairs={old.get('pairs')}, reference phase {old.get('reference_phase')}; "
-                                      f"give another --out for pairs={pairs}, reference phase {reference_phase}")
-    record = {"pairs": pairs, "reference_phase": reference_phase,
+            if not force:
+                raise BadInputError(path, "broken registration record (not JSON): rerun with --force to start over, or give another --out") from None
+        if not force:
+            if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
+                raise BadInputError(path, "grids here were made by an older medsynth that did not record their settings: "
+                                          "rerun with --force to start over, or give another --out")
+            changes = _changes({"pairs": old.get("pairs"), "reference_phase": old.get("reference_phase"), **old["settings"]},
+                               {"pairs": pairs, "reference_phase": reference_phase, **settings})
+            if changes:
+                raise BadInputError(path, f"grids here were made with other settings ({', '.join(changes)}): "
+                                          "rerun with --force to start over, or give another --out")
+    if force:
+        recorded = old.get("subjects") if isinstance(old, dict) else None
+        _clear_grids(out_dir, {s.name for s in subjects} | (set(map(str, recorded)) if isinstance(recorded, dict) else set()))
+    record = {"pairs": pairs, "reference_phase": reference_phase, "settings": settings,
               "subjects": {s.name: {"phases": list(range(s.phase_count)), "source": [str(p) for p in s.files]} for s in subjects}}
     atomic_write_json(path, record)
 
@@ -218,16 +284,24 @@ def register_dataset(
     pairs: Pairs = "reference",
     batch: int = 1,
     devices: Sequence[str] | None = None,
+    force: bool = False,
 ) -> list[RegistrationResult]:
     """Register every phase of every subject (``medsynth register --data DIR --out DIR``).
 
     Phase ``t`` is the fixed image; the moving one is the reference phase
     (``pairs="reference"``: ``warp_image(reference, u_t) ~ phase_t``, like a phantom's
     ``dvf_tNN``) or the neighbour towards it (``"consecutive"``). Grids are written
-    atomically and existing ones are skipped, so a killed run resumes where it stopped.
+    atomically and existing ones are skipped, so a killed run resumes where it stopped;
+    ``registration.json`` records the settings that change a grid, and a rerun with other
+    settings is refused unless ``force``.
+
+    Landmarks: where both phases of a pair have a landmark file beside them (``<stem>.pts``
+    or ``<stem>.csv`` next to a phase file ``<stem>.nii.gz``; ``<stem>_tNN.pts``/``.csv``
+    next to a subject's 4D file or series folder ``<stem>``, for its phase ``NN``; formats
+    of :mod:`medsynth.motion.landmarks`), the pair's result reports its TRE before and after.
 
     Args:
-        data_dir: one of the three layouts of the module docstring.
+        data_dir: one of the layouts of the module docstring.
         out_dir: output folder: ``<subject>/grid_tNN.npz`` and ``registration.json``.
         config: registration settings (``config.device`` unless ``devices`` is given).
         reference_phase: the phase the fields start from.
@@ -237,14 +311,17 @@ def register_dataset(
         batch: pairs of one grid registered jointly (:func:`register_batch`).
         devices: e.g. ``["cuda:0", "cuda:1"]``: one worker process per device shares the
             batches (spawned; ``["cpu", "cpu"]`` works too).
+        force: start over in a folder registered with other settings (its grids are deleted first).
 
     Returns:
         One result per registered phase, in subject and phase order.
 
     Raises:
-        BadInputError: no subjects, a 4D file with one phase, a subject with one phase,
-            phases of different shapes or affines, a missing phase, unreadable or NaN
-            images, an output folder made with another pairing.
+        BadInputError: no subjects, a 4D file with one phase, a subject with one phase, a subject
+            folder holding a 4D scan beside other phase files, DICOM phases on different grids,
+            phases of different shapes or affines, a missing phase, unreadable, NaN or
+            constant images, broken landmark files, an output folder made with other
+            settings (or by a version that did not record them) without ``force``.
     """
     from tqdm import tqdm
 
@@ -255,8 +332,9 @@ def register_dataset(
     config = config or RegistrationConfig()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     subjects = _find_subjects(data_dir, reference_phase)
-    _write_record(out_dir, pairs, reference_phase, subjects)
     jobs = _jobs(subjects, out_dir, reference_phase, pairs)
+    _read_landmarks(jobs)
+    _write_record(out_dir, pairs, reference_phase, subjects, config, force)
     todo = [job for job in jobs if not job.out.exists()]
     groups: dict[tuple, list[_Job]] = {}  # jobs of one grid (shape, spacing) may share a batch
     for job in todo:
@@ -277,11 +355,11 @@ def register_dataset(
 
         for job in jobs:
             if job.out.exists():
-                report(_done_earlier(job.out))
+                report(_done_earlier(job))
         if devices is None or len(devices) <= 1:
             single = config if not devices else config.model_copy(update={"device": devices[0]})
             for jobs_ in batches:
-                for result in _register_jobs(jobs_, single):
+                for result in _register_jobs(jobs_, single, progress):
                     report(result)
         else:
             import torch.multiprocessing as mp

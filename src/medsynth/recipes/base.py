@@ -81,6 +81,19 @@ class Recipe(ABC):
     def evaluate(self, run: Run, module: MedsynthModule, data_dir: Path) -> dict[str, Any]:
         """Metrics for ``metrics.json``."""
 
+    def check_data(self, config: RecipeConfig) -> None:
+        """Check everything training will read (the resolved ``config``'s data and the runs it names) before the run's
+        first file is written: ``train`` calls it once, before ``config.yaml``, so a refusal leaves nothing behind and a
+        retry with good data is not refused. The default checks that every prepared case file is there; a recipe
+        that reads more (registration grids, another run's weights) adds its checks.
+
+        Raises:
+            MedsynthError: one line naming the file (or setting) and the problem.
+        """
+        from medsynth.data.datasets import check_prepared_files
+
+        check_prepared_files(config.data_dir)
+
     def callbacks(self, config: RecipeConfig) -> list[Callback]:
         """Extra Lightning callbacks for this recipe's training (beside checkpointing, RNG, EMA)."""
         return []
@@ -105,7 +118,12 @@ def require_finite(outputs: torch.Tensor | Sequence[torch.Tensor], what: str) ->
 
 
 def condition_files(condition: Path) -> list[Path]:
-    """``SampleRequest.condition``: a file, or the readable files in a folder (sorted by name)."""
+    """``SampleRequest.condition``: a file, a DICOM series folder (one volume, or one 4D scan of one series per
+    phase), or the readable files in a folder (sorted by name)."""
+    from medsynth.data.dicom import is_dicom_folder
+
+    if condition.is_dir() and is_dicom_folder(condition):
+        return [condition]
     if condition.is_dir():
         files = sorted(p for p in condition.iterdir() if p.is_file() and suffix_of(p) in READABLE_SUFFIXES)
         if not files:
@@ -133,9 +151,10 @@ class ConditionVolume:
     grid_affine: np.ndarray  # (4, 4) of the model's grid (the same field of view)
 
 
-def condition_volumes(condition: Path, shape: Sequence[int], window: Sequence[float] | None) -> list[ConditionVolume]:
+def condition_volumes(condition: Path, shape: Sequence[int], window: Sequence[float] | None, phase: int = 0) -> list[ConditionVolume]:
     """The 3D volumes of ``condition`` (a file or folder), each resampled over its own field of view to the model's
-    ``shape`` when it has another (said in one line) and mapped to [0, 1] by the CT ``window`` (HU; None: as is)."""
+    ``shape`` when it has another (said in one line) and mapped to [0, 1] by the CT ``window`` (HU; None: as is).
+    Of a 4D scan (a 4D NIfTI or a DICOM folder of one series per phase) phase ``phase`` is taken, said in one line."""
     from monai.transforms import Resize
 
     from medsynth.console import note
@@ -145,6 +164,11 @@ def condition_volumes(condition: Path, shape: Sequence[int], window: Sequence[fl
     volumes = []
     for path in condition_files(Path(condition)):
         image = load_image(path)
+        if image.ndim == 4 and image.shape[0] > 1:  # (T, X, Y, Z): a 4D scan, phases in order
+            if phase >= image.shape[0]:
+                raise BadInputError(path, f"4D scan has {image.shape[0]} phases, no phase {phase} to condition on")
+            note(f"{path}: 4D scan of {image.shape[0]} phases; phase {phase} is the condition")
+            image = image[phase : phase + 1]
         if image.ndim != 4 or image.shape[0] != 1:
             raise BadInputError(path, f"a condition is one 3D volume, got shape {tuple(image.shape)}")
         grid = image

@@ -86,8 +86,11 @@ class FlowCVAESampleConfig(StrictModel):
 
 class FlowCVAEEvaluateConfig(StrictModel):
     n_samples: int = Field(8, ge=2, description="prior samples per held-out frame")
-    downstream_real_subjects: int = Field(8, ge=1, description="real training pairs given to the downstream motion network")
-    generated_per_frame: int = Field(4, ge=1, description="generated triples per real training frame (downstream)")
+    downstream_real_subjects: int = Field(8, ge=1, description="labelled pool L: the first training subjects, whose real pairs train the downstream network")
+    downstream_unlabelled_subjects: int | None = Field(None, ge=1, description="unlabelled pool U: the next training subjects, only their frame used (None: all the rest)")
+    generated_per_frame: int = Field(4, ge=1, description="generated (and classic, PCA) fields per unlabelled frame (downstream)")
+    pca_modes: int = Field(4, ge=0, description="principal modes of the PCA motion model of L's fields (at most L - 1)")
+    downstream_seeds: int = Field(1, ge=1, description="downstream trainings per arm, seeds seed .. seed + n - 1 (mean and sd)")
     downstream_steps: int = Field(300, ge=1)
     seed: int = 0
 
@@ -231,12 +234,14 @@ class FlowCVAERecipe(Recipe):
     config_class = FlowCVAEConfig
     sample_modes = ("random", "grid", "plane", "interpolate")
     headline_metrics = ("flow_epe_mean_mm", "flow_epe_zero_mm", "flow_epe_mean_flow_mm", "folding_share",
-                        "downstream_epe_real_only_mm", "downstream_epe_with_generated_mm")
+                        "downstream_epe_real_only_mm", "downstream_epe_classic_mm", "downstream_epe_with_generated_mm",
+                        "downstream_epe_oracle_mm", "downstream_gain_share_generated")
     prepare_defaults = {"normalize": "ct"}  # HU window -1000..1000 -> [0, 1]; condition files are scaled the same way
     tiny_example = TinyExample(
         phantom="cardiac", n=6, size=16, phantom_options={"flow_pairs": True}, prepare={"size": 16, "seed": 0}, config="flow-cvae-tiny",
         overrides=("model.channels=[4, 8]", "model.pyramid_channels=[4, 4]", "model.latent_channels=2", "train.batch_size=2",
-                   "train.num_threads=1", "evaluate.n_samples=2", "evaluate.generated_per_frame=1", "evaluate.downstream_steps=2"))
+                   "train.num_threads=1", "evaluate.n_samples=2", "evaluate.generated_per_frame=1", "evaluate.downstream_steps=2",
+                   "evaluate.downstream_real_subjects=2", "evaluate.pca_modes=1"))
 
     def resolve_config(self, config: FlowCVAEConfig) -> FlowCVAEConfig:
         info, settings = require_prepared(config.data_dir, "flow-cvae", spatial_dims=3, one_shape=True, channels=1,
@@ -256,6 +261,13 @@ class FlowCVAERecipe(Recipe):
             "image_shape": shape, "reference_affine": np.asarray(info["affine"]).tolist(),
             "ct_window": [float(v) for v in settings["ct_window"]],
             "registration_run": str(Path(run).resolve()) if run else None})})
+
+    def check_data(self, config: FlowCVAEConfig) -> None:
+        """The prepared files and, for the cvae stage on a registration pyramid, ``model.registration_run`` (read safely,
+        as ``before_fit`` will), before the first write."""
+        super().check_data(config)
+        if config.model.stage == "cvae" and config.model.pyramid == "registration":
+            load_module(config.model.registration_run, FlowCVAERecipe())
 
     def build_module(self, config: FlowCVAEConfig) -> FlowCVAEModule:
         return FlowCVAEModule(config)
@@ -362,8 +374,8 @@ class FlowCVAERecipe(Recipe):
 
     def evaluate(self, run: Run, module: FlowCVAEModule, data_dir: Path) -> dict[str, Any]:
         """Field metrics of prior samples on held-out frames (:func:`medsynth.evaluate.fields.field_report`) and the
-        downstream utility of generated triples (:func:`medsynth.evaluate.downstream.downstream_motion_utility`)."""
-        from medsynth.evaluate.downstream import downstream_motion_utility
+        downstream utility of generated flows for unlabelled frames (:func:`medsynth.evaluate.downstream.motion_utility`)."""
+        from medsynth.evaluate.downstream import check_pools, motion_utility
         from medsynth.evaluate.fields import field_report
 
         settings, module = module.config.evaluate, module.eval()
@@ -376,20 +388,27 @@ class FlowCVAERecipe(Recipe):
                 flows = module.net(fixed, moving)
             return {"registration_epe_mm": float(epe_map_mm(flows, truth, affines).mean()),
                     "registration_epe_zero_mm": float(epe_map_mm(torch.zeros_like(truth), truth, affines).mean())}
+        n_labelled, n_unlabelled = check_pools(  # before any work
+            len(train), settings.downstream_real_subjects, settings.downstream_unlabelled_subjects, pca_modes=settings.pca_modes,
+            labelled_setting="evaluate.downstream_real_subjects", unlabelled_setting="evaluate.downstream_unlabelled_subjects",
+            pca_setting="evaluate.pca_modes")
         masks, lv = self.masks(data_dir, test)
         samples = [self.prior_flows(module, case["image"], settings.n_samples, item_seed(settings.seed, c)) for c, case in enumerate(test)]
         truths, affines = stack_items(test, "flow"), stack_items(test, "affine")
         metrics = field_report(samples, truths, affines, masks, stack_items(train, "flow"), stack_items(train, "affine"),
                                lv_masks=lv, prefix="flow")
 
-        real = train[: settings.downstream_real_subjects]
+        # The utility protocol: L's real pairs; U's ES frames (fixed) with k prior flows each, their synthetic ED warp_image(F, invert(u)).
+        real, unlabelled = train[:n_labelled], train[n_labelled:n_labelled + n_unlabelled]
         k = settings.generated_per_frame
-        generated = torch.cat([self.prior_flows(module, case["image"], k, item_seed(settings.seed + 1, i)) for i, case in enumerate(real)])
-        frames = stack_items(real, "image").repeat_interleave(k, 0)
-        fake = (frames, warp_image(frames, invert(generated)), generated, stack_items(real, "affine").repeat_interleave(k, 0))
-        downstream = downstream_motion_utility(pairs(real), fake, pairs(test), steps=settings.downstream_steps, seed=settings.seed)
+        downstream = motion_utility(
+            pairs(real), stack_items(unlabelled, "image"), stack_items(unlabelled, "affine"), [case["flow"][None] for case in unlabelled],
+            pairs(test), lambda i: self.prior_flows(module, unlabelled[i]["image"], k, item_seed(settings.seed + 1, i)), per_frame=k,
+            pca_modes=settings.pca_modes, seeds=[settings.seed + s for s in range(settings.downstream_seeds)], steps=settings.downstream_steps,
+            frame_role="fixed", seed=settings.seed, pca_setting="evaluate.pca_modes")
         return {**metrics, **downstream, "pyramid": module.config.model.pyramid, "n_samples": settings.n_samples,
-                "n_test_real": len(test), "n_downstream_real": len(real), "n_downstream_generated": len(generated)}
+                "n_test_real": len(test), "n_downstream_real": len(real), "n_downstream_generated": downstream["downstream_n_generated"],
+                "downstream_n_labelled": len(real)}
 
     @staticmethod
     def masks(data_dir: Path, cases: list[dict[str, Any]]) -> tuple[dict[str, Tensor], Tensor | None]:

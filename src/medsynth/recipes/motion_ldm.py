@@ -40,6 +40,8 @@ from torch import Tensor
 from medsynth.config import RecipeConfig, StrictModel
 from medsynth.data.datasets import PreparedDataModule, load_prepared_manifest, load_split, require_prepared, stack_items
 from medsynth.data.fields import mm_to_voxel
+from medsynth.data.io import AFFINE_TOLERANCE
+from medsynth.data.manifest import MANIFEST_NAME
 from medsynth.data.prepare import unit_to_hu
 from medsynth.diffusion.autoencoder import AutoencoderConfig, LatentAutoencoder, LatentCache
 from medsynth.diffusion.condition import Condition
@@ -101,8 +103,11 @@ class MotionLDMSampleConfig(SamplerConfig):
 
 class MotionLDMEvaluateConfig(StrictModel):
     n_samples: int = Field(4, ge=1, description="generated motions per held-out subject")
-    downstream_real_subjects: int = Field(4, ge=1, description="training subjects whose real pairs train the downstream network")
-    generated_per_subject: int = Field(2, ge=1, description="generated motions added per downstream subject")
+    downstream_real_subjects: int = Field(4, ge=1, description="labelled pool L: the first training subjects, whose real pairs train the downstream network")
+    downstream_unlabelled_subjects: int | None = Field(None, ge=1, description="unlabelled pool U: the next training subjects, only their reference CT used (None: all the rest)")
+    generated_per_subject: int = Field(2, ge=1, description="generated motions (every moving phase) per unlabelled CT; classic and PCA draw as many fields")
+    pca_modes: int = Field(4, ge=0, description="principal modes of the PCA motion model of L's fields (at most L x moving phases - 1)")
+    downstream_seeds: int = Field(1, ge=1, description="downstream trainings per arm, seeds seed .. seed + n - 1 (mean and sd)")
     downstream_steps: int = Field(200, ge=1)
     seed: int = 0
 
@@ -150,14 +155,7 @@ class MotionLDMModule(DiffusionModule):
 
     def load_autoencoders(self) -> None:
         """Stage ldm alone: the autoencoders of ``model.image_ae_run`` and ``model.field_vae_run``."""
-        for attribute, key in (("image_ae", "image_ae_run"), ("field_vae", "field_vae_run")):
-            path = getattr(self.config.model, key)
-            if path is None:
-                raise MedsynthError(f"motion-ldm: the ldm stage needs the earlier stages: set model.{key} to a run that trained them (or train --stage all)")
-            other = load_module(path, MotionLDMRecipe())
-            stage = attribute.replace("_", "-")  # image-ae, field-vae
-            if other.config.model.stage not in ("all", stage):
-                raise BadInputError(path, f"this run trained the '{other.config.model.stage}' stage, not the {stage}")
+        for attribute, other in stage_runs(self.config.model).items():
             getattr(self, attribute).load_state_dict(getattr(other, attribute).state_dict())
 
     def configure_optimizers(self) -> Any:
@@ -253,10 +251,93 @@ class MotionLDMModule(DiffusionModule):
         return fields.float().cpu()
 
 
+def stage_runs(model: MotionLDMModelConfig) -> dict[str, MotionLDMModule]:
+    """Stage ldm alone: the modules of ``model.image_ae_run`` and ``model.field_vae_run`` (weights read safely), by attribute.
+
+    Raises:
+        MedsynthError: a run unset, not a motion-ldm run, or one that did not train that stage.
+    """
+    runs = {}
+    for attribute, key in (("image_ae", "image_ae_run"), ("field_vae", "field_vae_run")):
+        path = getattr(model, key)
+        if path is None:
+            raise MedsynthError(f"motion-ldm: the ldm stage needs the earlier stages: set model.{key} to a run that trained them (or train --stage all)")
+        other = load_module(path, MotionLDMRecipe())
+        stage = attribute.replace("_", "-")  # image-ae, field-vae
+        if other.config.model.stage not in ("all", stage):
+            raise BadInputError(path, f"this run trained the '{other.config.model.stage}' stage, not the {stage}")
+        runs[attribute] = other
+    return runs
+
+
 def phase_data(config: MotionLDMConfig, data_dir: Path | None = None) -> PhaseData:
     """The run's prepared phase series with its training fields (mm / ``model.field_scale_mm``)."""
     return PhaseData(data_dir or Path(config.data_dir), config.data.registration, config.model.reference_phase,
                      config.model.field_scale_mm, config.data.cached_subjects)
+
+
+def check_registration(config: MotionLDMConfig) -> None:
+    """Refuse a ``data.registration`` folder that cannot give every training field, before the run's first write:
+    every subject of the prepared dataset needs a grid for every phase but the reference, each read safely (never
+    unpickled) and finite (:func:`~medsynth.motion.bspline.load_transform`), all of a subject fitted on one image
+    grid that covers the subject's prepared volume (in world mm: grids of another acquisition are refused).
+
+    Raises:
+        BadInputError: naming the folder or grid file and the problem.
+    """
+    from medsynth.data.datasets import read_case
+    from medsynth.motion.bspline import load_transform
+    from medsynth.motion.phase_series import RECORD_NAME
+    from medsynth.runs import read_structured
+
+    folder, reference = Path(config.data.registration), config.model.reference_phase
+    record_path = folder / RECORD_NAME
+    record = read_structured(record_path, "registration summary")
+    registered = record.get("subjects") if isinstance(record, dict) else None
+    if not isinstance(registered, dict):
+        raise BadInputError(record_path, "broken registration record (no subjects); run `medsynth register --data` again")
+    manifest = load_prepared_manifest(config.data_dir)
+    by_subject: dict[str, list] = {}
+    for case in manifest.cases:
+        by_subject.setdefault(case.subject, []).append(case)
+    missing = sorted(set(by_subject) - set(registered))
+    if missing:
+        raise BadInputError(folder, f"has no grids for {len(missing)} of the {len(by_subject)} subjects of {config.data_dir} "
+                                    f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; it registered "
+                                    f"{', '.join(sorted(registered)[:5]) or 'none'}): register this dataset's phases with `medsynth register --data`")
+    for subject, cases in sorted(by_subject.items()):
+        reference_case = next((case for case in cases if case.phase == reference), None)
+        if reference_case is None:
+            raise BadInputError(manifest.resolve(MANIFEST_NAME), f"subject {subject} has no reference phase {reference}")
+        volume_affine = np.asarray(read_case(manifest.resolve(reference_case.image))["affine"], dtype=np.float64)
+        volume_shape = [int(n) for n in reference_case.stats["prepared_shape"]]
+        first = None
+        for case in sorted(cases, key=lambda c: c.phase):
+            if case.phase == reference:
+                continue
+            path = folder / subject / f"grid_t{case.phase:02d}.npz"
+            if not path.is_file():
+                raise BadInputError(path, f"missing: subject {subject} phase {case.phase} has no grid (run `medsynth register --data` again to finish)")
+            transform, _ = load_transform(path)  # np.load(allow_pickle=False); NaN/Inf refused
+            grid = (tuple(transform.shape), np.asarray(transform.affine, dtype=np.float64))
+            if first is None:
+                first = (path, grid)
+                _check_covers(path, grid, volume_shape, volume_affine, subject)
+            elif grid[0] != first[1][0] or np.abs(grid[1] - first[1][1]).max() > AFFINE_TOLERANCE:
+                raise BadInputError(path, f"fitted on another image grid ({list(grid[0])}) than {first[0].name} ({list(first[1][0])}) of subject {subject}")
+
+
+def _check_covers(path: Path, grid: tuple[tuple[int, ...], np.ndarray], shape: Sequence[int], affine: np.ndarray, subject: str) -> None:
+    """Refuse a grid whose image grid does not hold the centre of the subject's prepared volume, or whose extent along
+    an axis is under half the volume's (world mm): the field would not cover the volume."""
+    grid_shape, grid_affine = grid
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    inside = (np.linalg.inv(grid_affine) @ affine @ corners.T)[:3].T  # the volume's corners in the grid's voxels
+    low, high = inside.min(0), inside.max(0)
+    centre, overlap = (low + high) / 2, np.minimum(high, np.asarray(grid_shape) - 1) - np.maximum(low, 0)
+    if np.any(centre < -0.5) or np.any(centre > np.asarray(grid_shape) - 0.5) or np.any(overlap < 0.5 * (high - low)):
+        raise BadInputError(path, f"does not cover subject {subject}'s prepared volume (grid {list(grid_shape)} voxels; the volume spans "
+                                  f"voxels {np.round(low, 1).tolist()} to {np.round(high, 1).tolist()} of it): grids of another subject or scan?")
 
 
 def check_latent_grid(model: MotionLDMModelConfig, shape: list[int]) -> None:
@@ -289,7 +370,8 @@ class MotionLDMRecipe(Recipe):
     sample_modes = ("random",)
     takes_phases = True
     headline_metrics = ("warped_ssim_generated", "field_epe_mean_mm", "folding_share", "lung_volume_ratio_generated",
-                        "downstream_epe_with_generated_mm")
+                        "downstream_epe_real_only_mm", "downstream_epe_classic_mm", "downstream_epe_with_generated_mm",
+                        "downstream_epe_oracle_mm", "downstream_gain_share_generated")
     prepare_defaults = {"normalize": "ct"}
     tiny_example = TinyExample(
         phantom="lung", n=6, size=32, phantom_options={"frames": 3}, prepare={"ct_window": (-1000.0, 500.0), "seed": 0},
@@ -298,7 +380,7 @@ class MotionLDMRecipe(Recipe):
                    "model.norm_num_groups=4", "model.image_ae.channels=[4, 4]", "model.field_vae.channels=[4, 4]",
                    "model.image_ae.norm_num_groups=4", "model.field_vae.norm_num_groups=4", "train.batch_size=2",
                    "train.num_threads=1", "sample.steps=3", "evaluate.n_samples=2", "evaluate.downstream_steps=2",
-                   "evaluate.downstream_real_subjects=2", "evaluate.generated_per_subject=1"))
+                   "evaluate.downstream_real_subjects=2", "evaluate.generated_per_subject=1", "evaluate.pca_modes=1"))
 
     def resolve_config(self, config: MotionLDMConfig) -> MotionLDMConfig:
         data_dir = Path(config.data_dir)
@@ -332,6 +414,15 @@ class MotionLDMRecipe(Recipe):
         })
         return config.model_copy(update={"model": model, "data": data})
 
+    def check_data(self, config: MotionLDMConfig) -> None:
+        """The prepared files, the registration grids (:func:`check_registration`) and, for stage ldm alone, the
+        autoencoder runs it loads (:func:`stage_runs`), before the first write."""
+        super().check_data(config)
+        if config.data.registration is not None:
+            check_registration(config)
+        if config.model.stage == "ldm":
+            stage_runs(config.model)
+
     def ema_first_epoch(self, config: MotionLDMConfig) -> int:
         return sum(config.model.stage_epochs) if config.model.stage == "all" else 0
 
@@ -348,7 +439,7 @@ class MotionLDMRecipe(Recipe):
         """The condition CTs (:func:`~medsynth.recipes.base.condition_volumes`), or the held-out subjects' reference phases."""
         model = module.config.model
         if condition is not None:
-            return condition_volumes(Path(condition), model.image_shape, model.ct_window)
+            return condition_volumes(Path(condition), model.image_shape, model.ct_window, phase=model.reference_phase)  # a 4D scan: its reference phase
         series = phase_data(module.config)
         held_out = [c for c in load_split(module.config.data_dir, "test") if c["phase"] == model.reference_phase]
         return [ConditionVolume(series.subject[c["id"]], unit_to_hu(c["image"], model.ct_window), c["affine"].numpy(), c["image"], c["affine"].numpy())
@@ -357,6 +448,8 @@ class MotionLDMRecipe(Recipe):
     def requested_phases(self, module: MotionLDMModule, phases: Sequence[int] | None) -> list[int]:
         count = module.config.model.phases
         chosen = list(range(count)) if phases is None else list(phases)
+        if not chosen:
+            raise MedsynthError(f"--phases: empty; give 'all' or phases such as 0,{count - 1} (trained phases 0..{count - 1})")
         bad = [p for p in chosen if not 0 <= p < count]
         if bad:
             raise MedsynthError(f"--phases {','.join(map(str, bad))}: outside the trained phases 0..{count - 1}")
@@ -397,6 +490,7 @@ class MotionLDMRecipe(Recipe):
         train, test = series.by_subject(("train",)), series.by_subject(("test", "val"))
         if not train or not test:
             raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) subjects")
+        pools = self.pools(len(train), model.phases - 1, settings)  # before any work
         moving = [p for p in range(model.phases) if p != model.reference_phase]
         metrics: dict[str, Any] = autoencoder_fidelity(module, [item for phases in test.values() for item in phases.values()])
         # (N, P, 3, *S) voxel fields per held-out subject, zero at the reference phase
@@ -420,7 +514,7 @@ class MotionLDMRecipe(Recipe):
                                      ordered[0]["affine"].numpy(), model.reference_phase)
 
             metrics.update(breathing_metrics([breathing(p) for p in test.values()], list(generated.values()), [breathing(p) for p in train.values()]))
-        metrics.update(self.downstream(module, series, train, test, settings))
+        metrics.update(self.downstream(module, series, train, test, settings, pools))
         metrics.update({"n_test_subjects": len(test), "n_samples": settings.n_samples, "phases": model.phases,
                         "sampler": module.config.sample.describe(module.schedule),
                         "training_fields": "registration" if module.config.data.registration else "dataset"})
@@ -438,15 +532,28 @@ class MotionLDMRecipe(Recipe):
         fields = module.fields_mm(reference["image"], phases, item_seeds(seed, len(phases)), module.config.sample)
         return mm_to_voxel(fields.double(), reference["affine"]).float().unflatten(0, (model.phases, n)).transpose(0, 1)
 
-    def downstream(self, module: MotionLDMModule, series: PhaseData, train: dict, test: dict, settings: MotionLDMEvaluateConfig) -> dict[str, Any]:
-        """A registration network trained on the real (phase, reference) pairs of a few training subjects (their training
-        fields as targets), alone and with generated (warped reference, reference, generated field) triples of the same
-        subjects added; end-point error on the held-out subjects' pairs against their true fields."""
-        from medsynth.evaluate.downstream import downstream_motion_utility
+    @staticmethod
+    def pools(n_train: int, moving_phases: int, settings: MotionLDMEvaluateConfig) -> tuple[int, int]:
+        """(L, U) subjects of the utility protocol, or one line naming the setting that empties a pool or over-asks the PCA."""
+        from medsynth.evaluate.downstream import check_pools
+
+        return check_pools(n_train, settings.downstream_real_subjects, settings.downstream_unlabelled_subjects, pca_modes=settings.pca_modes,
+                           fields_per_subject=moving_phases, labelled_setting="evaluate.downstream_real_subjects",
+                           unlabelled_setting="evaluate.downstream_unlabelled_subjects", pca_setting="evaluate.pca_modes")
+
+    def downstream(self, module: MotionLDMModule, series: PhaseData, train: dict, test: dict, settings: MotionLDMEvaluateConfig,
+                   pools: tuple[int, int]) -> dict[str, Any]:
+        """The utility protocol (:func:`~medsynth.evaluate.downstream.motion_utility`) for a registration network on
+        (phase, reference) pairs: L's real pairs (their training fields as targets); U's reference CTs (moving) warped by
+        k generated motions each (every moving phase), by classic and PCA fields, or by their own training fields (oracle);
+        end-point error on the held-out subjects' pairs against their true fields."""
+        from medsynth.evaluate.downstream import motion_utility
 
         model = module.config.model
         moving = [p for p in range(model.phases) if p != model.reference_phase]
-        subjects = list(train)[: settings.downstream_real_subjects]
+        subjects, unlabelled = list(train)[: pools[0]], list(train)[pools[0]: pools[0] + pools[1]]
+        references = [train[subject][model.reference_phase] for subject in unlabelled]
+        k = settings.generated_per_subject
 
         def pairs(triples: list[tuple[dict[str, Any], Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             """(reference item, fixed image, field) -> (fixed, moving, flow, affines)."""
@@ -454,13 +561,14 @@ class MotionLDMRecipe(Recipe):
                     torch.stack([flow for *_, flow in triples]), torch.stack([ref["affine"] for ref, _, _ in triples]))
 
         real = [(train[s][model.reference_phase], train[s][p]["image"], series.field_voxels(train[s][p])) for s in subjects for p in moving]
-        fake = []
-        for s, subject in enumerate(subjects):
-            reference = train[subject][model.reference_phase]
-            for motion in self.motions(module, reference, settings.generated_per_subject, item_seed(settings.seed + 1, s)):
-                fake += [(reference, warp_image(reference["image"], motion[p]), motion[p]) for p in moving]
         held_out = [(phases[model.reference_phase], phases[p]["image"], series.true_field(phases[p])) for phases in test.values() for p in moving]
-        return downstream_motion_utility(pairs(real), pairs(fake), pairs(held_out), steps=settings.downstream_steps, seed=settings.seed)
+        oracle = [torch.stack([series.field_voxels(train[subject][p]) for p in moving]) for subject in unlabelled]
+        metrics = motion_utility(
+            pairs(real), stack_items(references, "image"), stack_items(references, "affine"), oracle, pairs(held_out),
+            lambda i: self.motions(module, references[i], k, item_seed(settings.seed + 1, i))[:, moving].flatten(0, 1),
+            per_frame=k * len(moving), pca_modes=settings.pca_modes, seeds=[settings.seed + s for s in range(settings.downstream_seeds)],
+            steps=settings.downstream_steps, frame_role="moving", seed=settings.seed, pca_setting="evaluate.pca_modes")
+        return {**metrics, "downstream_n_labelled": len(subjects)}
 
     # -- report
 

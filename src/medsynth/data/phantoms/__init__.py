@@ -1,14 +1,21 @@
 """Procedural phantoms with exact ground truth: each is a function of (parameters, seed).
 
 :data:`PHANTOMS` names every phantom and gives it one interface,
-``PHANTOMS[kind].make(out, n, seed, size, progress, **options)``, with the options of each
+``PHANTOMS[kind].make(out, n, seed, size, progress, force, **options)``, with the options of each
 phantom checked by a small pydantic model. This module is cheap to import (no torch, no
 rendering code): a phantom's module is imported only when it is made.
+
+A dataset is written into a new or empty folder; with ``force`` it replaces an earlier phantom
+dataset (one with the :data:`MARKER_NAME` file every phantom writes first), which is moved aside
+while the new one is written, then deleted (or put back if writing fails): no stale files or
+subjects are left, and a folder that is not a phantom dataset is never deleted.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +23,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from medsynth.config import validate_config
-from medsynth.errors import MedsynthError
+from medsynth.errors import BadInputError, MedsynthError, NonFiniteOutputError
+from medsynth.runs import atomic_write_json, check_output, read_structured
+
+MARKER_NAME = ".medsynth-phantom.json"  # written first into every phantom dataset: what made it (kind, n, seed, size, options)
+# dataset.json names of the phantoms written before the marker existed
+_UNMARKED_NAMES = ("phantom-cilia", "phantom-cardiac", "phantom-lung", "medsynth-coronary")
 
 
 class PhantomOptions(BaseModel):
@@ -86,14 +98,73 @@ class Phantom:
         return checked.model_dump(exclude_unset=True)
 
     def make(self, out: str | Path, n: int = 10, seed: int = 0, size: int | None = None, progress: bool = True,
-             **options: Any) -> Path:
-        """Write the dataset into ``out`` and return it (see the phantom module for its layout)."""
+             force: bool = False, **options: Any) -> Path:
+        """Write the dataset into ``out`` and return it (see the phantom module for its layout).
+
+        ``out`` must be new or empty; with ``force`` an earlier phantom dataset there is replaced whole
+        (module docstring). Raises :class:`~medsynth.errors.BadInputError` for an existing ``out``
+        without ``force``, or one that is not a phantom dataset.
+        """
         checked = self.check(options)
         if n < 1:
             raise MedsynthError(f"phantom {self.name}: n must be at least 1 (got {n})")
+        out = check_output(out, (), force, folder=True)
         writer = getattr(importlib.import_module(self.module), self.function)
         sized = {} if size is None else {"size": size}
-        return Path(writer(Path(out), n, seed=seed, progress=progress, **sized, **checked))
+        record = {"phantom": self.name, "n": n, "seed": seed, "size": list(size) if isinstance(size, (tuple, list)) else size,
+                  "options": checked}
+        existed = out.exists()
+        old = _move_aside(out) if existed and any(out.iterdir()) else None
+        try:
+            atomic_write_json(out / MARKER_NAME, record)  # first: a killed run's folder is still known as ours
+            written = Path(writer(out, n, seed=seed, progress=progress, **sized, **checked))
+        except NonFiniteOutputError as exc:
+            _put_back(out, old, existed)
+            raise exc.blaming(f"phantom {self.name}: an option or --size is out of range") from None
+        except BaseException:
+            _put_back(out, old, existed)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+        return written
+
+
+def _is_phantom_dataset(folder: Path) -> bool:
+    """Whether ``folder`` holds a phantom dataset: the marker, or (written before it) a phantom's dataset.json."""
+    if (folder / MARKER_NAME).is_file():
+        return True
+    try:
+        return read_structured(folder / "dataset.json", "manifest").get("name") in _UNMARKED_NAMES
+    except BadInputError:
+        return False
+
+
+def _move_aside(out: Path) -> Path:
+    """Move the phantom dataset in ``out`` to a hidden sibling (``out`` is left empty) and return it;
+    a folder that is not a phantom dataset is refused, never deleted."""
+    if not _is_phantom_dataset(out):
+        raise BadInputError(out, "--force replaces only a phantom dataset, and this folder is not one; "
+                                 "give a new or empty folder, or delete it yourself")
+    real = out.resolve()  # through a symlink: the folder itself moves, the link stays
+    old = real.with_name(f".{real.name}.replaced-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    real.rename(old)
+    real.mkdir()
+    return old
+
+
+def _put_back(out: Path, old: Path | None, existed: bool) -> None:
+    """After a failed write: the dataset moved aside comes back in place of what was written; without one,
+    a refusal before any image (only the marker written) leaves ``out`` as it was."""
+    if old is None:
+        if out.is_dir() and [p.name for p in out.iterdir()] == [MARKER_NAME]:
+            (out / MARKER_NAME).unlink()
+            if not existed:
+                out.rmdir()
+        return
+    real = out.resolve()
+    shutil.rmtree(real, ignore_errors=True)
+    old.rename(real)
 
 
 PHANTOMS: dict[str, Phantom] = {
