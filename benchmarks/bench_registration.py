@@ -50,7 +50,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +159,8 @@ def run_elastix(pair: Pair, threads: int) -> tuple[torch.Tensor, float]:
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
     start = time.perf_counter()
     _, result = itk.elastix_registration_method(fixed, moving, parameter_object=parameters, log_to_console=False)
-    field = itk.transformix_deformation_field(moving, result)
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):  # transformix leaves deformationField.nii in the cwd
+        field = itk.transformix_deformation_field(moving, result)
     seconds = time.perf_counter() - start
     lps = itk.GetArrayFromImage(field).transpose(2, 1, 0, 3)  # (X, Y, Z, 3) mm, LPS
     ras = torch.from_numpy(np.einsum("ij,xyzj->ixyz", _LPS, lps.astype(np.float64)))
