@@ -107,6 +107,8 @@ def file_html(path: Path, min_width: int = MIN_FILE_PX) -> str:
 
 
 def _shown(value: Any) -> str:
+    if value is None:  # a metric that could not be computed (its reason is under "not_computed")
+        return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
     return html.escape(json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value))
