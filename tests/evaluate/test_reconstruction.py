@@ -118,4 +118,5 @@ def test_evaluate_reconstruction_runs_a_latent_method_and_reports_its_figures(ti
     histories = json.loads((run / "samples" / "reconstruction" / "histories.json").read_text())
     assert len(histories["pnp"]["total"]) >= 1
     html = api.report(run).read_text()
-    assert "Reconstruction: pnp" in html and "optimisation curves" in html
+    assert "the same through-plane sections of the truth and every method" in html and "optimisation curves" in html
+    assert "Reconstruction: PSNR in the heart (dB) per method" in html  # the bar chart from metrics.json

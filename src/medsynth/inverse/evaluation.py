@@ -234,9 +234,10 @@ def _summarise(scores: dict[str, list[dict[str, float]]], lv_ml: dict[str, dict[
 
 
 def reconstruction_figures(folder: Path) -> list[tuple[str, Any]]:
-    """(title, matplotlib Figure) for the report from what :func:`reconstruction_metrics` kept in ``folder``: per
-    method, through-plane sections (the middle X and Y sections, slice axis vertical) beside the truth's and their
-    difference; the latent methods' losses per iteration. Empty when nothing was kept."""
+    """(title, matplotlib Figure) for the report from what :func:`reconstruction_metrics` kept in ``folder``: one
+    figure of the truth and every method side by side (the middle X and Y through-plane sections, slice axis
+    vertical, and the X section's difference from the truth; PSNR in the titles); the latent methods' losses per
+    iteration. Empty when nothing was kept."""
     from matplotlib.figure import Figure
 
     figures: list[tuple[str, Any]] = []
@@ -250,18 +251,25 @@ def reconstruction_figures(folder: Path) -> list[tuple[str, Any]]:
     def sections(volume: np.ndarray) -> list[np.ndarray]:
         return [volume[volume.shape[0] // 2].T, volume[:, volume.shape[1] // 2].T]  # (Z, Y) and (Z, X)
 
-    for method, volume in volumes.items():
-        fig = Figure(figsize=(7.5, 2.2))
-        axes = fig.subplots(1, 6)
-        panels = [*sections(truth), *sections(volume), *(np.abs(a - b) for a, b in zip(sections(volume), sections(truth)))]
-        titles = ["truth x", "truth y", f"{method} x", f"{method} y", "|diff| x", "|diff| y"]
-        for ax, panel, title in zip(axes, panels, titles):
-            ax.imshow(panel, cmap="gray", vmin=0 if title.startswith("|") else lo, vmax=(hi - lo) if title.startswith("|") else hi,
-                      aspect="auto", origin="lower")
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-        fig.tight_layout(pad=0.2)
-        figures.append((f"Reconstruction: {method} (through-plane sections against the truth)", fig))
+    # One figure: the same sections through the truth and every method (cubic first), PSNR in the titles.
+    order = sorted(volumes, key=lambda name: (name != "cubic", name))
+    columns = [("truth", truth), *((name, volumes[name]) for name in order)]
+    fig = Figure(figsize=(1.8 * len(columns), 1.9 * 3 + 0.3), layout="constrained")
+    axes = fig.subplots(3, len(columns), squeeze=False)
+    for column, (name, volume) in enumerate(columns):
+        title = name if name == "truth" else f"{name}\n{psnr(volume, truth):.2f} dB"
+        x_section, y_section = sections(volume)
+        panels = [(x_section, lo, hi), (y_section, lo, hi), (np.abs(x_section - sections(truth)[0]), 0.0, hi - lo)]
+        for row, (panel, vmin, vmax) in enumerate(panels):
+            ax = axes[row, column]
+            ax.imshow(panel, cmap="gray", vmin=vmin, vmax=vmax, aspect="auto", origin="lower", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+            if column == 0:
+                ax.set_ylabel(("x section", "y section", "|diff|, x section")[row], fontsize=8)
+    figures.append(("Reconstruction: the same through-plane sections of the truth and every method (PSNR of the whole volume)", fig))
     histories = json.loads((folder / "histories.json").read_text()) if (folder / "histories.json").is_file() else {}
     if histories:
         fig = Figure(figsize=(3.2 * len(histories), 2.6))
