@@ -755,9 +755,11 @@ def plan(data: str | Path, recipe: str, gpu: str | None = None, memory: str | No
 
 
 def _proc_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
+    from medsynth.runs import proc_field
+
+    value = proc_field("/proc/self/status", key)
+    if value is not None:
+        return int(value)
     raise MedsynthError(f"/proc/self/status has no {key} (the CPU measurement needs Linux)")
 
 

@@ -420,16 +420,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 _UMASK_FALLBACK: list[int] = []  # where /proc is missing: the umask read once (setting and restoring it)
 
 
+def proc_field(path: str, key: str) -> str | None:
+    """The first word after ``key:`` in a Linux ``/proc`` table (``/proc/self/status``, ``/proc/meminfo``),
+    or None where the file or the key is missing (not Linux). The one reader of these tables."""
+    try:
+        with open(path, encoding="ascii") as table:
+            for line in table:
+                if line.startswith(key + ":"):
+                    words = line.split()
+                    return words[1] if len(words) > 1 else None
+    except OSError:
+        pass
+    return None
+
+
 def current_umask() -> int:
     """The process's file-creation mask, read without changing it (Linux: ``/proc/self/status``);
     elsewhere read once by setting and restoring it (the only portable way, racy if threads create files then)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    mask = proc_field("/proc/self/status", "Umask")
+    if mask is not None:
+        return int(mask, 8)
     if not _UMASK_FALLBACK:
         mask = os.umask(0o022)
         os.umask(mask)

@@ -59,7 +59,7 @@ from medsynth.inverse.operators import PlaneOperator, SliceStackOperator
 from medsynth.inverse.planes import Plane, fine_stack_affine, fine_stack_shape, pixel_points, stack_slice_axis
 from medsynth.inverse.pnp import optimise_volume
 from medsynth.inverse.prior import SlicePrior, from_unit, resize_slices, to_unit, unit_range
-from medsynth.runs import atomic_write_json
+from medsynth.runs import atomic_write_json, proc_field
 
 __all__ = ["BASELINES", "METHODS", "METHOD_SPECS", "MethodSpec", "check_inputs", "check_memory", "check_output_name", "interpolate_stack",
            "lax_agreement", "lax_distance_mm", "reconstruct_files", "reconstruct_stack", "settings_for"]
@@ -449,13 +449,9 @@ LAX_WARN_CORRELATION = 0.85  # below this a LAX view is warned about (calibratio
 def available_bytes() -> int | None:
     """Memory the machine has free now: ``MemAvailable`` of /proc/meminfo (Linux), else free physical pages
     (``os.sysconf``), else ``None`` (not known). Our own: psutil is not a dependency."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as lines:
-            for line in lines:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    available_kib = proc_field("/proc/meminfo", "MemAvailable")
+    if available_kib is not None and available_kib.isdigit():
+        return int(available_kib) * 1024
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
