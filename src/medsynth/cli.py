@@ -65,11 +65,10 @@ def _phases(text: str) -> list[int] | None:
 
 
 def _max_voxels(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    from medsynth.data.io import voxel_count
+
+    value = voxel_count(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"invalid voxel count {text!r} (a positive integer, e.g. {2**31})")
     return value
 

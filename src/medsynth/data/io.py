@@ -100,13 +100,19 @@ def max_voxels() -> int:
     text = os.environ.get(MAX_VOXELS_VARIABLE, "").strip()
     if not text:
         return DEFAULT_MAX_VOXELS
+    value = voxel_count(text)
+    if value is None:
+        raise MedsynthError(f"{MAX_VOXELS_VARIABLE}={text!r} (--max-voxels): not a positive whole number of voxels")
+    return value
+
+
+def voxel_count(text: str) -> int | None:
+    """``text`` as a positive whole number of voxels, else None (the one parser of ``--max-voxels``)."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise MedsynthError(f"{MAX_VOXELS_VARIABLE}={text!r} (--max-voxels): not a positive whole number of voxels")
-    return value
+        return None
+    return value if value >= 1 else None
 
 
 def _claim(shape: Sequence[int], itemsize: int) -> str:

@@ -223,16 +223,7 @@ def reconstruct_stack(prior: SlicePrior | None, sax: Any, lax: Sequence[Any] = (
     _check_factor(factor)
     if prior is None and method not in BASELINES:
         raise MedsynthError(f"reconstruct: method '{method}' needs a trained diffae run (or its DDIM baseline) as its prior")
-    image, affine = _image_and_affine(sax)
-    if image.ndim != 3 or min(image.shape) < 2:
-        raise MedsynthError(f"reconstruct: the SAX stack must be (X, Y, S) with at least 2 slices, got shape {image.shape}")
-    axis = stack_slice_axis(affine)
-    order = [a for a in range(3) if a != axis] + [axis]  # slice axis last
-    stack = np.transpose(image, order)
-    stack_affine = affine[:, [*order, 3]]
-    fine_affine = fine_stack_affine(stack_affine, factor)
-    fine_shape = fine_stack_shape(stack_affine, stack.shape, factor)
-    views = _lax_views(lax, lax_names, fine_affine, fine_shape, settings)
+    affine, order, stack, stack_affine, fine_affine, fine_shape, views = _stack_and_views(sax, lax, factor, settings, lax_names)
     history = ReconstructionHistory(method=method)
     if method in BASELINES:
         volume = interpolate_stack(stack, factor, method)
@@ -402,6 +393,22 @@ def check_inputs(sax_path: str | Path, lax_paths: Sequence[str | Path], factor: 
     return shape[3]
 
 
+def _stack_and_views(sax: Any, lax: Sequence[Any], factor: int, settings: ReconstructSettings,
+                     lax_names: Sequence[str] | None) -> tuple:
+    """The SAX affine, its axis order with the slice axis last, the stack (X, Y, S) and its affine, the fine
+    grid's affine and shape at ``factor``, and the LAX views on that grid: what every method and check starts from."""
+    image, affine = _image_and_affine(sax)
+    if image.ndim != 3 or min(image.shape) < 2:
+        raise MedsynthError(f"reconstruct: the SAX stack must be (X, Y, S) with at least 2 slices, got shape {image.shape}")
+    axis = stack_slice_axis(affine)
+    order = [a for a in range(3) if a != axis] + [axis]  # slice axis last
+    stack = np.transpose(image, order)
+    stack_affine = affine[:, [*order, 3]]
+    fine_affine = fine_stack_affine(stack_affine, factor)
+    fine_shape = fine_stack_shape(stack_affine, stack.shape, factor)
+    return affine, order, stack, stack_affine, fine_affine, fine_shape, _lax_views(lax, lax_names, fine_affine, fine_shape, settings)
+
+
 def lax_agreement(sax: Any, lax: Sequence[Any], factor: int, settings: ReconstructSettings | None = None,
                   lax_names: Sequence[str] | None = None) -> list[float | None]:
     """How well each LAX view's intensities follow the SAX stack where its plane crosses the observed slices.
@@ -418,14 +425,7 @@ def lax_agreement(sax: Any, lax: Sequence[Any], factor: int, settings: Reconstru
         sax, lax: as :func:`reconstruct_stack` takes them (one frame).
     """
     settings = settings or ReconstructSettings()
-    image, affine = _image_and_affine(sax)
-    axis = stack_slice_axis(affine)
-    order = [a for a in range(3) if a != axis] + [axis]
-    stack = np.transpose(image, order)
-    stack_affine = affine[:, [*order, 3]]
-    fine_affine = fine_stack_affine(stack_affine, factor)
-    fine_shape = fine_stack_shape(stack_affine, stack.shape, factor)
-    views = _lax_views(lax, lax_names, fine_affine, fine_shape, settings)
+    _, _, stack, _, fine_affine, fine_shape, views = _stack_and_views(sax, lax, factor, settings, lax_names)
     volume = torch.from_numpy(interpolate_stack(stack, factor, "linear"))[None, None]
     result: list[float | None] = []
     for view in views:
