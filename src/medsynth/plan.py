@@ -4,7 +4,7 @@ The estimator runs a recipe's own ``training_step`` (and one call of its sampler
 (PyTorch's ``FakeTensorMode``: meta storage, CPU dispatch keys, so nothing is allocated and CPU autocast still
 applies), and counts:
 
-- FLOPs with ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward of one training step; one forward
+- FLOPs with ``torch.utils.flop_counter``'s per-op formulas (forward + backward of one training step; one forward
   of the sampling network, with classifier-free guidance and patch tiling as the recipe samples);
 - activation memory: the tensors autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``),
   each storage once, parameters and the batch excluded; under ``bf16-mixed`` the forward runs under CPU autocast,
@@ -15,7 +15,7 @@ applies), and counts:
   ``bf16-mixed``, bf16 under ``bf16-true``).
 
 ``peak_memory_bytes`` = weights + optimiser state + batch + step memory, where step memory is the high-water mark,
-over the forward and backward pass, of the fake tensors alive (:class:`LiveBytes`: saved activations, gradients as
+over the forward and backward pass, of the fake tensors alive (:class:`OpTracker`: saved activations, gradients as
 backward writes them, transients; each storage once). Gradients + saved activations alone overestimate it where
 the gradients rival the activations (early layers' gradients appear when most activations are freed): the CPU
 measurement (:func:`measure_cpu`) measures the same quantity, the resident-memory high-water mark of a step above
@@ -354,14 +354,28 @@ def build(example: Example) -> Any:
     return get_recipe(example.config.recipe).build_module(example.config)
 
 
-class LiveBytes:
-    """The bytes of the tensors alive, each storage once, and their high-water mark: every tensor an op returns is
-    tracked until its last Python reference dies (a fake tensor's Python object lives as long as the tensor, also
-    when only autograd holds it)."""
+class OpTracker:
+    """What the ops of a step cost: the FLOPs (``torch.utils.flop_counter``'s per-op formulas) and the bytes of the
+    tensors alive, each storage once, with their high-water mark. Every tensor an op returns is tracked until its
+    last Python reference dies (a fake tensor's Python object lives as long as the tensor, also when only autograd
+    holds it).
+
+    The FLOPs are counted here rather than under ``FlopCounterMode``: that mode, stacked on the step, kept alive
+    what gradient checkpointing frees (motion-ldm's checkpointed image-ae step at 48x48x12 held 47-61 MB of
+    tensors under it against 35 MB without, on real tensors as on fake ones).
+    """
 
     def __init__(self) -> None:
-        self.now = self.peak = 0
+        self.now = self.peak = self.flops = 0
         self.storages: dict[int, list[int]] = {}  # storage -> [bytes, tensors alive on it]
+
+    def count(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        """Add the FLOPs of one op (those without a formula, elementwise ones, count 0 as in ``FlopCounterMode``)."""
+        from torch.utils.flop_counter import flop_registry
+
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **(kwargs or {}), out_val=out)
 
     def track(self, tensor: Any) -> None:
         import weakref
@@ -388,16 +402,10 @@ class LiveBytes:
         return self.now
 
 
-def run_step(example: Example, module: Any, batch_size: int, precision: str, sample: bool = True,
-             live: LiveBytes | None = None) -> StepCount:
-    """One training step (forward + backward) of ``module`` and one sampling call (``sample``; else 0 FLOPs), counted;
-    ``live`` (fake tensors only): the tracker whose high-water mark over the step is ``StepCount.live_step_bytes``.
-
-    Called inside ``FakeTensorMode`` by :func:`count_steps` (nothing allocated) and on real CPU tensors by the
-    measurement (:func:`measure_cpu`), so both run exactly the same code.
-    """
+def run_step(example: Example, module: Any, batch_size: int, precision: str, tracker: OpTracker, sample: bool = True) -> StepCount:
+    """One training step (forward + backward) of ``module`` and one sampling call (``sample``; else 0 FLOPs), counted
+    by ``tracker``, which the dispatch mode around the call (:func:`count_steps`) feeds with every op."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     if precision == "bf16-true":
         module = module.to(torch.bfloat16)
@@ -418,19 +426,18 @@ def run_step(example: Example, module: Any, batch_size: int, precision: str, sam
             saved[key] = max(saved.get(key, 0), tensor.untyped_storage().nbytes())
         return tensor
 
-    counter = FlopCounterMode(display=False)
-    start = live.reset_peak() if live is not None else 0
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    start, flops = tracker.reset_peak(), tracker.flops
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with _autocast(precision):
             loss = module.training_step(batch, 0)
         loss.backward()
-    train_flops = counter.get_total_flops()
+    train_flops = tracker.flops - flops
     del loss
-    live_step = live.peak - start if live is not None else 0
+    live_step = tracker.peak - start
     module.eval()
-    counter = FlopCounterMode(display=False)
+    flops = tracker.flops
     if sample:
-        with counter, torch.no_grad(), _autocast(precision):
+        with torch.no_grad(), _autocast(precision):
             example.sample(module)
     with_grad = [p for p in params if p.grad is not None]
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -439,7 +446,7 @@ def run_step(example: Example, module: Any, batch_size: int, precision: str, sam
         trainable_params=sum(p.numel() for p in with_grad), weight_bytes=weight_bytes,
         grad_bytes=sum(p.numel() * p.element_size() for p in with_grad), optimizer_bytes=2 * weight_bytes,
         batch_bytes=_tensor_bytes(batch), activation_bytes=sum(saved.values()), live_step_bytes=live_step, train_step_flops=int(train_flops),
-        sample_step_flops=int(counter.get_total_flops()), sample_items=example.sample_items, sample_calls=example.sample_calls)
+        sample_step_flops=int(tracker.flops - flops), sample_items=example.sample_items, sample_calls=example.sample_calls)
 
 
 def count_steps(example: Example, batch_sizes: Sequence[int], precision: str, sample: bool = True) -> list[StepCount]:
@@ -451,7 +458,7 @@ def count_steps(example: Example, batch_sizes: Sequence[int], precision: str, sa
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
     from torch.utils._pytree import tree_leaves
 
-    live = LiveBytes()
+    tracker = OpTracker()
 
     class CountingMode(FakeTensorMode):
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -461,11 +468,14 @@ def count_steps(example: Example, batch_sizes: Sequence[int], precision: str, sa
             tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
                 with unset_fake_temporarily():  # real in, real out (an affine the loss reads with numpy)
-                    return func(*args, **(kwargs or {}))
+                    out = func(*args, **(kwargs or {}))
+                tracker.count(func, args, kwargs, out)
+                return out
             out = super().__torch_dispatch__(func, types, args, kwargs)
+            tracker.count(func, args, kwargs, out)
             for tensor in tree_leaves(out):
                 if isinstance(tensor, FakeTensor):
-                    live.track(tensor)
+                    tracker.track(tensor)
             return out
 
     # Built on the CPU (schedules compute Python floats from their tensors, which fake tensors cannot give),
@@ -489,7 +499,7 @@ def count_steps(example: Example, batch_sizes: Sequence[int], precision: str, sa
                 gc.collect()
                 gc.disable()  # tensors in reference cycles die at a collection: none during the step, so the count is repeatable
                 try:
-                    counts.append(run_step(example, module, size, precision, sample, live))
+                    counts.append(run_step(example, module, size, precision, tracker, sample))
                 finally:
                     gc.enable()
     return counts
