@@ -511,21 +511,23 @@ PRIOR_RECIPES = ("diffae",)  # recipes whose modules are slice priors for `recon
 
 
 def reconstruct(run: str | Path | None, sax: str | Path, lax: Sequence[str | Path] = (), out: str | Path | None = None,
-                factor: int = 8, method: str = "latent", prior_run: str | Path | None = None, keep_steps: bool = False,
+                factor: int = 8, method: str | None = None, prior_run: str | Path | None = None, keep_steps: bool = False,
                 overrides: list[str] | tuple[str, ...] = (), force: bool = False, progress: bool = True) -> Path:
     """A fine SAX volume (every frame) from a SAX stack and LAX views: :func:`medsynth.inverse.reconstruct_files`.
 
     The prior is ``prior_run``'s if given (e.g. the DDIM baseline), else ``run``'s: a ``diffae`` run (its DDIM
     baseline is one with ``model.semantic: false``) whose module is a :class:`~medsynth.inverse.SlicePrior` or has
     ``slice_prior()``. The baselines (``nearest``, ``linear``, ``cubic``) load none: ``run`` may then be ``None`` or
-    ``"-"``; a run of another recipe is refused for every method. ``overrides`` set the method's
+    ``"-"``; a run of another recipe is refused for every method. ``method`` defaults to
+    :data:`~medsynth.inverse.reconstruct.DEFAULT_METHOD`. ``overrides`` set the method's
     :class:`~medsynth.inverse.ReconstructSettings` (``iterations=50``; a key the method does not read is refused,
     :func:`~medsynth.inverse.reconstruct.settings_for`). The memory is estimated before the prior is loaded.
     An existing ``out`` is replaced only with ``force``; an ``out`` that is an input is refused.
     """
     from medsynth.inverse import BASELINES, SlicePrior, reconstruct_files
-    from medsynth.inverse.reconstruct import check_inputs, check_memory, check_output_name, settings_for
+    from medsynth.inverse.reconstruct import DEFAULT_METHOD, check_inputs, check_memory, check_output_name, settings_for
 
+    method = method or DEFAULT_METHOD
     if out is None:
         raise MedsynthError("reconstruct: --out is required")
     check_output_name(out)  # a NIfTI, before any work

@@ -225,21 +225,23 @@ def _render(p: argparse.ArgumentParser) -> None:
 
 
 def _reconstruct(p: argparse.ArgumentParser) -> None:
-    from medsynth.inverse.reconstruct import METHODS
+    from medsynth.inverse.reconstruct import DEFAULT_METHOD, METHODS
 
     p.add_argument("run", nargs="?", default=None,
-                   help="a trained diffae run (or its DDIM baseline): the prior of latent and pnp; '-' or omitted for the baselines")
+                   help="a trained diffae run (or its DDIM baseline): the prior of pnp, latent and diffpir; '-' or omitted for the baselines")
     p.add_argument("--sax", required=True, help="short-axis stack NIfTI, (X, Y, S) or (X, Y, S, T)")
     p.add_argument("--lax", nargs="*", default=[], metavar="LA", help="long-axis views (X, Y, 1[, T]), e.g. la_2ch.nii.gz la_4ch.nii.gz")
     p.add_argument("--factor", type=int, default=8, help="through-plane refinement: (S - 1) * factor + 1 slices (2 .. 64)")
-    p.add_argument("--method", choices=list(METHODS), default="latent", help="latent (original), pnp (faster) or an interpolation baseline")
+    p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+                   help=f"{DEFAULT_METHOD} (default: the best within a minute), latent (the original, slow), diffpir (posterior "
+                        "sampling) or an interpolation baseline")
     p.add_argument("--prior-run", default=None, help="use this run's prior instead of RUN's (e.g. the DDIM baseline)")
     p.add_argument("--out", required=True, help="output NIfTI: the fine volume, (X, Y, Z[, T]) with the fine affine")
     p.add_argument("--keep-steps", action="store_true", help="also write the volume at every optimisation step (OUT_steps/)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="settings of the method (others are refused), e.g. latent: iterations=50, lax_weight=6, steps=20; "
-                        "pnp: pnp_iterations=20, pnp_lr=5e-4")
+                        "pnp: pnp_iterations=20, pnp_lr=5e-4; diffpir: diffpir_iterations=10, diffpir_t_start=20")
     _no_progress(p)
 
 

@@ -110,11 +110,17 @@ def test_evaluate_reconstruction_with_the_baselines_writes_every_key(tiny_run):
 def test_evaluate_reconstruction_runs_a_latent_method_and_reports_its_figures(tiny_run):
     run, raw = tiny_run
     metrics = api.evaluate(run, reconstruction=raw, progress=False, overrides=[
-        "evaluate.reconstruction_methods=[cubic, pnp, ddim_lax]", "evaluate.segmenter_epochs=1",
-        "evaluate.reconstruct.steps=2", "evaluate.reconstruct.pnp_iterations=2"])
-    assert metrics["reconstruction_methods"] == ["cubic", "pnp"]
+        "evaluate.reconstruction_methods=[cubic, pnp, ddim_lax, data_terms, diffpir, diffpir_no_prior, codes_interpolation]",
+        "evaluate.segmenter_epochs=1", "evaluate.reconstruct.steps=2", "evaluate.reconstruct.pnp_iterations=2",
+        "evaluate.reconstruct.diffpir_iterations=2"])
+    assert metrics["reconstruction_methods"] == ["cubic", "pnp", "data_terms", "diffpir", "diffpir_no_prior", "codes_interpolation"]
     assert metrics["reconstruction_skipped"] == ["ddim_lax"]  # no evaluate.ddim_run given
     assert np.isfinite(metrics["reconstruction_psnr_pnp"]) and metrics["reconstruction_seconds_pnp"] > 0
+    # each learned method against itself without the prior: pnp's is the data terms alone, diffpir's its data steps alone
+    assert metrics["reconstruction_psnr_pnp_no_prior"] == metrics["reconstruction_psnr_data_terms"]
+    assert metrics["reconstruction_psnr_diffpir"] != metrics["reconstruction_psnr_diffpir_no_prior"]
+    assert 0 < metrics["interpolation_psnr_codes"] < PSNR_CAP
+    assert "reconstruction_dice_myo_truth" in metrics
     histories = json.loads((run / "samples" / "reconstruction" / "histories.json").read_text())
     assert len(histories["pnp"]["total"]) >= 1
     html = api.report(run).read_text()

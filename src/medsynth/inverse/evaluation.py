@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,43 @@ from medsynth.inverse.prior import SlicePrior
 from medsynth.inverse.reconstruct import reconstruct_stack
 from medsynth.runs import atomic_write_bytes, atomic_write_json
 
-__all__ = ["EVAL_METHODS", "reconstruction_figures", "reconstruction_metrics"]
+__all__ = ["EVAL_METHODS", "EvalMethod", "reconstruction_figures", "reconstruction_metrics"]
 
-# name -> (reconstruct_stack method, prior ("diffae" / "ddim" / None), LAX views used)
-EVAL_METHODS: dict[str, tuple[str, str | None, bool]] = {
-    "nearest": ("nearest", None, False), "linear": ("linear", None, False), "cubic": ("cubic", None, False),
-    "diffae_lax": ("latent", "diffae", True), "diffae_sax_only": ("latent", "diffae", False),
-    "ddim_lax": ("latent", "ddim", True), "pnp": ("pnp", "diffae", True),
+@dataclass(frozen=True)
+class EvalMethod:
+    """One scored row: ``reconstruct_stack``'s ``method`` with ``overrides`` of the settings, the prior it uses
+    (``"diffae"``, ``"ddim"`` or ``None``), whether it sees the LAX views, and ``no_prior``: the row that is the same
+    method without its prior (the prior's contribution is the difference)."""
+
+    method: str
+    prior: str | None = None
+    lax: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    no_prior: str | None = None
+
+
+# The learned methods and, for each, the same fitting without the prior: ``pnp`` with its denoising term off is the
+# SAX and LAX terms optimised in voxels from the cubic start (``data_terms``), which is also what ``latent`` is
+# without its decoder (the same start, the same terms, no diffusion); ``diffpir`` without its denoiser keeps its
+# schedule of data steps. ``codes_interpolation`` is the original's slerp/lerp of the observed slices' codes,
+# decoded without optimisation (``interpolation_psnr_codes``: its PSNR on the slices between the observed ones).
+EVAL_METHODS: dict[str, EvalMethod] = {
+    "nearest": EvalMethod("nearest"), "linear": EvalMethod("linear"), "cubic": EvalMethod("cubic"),
+    "diffae_lax": EvalMethod("latent", "diffae", True, no_prior="data_terms"),
+    "diffae_sax_only": EvalMethod("latent", "diffae", False, no_prior="data_terms_sax_only"),
+    "ddim_lax": EvalMethod("latent", "ddim", True, no_prior="data_terms"),
+    "pnp": EvalMethod("pnp", "diffae", True, no_prior="data_terms"),
+    "pnp_sax_only": EvalMethod("pnp", "diffae", False, no_prior="data_terms_sax_only"),
+    "diffpir": EvalMethod("diffpir", "diffae", True, no_prior="diffpir_no_prior"),
+    "diffpir_sax_only": EvalMethod("diffpir", "diffae", False, no_prior="diffpir_sax_only_no_prior"),
+    "data_terms": EvalMethod("pnp", "diffae", True, {"pnp_weight": 0.0}),
+    "data_terms_sax_only": EvalMethod("pnp", "diffae", False, {"pnp_weight": 0.0}),
+    "diffpir_no_prior": EvalMethod("diffpir", "diffae", True, {"diffpir_prior": False}),
+    "diffpir_sax_only_no_prior": EvalMethod("diffpir", "diffae", False, {"diffpir_prior": False}),
+    "codes_interpolation": EvalMethod("latent", "diffae", False, {"init": "slerp", "iterations": 0}),
 }
+# rows that only serve another's measurement: scored, not drawn in the figure
+ABLATIONS = {spec.no_prior for spec in EVAL_METHODS.values() if spec.no_prior} | {"codes_interpolation"}
 
 
 def _labels(manifest_labels: dict[str, str]) -> dict[int, str]:
@@ -127,7 +156,9 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
         ``reconstruction_dice_<s>_m``, ``reconstruction_hd95_m_<s>`` (mm) and ``reconstruction_lax_dice_<s>_m`` for s in
         lv/myo/rv, ``reconstruction_{edv,esv,ef}_error_m`` (ml, ml, percentage points, mean absolute over subjects),
         ``reconstruction_seconds_m`` (mean wall seconds per volume); the same segmentation scores for ``truth``;
-        ``reconstruction_pnp_speedup`` (seconds of diffae_lax / pnp); counts and subjects.
+        ``reconstruction_pnp_speedup`` (seconds of diffae_lax / pnp); for each learned method ``m``,
+        ``reconstruction_psnr_m_no_prior`` and ``reconstruction_psnr_heart_m_no_prior`` (its ``no_prior`` row's);
+        ``interpolation_psnr_codes`` (``codes_interpolation`` on the slices between the observed ones); counts and subjects.
     """
     data_dir, settings = Path(data_dir), settings or ReconstructSettings()
     unknown = [m for m in methods if m not in EVAL_METHODS]
@@ -145,10 +176,11 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
     values, classes = sorted(names), structure_classes(names)
     segmenter = _segmenter(data_dir, [s for s in train if (data_dir / s / HR_NAME).is_file()], values, segmenter_epochs, seed)
     priors = {"diffae": prior, "ddim": ddim_prior, None: None}
-    chosen = [m for m in methods if EVAL_METHODS[m][1] is None or priors[EVAL_METHODS[m][1]] is not None]
+    chosen = [m for m in methods if EVAL_METHODS[m].prior is None or priors[EVAL_METHODS[m].prior] is not None]
     scores: dict[str, list[dict[str, float]]] = {m: [] for m in ["truth", *chosen]}
     lv_ml: dict[str, dict[tuple[str, str], float]] = {m: {} for m in ["truth", *chosen]}
     kept: dict[str, np.ndarray] = {}
+    between_psnr: list[float] = []
     histories: dict[str, dict[str, list[float]]] = {}
     for subject in held_out:
         info = manifest.cine[subject]
@@ -179,15 +211,18 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
             if first:
                 kept["truth"] = truth
             for method in chosen:
-                kind, prior_name, use_lax = EVAL_METHODS[method]
+                spec = EVAL_METHODS[method]
                 volume, affine, history = reconstruct_stack(
-                    priors[prior_name], (sax, sax_affine), [(image, a) for _, image, a in lax] if use_lax else [], factor, kind,
-                    settings, lax_names=[str(views[name]) for name, _, _ in lax] if use_lax else None)
+                    priors[spec.prior], (sax, sax_affine), [(image, a) for _, image, a in lax] if spec.lax else [], factor, spec.method,
+                    settings.model_copy(update=spec.overrides), lax_names=[str(views[name]) for name, _, _ in lax] if spec.lax else None)
                 if volume.shape != truth.shape or not np.allclose(affine, hr_affine, atol=1e-3):
                     raise BadInputError(data_dir / subject / HR_NAME, f"its grid {truth.shape} is not the factor-{factor} "
                                         f"reconstruction grid {volume.shape} of {SAX_NAME}")
                 score(method, volume, history.seconds)
-                if first:
+                if method == "codes_interpolation":  # the slices between the observed ones: what the codes' interpolation made
+                    between = np.broadcast_to(np.arange(truth.shape[2]) % factor != 0, truth.shape)
+                    between_psnr.append(psnr(volume, truth, between))
+                if first and method not in ABLATIONS:
                     kept[method] = volume
                     if history.losses:
                         histories[method] = history.losses
@@ -195,6 +230,13 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
     metrics |= {"reconstruction_subjects": list(held_out), "reconstruction_cases": len(scores["truth"]),
                 "reconstruction_factor": factor, "reconstruction_methods": chosen,
                 "reconstruction_skipped": [m for m in methods if m not in chosen]}
+    for method in chosen:
+        ablation = EVAL_METHODS[method].no_prior
+        for measure in ("psnr", "psnr_heart"):
+            if ablation in chosen:
+                metrics[f"reconstruction_{measure}_{method}_no_prior"] = metrics[f"reconstruction_{measure}_{ablation}"]
+    if between_psnr:
+        metrics["interpolation_psnr_codes"] = float(np.mean(between_psnr))
     seconds = metrics.get("reconstruction_seconds_diffae_lax"), metrics.get("reconstruction_seconds_pnp")
     if seconds[0] is not None and seconds[1]:
         metrics["reconstruction_pnp_speedup"] = seconds[0] / seconds[1]

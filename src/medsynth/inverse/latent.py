@@ -84,7 +84,17 @@ class ReconstructSettings(StrictModel):
     pnp_weight: float = Field(2.0, ge=0, le=MAX_WEIGHT, description="`pnp`: weight of the prior's denoising residual V - D_t(V)")
     pnp_timestep: int = Field(10, ge=0, le=100_000, description="`pnp`: training timestep at which the prior denoises V (on the demo's "
                                                     "prior 100 cost 0.3-0.6 dB against 10: its one-step estimates are coarse)")
-    seed: int = Field(0, ge=0, le=SEED_MAX, description="`pnp`: seed of the noise the prior denoises at each iteration")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="`pnp`, `diffpir`: seed of the noise the prior denoises at each iteration")
+    diffpir_iterations: int = Field(10, ge=0, le=MAX_ITERATIONS, description="`diffpir`: timesteps of the schedule, each one "
+                                                                    "denoising pass and one data step (0: the cubic start)")
+    diffpir_t_start: int = Field(20, ge=0, le=100_000, description="`diffpir`: training timestep the schedule starts at (down to 0)")
+    diffpir_dc_steps: int = Field(1, ge=1, le=MAX_ITERATIONS, description="`diffpir`: sweeps of the projection onto the SAX "
+                                                                     "and LAX measurements in each data step")
+    diffpir_relax: float = Field(0.1, gt=0, le=1, description="`diffpir`: share of the projection applied per sweep (1: DDNM's exact "
+                                                             "projection; on the demo's phantom 1 cost 4 dB against 0.1, forcing the "
+                                                             "acquisition's mismatch with the box slice model into the volume)")
+    diffpir_prior: bool = Field(True, description="`diffpir`: denoise with the prior at each timestep (false: the data steps alone, "
+                                                  "the ablation the prior's contribution is measured against)")
     tolerance: float = Field(1e-4, ge=0, le=1, description="early stop when the relative change of the loss stays below this")
     patience: int = Field(5, ge=1, le=MAX_ITERATIONS, description="iterations in a row below `tolerance` before stopping")
     lax_weight: float = Field(5.0, ge=0, le=MAX_WEIGHT, description="weight of the LAX intensities (mean/std matched inside each view's mask)")

@@ -12,8 +12,8 @@ Methods (:data:`METHODS`, declared with the settings each reads in :data:`METHOD
   axis (``scipy.interpolate``; ``cubic`` is a not-a-knot cubic spline, exact on polynomials up to
   degree 3 with 4 or more slices, on quadratics with 3); need no prior, ignore the LAX views
   (which are still checked).
-- ``latent`` (the original, :mod:`medsynth.inverse.latent`), ``pnp`` (faster, :mod:`medsynth.inverse.pnp`):
-  optimisation through a :class:`~medsynth.inverse.prior.SlicePrior`. Intensities are mapped to the
+- ``latent`` (the original, :mod:`medsynth.inverse.latent`), ``pnp`` (faster, the default, :mod:`medsynth.inverse.pnp`)
+  and ``diffpir`` (posterior sampling, :mod:`medsynth.inverse.diffpir`): through a :class:`~medsynth.inverse.prior.SlicePrior`. Intensities are mapped to the
   prior's [-1, 1] with the frame's SAX percentiles and back; slices are resized in-plane to the prior's
   size and back.
 
@@ -47,6 +47,7 @@ from medsynth.console import note
 from medsynth.data.cine import cine_header
 from medsynth.data.io import NIFTI_SUFFIXES, check_finite_output, load_image, save_image
 from medsynth.errors import BadInputError, MedsynthError, NonFiniteOutputError
+from medsynth.inverse.diffpir import sample_posterior
 from medsynth.inverse.latent import (
     LaxView,
     Measurements,
@@ -61,11 +62,11 @@ from medsynth.inverse.pnp import optimise_volume
 from medsynth.inverse.prior import SlicePrior, from_unit, resize_slices, to_unit, unit_range
 from medsynth.runs import atomic_write_json, proc_field
 
-__all__ = ["BASELINES", "METHODS", "METHOD_SPECS", "MethodSpec", "check_inputs", "check_memory", "check_output_name", "interpolate_stack",
+__all__ = ["BASELINES", "DEFAULT_METHOD", "METHODS", "METHOD_SPECS", "MethodSpec", "check_inputs", "check_memory", "check_output_name", "interpolate_stack",
            "lax_agreement", "lax_distance_mm", "reconstruct_files", "reconstruct_stack", "settings_for"]
 
 _FITTING = ("tolerance", "patience", "lax_weight", "sax_weight", "batch", "sax_thickness_mm", "lax_intensity",
-            "lax_profile_samples", "percentiles")  # the data terms and the early stop, read by both prior methods
+            "lax_profile_samples", "percentiles")  # the data terms and the early stop, read by latent and pnp
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class MethodSpec:
     Attributes:
         reads: the :class:`~medsynth.inverse.latent.ReconstructSettings` it reads (``--set`` of any other is refused).
         counterparts: another method's key -> this method's key for the same thing (named in the refusal).
-        step_size: the setting blamed for a non-finite result (``None``: the baselines, which have none).
+        step_size: the setting blamed for a non-finite result (``None``: the baselines and ``diffpir``, which have none).
         copies: float32 copies of one frame's fine volume held while it runs (the memory estimate).
         code_copies: float32 copies of every fine slice at the prior's size (codes, their start, gradient, Adam's two moments).
         backprop_steps: the prior's activations are kept for ``steps`` DDIM steps of a batch (``latent``) or one pass.
@@ -97,9 +98,16 @@ METHOD_SPECS: dict[str, MethodSpec] = {
                          {"pnp_iterations": "iterations", "pnp_lr": "lr"}, "lr", copies=30, code_copies=6, backprop_steps=True),
     "pnp": MethodSpec(("pnp_iterations", "pnp_lr", "pnp_weight", "pnp_timestep", "seed", *_FITTING),
                       {"iterations": "pnp_iterations", "lr": "pnp_lr"}, "pnp_lr", copies=30, code_copies=3),
+    # diffpir projects onto the measurements: no step size, no weights, no early stop
+    "diffpir": MethodSpec(("diffpir_iterations", "diffpir_t_start", "diffpir_dc_steps", "diffpir_relax", "diffpir_prior", "seed", "batch", "sax_thickness_mm",
+                           "lax_intensity", "lax_profile_samples", "percentiles"),
+                          {"iterations": "diffpir_iterations", "pnp_iterations": "diffpir_iterations"}, copies=30, code_copies=3),
     **{name: MethodSpec() for name in ("nearest", "linear", "cubic")},
 }
 BASELINES = tuple(name for name, spec in METHOD_SPECS.items() if not spec.reads)
+# The best method on the benchmark among those that rebuild a 10-slice stack at factor 8 within a minute on a 2-core
+# CPU (BENCHMARKS.md, "diffae and medsynth reconstruct"); the original's ``latent`` stays available by name.
+DEFAULT_METHOD = "pnp"
 METHODS = tuple(METHOD_SPECS)
 MAX_FACTOR = 64  # 8 mm slices at factor 64 are 0.125 mm apart: finer than any MRI pixel
 PRIOR_FLOATS_PER_PIXEL = 64  # one slice's pass through the prior holds about this many floats per pixel (rough: UNet feature maps)
@@ -189,7 +197,7 @@ def _plane_image(image: np.ndarray, name: str) -> np.ndarray:
     return np.take(image, 0, axis=2 - spatial[::-1].index(1))
 
 
-def reconstruct_stack(prior: SlicePrior | None, sax: Any, lax: Sequence[Any] = (), factor: int = 8, method: str = "latent",
+def reconstruct_stack(prior: SlicePrior | None, sax: Any, lax: Sequence[Any] = (), factor: int = 8, method: str = DEFAULT_METHOD,
                       settings: ReconstructSettings | None = None, *, lax_names: Sequence[str] | None = None,
                       keep_steps: bool = False, tick: Callable[[], None] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, ReconstructionHistory]:
@@ -300,7 +308,7 @@ def _device(prior: SlicePrior) -> torch.device:
 def _with_prior(prior: SlicePrior | None, stack: np.ndarray, stack_affine: np.ndarray, fine_affine: np.ndarray,
             fine_shape: Sequence[int], views: list[LaxView], factor: int, method: str, settings: ReconstructSettings,
             history: ReconstructionHistory, keep_steps: bool, tick: Callable[[], None] | None = None) -> np.ndarray:
-    """``latent`` or ``pnp`` on a stack with its slice axis last; the fine volume (X, Y, N) in the stack's units."""
+    """A prior method (``latent``, ``pnp``, ``diffpir``) on a stack with its slice axis last; the fine volume (X, Y, N) in the stack's units."""
     assert prior is not None
     device = _device(prior)
     lo, hi = unit_range(stack, settings.percentiles)
@@ -320,6 +328,8 @@ def _with_prior(prior: SlicePrior | None, stack: np.ndarray, stack_affine: np.nd
 
     if method == "pnp":
         volume, run = optimise_volume(prior, cubic[None, None], data, settings, keep if keep_steps else None, tick)
+    elif method == "diffpir":
+        volume, run = sample_posterior(prior, cubic[None, None], data, settings, keep if keep_steps else None, tick)
     else:
         interpolated = None
         if settings.init == "interpolation":  # at the prior's size, slice axis first
@@ -533,7 +543,7 @@ def _stem(path: Path) -> str:
 
 
 def reconstruct_files(prior: SlicePrior | None, sax_path: str | Path, lax_paths: Sequence[str | Path], out: str | Path,
-                      factor: int = 8, method: str = "latent", settings: ReconstructSettings | None = None,
+                      factor: int = 8, method: str = DEFAULT_METHOD, settings: ReconstructSettings | None = None,
                       keep_steps: bool = False, progress: bool = False) -> tuple[Path, list[ReconstructionHistory]]:
     """Reconstruct every frame of a cine series of NIfTI files and write the fine volume.
 
