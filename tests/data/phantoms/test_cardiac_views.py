@@ -23,10 +23,13 @@ from medsynth.errors import MedsynthError
 SIZE, FRAMES, FACTOR = 32, 3, 4
 
 
+CLEAN = {"noise": 0.0, "shading": 0.0, "trabeculation": False}  # the geometry's tests compare with the analytic anatomy
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_cardiac_phantom(tmp_path_factory.mktemp("views"), n=1, seed=5, size=SIZE, frames=FRAMES, modality="mri",
-                                views=True, hr_factor=FACTOR)
+                                views=True, hr_factor=FACTOR, **CLEAN)
 
 
 def _load(path):
@@ -132,3 +135,38 @@ def test_cli_writes_the_layout_and_refuses_ct(tmp_path, capsys):
     assert {"sa.nii.gz", "sa_gt.nii.gz", "la_2ch.nii.gz", "la_3ch.nii.gz", "la_4ch.nii.gz", "sa_hr.nii.gz", "sa_hr_gt.nii.gz", "Info.cfg"} <= names
     assert main(["phantom", "cardiac", *args, "--out", str(tmp_path / "ct")]) == 2
     assert "modality mri" in capsys.readouterr().err
+
+
+def test_the_acquisition_adds_rician_noise_and_coil_shading_and_the_truth_stays_noise_free(dataset, tmp_path):
+    noisy = make_cardiac_phantom(tmp_path / "acquired", n=1, seed=5, size=SIZE, frames=FRAMES, modality="mri", views=True,
+                                 hr_factor=FACTOR, noise=0.05, shading=0.0, trabeculation=False)
+    clean_sa, noisy_sa = _load(dataset / "sub000/sa.nii.gz")[0], _load(noisy / "sub000/sa.nii.gz")[0]
+    # Rician: where the signal is 0 (air) the magnitude is Rayleigh, mean sigma sqrt(pi / 2); where it is high, Gaussian
+    air, blood = clean_sa < 1e-4, clean_sa > 0.9
+    assert air.sum() > 100 and blood.sum() > 50
+    assert abs(noisy_sa[air].mean() - 0.05 * np.sqrt(np.pi / 2)) < 0.005
+    assert abs(np.std(noisy_sa[blood] - clean_sa[blood]) - 0.05) < 0.01
+    assert np.array_equal(_load(dataset / "sub000/sa_hr.nii.gz")[0], _load(noisy / "sub000/sa_hr.nii.gz")[0])  # truth: no noise
+    shaded = make_cardiac_phantom(tmp_path / "shaded", n=1, seed=5, size=SIZE, frames=FRAMES, modality="mri", views=True,
+                                  hr_factor=FACTOR, noise=0.0, shading=0.2, trabeculation=False)
+    gain_sa = _load(shaded / "sub000/sa.nii.gz")[0][blood] / clean_sa[blood]
+    assert 0.05 < gain_sa.std() and 0.5 <= gain_sa.min() and gain_sa.max() <= 1.5  # a smooth gain across the view
+    # the coil's field is one of world position: the truth's slice on an acquired slice's centre has the same gain there
+    hr_clean, hr_shaded = _load(dataset / "sub000/sa_hr.nii.gz")[0], _load(shaded / "sub000/sa_hr.nii.gz")[0]
+    inside = hr_clean[:, :, ::FACTOR] > 0.9
+    ratio = hr_shaded[:, :, ::FACTOR][inside] / hr_clean[:, :, ::FACTOR][inside]
+    sa_ratio = (_load(shaded / "sub000/sa.nii.gz")[0] / np.maximum(clean_sa, 1e-6))[inside]
+    assert np.abs(ratio - sa_ratio).max() < 0.02
+
+
+def test_trabeculae_are_thin_muscle_strands_labelled_cavity_in_the_apical_lv(dataset, tmp_path):
+    trabeculated = make_cardiac_phantom(tmp_path / "trab", n=1, seed=5, size=SIZE, frames=FRAMES, modality="mri", views=True,
+                                        hr_factor=FACTOR, noise=0.0, shading=0.0, trabeculation=True)
+    clean, trab = _load(dataset / "sub000/sa_hr.nii.gz")[0], _load(trabeculated / "sub000/sa_hr.nii.gz")[0]
+    labels = _load(dataset / "sub000/sa_hr_gt.nii.gz")[0]
+    assert np.array_equal(labels, _load(trabeculated / "sub000/sa_hr_gt.nii.gz")[0])  # the cavity label keeps them
+    changed = np.abs(trab - clean) > 0.05
+    assert changed.sum() > 20
+    # in the LV cavity, or in the myocardium's partial-volume rim next to it (5 mm pixels here)
+    assert np.isin(labels[changed], (8, 9)).mean() > 0.95 and (labels[changed] == 8).mean() > 0.5
+    assert (trab[changed] < clean[changed]).mean() > 0.9  # darker: muscle in bright blood

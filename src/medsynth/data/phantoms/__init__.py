@@ -56,6 +56,10 @@ class CardiacOptions(PhantomOptions):
     lax_thickness_mm: PositiveFloat = Field(6.0, description="views: LAX slice thickness (mm, box slice profile)")
     view_pixel_mm: PositiveFloat | None = Field(None, description="views: in-plane pixel (mm); None: a 160 mm field of view over size pixels")
     hr_factor: int = Field(8, ge=2, description="views: through-plane refinement of the sa_hr ground truth (spacing sax_spacing_mm / factor)")
+    noise: float = Field(0.03, ge=0, le=1, description="views: Rician noise sd of the acquired images, relative to the LV blood signal "
+                                                    "(the sa_hr truth is noise-free)")
+    shading: float = Field(0.2, ge=0, le=0.5, description="views: coil-sensitivity shading, the relative gain's sd across the field of view")
+    trabeculation: bool = Field(True, description="views: endocardial trabeculae in the apical LV (detail that changes between SAX slices)")
 
     @field_validator("flow_pairs", mode="before")
     @classmethod

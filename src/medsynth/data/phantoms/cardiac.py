@@ -175,8 +175,14 @@ def sample_cardiac_params(seed: int) -> CardiacParams:
     )
 
 
-def _cardiac_anatomy(params: CardiacParams, modality: str, voxel_mm: float) -> Anatomy:
-    """The analytic ED anatomy of a subject, band-limited for a grid of ``voxel_mm``: points (N, 3) mm -> (intensity, label)."""
+def _cardiac_anatomy(params: CardiacParams, modality: str, voxel_mm: float, trabeculation: bool = False) -> Anatomy:
+    """The analytic ED anatomy of a subject, band-limited for a grid of ``voxel_mm``: points (N, 3) mm -> (intensity, label).
+
+    ``trabeculation``: muscle strands of about 3 mm along the endocardium of the apical two thirds (a smooth
+    random field above a threshold within 3.5 mm inside the cavity, labelled cavity as the papillary muscles are,
+    as clinical segmentations include them in the blood pool): detail that changes from one SAX slice to the next.
+    Drawn from a stream of its own, so the rest of the subject is the same with or without it.
+    """
     c = _CONTRAST[modality]
     # Left heart and aorta: contrast-enhanced; right heart: contrast mixed with unenhanced venous return.
     arterial, venous = (params.blood_hu, 0.6 * params.blood_hu) if modality == "ct" else (1.0, 0.95)
@@ -188,6 +194,7 @@ def _cardiac_anatomy(params: CardiacParams, modality: str, voxel_mm: float) -> A
     r, length, wall, s = params.lv_radius, params.lv_length, params.wall, params.atrium_scale
     # Papillary muscles: two columns in the LV cavity, 60 deg apart, opposite the septum.
     papillary = [0.55 * r * np.array([np.cos(a), np.sin(a)]) for a in np.deg2rad((150.0, 210.0))]
+    trabeculae = SmoothNoise.sample(np.random.default_rng((params.seed, 1)), texture_length(3.0, voxel_mm), waves=64) if trabeculation else None
 
     def anatomy(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         local = (p - base) @ rotation  # heart coordinates
@@ -216,6 +223,9 @@ def _cardiac_anatomy(params: CardiacParams, modality: str, voxel_mm: float) -> A
             (lv_endo, arterial, 8),
             *[(np.maximum(column, lv_endo), myocardium, 8) for column in columns],  # papillary muscles belong to the cavity label
         ]
+        if trabeculae is not None:  # strands where the field is high, in a 3.5 mm rim inside the apical cavity
+            rim = np.maximum(np.maximum(lv_endo, -3.5 - lv_endo), local[:, 2] + 0.35 * length)
+            layers.append((np.maximum(rim, 2.0 * (0.6 - trabeculae(p))), myocardium, 8))
         return paint(layers, c["air"], edge_mm)
 
     return anatomy

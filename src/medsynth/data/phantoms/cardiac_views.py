@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medsynth.data.cine import LABELS_NAME, import_ukbb
-from medsynth.data.phantoms._scene import Anatomy, Motion, subject_rng, world_grid
+from medsynth.data.phantoms._scene import Anatomy, Motion, SmoothNoise, subject_rng, world_grid
 from medsynth.data.phantoms.cardiac import (
     CARDIAC_LABELS,
     CARDIAC_SIZE,
@@ -68,6 +68,12 @@ class ViewSettings:
         sax_thickness_mm: SAX slice thickness (the box profile's width).
         lax_thickness_mm: LAX slice thickness.
         factor: through-plane refinement of the high-resolution ground truth (>= 2).
+        noise: Rician noise of the acquired SAX and LAX images: the sd of each of the two Gaussian channels,
+            relative to the LV blood pool's signal (1). The ground truth is noise-free.
+        shading: coil-sensitivity shading: the images are multiplied by ``1 + shading * n(p)`` (clipped to
+            [0.5, 1.5]), n a smooth unit-variance field of world position (80 mm correlation length), the same in
+            every file of a subject, the truth included (it is the scanner's, not an error to undo).
+        trabeculation: endocardial trabeculae (:func:`~medsynth.data.phantoms.cardiac._cardiac_anatomy`).
     """
 
     size: int = 64
@@ -76,6 +82,9 @@ class ViewSettings:
     sax_thickness_mm: float = 8.0
     lax_thickness_mm: float = 6.0
     factor: int = 8
+    noise: float = 0.0
+    shading: float = 0.0
+    trabeculation: bool = False
 
     @property
     def pixel(self) -> float:
@@ -160,7 +169,9 @@ def write_views(params: CardiacParams, frames: int, folder: Path, settings: View
     size, pixel = settings.size, settings.pixel
     planes = cardiac_planes(params, sax_spacing_mm=settings.sax_spacing_mm)
     sax = [plane for name, plane in planes.items() if name.startswith("sax_")]
-    anatomy, motion = _cardiac_anatomy(params, "mri", pixel), _cardiac_motion(params, frames)
+    anatomy, motion = _cardiac_anatomy(params, "mri", pixel, settings.trabeculation), _cardiac_motion(params, frames)
+    coil = SmoothNoise.sample(np.random.default_rng((params.seed, 2)), 80.0)
+    noise = np.random.default_rng((params.seed, 3))
     step = sax[1]["origin"] - sax[0]["origin"]
     first = sax[0]
     stacks = {
@@ -176,6 +187,12 @@ def write_views(params: CardiacParams, frames: int, folder: Path, settings: View
     affines = {}
     for name, (affine, slices, offsets) in stacks.items():
         image, label = render_stack(anatomy, motion, frames, affine, size, slices, offsets)
+        if settings.shading:
+            gain = np.clip(1.0 + settings.shading * coil(world_grid((size, size, slices), affine)), 0.5, 1.5)
+            image = image * gain.reshape(size, size, slices, 1).astype(np.float32)
+        if settings.noise and name != "sa_hr":  # Rician: the magnitude of the signal plus complex Gaussian noise
+            real = image + noise.normal(0.0, settings.noise, image.shape)
+            image = np.hypot(real, noise.normal(0.0, settings.noise, image.shape)).astype(np.float32)
         save_cine(image, affine, folder / f"{name}.nii.gz", frames)
         if not name.startswith("la_"):
             save_cine(label, affine, folder / f"{name}_gt.nii.gz", frames)
@@ -187,7 +204,8 @@ def write_views(params: CardiacParams, frames: int, folder: Path, settings: View
 def make_cardiac_phantom(out: Path, n: int, seed: int = 0, size: int | Sequence[int] = CARDIAC_SIZE, progress: bool = False,
                          views: bool = False, frames: int = 10, modality: str = "ct", flow_pairs: str | bool | None = None,
                          sax_spacing_mm: float = 10.0, sax_thickness_mm: float = 8.0, lax_thickness_mm: float = 6.0,
-                         view_pixel_mm: float | None = None, hr_factor: int = 8) -> Path:
+                         view_pixel_mm: float | None = None, hr_factor: int = 8, noise: float = 0.03, shading: float = 0.2,
+                         trabeculation: bool = True) -> Path:
     """The ``cardiac`` phantom's writer: the cine volumes of :func:`make_cardiac_dataset`, or with ``views``
     the acquisitions of ``n`` subjects (the same subjects: subject ``i`` drawn from ``(seed, i)``).
 
@@ -195,7 +213,9 @@ def make_cardiac_phantom(out: Path, n: int, seed: int = 0, size: int | Sequence[
     plus ``geometry.json`` (the planes and each file's affine) and ``params.json``, then
     ``<out>/labels.json`` and ``<out>/dataset.json`` as :func:`medsynth.data.cine.import_ukbb` makes
     it (one case per subject and frame). Planes are ``size`` x ``size`` pixels of ``view_pixel_mm``
-    (default: a 160 mm field of view); ``size`` ``(X, Y, Z)`` uses ``X``.
+    (default: a 160 mm field of view); ``size`` ``(X, Y, Z)`` uses ``X``. ``noise``, ``shading`` and
+    ``trabeculation``: :class:`ViewSettings` (on by default: a cine acquisition as UK Biobank's, whose slices
+    interpolation cannot simply fill in).
 
     Raises:
         MedsynthError: ``views`` with CT or with ``flow_pairs``, ``hr_factor < 2``, or a
@@ -208,7 +228,7 @@ def make_cardiac_phantom(out: Path, n: int, seed: int = 0, size: int | Sequence[
     if frames < 2 or hr_factor < 2:
         raise MedsynthError(f"phantom cardiac: views need frames >= 2 and hr_factor >= 2 (got {frames}, {hr_factor})")
     settings = ViewSettings(size if isinstance(size, int) else int(size[0]), view_pixel_mm, sax_spacing_mm,
-                            sax_thickness_mm, lax_thickness_mm, hr_factor)
+                            sax_thickness_mm, lax_thickness_mm, hr_factor, noise, shading, trabeculation)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(n), desc="cardiac views", disable=not progress):
