@@ -9,7 +9,8 @@ the PSNR (dB, whole volume, against ``sa_hr.nii.gz``) and seconds of: cubic inte
 round trip of the observed SAX slices at the reconstruction's steps for 0/5/10/20 fixed-point
 refinements per inversion step; ``latent`` started from the cubic interpolation (``init:
 interpolation``) and from the original's slerp, with 0 and 4 Adam iterations at several learning
-rates; ``pnp`` with its prior term (``pnp_weight``) on and off, at two denoising timesteps.
+rates; ``pnp`` with its prior term (``pnp_weight``) on and off, at two denoising timesteps; ``diffpir`` with the
+exact and the relaxed projection, from three starting timesteps, and without its prior.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def main() -> None:
             for weight in (0.0, 2.0):
                 cases[f"pnp, timestep {timestep}, pnp_weight {weight:g}"] = (
                     "pnp", base.model_copy(update={"pnp_timestep": timestep, "pnp_weight": weight}))
+        for relax in (1.0, 0.1):  # diffpir: the exact projection and the default's relaxed one, prior on and off
+            for t_start in (5, 20, 60):
+                cases[f"diffpir, relax {relax:g}, t_start {t_start}"] = (
+                    "diffpir", base.model_copy(update={"diffpir_relax": relax, "diffpir_t_start": t_start}))
+            cases[f"diffpir, relax {relax:g}, prior off"] = ("diffpir", base.model_copy(update={"diffpir_relax": relax, "diffpir_prior": False}))
         for name, (method, settings) in cases.items():
             start = time.perf_counter()
             volume, _, _ = reconstruct_stack(module, (sax, sax_affine), lax, factor, method, settings)
