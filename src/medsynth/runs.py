@@ -306,7 +306,6 @@ def fold_summary(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 JSON_SUFFIXES = (".json",)
-YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def read_structured(path: str | Path, kind: str = "file") -> dict[str, Any]:

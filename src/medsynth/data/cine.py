@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medsynth.data.io import check_same_grid, load_image
+from medsynth.data.io import check_same_grid, load_image, nifti_header
 from medsynth.data.manifest import Case, Manifest
 from medsynth.data.splits import subject_splits
 from medsynth.errors import BadInputError
@@ -57,17 +57,7 @@ def cine_header(path: Path) -> tuple[tuple[int, int, int, int], np.ndarray]:
     Raises:
         BadInputError: missing or unreadable file, or not 3D/4D (names it).
     """
-    # Our own reader, not importers.read_header: that one keeps 3 axes, and importers' layout
-    # detection imports this module.
-    import nibabel as nib
-
-    if not Path(path).is_file():
-        raise BadInputError(path, "file not found")
-    try:
-        image = nib.load(str(path))
-        shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
-    except Exception as exc:  # nibabel fails differently on each corrupt header
-        raise BadInputError(path, f"cannot read NIfTI header ({type(exc).__name__})") from None
+    shape, affine = nifti_header(path)
     if len(shape) not in (3, 4):
         raise BadInputError(path, f"expected a 3D (X, Y, S) or 4D (X, Y, S, T) image, got shape {shape}")
     return (*shape, 1)[:4], affine  # type: ignore[return-value]

@@ -35,6 +35,7 @@ from medsynth.data.io import (
     itk_affine,
     lps_to_ras,
     natural_key,
+    nifti_header,
     suffix_of,
 )
 from medsynth.data.manifest import MANIFEST_NAME, Case, Manifest, check_inside
@@ -288,12 +289,10 @@ def read_header(path: str | Path) -> tuple[tuple[int, ...] | None, np.ndarray | 
     if not path.is_file():
         raise BadInputError(path, "file not found")
     suffix = suffix_of(path)
+    if suffix in NIFTI_SUFFIXES:
+        shape, affine = nifti_header(path)
+        return shape[:3], affine
     try:
-        if suffix in NIFTI_SUFFIXES:
-            import nibabel as nib
-
-            image = nib.load(str(path))
-            return tuple(int(n) for n in image.shape[:3]), np.asarray(image.affine, dtype=np.float64)
         if suffix in ITK_SUFFIXES:
             return _itk_header(path)
     except BadInputError:
@@ -423,13 +422,7 @@ def scan_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
 
         geometry = phase_series_geometry(path)
         return geometry.shape, lps_to_ras(geometry.affine)
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for broken headers
-        raise BadInputError(path, f"cannot read image header ({type(exc).__name__})") from None
-    return tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
+    return nifti_header(path)
 
 
 def _nifti_files(folder: Path) -> list[Path]:

@@ -71,10 +71,24 @@ def suffix_of(path: str | Path) -> str:
     return Path(name).suffix
 
 
-def is_readable(path: str | Path) -> bool:
-    """Whether :func:`load_image` knows the file's format (a folder counts as a DICOM series)."""
+def nifti_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """The full shape and the 4x4 affine (float64, nibabel's ``image.affine``) of a NIfTI file, without its voxels:
+    the one header reader of the package.
+
+    Raises:
+        BadInputError: a missing file or an unreadable header (names the file and what nibabel raised).
+    """
+    import nibabel as nib
+
     path = Path(path)
-    return path.is_dir() or suffix_of(path) in READABLE_SUFFIXES
+    if not path.is_file():
+        raise BadInputError(path, "file not found")
+    try:
+        image = nib.load(str(path))
+        return tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel fails differently on each corrupt header
+        raise BadInputError(path, f"cannot read NIfTI header ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
 
 
 def spacing_of(affine: np.ndarray | torch.Tensor) -> np.ndarray:
