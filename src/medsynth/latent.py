@@ -51,19 +51,34 @@ def plane_latents(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(n, 2, generator=generator) @ basis
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation per sample between ``a`` and ``b`` ``(B, ...)`` at ``alpha`` in [0, 1].
+
+    Exact at the ends (``alpha = 0`` gives ``a``, 1 gives ``b``); falls back to a straight line where
+    the two are (anti)parallel to within float precision.
+    """
+    flat_a, flat_b = a.flatten(1), b.flatten(1)
+    cos = torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=1, eps=1e-12).clamp(-1.0, 1.0)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    straight = sin.abs() < 1e-6
+    safe = torch.where(straight, torch.ones_like(sin), sin)
+    wa = torch.where(straight, torch.full_like(sin, 1.0 - alpha), torch.sin((1.0 - alpha) * theta) / safe)
+    wb = torch.where(straight, torch.full_like(sin, alpha), torch.sin(alpha * theta) / safe)
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    return wa.view(shape) * a + wb.view(shape) * b
+
+
 def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int = 8, spherical: bool = True) -> torch.Tensor:
     """A path from ``z0`` to ``z1`` (each ``(dim,)``): ``(steps, dim)``, ends included.
 
-    Spherical interpolation keeps intermediate codes at the prior's typical radius;
+    Spherical interpolation (:func:`slerp`) keeps intermediate codes at the prior's typical radius;
     it falls back to linear when the codes are (anti)parallel.
     """
-    t = torch.linspace(0.0, 1.0, steps)[:, None]
+    t = torch.linspace(0.0, 1.0, steps)
     if spherical:
-        cos = torch.dot(z0, z1) / (z0.norm() * z1.norm()).clamp_min(1e-12)
-        omega = torch.arccos(cos.clamp(-1.0, 1.0))
-        if omega.abs() > 1e-4 and (torch.pi - omega).abs() > 1e-4:
-            return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
-    return (1 - t) * z0 + t * z1
+        return torch.cat([slerp(z0[None], z1[None], float(alpha)) for alpha in t])
+    return (1 - t[:, None]) * z0 + t[:, None] * z1
 
 
 def direction_grid(directions: torch.Tensor, steps: int = 7, span: float = 2.5) -> torch.Tensor:

@@ -25,7 +25,8 @@ from medsynth.inverse import (
     reconstruct_files,
     reconstruct_stack,
 )
-from medsynth.inverse.prior import from_unit, slerp, to_unit
+from medsynth.inverse.prior import from_unit, to_unit
+from medsynth.latent import slerp
 from oblique_geometry import oblique_affine, world
 
 

@@ -51,7 +51,8 @@ from torch.utils.checkpoint import checkpoint
 
 from medsynth.config import StrictModel
 from medsynth.inverse.operators import PlaneOperator, SliceStackOperator
-from medsynth.inverse.prior import SlicePrior, lerp, resize_slices, slerp
+from medsynth.inverse.prior import SlicePrior, lerp, resize_slices
+from medsynth.latent import slerp
 
 __all__ = ["LaxView", "Measurements", "ReconstructSettings", "ReconstructionHistory", "data_terms", "initial_codes", "optimise_codes", "run_adam"]
 

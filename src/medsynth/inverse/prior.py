@@ -8,7 +8,7 @@ intensities there and back (:func:`to_unit`, :func:`from_unit`) and resizes slic
 (:func:`resize_slices`), so the prior never sees world geometry.
 
 Codes between two observed slices are interpolated as DiffAE does: spherical interpolation of
-x_T (:func:`slerp`: x_T is Gaussian noise, whose norm concentrates, so a straight line would
+x_T (:func:`medsynth.latent.slerp`: x_T is Gaussian noise, whose norm concentrates, so a straight line would
 leave the shell the decoder was trained on), linear interpolation of z_sem.
 """
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SlicePrior", "from_unit", "lerp", "resize_slices", "slerp", "to_unit", "unit_range"]
+__all__ = ["SlicePrior", "from_unit", "lerp", "resize_slices", "to_unit", "unit_range"]
 
 
 @runtime_checkable
@@ -53,24 +53,6 @@ class SlicePrior(Protocol):
         """One-step denoising: slices ``x`` ``(B, 1, H, W)`` noised to training timestep ``timestep`` with ``noise``
         (``sqrt(abar_t) x + sqrt(1 - abar_t) noise``) -> the prior's estimate of the clean slices ``(B, 1, H, W)``."""
         ...
-
-
-def slerp(a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """Spherical interpolation per sample between ``a`` and ``b`` ``(B, ...)`` at ``alpha`` in [0, 1].
-
-    Exact at the ends (``alpha = 0`` gives ``a``, 1 gives ``b``); falls back to a straight line where
-    the two are (anti)parallel to within float precision.
-    """
-    flat_a, flat_b = a.flatten(1), b.flatten(1)
-    cos = F.cosine_similarity(flat_a, flat_b, dim=1, eps=1e-12).clamp(-1.0, 1.0)
-    theta = torch.arccos(cos)
-    sin = torch.sin(theta)
-    straight = sin.abs() < 1e-6
-    safe = torch.where(straight, torch.ones_like(sin), sin)
-    wa = torch.where(straight, torch.full_like(sin, 1.0 - alpha), torch.sin((1.0 - alpha) * theta) / safe)
-    wb = torch.where(straight, torch.full_like(sin, alpha), torch.sin(alpha * theta) / safe)
-    shape = (-1,) + (1,) * (a.ndim - 1)
-    return wa.view(shape) * a + wb.view(shape) * b
 
 
 def lerp(a: Tensor | None, b: Tensor | None, alpha: float) -> Tensor | None:
