@@ -288,10 +288,10 @@ def load_initial_weights(module: MedsynthModule, source: str | Path) -> Medsynth
 
 def load_run(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Run, Recipe, MedsynthModule]:
     """An existing run, its recipe and its trained module (weights loaded safely, eval mode)."""
-    from medsynth.training import load_module
+    from medsynth.training import load_module, use_threads
 
     opened, chosen = open_run(run)
-    return opened, chosen, load_module(opened, chosen, overrides)
+    return opened, chosen, use_threads(load_module(opened, chosen, overrides))
 
 
 def open_run(run: str | Path) -> tuple[Run, Recipe]:
@@ -316,7 +316,7 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
     shows no progress bar yet.
     """
     from medsynth.recipes.base import SampleRequest
-    from medsynth.training import load_module
+    from medsynth.training import load_module, use_threads
 
     opened, chosen = open_run(run)
     if mode not in chosen.sample_modes:
@@ -333,7 +333,7 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
     if existing.exists() and any(existing.iterdir()) and not force:
         raise MedsynthError(f"{existing}: samples already exist; use --force to overwrite or --out for another folder")
     opened.check_free()
-    module = load_module(opened, chosen, overrides)
+    module = use_threads(load_module(opened, chosen, overrides))
     request = SampleRequest(n=n, mode=mode, class_name=class_name, condition=Path(condition) if condition else None, seed=seed,
                             phases=tuple(phases) if phases is not None else None)
     with opened.lock():

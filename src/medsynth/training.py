@@ -400,6 +400,13 @@ def load_module(run: str | Path | Run, recipe: RecipeLike, overrides: Sequence[s
     if saved.get("recipe") != recipe.name:
         raise BadInputError(opened.path, f"is a '{saved.get('recipe')}' run, not a '{recipe.name}' run")
     config = load_config(recipe.config_class, None, overrides, base=saved, source=str(opened.config_path))
-    if config.train.num_threads is not None:
-        torch.set_num_threads(config.train.num_threads)
     return load_state(recipe.build_module(config), weights_of(opened)).eval()
+
+
+def use_threads(module: MedsynthModule) -> MedsynthModule:
+    """Apply the run's ``train.num_threads`` to this process (the commands that use a loaded run: sample, evaluate);
+    not done by :func:`load_module`, which recipes also call to load another run."""
+    threads = module.config.train.num_threads
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return module
