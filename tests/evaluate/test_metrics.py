@@ -76,3 +76,21 @@ def test_mmd_reference_is_small_for_one_distribution_and_generated_far_is_larger
     far = torch.randn(200, 8, generator=generator) + 3.0
     reference = real_reference(feature_mmd, real, seed=0)
     assert abs(reference) < 0.2 * feature_mmd(real, far)  # MMD (unbiased) can dip below 0 for one distribution
+
+
+def test_the_one_ssim_is_monais_ssim_metric_and_its_mask_keeps_the_windows_centred_inside():
+    from monai.metrics import SSIMMetric
+
+    from medsynth.evaluate.metrics import ssim
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 1, 20, 24, 9, generator=generator), torch.rand(3, 1, 20, 24, 9, generator=generator)
+    window = [7, 7, 5]
+    assert torch.equal(ssim(a, b, window), SSIMMetric(spatial_dims=3, data_range=1.0, win_size=window)(a, b)[:, 0])
+    assert torch.allclose(ssim(a, a, window), torch.ones(3))
+    # a mask over the left half: the same as the SSIM of the left half's windows alone
+    mask = torch.zeros(20, 24, 9, dtype=torch.bool)
+    mask[:10] = True
+    left = ssim(a[:, :, :13], b[:, :, :13], window)  # the windows centred in rows 3..9 span rows 0..12
+    assert torch.allclose(ssim(a, b, window, mask), left, atol=1e-6)
+    assert torch.isnan(ssim(a, b, window, torch.zeros(20, 24, 9, dtype=torch.bool))).all()

@@ -14,18 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.metrics import SSIMMetric
 
 from medsynth.data.fields import voxel_to_mm
+from medsynth.evaluate.metrics import ssim
 from medsynth.motion.fields import warp_image
 
 __all__ = ["BreathingCase", "breathing_metrics", "lung_volume_curve", "superior_excursion_mm", "volume_ssim"]
 
 
 def volume_ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean SSIM of volumes ``(B, 1, *S)`` in [0, 1] (MONAI, Gaussian window of 7 voxels, fewer on thin axes)."""
-    window = [min(7, s if s % 2 else s - 1) for s in a.shape[2:]]
-    return float(SSIMMetric(spatial_dims=a.ndim - 2, data_range=1.0, win_size=window)(a.float(), b.float()).mean())
+    """Mean SSIM of volumes ``(B, 1, *S)`` in [0, 1] (:func:`~medsynth.evaluate.metrics.ssim`, a window of 7 voxels,
+    fewer on thin axes)."""
+    return float(ssim(a.float(), b.float(), [min(7, s if s % 2 else s - 1) for s in a.shape[2:]]).mean())
 
 
 def lung_volume_curve(lung_reference: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:

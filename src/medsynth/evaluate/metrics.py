@@ -1,4 +1,4 @@
-"""Distribution and memorisation metrics on MONAI's SSIM, MS-SSIM and MMD.
+"""SSIM (the package's one), distribution and memorisation metrics on MONAI's SSIM, MS-SSIM and MMD.
 
 A distribution metric alone does not say whether a value is close or far, so every recipe also
 reports it between two disjoint halves of the real data as ``<metric>_real_reference``
@@ -9,10 +9,32 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-from monai.metrics import MMDMetric, MultiScaleSSIMMetric, SSIMMetric
+from monai.metrics import MMDMetric, MultiScaleSSIMMetric
+from monai.metrics.regression import compute_ssim_and_cs
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int | Sequence[int] = 7, mask: torch.Tensor | np.ndarray | None = None
+         ) -> torch.Tensor:
+    """The package's SSIM: one value per item of images ``(B, C, *S)`` in [0, 1], ``(B,)``.
+
+    MONAI's ``compute_ssim_and_cs`` with ``SSIMMetric``'s settings (Gaussian window, sigma 1.5, k1 0.01, k2 0.03,
+    data range 1) and ``win_size`` (one odd size, or one per axis: each caller's rule for its data). The mean is
+    over the windows that fit (each axis loses ``win - 1``: what ``SSIMMetric`` averages), or, with ``mask``
+    (``*S``, bool), over the windows centred in it (NaN where none is).
+    """
+    dims = a.ndim - 2
+    window = [int(win_size)] * dims if isinstance(win_size, int) else [int(w) for w in win_size]
+    value, _ = compute_ssim_and_cs(a, b, spatial_dims=dims, kernel_size=window, kernel_sigma=[1.5] * dims, data_range=1.0)
+    if mask is None:
+        return value.view(value.shape[0], -1).mean(1)
+    inner = torch.as_tensor(np.asarray(mask, dtype=bool))[tuple(slice(w // 2, n - w // 2) for w, n in zip(window, mask.shape))]
+    if not inner.any():
+        return torch.full((value.shape[0],), float("nan"))
+    return value[:, :, inner].mean(dim=(1, 2))
 
 
 def _ms_ssim_metric(images: torch.Tensor) -> MultiScaleSSIMMetric:
@@ -56,11 +78,10 @@ def nearest_ssim(generated: torch.Tensor, reference: torch.Tensor, candidates: i
     matrix product), not against all of them: a copy is also a Euclidean near neighbour,
     and all-pairs SSIM costs minutes on a CPU for a few hundred images.
     """
-    metric = SSIMMetric(spatial_dims=generated.ndim - 2, win_size=7 if min(generated.shape[2:]) >= 32 else 3, reduction="none")
     distances = torch.cdist(generated.flatten(1).float(), reference.flatten(1).float())
     nearest = distances.topk(min(candidates, len(reference)), largest=False).indices  # (N, k)
-    scores = metric(generated[:, None].expand(-1, nearest.shape[1], *generated.shape[1:]).flatten(0, 1).float(),
-                    reference[nearest.flatten()].float()).view(nearest.shape)
+    scores = ssim(generated[:, None].expand(-1, nearest.shape[1], *generated.shape[1:]).flatten(0, 1).float(),
+                  reference[nearest.flatten()].float(), 7 if min(generated.shape[2:]) >= 32 else 3).view(nearest.shape)
     best_score, best_column = scores.max(dim=1)
     return best_score, nearest.gather(1, best_column[:, None])[:, 0]
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.metrics.regression import compute_ssim_and_cs
 from scipy.ndimage import binary_dilation
 
+from medsynth.evaluate import metrics
 from medsynth.evaluate.segmentation import Segmenter
 from medsynth.training import fit_minibatches
 
@@ -54,23 +54,16 @@ def psnr(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -
 
 
 def ssim(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, win_size: int = 7) -> float:
-    """Mean SSIM (Gaussian window ``win_size``, sigma 1.5; MONAI's ``compute_ssim_and_cs``) of volumes (X, Y, Z)
-    mapped to [0, 1] by the truth's range; over the windows centred in ``mask`` when given. The window shrinks
-    to the smallest axis (odd)."""
+    """Mean SSIM (:func:`medsynth.evaluate.metrics.ssim`, a window of ``win_size`` on every axis, shrunk to the smallest
+    axis, odd) of volumes (X, Y, Z) mapped to [0, 1] by the truth's range; over the windows centred in ``mask`` when
+    given."""
     lo, hi = unit_scale(truth)
     win = max(1, min(win_size, *(n if n % 2 else n - 1 for n in truth.shape)))
 
     def unit(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((np.asarray(a, np.float64) - lo) / (hi - lo)).float()[None, None]
 
-    value, _ = compute_ssim_and_cs(unit(recon), unit(truth), spatial_dims=truth.ndim, kernel_size=[win] * truth.ndim,
-                                   kernel_sigma=[1.5] * truth.ndim, data_range=1.0)
-    value = value[0, 0].numpy()  # "valid" windows: each axis shrinks by win - 1
-    if mask is None:
-        return float(value.mean())
-    half = win // 2
-    inner = np.asarray(mask, bool)[tuple(slice(half, n - half) for n in mask.shape)]
-    return float(value[inner].mean()) if inner.any() else float("nan")
+    return float(metrics.ssim(unit(recon), unit(truth), win, mask)[0])
 
 
 def class_indices(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:

@@ -366,10 +366,10 @@ class DiffAERecipe(Recipe):
         """Autoencoding PSNR/SSIM/MSE of held-out slices at ``evaluate.steps``; random samples against held-out
         slices: feature MMD (a network trained here to count the structures in a slice), MS-SSIM diversity and the
         memorisation audit, each with its real reference."""
-        from monai.metrics import PSNRMetric, SSIMMetric
+        from monai.metrics import PSNRMetric
 
         from medsynth.evaluate.classifier import classify, train_classifier
-        from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference
+        from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference, ssim
 
         settings, module = module.config.evaluate, module.eval()
         train, test = load_split(data_dir, "train"), held_out(data_dir)
@@ -379,9 +379,9 @@ class DiffAERecipe(Recipe):
         pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(settings.seed))[: settings.n_autoencode]
         real = test_x[pick]
         recon = to_unit(module.autoencode(to_model(real), settings.steps).cpu())
-        ssim = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7 if module.image_size >= 32 else 3)
+
         metrics: dict[str, Any] = {
-            "autoencode_psnr": float(PSNRMetric(max_val=1.0)(recon, real).mean()), "autoencode_ssim": float(ssim(recon, real).mean()),
+            "autoencode_psnr": float(PSNRMetric(max_val=1.0)(recon, real).mean()), "autoencode_ssim": float(ssim(recon, real, 7 if module.image_size >= 32 else 3).mean()),
             "autoencode_mse": float(((recon - real) ** 2).mean()), "autoencode_steps": settings.steps, "n_autoencode": len(real),
         }
         generated = to_unit(module.random(item_seeds(settings.seed, settings.n_generated), module.config.sample).cpu())
