@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nibabel.affines import apply_affine
 from torch import Tensor
 
 from medsynth.inverse.planes import Plane, pixel_points, planes_of_stack
@@ -79,7 +80,7 @@ class _PointSampler:
         self.out_shape = tuple(centres.shape[:-1])
         points = centres.reshape(-1, 1, 3) + offsets[None, :, None] * np.asarray(normal)[None, None, :]  # (P, S, 3)
         to_voxel = np.linalg.inv(np.asarray(volume_affine, dtype=np.float64))
-        index = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]  # (P, S, 3) voxel coordinates (i, j, k)
+        index = apply_affine(to_voxel, points)  # (P, S, 3) voxel coordinates (i, j, k)
         upper = np.asarray(self.volume_shape, dtype=np.float64) - 1
         inside = np.all((index >= -_INSIDE_TOL) & (index <= upper + _INSIDE_TOL), axis=-1)  # (P, S)
         w = weights[None, :] * inside
@@ -90,7 +91,7 @@ class _PointSampler:
         grid = (2 * index / upper - 1)[..., ::-1]
         self._grid = torch.from_numpy(np.ascontiguousarray(grid)[None, :, :, None, :])  # (1, P, S, 1, 3)
         self._weights = torch.from_numpy(w)  # (P, S)
-        centre_index = centres.reshape(-1, 3) @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        centre_index = apply_affine(to_voxel, centres.reshape(-1, 3))
         self._centre_inside = np.all((centre_index >= -_INSIDE_TOL) & (centre_index <= upper + _INSIDE_TOL), axis=-1)
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}  # the last device/dtype's tables
 
@@ -190,6 +191,6 @@ class SliceStackOperator(_PointSampler):
             profile_samples = max(1, steps + 1 if profile == "box" else 2 * steps + 1)
         offsets, weights = slice_profile(first.thickness, profile_samples, profile)
         index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in spatial], indexing="ij"), axis=-1)
-        centres = index @ stack_affine[:3, :3].T + stack_affine[:3, 3]  # (X, Y, Z, 3) world mm of the stack's voxels
+        centres = apply_affine(stack_affine, index)  # (X, Y, Z, 3) world mm of the stack's voxels
         super().__init__(fine_affine, fine_shape, centres, first.normal, offsets, weights)
         self.thickness = first.thickness

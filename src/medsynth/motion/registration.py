@@ -32,6 +32,7 @@ from monai.data import MetaTensor
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.layers import GaussianFilter
 from monai.transforms import SpatialResample
+from nibabel.affines import apply_affine
 from pydantic import Field, ValidationInfo, field_validator
 from tqdm import tqdm
 
@@ -507,7 +508,8 @@ def _on_fixed_grid(fixed: MetaTensor, moving: MetaTensor, moving_path: str | Pat
     stride = max(1, int(np.ceil((np.prod(fixed.shape[1:]) / 200_000) ** (1 / 3))))
     index = np.stack(np.meshgrid(*[np.arange(0, n, stride) for n in fixed.shape[1:]], indexing="ij"), -1).reshape(-1, 3)
     to_moving = np.linalg.inv(moving_affine) @ fixed_affine
-    inside = (index @ to_moving[:3, :3].T + to_moving[:3, 3] > -0.5) & (index @ to_moving[:3, :3].T + to_moving[:3, 3] < np.asarray(moving.shape[1:]) - 0.5)
+    mapped = apply_affine(to_moving, index)
+    inside = (mapped > -0.5) & (mapped < np.asarray(moving.shape[1:]) - 0.5)
     overlap = float(inside.all(axis=1).mean())
     if overlap == 0.0:
         raise BadInputError(moving_path, f"does not overlap the fixed image {fixed_path} in world space (check the affines)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nibabel.affines import apply_affine
 from scipy.special import expit
 
 from medsynth.data.fields import mm_to_voxel, save_field
@@ -47,7 +48,7 @@ def grid_size(size: int | Sequence[int], default: Sequence[int]) -> tuple[int, i
 def world_grid(size: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """World (mm) coordinates of every voxel centre, ``(X * Y * Z, 3)`` in C order."""
     index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in size], indexing="ij"), axis=-1).reshape(-1, 3)
-    return index @ affine[:3, :3].T + affine[:3, 3]
+    return apply_affine(affine, index)
 
 
 def ellipsoid_sdf(points: np.ndarray, centre: Sequence[float], radii: Sequence[float], rotation: np.ndarray | None = None) -> np.ndarray:
