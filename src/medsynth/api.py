@@ -20,7 +20,7 @@ from medsynth.config import dump_config, load_config, read_yaml
 from medsynth.console import note
 from medsynth.data.phantoms import get_phantom
 from medsynth.errors import BadInputError, MedsynthError
-from medsynth.recipes import get_recipe
+from medsynth.recipes import RECIPES, get_recipe
 from medsynth.runs import Run, atomic_write_bytes, atomic_write_json, check_output, fold_summary, is_rank_zero, remove_stale_temps
 
 RUN_DIR_VARIABLE = "MEDSYNTH_RUN_DIR"  # the run folder rank 0 chose, for the ranks Lightning starts
@@ -382,7 +382,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
     """Evaluate a run against its (or another) prepared dataset; results merge into metrics.json.
 
     ``reconstruction``: also reconstruct the held-out subjects of this UK Biobank-layout folder (with thin-slice
-    truth) with every method (recipes with ``evaluate_reconstruction``: diffae). ``overrides`` change the run's
+    truth) with every method (recipes that declare ``reconstructs``: diffae). ``overrides`` change the run's
     settings for this evaluation (``evaluate.ddim_run=RUN2``). ``progress`` is accepted for the CLI's
     ``--no-progress``; evaluation shows no progress bar yet.
     """
@@ -395,12 +395,12 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
     data_dir = Path(data) if data is not None else Path(module.config.data_dir or "")
     if not (data_dir / "dataset.json").exists():
         raise BadInputError(data_dir, "not a prepared dataset (no dataset.json)")
-    if reconstruction is not None and not hasattr(chosen, "evaluate_reconstruction"):
+    if reconstruction is not None and not chosen.reconstructs:
         raise MedsynthError(f"evaluate --reconstruction: recipe '{chosen.name}' reconstructs nothing (use a diffae run)")
     with opened.lock():
         metrics = chosen.evaluate(opened, module, data_dir)
         if reconstruction is not None:
-            metrics |= chosen.evaluate_reconstruction(opened, module, Path(reconstruction))  # type: ignore[attr-defined]
+            metrics |= chosen.evaluate_reconstruction(opened, module, Path(reconstruction))
         return opened.write_metrics(metrics)
 
 
@@ -507,7 +507,6 @@ def render(frames: str | Path, out: str | Path, field: str | Path | None = None,
         raise MedsynthError(f"{frames}: {exc}") from None
 
 
-PRIOR_RECIPES = ("diffae",)  # recipes whose modules are slice priors for `reconstruct` (the DDIM baseline: diffae, model.semantic false)
 
 
 def reconstruct(run: str | Path | None, sax: str | Path, lax: Sequence[str | Path] = (), out: str | Path | None = None,
@@ -515,9 +514,9 @@ def reconstruct(run: str | Path | None, sax: str | Path, lax: Sequence[str | Pat
                 overrides: list[str] | tuple[str, ...] = (), force: bool = False, progress: bool = True) -> Path:
     """A fine SAX volume (every frame) from a SAX stack and LAX views: :func:`medsynth.inverse.reconstruct_files`.
 
-    The prior is ``prior_run``'s if given (e.g. the DDIM baseline), else ``run``'s: a ``diffae`` run (its DDIM
-    baseline is one with ``model.semantic: false``) whose module is a :class:`~medsynth.inverse.SlicePrior` or has
-    ``slice_prior()``. The baselines (``nearest``, ``linear``, ``cubic``) load none: ``run`` may then be ``None`` or
+    The prior is ``prior_run``'s if given (e.g. the DDIM baseline), else ``run``'s: a run of a recipe that declares
+    ``reconstructs`` (diffae; its DDIM baseline is one with ``model.semantic: false``), whose module is a
+    :class:`~medsynth.inverse.SlicePrior`. The baselines (``nearest``, ``linear``, ``cubic``) load none: ``run`` may then be ``None`` or
     ``"-"``; a run of another recipe is refused for every method. ``method`` defaults to
     :data:`~medsynth.inverse.reconstruct.DEFAULT_METHOD`. ``overrides`` set the method's
     :class:`~medsynth.inverse.ReconstructSettings` (``iterations=50``; a key the method does not read is refused,
@@ -543,7 +542,7 @@ def reconstruct(run: str | Path | None, sax: str | Path, lax: Sequence[str | Pat
         opened = open_run(source)[0]
         saved = read_yaml(opened.config_path)
         recipe = str(saved.get("recipe"))
-        if recipe not in PRIOR_RECIPES:
+        if recipe not in RECIPES or not get_recipe(recipe).reconstructs:
             if method in BASELINES:
                 raise BadInputError(opened.path, f"a run of recipe '{recipe}' is no slice prior, and the interpolation baseline "
                                                  f"'{method}' uses none: give '-' or no run")
@@ -556,7 +555,7 @@ def reconstruct(run: str | Path | None, sax: str | Path, lax: Sequence[str | Pat
     if method not in BASELINES:
         assert opened is not None
         module = load_run(opened.path)[2]
-        prior = module.slice_prior() if hasattr(module, "slice_prior") else module
+        prior = module
         if not isinstance(prior, SlicePrior):
             raise MedsynthError(f"{opened.path}: its module is not a slice prior (encode_semantic, invert, decode)")
     return reconstruct_files(prior, sax, lax, out, factor=factor, method=method, settings=settings, keep_steps=keep_steps,

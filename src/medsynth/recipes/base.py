@@ -60,6 +60,8 @@ class Recipe(ABC):
     tiny_example: ClassVar[TinyExample | None] = None  # required by the contract tests: every recipe declares one
     condition_refusal: ClassVar[str | None] = None  # why `sample --condition` is refused (None: the recipe takes it)
     takes_phases: ClassVar[bool] = False  # `sample --phases` selects what to generate
+    # its runs are slice priors of `medsynth reconstruct`, scored by `evaluate --reconstruction` (evaluate_reconstruction)
+    reconstructs: ClassVar[bool] = False
 
     def resolve_config(self, config: RecipeConfig) -> RecipeConfig:
         """Fill the fields that depend on the data (channels, shapes, classes)."""
@@ -80,6 +82,11 @@ class Recipe(ABC):
     @abstractmethod
     def evaluate(self, run: Run, module: MedsynthModule, data_dir: Path) -> dict[str, Any]:
         """Metrics for ``metrics.json``."""
+
+    def evaluate_reconstruction(self, run: Run, module: MedsynthModule, data: Path) -> dict[str, Any]:
+        """``evaluate --reconstruction DATA`` (recipes that declare ``reconstructs``): metrics of rebuilding DATA's held-out
+        volumes with the run's module as the prior."""
+        raise NotImplementedError(f"recipe '{self.name}' reconstructs nothing")
 
     def check_data(self, config: RecipeConfig) -> None:
         """Check everything training will read (the resolved ``config``'s data and the runs it names) before the run's

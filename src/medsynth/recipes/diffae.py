@@ -280,6 +280,7 @@ class DiffAERecipe(Recipe):
     condition_refusal = "diffae draws slices without a condition (use --mode autoencode or interpolate for real slices)"
     headline_metrics = ("autoencode_psnr", "autoencode_ssim", "mmd_classifier_features", "ms_ssim_generated", "memorisation_max_ssim")
     prepare_defaults = {"slices": True, "normalize": "percentile"}
+    reconstructs = True  # its runs (and its DDIM baseline's) are the slice priors of `medsynth reconstruct`
     tiny_example = TinyExample(  # 16 x 16 slices of 4 phantom subjects, 2 frames; the resume test crosses the stage boundary
         phantom="cardiac", n=4, size=32, phantom_options={"modality": "mri", "views": True, "frames": 2, "hr_factor": 2},
         prepare={"size": 16, "seed": 0}, config="diffae-tiny",
