@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,16 @@ from medsynth.console import note
 from medsynth.data.phantoms import get_phantom
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.recipes import RECIPES, get_recipe
-from medsynth.runs import Run, atomic_write_bytes, atomic_write_json, check_output, fold_summary, is_rank_zero, remove_stale_temps
+from medsynth.runs import (
+    Run,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output,
+    fold_summary,
+    is_rank_zero,
+    remove_stale_temps,
+    write_staged,
+)
 
 RUN_DIR_VARIABLE = "MEDSYNTH_RUN_DIR"  # the run folder rank 0 chose, for the ranks Lightning starts
 
@@ -337,44 +345,7 @@ def sample(run: str | Path, n: int | None = None, mode: str = "random", class_na
     request = SampleRequest(n=n, mode=mode, class_name=class_name, condition=Path(condition) if condition else None, seed=seed,
                             phases=tuple(phases) if phases is not None else None)
     with opened.lock():
-        return _sample_staged(chosen, module, request, target)
-
-
-STAGING_PREFIX = ".staging-"  # TARGET/.staging-<pid>/: a request's files before they replace TARGET/<mode>/
-
-
-def _sample_staged(chosen: Recipe, module: MedsynthModule, request: Any, target: Path) -> list[Path]:
-    """Let the recipe write into ``TARGET/.staging-<pid>/<mode>/``, then replace ``TARGET/<mode>/`` with it.
-
-    A request's files are never mixed with an earlier request's (``--force`` with a smaller ``--n``),
-    a failure or a refusal (non-finite output) leaves the earlier samples as they were, and the
-    staging folder of a killed process is removed by the next request.
-    """
-    for stale in target.glob(f"{STAGING_PREFIX}*"):
-        pid = stale.name.removeprefix(STAGING_PREFIX)
-        if not (pid.isdigit() and _alive(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = target / f"{STAGING_PREFIX}{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        written = chosen.sample(module, request, staging)
-        final, old = target / request.mode, staging / f"{request.mode}.previous"
-        if final.exists():
-            final.rename(old)
-        (staging / request.mode).rename(final)
-        return [final / path.relative_to(staging / request.mode) for path in written]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return write_staged(target, mode, lambda staging: chosen.sample(module, request, staging))
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = True, reconstruction: str | Path | None = None,
@@ -423,7 +394,7 @@ def evaluate_folds(run: str | Path) -> dict[str, Any]:
 def report(run: str | Path) -> Path:
     """Write RUN/report.html: the recipe's headline metrics beside their references, its figures,
     curves, every metric and the config (for a fold set: the mean ± sd over its folds)."""
-    from medsynth.report.html import write_report
+    from medsynth.report.html import fold_table, write_report
 
     opened = Run.open(run)
     opened.check_free()
@@ -431,26 +402,11 @@ def report(run: str | Path) -> Path:
         spec = opened.read_folds()
         title = f"medsynth {spec['recipe']} — {opened.path.name} ({spec['folds']}-fold cross-validation)"
         with opened.lock():
-            return write_report(opened, title, [("Cross-validation: mean ± sd over folds", _fold_table(opened.read_metrics()))])
+            return write_report(opened, title, [("Cross-validation: mean ± sd over folds", fold_table(opened.read_metrics()))])
     opened, chosen, module = load_run(run)
     with opened.lock():
         sections = [(section.title, section.html) for section in chosen.report_sections(opened, module)]
         return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections, headline=chosen.headline_metrics)
-
-
-def _fold_table(metrics: dict[str, Any]) -> str:
-    """The mean ± sd and per-fold values of every metric of a fold set, as an HTML table."""
-    import html
-
-    def shown(value: Any) -> str:
-        return "–" if value is None else f"{value:.4g}"
-
-    rows = [f"<tr><td>{html.escape(key[:-5])}</td><td>{shown(metrics[key])} ± {shown(metrics.get(key[:-5] + '_sd'))}</td>"
-            f"<td>{', '.join(shown(v) for v in metrics.get(key[:-5] + '_per_fold', []))}</td></tr>"
-            for key in sorted(metrics) if key.endswith("_mean") and f"{key[:-5]}_per_fold" in metrics]
-    if not rows:
-        return "<p>Not evaluated yet: run <code>medsynth evaluate</code> on the fold set.</p>"
-    return "<table><tr><th>metric</th><th>mean ± sd</th><th>per fold</th></tr>" + "".join(rows) + "</table>"
 
 
 def register(fixed: str | Path | None = None, moving: str | Path | None = None, out: str | Path | None = None,

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,6 +391,46 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), forc
     if force is False and out.exists() and (not folder or any(out.iterdir())):
         raise BadInputError(out, "already exists" + (" and is not empty" if folder else "") + "; pass --force to replace it")
     return out
+
+
+STAGING_PREFIX = ".staging-"  # TARGET/.staging-<pid>/: a request's files before they replace TARGET/<name>/
+
+
+def write_staged(target: Path, name: str, write: Callable[[Path], list[Path]]) -> list[Path]:
+    """Let ``write(staging)`` write into ``TARGET/.staging-<pid>/<name>/`` and return its files, then replace
+    ``TARGET/<name>/`` with that folder; the files' final paths.
+
+    A request's files are never mixed with an earlier request's (``--force`` with a smaller ``--n``), a failure or
+    a refusal (non-finite output) leaves the earlier files as they were, and the staging folder of a killed
+    process is removed by the next request.
+    """
+    import shutil
+
+    for stale in target.glob(f"{STAGING_PREFIX}*"):
+        pid = stale.name.removeprefix(STAGING_PREFIX)
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = target / f"{STAGING_PREFIX}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written = write(staging)
+        final, old = target / name, staging / f"{name}.previous"
+        if final.exists():
+            final.rename(old)
+        (staging / name).rename(final)
+        return [final / path.relative_to(staging / name) for path in written]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -183,3 +183,17 @@ def embedded_images(page: str) -> list[tuple[str, int, int, int]]:
             picture.load()
             found.append((html.unescape(match.group(1)), picture.width, picture.height, int(match.group(2) or picture.width)))
     return found
+
+
+def fold_table(metrics: dict[str, Any]) -> str:
+    """The mean ± sd and per-fold values of every metric of a fold set (``runs.fold_summary``'s keys), as an HTML table."""
+
+    def shown(value: Any) -> str:
+        return "–" if value is None else f"{value:.4g}"
+
+    rows = [f"<tr><td>{html.escape(key[:-5])}</td><td>{shown(metrics[key])} ± {shown(metrics.get(key[:-5] + '_sd'))}</td>"
+            f"<td>{', '.join(shown(v) for v in metrics.get(key[:-5] + '_per_fold', []))}</td></tr>"
+            for key in sorted(metrics) if key.endswith("_mean") and f"{key[:-5]}_per_fold" in metrics]
+    if not rows:
+        return "<p>Not evaluated yet: run <code>medsynth evaluate</code> on the fold set.</p>"
+    return "<table><tr><th>metric</th><th>mean ± sd</th><th>per fold</th></tr>" + "".join(rows) + "</table>"
