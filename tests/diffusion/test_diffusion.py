@@ -3,7 +3,6 @@ closed-form Gaussian data, and a direct KL computation."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -399,12 +398,8 @@ def test_condition_dropout():
 # --- MONAI networks, precision, errors -----------------------------------------------------------
 
 _TINY_UNET = dict(channels=(8, 8), attention_levels=(False, False), num_res_blocks=1, norm_num_groups=4)
-# MONAI's diffusion UNets always have an attention mid-block, whose blocks import einops.
-needs_einops = pytest.mark.skipif(importlib.util.find_spec("einops") is None,
-                                  reason="MONAI's diffusion UNets need einops (a missing dependency)")
 
 
-@needs_einops
 
 def test_monai_unet_denoiser_trains_and_samples_in_bf16():
     torch.manual_seed(0)
@@ -421,7 +416,6 @@ def test_monai_unet_denoiser_trains_and_samples_in_bf16():
     assert sample.dtype == torch.float32 and torch.isfinite(sample).all()
 
 
-@needs_einops
 def test_flash_attention_changes_the_kernel_not_the_maths():
     args = {**_TINY_UNET, "attention_levels": (False, True), "num_head_channels": 4}
     torch.manual_seed(0)
@@ -432,7 +426,6 @@ def test_flash_attention_changes_the_kernel_not_the_maths():
         torch.testing.assert_close(ConditionedDenoiser(flash)(x, t), ConditionedDenoiser(plain)(x, t), rtol=1e-4, atol=1e-5)
 
 
-@needs_einops
 def test_spade_unet_denoiser():
     model = ConditionedDenoiser(build_unet(2, 1, 1, label_nc=3, **_TINY_UNET), tensor_as="seg")
     seg = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 8, 8)), 3).permute(0, 3, 1, 2).float()
@@ -550,7 +543,6 @@ def test_loss_drops_the_named_parts_of_a_structured_condition():
     assert 0.2 < dropped.float().mean() < 0.4 and (seen[-1].concat == 1).all()
 
 
-@needs_einops
 def test_conditioned_denoiser_routes_every_part():
     torch.manual_seed(0)
     unet = build_unet(2, 1 + 2, 1, label_nc=3, num_class_embeds=4, with_conditioning=True, cross_attention_dim=5,
