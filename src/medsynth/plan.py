@@ -140,7 +140,7 @@ def _rand(*shape: int) -> Any:
 def input_size(config: RecipeConfig) -> list[int] | None:
     """The spatial input size a config states (the data-filled field of its recipe), or None."""
     model = getattr(config, "model", None)
-    if config.recipe == "cvae":
+    if config.recipe in ("cvae", "class-diffusion"):
         return list(model.in_shape[1:]) if model.in_shape else None
     if config.recipe == "diffae":
         return [model.image_size] * 2 if model.image_size else None
@@ -266,8 +266,27 @@ def _diffae(config: Any, size: list[int]) -> list[Example]:
     return [Example("autoencoder", config, batch, sample, items, settings.steps_for(config.model.make_schedule()))]
 
 
+def _class_diffusion(config: Any, size: list[int]) -> list[Example]:
+    import torch
+
+    channels = config.model.in_shape[0] if config.model.in_shape else 1
+    classes = config.model.classes or [f"class_{i}" for i in range(5)]
+    config = _update(config, "model", spatial_dims=len(size), in_shape=[channels, *size], classes=classes)
+    fold, settings = config.model.fold, config.sample
+    items = settings.batch_size
+    folded = [channels * fold ** len(size), *(s // fold for s in size)]  # what the UNet sees (space-to-depth)
+
+    def batch(b: int) -> dict[str, Any]:
+        return {"image": _rand(b, channels, *size), "class": torch.zeros(b, dtype=torch.long)}
+
+    def sample(module: Any) -> Any:
+        return module.denoiser(settings)(_rand(items, *folded), torch.zeros(items, dtype=torch.long), torch.zeros(items, dtype=torch.long))
+
+    return [Example("diffusion", config, batch, sample, items, settings.steps_for(config.model.make_schedule()))]
+
+
 EXAMPLES: dict[str, Callable[[Any, list[int]], list[Example]]] = {
-    "cvae": _cvae, "sdm": _sdm, "flow-cvae": _flow_cvae, "motion-ldm": _motion_ldm, "diffae": _diffae}
+    "cvae": _cvae, "sdm": _sdm, "flow-cvae": _flow_cvae, "motion-ldm": _motion_ldm, "diffae": _diffae, "class-diffusion": _class_diffusion}
 
 
 def examples(config: RecipeConfig, size: Sequence[int] | None = None) -> list[Example]:

@@ -143,3 +143,15 @@ def test_resume_after_a_kill_continues_exactly(name, prepared, tmp_path):
     resumed_weights, straight_weights = load_file(str(resumed.weights_path)), load_file(str(straight.weights_path))
     assert resumed_weights.keys() == straight_weights.keys()
     assert all(torch.equal(resumed_weights[key], straight_weights[key]) for key in straight_weights)
+
+
+def test_a_plan_of_its_data_trains_as_planned(name, prepared, tmp_path):
+    """``medsynth plan`` on the recipe's own prepared data (from its tiny config, for a 24 GB card) writes a config that
+    ``train`` takes as it is: one epoch, in the planned precision and batch."""
+    example = tiny_example(name)
+    made = api.plan(prepared, name, tmp_path / "plan.yaml", memory="24GB", config=example.config, overrides=example.overrides)
+    planned = read_yaml(tmp_path / "plan.yaml")
+    assert planned["train"]["batch_size"] == made.estimate.batch_size and planned["train"]["precision"] == made.estimate.precision
+    run = api.train(name, data=prepared, config=tmp_path / "plan.yaml", overrides=["train.max_epochs=1"], out=tmp_path / "run",
+                    progress=False)
+    assert (Path(run.path) / "model.safetensors").is_file()
