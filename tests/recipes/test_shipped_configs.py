@@ -25,9 +25,9 @@ from medsynth.training import export_weights
 CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if "recipe" in read_yaml(path))
 # The data each config is written for: image side in pixels/voxels; None: a 3D GPU config, run reduced.
 SHIPPED_SIDE = {"cvae-tiny": 64, "cvae-224": 224, "cvae-448": 448,
-                "sdm-tiny": 24, "sdm-tiny-high": 32, "sdm-low-64": None, "sdm-high-128": None,
+                "sdm-tiny": 24, "sdm-tiny-high": 32, "sdm-low-64": None, "sdm-high-128": None, "sdm-bench-48": 48,
                 "flow-cvae-tiny": 32, "flow-cvae-86": None, "motion-ldm-tiny": 48, "motion-ldm-256": None,
-                "diffae-tiny": 32, "diffae-128": 128}
+                "diffae-tiny": 32, "diffae-128": 128, "class-diffusion-tiny": 64}
 CILIA_CLASSES = ["normal", "disarranged", "oda_defect", "ida_defect", "cp_defect"]
 CORONARY_LABELS = {0: "background", 1: "myocardium", 2: "blood_pool", 3: "coronary"}
 
@@ -142,7 +142,19 @@ def diffae_case(name: str, tmp_path: Path) -> list[Path]:
     return recipe.sample(module.eval(), SampleRequest(n=1), tmp_path / "samples")
 
 
-CASES = {"cvae": cvae_case, "sdm": sdm_case, "flow-cvae": flow_cvae_case, "motion-ldm": motion_ldm_case, "diffae": diffae_case}
+def class_diffusion_case(name: str, tmp_path: Path) -> list[Path]:
+    """A step on cilia-sized images of the five classes, and one image of a class sampled in one step."""
+    recipe, side = get_recipe("class-diffusion"), SHIPPED_SIDE[name]
+    config = load_config(recipe.config_class, name, ["train.num_threads=1", "sample.steps=1"])
+    config = config.model_copy(update={"data_dir": None, "model": config.model.model_copy(update={
+        "spatial_dims": 2, "in_shape": [1, side, side], "classes": CILIA_CLASSES})})
+    module = recipe.build_module(config)
+    step(module, {"image": torch.rand(2, 1, side, side, generator=torch.Generator().manual_seed(0)), "class": torch.tensor([0, 3])})
+    return recipe.sample(module.eval(), SampleRequest(n=1, class_name="normal"), tmp_path / "samples")
+
+
+CASES = {"cvae": cvae_case, "sdm": sdm_case, "flow-cvae": flow_cvae_case, "motion-ldm": motion_ldm_case, "diffae": diffae_case,
+         "class-diffusion": class_diffusion_case}
 
 
 def test_every_shipped_config_is_listed():

@@ -47,6 +47,7 @@ RECIPES: dict[str, LazyRecipe] = {
     "flow-cvae": LazyRecipe("medsynth.recipes.flow_cvae", "FlowCVAERecipe"),
     "motion-ldm": LazyRecipe("medsynth.recipes.motion_ldm", "MotionLDMRecipe"),
     "diffae": LazyRecipe("medsynth.recipes.diffae", "DiffAERecipe"),
+    "class-diffusion": LazyRecipe("medsynth.recipes.class_diffusion", "ClassDiffusionRecipe"),
 }
 
 

@@ -20,11 +20,10 @@ from torch.func import functional_call
 
 from medsynth.config import RecipeConfig, StrictModel
 from medsynth.console import note
-from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_split, stack_items
+from medsynth.data.class_images import ClassImageDataConfig, class_image_datamodule, class_image_info, class_indices, real_images
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
-from medsynth.evaluate.classifier import accuracy_by_class, classify, train_classifier
-from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference, spectrum_ratio_high
+from medsynth.evaluate.class_generator import ClassGeneratorEvaluateConfig, evaluate_class_generator, real_vs_generated_section
 from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
@@ -57,18 +56,8 @@ class CVAEModelConfig(StrictModel):
     discriminator_channels: int = Field(32, ge=4, description="the discriminator's first-layer channels (3 layers)")
 
 
-class CVAEDataConfig(StrictModel):
-    augment: bool = Field(True, description="random flips and 90-degree turns (for rotation-invariant data)")
-
-
-class CVAEEvaluateConfig(StrictModel):
-    n_per_class: int = Field(64, ge=2)
-    classifier_epochs: int = Field(15, ge=1)
-    seed: int = 0
-    utility: bool = Field(True, description="train-on-synthetic and the augmentation test (medsynth.evaluate.image_utility)")
-    n_labelled: int | None = Field(None, ge=1, description="augmentation test: training images in the labelled pool "
-                                   "(default a quarter of the training split); the rest are the pool of which only the classes are used")
-    utility_seeds: list[int] = Field([0], min_length=1, description="seeds of the task network in the utility tests (>= 3 in benchmarks)")
+CVAEDataConfig = ClassImageDataConfig
+CVAEEvaluateConfig = ClassGeneratorEvaluateConfig
 
 
 class CVAEConfig(RecipeConfig):
@@ -169,24 +158,9 @@ class CVAEModule(MedsynthModule):
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]), sync_dist=True)
 
 
-def _mean_finite(values: Any) -> float:
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
 def grid_steps(n: int) -> int:
     """Grid mode's points per axis for ``--n n``: ``round(sqrt(n))``, at least 2 (``steps**2`` images per class)."""
     return max(2, round(n ** 0.5))
-
-
-def _augment(sample: dict[str, Any]) -> dict[str, Any]:
-    # Flips and 90-degree turns only: they keep cross-sections realistic and need no interpolation.
-    image = sample["image"]
-    axes = (1, 2)
-    if torch.rand(()) < 0.5:
-        image = image.flip(1)
-    image = torch.rot90(image, int(torch.randint(0, 4, ())), dims=axes)
-    return {**sample, "image": image.contiguous()}
 
 
 class CVAERecipe(Recipe):
@@ -202,27 +176,17 @@ class CVAERecipe(Recipe):
                    "train.num_threads=1", "evaluate.n_per_class=4", "evaluate.classifier_epochs=1"))
 
     def resolve_config(self, config: CVAEConfig) -> CVAEConfig:
-        info = load_prepared_info(Path(config.data_dir))
-        if info["image_shape"] is None:
-            raise MedsynthError(f"{config.data_dir}: cvae needs images of one shape; prepare with --size")
-        if not info["classes"]:
-            raise MedsynthError(f"{config.data_dir}: cvae needs a dataset with classes (class-per-folder images)")
-        model = config.model.model_copy(update={
-            "spatial_dims": info["spatial_dims"], "in_shape": [info["in_channels"], *info["image_shape"]],
-            "classes": list(info["classes"]), "reference_affine": np.asarray(info["affine"]).tolist() if info.get("affine") is not None else None,
-        })
+        model = config.model.model_copy(update=class_image_info(config.data_dir, "cvae"))
         factor = int(np.prod(model.strides))
-        if any(size % factor for size in info["image_shape"]):
-            raise MedsynthError(f"cvae: image shape {info['image_shape']} must be divisible by {factor} (the product of model.strides)")
+        if any(size % factor for size in model.in_shape[1:]):
+            raise MedsynthError(f"cvae: image shape {model.in_shape[1:]} must be divisible by {factor} (the product of model.strides)")
         return config.model_copy(update={"model": model})
 
     def build_module(self, config: CVAEConfig) -> CVAEModule:
         return CVAEModule(config)
 
     def build_datamodule(self, config: CVAEConfig) -> L.LightningDataModule:
-        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size,
-                                  num_workers=config.train.num_workers, seed=config.train.seed, in_memory=True,
-                                  train_transform=_augment if config.data.augment and config.model.spatial_dims == 2 else None)
+        return class_image_datamodule(config.data_dir, config.train, config.data.augment, config.model.spatial_dims)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -232,16 +196,6 @@ class CVAERecipe(Recipe):
         module.eval()
         c = torch.full((len(z),), class_index, dtype=torch.long)
         return torch.cat([module.decode(chunk, c[: len(chunk)]) for chunk in z.split(64)]).clamp(0, 1)
-
-    def class_indices(self, module: CVAEModule, class_name: str | None) -> list[int]:
-        classes = module.config.model.classes
-        if class_name is None:
-            return list(range(len(classes)))
-        if class_name in classes:
-            return [classes.index(class_name)]
-        if class_name.isdigit() and int(class_name) < len(classes):
-            return [int(class_name)]
-        raise MedsynthError(f"unknown class '{class_name}' (this model knows: {', '.join(classes)})")
 
     def latents(self, module: CVAEModule, request: SampleRequest, class_index: int) -> torch.Tensor:
         dim = module.config.model.latent_size
@@ -253,7 +207,8 @@ class CVAERecipe(Recipe):
             return grid_latents(dim, steps=grid_steps(request.n))
         if mode is LatentMode.PLANE:
             return plane_latents(request.n, dim, generator)
-        real = self.real_images(module.config, "test", class_index) + self.real_images(module.config, "train", class_index)
+        data_dir = module.config.data_dir
+        real = real_images(data_dir, "test", class_index) + real_images(data_dir, "train", class_index)
         if len(real) < 2:
             raise MedsynthError(f"interpolate: need two real images of class '{module.config.model.classes[class_index]}' in {module.config.data_dir}")
         order = torch.randperm(len(real), generator=generator)[:2]
@@ -261,11 +216,6 @@ class CVAERecipe(Recipe):
         with torch.no_grad():
             z = module.encode(pair, torch.full((2,), class_index, dtype=torch.long))
         return interpolate_latents(z[0], z[1], steps=max(2, request.n))
-
-    def real_images(self, config: CVAEConfig, split: str, class_index: int | None = None) -> list[torch.Tensor]:
-        if config.data_dir is None or not Path(config.data_dir).exists():
-            return []
-        return [item["image"] for item in load_split(Path(config.data_dir), split) if class_index is None or item["class"] == class_index]
 
     def sample(self, module: CVAEModule, request: SampleRequest, out: Path) -> list[Path]:
         try:
@@ -276,7 +226,7 @@ class CVAERecipe(Recipe):
         model = module.config.model
         suffix = ".png" if model.spatial_dims == 2 else ".nii.gz"
         affine = np.asarray(model.reference_affine) if model.reference_affine is not None else None
-        indices = self.class_indices(module, request.class_name)
+        indices = class_indices(model.classes, request.class_name)
         if request.mode == LatentMode.GRID.value:
             steps = grid_steps(request.n)
             note(f"grid: {steps} x {steps} = {steps * steps} images per class, {steps * steps * len(indices)} in all "
@@ -295,49 +245,10 @@ class CVAERecipe(Recipe):
     # -- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self, run: Run, module: CVAEModule, data_dir: Path) -> dict[str, Any]:
-        """Classifier accuracy (real test vs generated), feature MMD, MS-SSIM diversity and the memorisation
-        audit; each distribution metric also as ``<metric>_real_reference`` on held-out real images."""
-        settings = module.config.evaluate
-        classes = module.config.model.classes
-        train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
-        if not test:
-            raise MedsynthError(f"{data_dir}: the prepared dataset has no test split to evaluate on")
-        train_x, train_y = stack_items(train, "image"), stack_items(train, "class")
-        test_x, test_y = stack_items(test, "image"), stack_items(test, "class")
-
-        classifier = train_classifier(train_x, train_y, len(classes), epochs=settings.classifier_epochs, seed=settings.seed)
-        real = classify(classifier, test_x)
-
-        request = SampleRequest(n=settings.n_per_class, seed=settings.seed)
-        generated = torch.cat([self.generate(module, k, self.latents(module, request, k)) for k in range(len(classes))])
-        generated_y = torch.arange(len(classes)).repeat_interleave(settings.n_per_class)
-        fake = classify(classifier, generated)
-
-        utility = self.utility(module, (train_x, train_y), (test_x, test_y), settings) if settings.utility else {}
-        acc_real = accuracy_by_class(real.predictions, test_y, classes)
-        acc_fake = accuracy_by_class(fake.predictions, generated_y, classes)
-        diversity_generated = {n: ms_ssim_diversity(generated[generated_y == k]) for k, n in enumerate(classes)}
-        diversity_real = {n: ms_ssim_diversity(test_x[test_y == k]) for k, n in enumerate(classes)}
-        return {
-            "classifier_accuracy_real": acc_real.pop("all"),
-            "classifier_accuracy_generated": acc_fake.pop("all"),
-            "classifier_accuracy_real_per_class": acc_real,
-            "classifier_accuracy_generated_per_class": acc_fake,
-            # Diversity: mean MS-SSIM within a class (lower = more diverse); the reference is the real test images'.
-            "ms_ssim_generated_per_class": diversity_generated,
-            "ms_ssim_real_per_class": diversity_real,
-            "ms_ssim_generated_per_class_real_reference": diversity_real,
-            "ms_ssim_generated": _mean_finite(diversity_generated.values()),
-            "ms_ssim_generated_real_reference": _mean_finite(diversity_real.values()),
-            "mmd_classifier_features": feature_mmd(real.features, fake.features),
-            "mmd_classifier_features_real_reference": real_reference(feature_mmd, real.features, seed=settings.seed),
-            **memorisation_audit(generated, train_x, held_out=test_x),
-            "spectrum_ratio_high": spectrum_ratio_high(test_x, generated),
-            "spectrum_ratio_high_real_reference": real_reference(spectrum_ratio_high, test_x, seed=settings.seed),
-            **utility,
-            "n_generated_per_class": settings.n_per_class,
-            "n_test_real": len(test_x),
-        }
+        """The class-conditional generator protocol (:func:`medsynth.evaluate.class_generator.evaluate_class_generator`),
+        on images decoded from the prior."""
+        return evaluate_class_generator(lambda classes, seed: self.generate_for(module, classes, seed), data_dir,
+                                        module.config.model.classes, module.config.evaluate)
 
     def generate_for(self, module: CVAEModule, classes: torch.Tensor, seed: int) -> torch.Tensor:
         """One image from the prior for each class index of ``classes`` ``(N,)``: ``(N, C, *spatial)`` in [0, 1], in that order."""
@@ -347,34 +258,11 @@ class CVAERecipe(Recipe):
             images[where] = self.generate(module, k, self.latents(module, SampleRequest(n=len(where), seed=seed), k))
         return images
 
-    def utility(self, module: CVAEModule, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-                settings: CVAEEvaluateConfig) -> dict[str, Any]:
-        """Train-on-synthetic (as many generated images as the training split, its class balance) and the augmentation
-        test (a labelled pool, classic augmentation, images generated for the other pool's classes, the oracle)."""
-        from medsynth.evaluate.image_utility import augmentation_test, classifier_task, labelled_pools, tstr
-
-        images, classes = train
-        n_labelled = settings.n_labelled if settings.n_labelled is not None else max(1, len(classes) // 4)
-        labelled, unlabelled = labelled_pools(classes, n_labelled, seed=settings.seed, setting="evaluate.n_labelled")
-        task = classifier_task(len(module.config.model.classes), settings.classifier_epochs)
-        seeds = settings.utility_seeds
-        # Other seeds than the evaluation's samples, so these images are new draws from the prior.
-        synthetic = (self.generate_for(module, classes, seed=settings.seed + 1), classes)
-        for_unlabelled = self.generate_for(module, classes[unlabelled], seed=settings.seed + 2)
-        return {**tstr(task, train, synthetic, test, seeds),
-                **augmentation_test(task, (images[labelled], classes[labelled]), (images[unlabelled], classes[unlabelled]),
-                                    for_unlabelled, test, seeds)}
-
     def report_sections(self, run: Run, module: CVAEModule) -> list[ReportSection]:
         classes = module.config.model.classes
-        sections = []
-        rows, titles = [], []
-        for k, name in enumerate(classes):
-            real = self.real_images(module.config, "test", k)[:6]
-            fake = list(self.generate(module, k, self.latents(module, SampleRequest(n=6, seed=0), k)))
-            rows += real + [torch.zeros_like(fake[0])] * (6 - len(real)) + fake
-            titles += [f"real {name}"] * 6 + [f"generated {name}"] * 6
-        sections.append(ReportSection("Real (left) versus generated (right), per class", figure_html(image_grid(rows, ncols=12, titles=titles), "real vs generated")))
+        real = [real_images(module.config.data_dir, "test", k) for k in range(len(classes))]
+        fake = [self.generate(module, k, self.latents(module, SampleRequest(n=6, seed=0), k)) for k in range(len(classes))]
+        sections = [real_vs_generated_section(real, fake, classes)]
         grid_request = SampleRequest(n=49, mode="grid")
         traversal = self.generate(module, 0, self.latents(module, grid_request, 0))
         sections.append(ReportSection(f"Latent traversal: class '{classes[0]}', axes 0 and 1 in [-2.5, 2.5]",
