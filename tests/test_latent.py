@@ -53,3 +53,15 @@ def test_direction_grid_spans_two_directions():
     assert torch.equal(z[5, 1], torch.zeros(2, 2)) and torch.equal(z[5, 3], torch.full((2, 2), 2.0)) and not z[:, 2].any()
     with pytest.raises(MedsynthError):
         channel_directions((4, 2, 2), ([0], [0]))
+
+
+def test_the_one_kl_is_the_closed_form_kl_to_the_standard_normal():
+    from torch.distributions import Normal, kl_divergence
+
+    from medsynth.latent import gaussian_kl
+
+    generator = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(4, 3, 5, 5, generator=generator), torch.randn(4, 3, 5, 5, generator=generator)
+    reference = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu)))
+    torch.testing.assert_close(gaussian_kl(mu, logvar), reference.flatten(1).sum(1).mean())
+    assert float(gaussian_kl(torch.zeros(2, 8), torch.zeros(2, 8))) == 0.0

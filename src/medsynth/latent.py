@@ -103,3 +103,9 @@ def channel_directions(shape: tuple[int, ...], groups: tuple[list[int], list[int
     for k, group in enumerate(groups):
         directions[k, list(group)] = 1.0
     return directions.flatten(1)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, summed over every latent element, averaged over the batch:
+    the one KL term of the VAEs (cvae, flow-cvae, the latent-diffusion autoencoders)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()

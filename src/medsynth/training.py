@@ -93,6 +93,15 @@ class MedsynthModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def warmed_up(module: L.LightningModule, weight: float, warmup_epochs: float) -> float:
+    """``weight`` ramped linearly from 0 over the first ``warmup_epochs`` epochs of the module's training (a VAE's KL
+    warm-up); the full weight outside a Trainer, when the epoch's batches are unknown, or with no warm-up."""
+    trainer = module._trainer
+    if warmup_epochs <= 0 or trainer is None or trainer.num_training_batches in (0, float("inf")):
+        return weight
+    return weight * min(1.0, trainer.global_step / (warmup_epochs * trainer.num_training_batches))
+
+
 def staged_optimizer(module: MedsynthModule, networks: Sequence[torch.nn.Module], stage_of_epoch: Callable[[int], int]) -> Any:
     """The optimiser of a module whose networks train one after another (``stage_of_epoch(epoch)`` = the index
     of the network that trains then): AdamW with one parameter group per network, each on its own cosine

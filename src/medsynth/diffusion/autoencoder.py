@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from medsynth.config import StrictModel
-from medsynth.diffusion.objectives import normal_kl
+from medsynth.latent import gaussian_kl
 from medsynth.runs import atomic_write_bytes
 
 
@@ -197,8 +197,7 @@ class LatentAutoencoder(nn.Module):
     @staticmethod
     def kl_loss(mu: Tensor, sigma: Tensor) -> Tensor:
         """KL(N(mu, sigma^2) || N(0, I)) summed over the latent, averaged over the batch (MONAI's tutorials)."""
-        zero = torch.zeros_like(mu)
-        return normal_kl(mu, 2 * sigma.clamp_min(1e-12).log(), zero, zero).flatten(1).sum(1).mean()
+        return gaussian_kl(mu, 2 * sigma.clamp_min(1e-12).log())
 
     def to_diffusion(self, z: Tensor) -> Tensor:
         """The autoencoder's latent -> the diffusion model's (unit-variance) latent."""

@@ -24,14 +24,14 @@ from medsynth.data.class_images import ClassImageDataConfig, class_image_datamod
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.class_generator import ClassGeneratorEvaluateConfig, evaluate_class_generator, real_vs_generated_section
-from medsynth.latent import LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
+from medsynth.latent import LatentMode, gaussian_kl, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
 from medsynth.report.html import figure_html, image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seed
-from medsynth.training import MedsynthModule
+from medsynth.training import MedsynthModule, warmed_up
 
 
 class CVAEModelConfig(StrictModel):
@@ -100,11 +100,7 @@ class CVAEModule(MedsynthModule):
         return self.net.encode_posterior(x, c)[0]
 
     def kl_beta(self) -> float:
-        warmup = self.config.model.kl_warmup_epochs
-        if warmup <= 0 or self.trainer is None or self.trainer.num_training_batches in (0, float("inf")):
-            return self.config.model.kl_weight
-        progress = self.global_step / (warmup * self.trainer.num_training_batches)
-        return self.config.model.kl_weight * min(1.0, progress)
+        return warmed_up(self, self.config.model.kl_weight, self.config.model.kl_warmup_epochs)
 
     def _losses(self, batch: dict[str, Any], beta: float) -> dict[str, torch.Tensor]:
         x, c = batch["image"], batch["class"]
@@ -117,8 +113,7 @@ class CVAEModule(MedsynthModule):
         else:
             recon = (F.mse_loss if kind == "mse" else F.l1_loss)(out, x, reduction="mean") * per_image
             image = out
-        # KL(q(z|x,c) || N(0, I)), summed over latent dims, averaged over the batch.
-        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
+        kl = gaussian_kl(mu, logvar)
         loss = recon + beta * kl
         if self.ssim is not None:
             loss = loss + self.config.model.ssim_weight * self.ssim(image.float(), x.float()) * per_image
