@@ -83,3 +83,30 @@ def test_classic_augmentation_moves_image_and_label_together_and_is_seeded(spati
     assert torch.equal(torch.as_tensor(outputs[0]["image"]), torch.as_tensor(outputs[1]["image"]))
     moved_label = torch.as_tensor(outputs[0]["label"])
     assert set(moved_label.unique().tolist()) <= {0.0, 1.0}  # nearest neighbour: still a label map
+
+
+def test_classic_augmentation_mirrors_only_the_axes_asked_for_and_the_segmenter_keeps_sides(monkeypatch):
+    # A left and a right structure (classes 1 and 2) on either side of axis 0's centre, as the phantom's chambers.
+    label = torch.zeros((1, 16, 16, 16))
+    label[0, 2:6, 5:11, 5:11], label[0, 10:14, 5:11, 5:11] = 1, 2
+
+    def swapped(flip_axes) -> int:
+        count = 0
+        for seed in range(12):
+            moved = torch.as_tensor(classic_augmentation(3, with_label=True, seed=seed, flip_axes=flip_axes)(
+                {"image": label / 2, "label": label.clone()})["label"])[0]
+            centres = [torch.nonzero(moved == k)[:, 0].float().mean() for k in (1, 2)]
+            assert not any(torch.isnan(c) for c in centres)  # both structures survive the resampling
+            count += int(centres[0] > centres[1])
+        return count
+
+    assert swapped(()) == 0  # rotation, scaling and elastic deformation keep each structure on its side
+    assert swapped(None) > 0  # nnU-Net's default mirrors every axis: the sides swap in some samples
+
+    import medsynth.evaluate.segmentation as segmentation
+
+    asked = []
+    monkeypatch.setattr(segmentation, "classic_augmentation", lambda *args, **kwargs: asked.append(kwargs["flip_axes"]) or
+                        classic_augmentation(*args, **kwargs))
+    segmentation.train_segmenter(label[None] / 2, label.long(), 3, epochs=1, channels=(2, 4), augmentation="classic")
+    assert asked == [()]  # the segmenter's default: no mirroring of left/right label maps

@@ -92,10 +92,12 @@ def train_segmenter(
         channels: UNet channels per level (one stride-2 level between each).
         batch_size: Volumes per step.
         lr: Peak learning rate of the one-cycle schedule (AdamW).
-        flip_axes: Spatial axes (0-2) to flip at random (probability 0.5 each).
+        flip_axes: Spatial axes (0-2) to flip at random (probability 0.5 each), in the light
+            and the classic augmentation.
         augmentation: ``"light"`` (the above), ``"classic"`` (nnU-Net's augmentation,
             :func:`~medsynth.evaluate.augmentation.classic_augmentation`: the free baseline of the
-            utility test; ``flip_axes`` is then not used) or ``"none"``.
+            utility test, mirrored along ``flip_axes`` only, as nnU-Net's authors advise for
+            left/right labels) or ``"none"``.
 
     Returns:
         The trained :class:`Segmenter`, in eval mode.
@@ -106,7 +108,7 @@ def train_segmenter(
         images = images.float()
         model = Segmenter(num_classes, channels, offset=float(images.mean()), scale=float(images.std().clamp_min(1e-6)))
         if augmentation == "classic":
-            augment = classic_augmentation(images.ndim - 2, with_label=True, seed=seed)
+            augment = classic_augmentation(images.ndim - 2, with_label=True, seed=seed, flip_axes=flip_axes)
         else:
             augment = Compose([
                 *(RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=axis) for axis in flip_axes),
