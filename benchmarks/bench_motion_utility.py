@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=None, help="generated motions per unlabelled frame (flow-cvae: 3; motion-ldm: 1)")
     parser.add_argument("--pca-modes", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3, help="downstream seeds per arm")
-    parser.add_argument("--steps", type=int, default=150, help="downstream optimiser steps per training")
+    parser.add_argument("--steps", type=int, default=None, help="downstream optimiser steps per training (default: the protocol's DOWNSTREAM_STEPS)")
     parser.add_argument("--reuse-run", action="store_true", help="evaluate WORK/run again instead of training it")
     args = parser.parse_args()
     recipe, work = args.recipe, args.work
@@ -85,7 +85,8 @@ def main() -> None:
     times["train_s"], clock = round(time.time() - clock), time.time()
     metrics = api.evaluate(work / "run", data=protocol_data, overrides=[
         f"evaluate.downstream_real_subjects={args.labelled}", f"evaluate.{SETUPS[recipe]['per_frame']}={k}",
-        f"evaluate.pca_modes={args.pca_modes}", f"evaluate.downstream_seeds={args.seeds}", f"evaluate.downstream_steps={args.steps}"])
+        f"evaluate.pca_modes={args.pca_modes}", f"evaluate.downstream_seeds={args.seeds}",
+        f"evaluate.downstream_steps={'null' if args.steps is None else args.steps}"])
     times["evaluate_s"] = round(time.time() - clock)
 
     shown = {key: metrics.get(key) for key in SHOWN if key in metrics}

@@ -74,8 +74,8 @@ DEMOS: dict[str, Demo] = {
     "flow-cvae": Demo(
         recipe="flow-cvae", config="flow-cvae-tiny", phantom="cardiac", n=28, size=32, summary="cardiac phantom (flow pairs)",
         phantom_options={"flow_pairs": True}, prepare={"recipe": "flow-cvae", "size": 32},
-        # the utility protocol's five downstream arms (issue 18) at 150 steps each: about 750 steps of 32^3 in all
-        overrides=("evaluate.downstream_steps=150",),
+        # the utility protocol's five downstream arms (issue 18) at its own budget (DOWNSTREAM_STEPS, 600 steps each)
+        overrides=(),
         samples=(SampleCall(n=8), SampleCall(n=25, mode="grid")),
     ),
     # Lung 4D CT phantom (6 phases, 48 x 48 x 12) -> B-spline registration of every phase to end-inhale -> prepare (HU window to [0, 1])
@@ -85,7 +85,7 @@ DEMOS: dict[str, Demo] = {
         recipe="motion-ldm", config="motion-ldm-tiny", phantom="lung", n=12, size=(48, 48, 12), summary="lung 4D CT phantom (6 phases)",
         phantom_options={"frames": 6}, prepare={"recipe": "motion-ldm", "ct_window": (-1000.0, 500.0)},
         register={"pairs": "reference", "config": "register-demo"}, samples=(SampleCall(n=2),),
-        overrides=("evaluate.downstream_steps=120",),  # five downstream arms (issue 18) within the 15-minute budget
+        overrides=("evaluate.downstream_steps=300",),  # five downstream arms (issue 18) within the 15-minute budget
     ),
     # Cardiac cine-MRI phantom in the UK Biobank layout (12 subjects, 32 px planes, ED/ES, thin truth at 4x through-plane)
     # -> 2D slices (32 px) -> train diffae and its DDIM baseline (model.semantic=false) -> random, interpolate, autoencode ->

@@ -8,7 +8,7 @@ import torch
 
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.downstream import PCAMotionModel, check_pools, motion_utility, pairs_from_frames, train_motion_network
-from medsynth.motion.augment import mean_magnitude_mm, random_smooth_fields
+from medsynth.motion.augment import mean_magnitude_mm, motion_envelope, random_smooth_fields
 from medsynth.motion.fields import jacobian_determinant, warp_image
 
 SHAPE = (12, 12, 8)
@@ -112,6 +112,21 @@ def test_random_smooth_fields_are_folding_free_seeded_and_of_the_asked_magnitude
     # too large to stay folding-free: shrunk until it is
     large = random_smooth_fields(2, SHAPE, affine, (30.0, 0.0), torch.Generator().manual_seed(0))
     assert float(jacobian_determinant(large).min()) > 0
+
+
+def test_the_envelope_keeps_classic_motion_where_the_training_fields_move():
+    affine = torch.as_tensor(AFFINE)
+    ramp = (1 - torch.arange(SHAPE[0]) / 6).clamp_min(0).view(-1, 1, 1)  # 1 at x = 0 down to 0 from x = 6 on
+    training = torch.zeros(3, 3, *SHAPE)
+    training[:, 2] = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1) * ramp  # only x < 6 moves, along z
+    envelope = motion_envelope(training, affine.expand(3, 4, 4))
+    # rms over the fields of 2, 4, 6 mm x ramp (z spacing 2 mm), over its maximum: the ramp itself
+    assert envelope.shape == SHAPE and torch.allclose(envelope, ramp.expand(SHAPE).double())
+    fields = random_smooth_fields(6, SHAPE, affine, (0.4, 0.0), torch.Generator().manual_seed(0), envelope=envelope)
+    assert float(fields[:, :, 6:].abs().max()) == 0 and float(fields[:, :, :6].abs().max()) > 0  # still where nothing moved
+    assert float(jacobian_determinant(fields).min()) > 0
+    magnitude = mean_magnitude_mm(fields, affine.expand(6, 4, 4))  # the mean over the whole grid is still the asked one
+    assert torch.allclose(magnitude, torch.full((6,), 0.4, dtype=torch.float64), rtol=1e-4)
 
 
 def test_pairs_from_frames_follow_the_pull_convention():

@@ -63,6 +63,51 @@ def test_kl_is_the_closed_form_and_the_error_is_in_mm():
     assert torch.allclose(losses["loss"], torch.tensor(6.875 / sigma) + 0.5 * expected / 16**3, rtol=1e-5)
 
 
+@pytest.mark.parametrize("weight", [0.0, 9.0])
+def test_moving_weight_weighs_the_error_where_the_true_field_moves(weight):
+    net = module(overrides=[f"model.moving_weight={weight}"])
+    flow = torch.zeros(2, 3, 16, 16, 16)
+    inside = torch.zeros(16, 16, 16, dtype=torch.bool)
+    inside[4:8, 4:10, 2:6] = True  # 96 of 4096 voxels move; the field is zero elsewhere
+    flow[:, 0, inside] = 2.0
+    flow[:, 1, inside] = 0.15  # |u| varies a little above the threshold (10 % of the peak), still the same mask
+    recon = flow.clone()
+    recon[:, 2, inside] += 1.0  # 5 mm error (z) inside the mask only
+    recon[:, 2, 0, 0, 0] += 2.0  # 10 mm at one still voxel
+    affines = torch.tensor(AFFINE).expand(2, 4, 4)
+    stage = CVAEStage(net.config)
+    weights = stage.voxel_weights(flow, affines)
+    assert torch.equal(weights, torch.where(inside, 1.0 + weight, 1.0).expand(2, -1, -1, -1))
+    net.net.forward = lambda f, frame: (recon, torch.zeros(2, 2, 4, 4, 4), torch.zeros(2, 2, 4, 4, 4))
+    losses = stage.losses(net, {"image": torch.zeros(2, 1, 16, 16, 16), "flow": flow, "affine": affines}, beta=1.0)
+    n_in, n = 96, 16**3
+    assert torch.allclose(losses["epe_mm"], torch.tensor((5.0 * n_in + 10.0) / n))  # the logged EPE stays unweighted
+    expected = (5.0 * (1 + weight) * n_in + 10.0) / ((1 + weight) * n_in + n - n_in) / net.config.model.recon_sigma_mm
+    assert torch.allclose(losses["loss"], torch.tensor(expected), rtol=1e-5)  # KL is zero: mu = 0, logvar = 0
+
+
+def test_temperature_scales_the_random_latents():
+    recipe = get_recipe("flow-cvae")
+    plain = recipe.latents(module(), SampleRequest(n=3, seed=4), 1)
+    cooled = recipe.latents(module(overrides=["sample.temperature=0.5"]), SampleRequest(n=3, seed=4), 1)
+    assert torch.allclose(cooled, 0.5 * plain) and plain.std() > 0.5
+
+
+def test_aggregate_prior_is_the_training_posteriors_mean_and_spread():
+    net = module(overrides=["model.prior=aggregate"])
+    shape = net.net.latent_shape((16, 16, 16))
+    assert torch.equal(net.prior_stats()[0], torch.zeros(shape)) and torch.equal(net.prior_stats()[1], torch.ones(shape))  # before fitting
+    codes = torch.tensor([1.0, 3.0, 2.0, 6.0, 0.0])  # one posterior per case: mean codes[i] everywhere, variance 0.25
+    cases = [{"image": torch.zeros(1, 16, 16, 16), "flow": torch.full((3, 16, 16, 16), float(i))} for i in range(5)]
+    net.net.encode = lambda flow, features: (codes[flow[:, 0, 0, 0, 0].long()].view(-1, 1, 1, 1, 1).expand(-1, *shape).clone(),
+                                             torch.full((len(flow), *shape), float(np.log(0.25))))
+    net.fit_aggregate_prior(cases, chunk=2)
+    mean, std = net.prior_stats()
+    assert torch.allclose(mean, torch.tensor(2.4)) and torch.allclose(std, torch.tensor((4.24 + 0.25) ** 0.5))  # var of codes 4.24
+    plain = get_recipe("flow-cvae").latents(module(), SampleRequest(n=3, seed=4), 1)
+    assert torch.allclose(get_recipe("flow-cvae").latents(net, SampleRequest(n=3, seed=4), 1), 2.4 + std * plain)
+
+
 def test_kl_warms_up_linearly():
     net = module(overrides=["model.kl_warmup_epochs=2", "model.kl_weight=0.5"])
     assert net.kl_beta() == 0.5  # no trainer: the full weight

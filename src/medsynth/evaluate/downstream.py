@@ -8,7 +8,9 @@ field), with the same budget (optimiser steps, batch size, architecture) and see
 
 - (a) ``real_only``: L's real pairs;
 - (b) ``classic``: L + each U frame warped by random smooth B-spline deformations whose mean
-  magnitude follows the L fields' (:func:`medsynth.motion.augment.random_smooth_fields`);
+  magnitude follows the L fields' (:func:`medsynth.motion.augment.random_smooth_fields`), weighted by
+  where the L fields move (:func:`~medsynth.motion.augment.motion_envelope`): a still background
+  stays still, as in the real pairs;
 - (c) ``with_generated``: L + each U frame warped by the generator's fields for it;
 - (d) ``oracle``: L + each U frame warped by its own true field(s): what labelling U would give;
 - (e) ``pca``: L + each U frame warped by samples of a PCA motion model of the L fields
@@ -20,6 +22,9 @@ arms differ only in the motion. Each is scored by the end-point error in mm on t
 gain share ``(a - x) / (a - d)``: the part of U's real labels that arm x replaces. Shared by
 ``flow-cvae`` and ``motion-ldm`` (:func:`motion_utility`). A plain PyTorch loop: a few hundred steps
 of one small network need none of Lightning's checkpointing, logging or devices.
+
+The budget (:data:`DOWNSTREAM_STEPS`) must let the network use the extra pairs: at 120-150 steps it was
+under-trained and even the oracle did not beat real only, so every gain share was a ratio of noise.
 """
 
 from __future__ import annotations
@@ -37,15 +42,22 @@ from monai.networks.nets import UNet
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.fields import epe_map_mm
-from medsynth.motion.augment import mean_magnitude_mm, random_smooth_fields
+from medsynth.motion.augment import mean_magnitude_mm, motion_envelope, random_smooth_fields
 from medsynth.motion.fields import invert, warp_image
 from medsynth.seeds import item_seed
 
-__all__ = ["ARMS", "MotionPairs", "PCAMotionModel", "check_modes", "check_pools", "evaluate_motion_network", "motion_utility", "pairs_from_frames",
+__all__ = ["ARMS", "DOWNSTREAM_STEPS", "MotionPairs", "PCAMotionModel", "check_modes", "check_pools", "evaluate_motion_network", "motion_utility", "pairs_from_frames",
            "train_motion_network"]
 
 ARMS = ("real_only", "classic", "with_generated", "oracle", "pca")
 """The protocol's arms (a), (b), (c), (d), (e), as they appear in the keys ``downstream_epe_<arm>_mm``."""
+
+DOWNSTREAM_STEPS = 600
+"""The protocol's budget: Adam steps of batch 4 per downstream training, the same in every arm (the one default; recipes'
+``evaluate.downstream_steps`` = None reads it). Measured (BENCHMARKS.md, issue 18): at 120-150 steps the network was
+under-trained and labelling U (the oracle) did not beat real only; at 600 steps, flow-cvae's cardiac phantom at 24^3,
+L = 8: real only 0.660 +- 0.017 mm, oracle 0.551 +- 0.013 mm (2 seeds). On the lung phantom (32 x 32 x 8) the oracle
+beats real only at no budget tried (150-1500 steps): warped pairs there differ from rendered ones."""
 
 MotionPairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | np.ndarray]
 """``(fixed (N, 1, *S), moving (N, 1, *S), flow (N, 3, *S) voxels, affines (N, 4, 4))`` with
@@ -85,7 +97,7 @@ def _predict(network: UNet, inputs: torch.Tensor, levels: int) -> torch.Tensor:
     return output[(..., *[slice(0, n) for n in spatial])]
 
 
-def train_motion_network(pairs: MotionPairs, *, steps: int, seed: int, channels: Sequence[int] = (8, 16, 32), lr: float = 3e-3,
+def train_motion_network(pairs: MotionPairs, *, steps: int = DOWNSTREAM_STEPS, seed: int, channels: Sequence[int] = (8, 16, 32), lr: float = 3e-3,
                          batch_size: int = 4, smoothness: float = 0.01, device: str | torch.device = "cpu") -> UNet:
     """Train the supervised motion network on ``pairs`` for ``steps`` Adam steps (cosine decay of ``lr`` to 0), deterministically from ``seed``.
 
@@ -244,7 +256,7 @@ Generate = Callable[[int], torch.Tensor]
 
 
 def motion_utility(labelled: MotionPairs, frames: torch.Tensor, frame_affines: torch.Tensor, true_fields: Sequence[torch.Tensor],
-                   test: MotionPairs, generate: Generate, *, per_frame: int, pca_modes: int, seeds: Sequence[int], steps: int,
+                   test: MotionPairs, generate: Generate, *, per_frame: int, pca_modes: int, seeds: Sequence[int], steps: int | None,
                    frame_role: Literal["fixed", "moving"], seed: int = 0, channels: Sequence[int] = (8, 16, 32), lr: float = 3e-3,
                    batch_size: int = 4, smoothness: float = 0.01, test_mask: torch.Tensor | None = None,
                    pca_setting: str = "pca_modes", device: str | torch.device = "cpu") -> dict[str, object]:
@@ -252,7 +264,8 @@ def motion_utility(labelled: MotionPairs, frames: torch.Tensor, frame_affines: t
 
     Args:
         labelled: L's real pairs (see :data:`MotionPairs`); their fields also fit the PCA model and set the
-            classic augmentation's magnitude (mean and sd over fields of the per-field mean ``|u|`` in mm).
+            classic augmentation's magnitude (mean and sd over fields of the per-field mean ``|u|`` in mm) and
+            where it moves (their envelope).
         frames: U's frames ``(U, 1, *S)``.
         frame_affines: their affines ``(U, 4, 4)``.
         true_fields: per U frame its true fields ``(m_i, 3, *S)`` voxels (the oracle).
@@ -261,7 +274,8 @@ def motion_utility(labelled: MotionPairs, frames: torch.Tensor, frame_affines: t
         per_frame: fields per U frame of the classic and PCA arms (match the generator's count).
         pca_modes: principal modes of the PCA model (at most ``len(labelled) - 1``; else one line naming ``pca_setting``).
         seeds: downstream seeds (initialisation and batch order); every arm trains once per seed.
-        steps, channels, lr, batch_size, smoothness, device: see :func:`train_motion_network`.
+        steps: optimiser steps of every training (None: :data:`DOWNSTREAM_STEPS`).
+        channels, lr, batch_size, smoothness, device: see :func:`train_motion_network`.
         frame_role: how a U frame and a field make a pair (:func:`pairs_from_frames`).
         seed: seed of the classic and PCA draws (U frame ``i`` draws with ``item_seed(seed, i)``).
         test_mask: ``(N_test, *S)`` or ``(*S)`` bool region of the test pairs to score in.
@@ -283,15 +297,15 @@ def motion_utility(labelled: MotionPairs, frames: torch.Tensor, frame_affines: t
         raise ValueError(f"{len(frames)} unlabelled frames, {len(frame_affines)} affines and {len(true_fields)} true-field sets")
     if not seeds:
         raise ValueError("utility protocol: no downstream seed given")
-    shape = tuple(frames.shape[2:])
+    shape, steps = tuple(frames.shape[2:]), DOWNSTREAM_STEPS if steps is None else steps
     pca = PCAMotionModel(voxel_to_mm(real[2].double(), real[3]), pca_modes, pca_setting)  # refused before any work
-    magnitudes = mean_magnitude_mm(real[2], real[3])
+    magnitudes, envelope = mean_magnitude_mm(real[2], real[3]), motion_envelope(real[2], real[3])
     spread = (float(magnitudes.mean()), float(magnitudes.std()) if len(magnitudes) > 1 else 0.0)
 
     fields: dict[str, list[torch.Tensor]] = {arm: [] for arm in ARMS[1:]}
     for i, affine in enumerate(frame_affines):
         draws = torch.Generator().manual_seed(item_seed(seed, i))
-        fields["classic"].append(random_smooth_fields(per_frame, shape, affine, spread, draws))
+        fields["classic"].append(random_smooth_fields(per_frame, shape, affine, spread, draws, envelope=envelope))
         fields["pca"].append(mm_to_voxel(pca.sample(per_frame, draws).double(), affine).float())
         fields["oracle"].append(torch.as_tensor(true_fields[i]).float().reshape(-1, 3, *shape))
         generated = torch.as_tensor(generate(i)).float()

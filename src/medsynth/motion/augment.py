@@ -90,15 +90,18 @@ def augment_pair(sample: dict[str, Any], shift: float, zoom: float, noise_std: f
 
 
 def random_smooth_fields(n: int, shape: Sequence[int], affine: Tensor, magnitude_mm: tuple[float, float], generator: torch.Generator,
-                         control_mm: float | None = None, shrink: float = 0.8) -> Tensor:
+                         control_mm: float | None = None, shrink: float = 0.8, envelope: Tensor | None = None) -> Tensor:
     """``n`` random smooth, folding-free displacements ``(n, 3, *shape)`` in voxels of a grid with ``affine``.
 
     Each is a cubic B-spline (:class:`~medsynth.motion.bspline.BSplineTransform`) whose control-point
     values are i.i.d. standard normal in mm per world axis, with control points every ``control_mm``
     (default: half the grid's smallest extent in mm), rescaled so that its mean ``|u|`` over
     the grid (mm) is a draw of ``N(magnitude_mm[0], magnitude_mm[1])`` (floored at a tenth of the
-    mean). A draw whose Jacobian determinant is <= 0 anywhere is shrunk by ``shrink`` until it is
-    not, so the distribution's upper tail may be capped for fields too large to stay folding-free.
+    mean). With an ``envelope`` the spline is multiplied by it before that rescaling, so the motion sits
+    where the envelope is large (e.g. where the training fields move: :func:`motion_envelope`) and a
+    still background stays still. A draw whose Jacobian determinant is <= 0 anywhere is shrunk by
+    ``shrink`` until it is not, so the distribution's upper tail may be capped for fields too large to
+    stay folding-free.
 
     Args:
         n: fields to draw.
@@ -108,8 +111,10 @@ def random_smooth_fields(n: int, shape: Sequence[int], affine: Tensor, magnitude
         generator: the only randomness (a seeded ``torch.Generator``).
         control_mm: control-point spacing in mm.
         shrink: factor applied to a folding draw.
+        envelope: ``(*shape)`` non-negative weight of the displacement per voxel (None: 1 everywhere).
     """
     affine = torch.as_tensor(affine, dtype=torch.float64)
+    weight = 1.0 if envelope is None else torch.as_tensor(envelope, dtype=torch.float64)
     spacing = torch.linalg.vector_norm(affine[:3, :3], dim=0)  # mm per voxel along each array axis
     extent = spacing * (torch.as_tensor(list(shape), dtype=torch.float64) - 1)
     control = float(extent.min()) / 2 if control_mm is None else control_mm
@@ -119,7 +124,7 @@ def random_smooth_fields(n: int, shape: Sequence[int], affine: Tensor, magnitude
     fields = []
     for _ in range(n):
         coefficients = torch.randn(3, *grid, generator=generator, dtype=torch.float64)
-        spline_mm = BSplineTransform(coefficients, steps, tuple(shape), affine.numpy()).spline_field()[0]  # values in mm (see below)
+        spline_mm = BSplineTransform(coefficients, steps, tuple(shape), affine.numpy()).spline_field()[0] * weight  # values in mm (see below)
         # spline_field scales by 1/step (a voxel field of the sampled grid); at full resolution step = 1, so values stay in mm.
         target = max(mean + sd * float(torch.randn((), generator=generator, dtype=torch.float64)), 0.1 * mean)
         field = mm_to_voxel(spline_mm * (target / float(torch.linalg.vector_norm(spline_mm, dim=0).mean().clamp_min(1e-12))), affine)
@@ -127,6 +132,20 @@ def random_smooth_fields(n: int, shape: Sequence[int], affine: Tensor, magnitude
             field = field * shrink
         fields.append(field.float())
     return torch.stack(fields) if fields else torch.zeros(0, 3, *shape)
+
+
+def motion_envelope(fields: Tensor, affines: Tensor) -> Tensor:
+    """Where a set of fields moves: the root mean square over fields of ``|u|`` (mm) per voxel, divided by its maximum.
+
+    Args:
+        fields: ``(N, 3, *S)`` voxels, on one grid shape.
+        affines: ``(N, 4, 4)``.
+
+    Returns:
+        ``(*S)`` float64 in [0, 1] (all zero when no field moves).
+    """
+    rms = torch.linalg.vector_norm(voxel_to_mm(torch.as_tensor(fields).double(), torch.as_tensor(affines)), dim=1).square().mean(0).sqrt()
+    return rms / rms.max().clamp_min(1e-12)
 
 
 def mean_magnitude_mm(fields: Tensor, affines: Tensor) -> Tensor:

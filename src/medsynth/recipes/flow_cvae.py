@@ -6,8 +6,11 @@ Data: flow pairs prepared with ``--normalize ct``: the end-systole frame F ``(1,
 
 - **cvae** (default): a conditional VAE (:mod:`medsynth.nets.flow_cvae`) whose encoder and decoder see
   the frame's feature pyramid at every level; ELBO per voxel = end-point error in mm (each case's
-  affine: anisotropic voxels weigh right) / ``recon_sigma_mm`` + beta * KL(q || N(0, I)) (closed form,
-  summed over the spatial latent) / voxels, beta warmed up linearly.
+  affine: anisotropic voxels weigh right; a weighted mean with ``moving_weight`` > 0, the moving
+  voxels weighing ``1 + moving_weight``) / ``recon_sigma_mm`` + beta * KL(q || N(0, I)) (closed form,
+  summed over the spatial latent) / voxels, beta warmed up linearly. Prior samples draw
+  ``z ~ N(m, T^2 diag(s^2))`` with ``T = sample.temperature``, and ``m = 0, s = 1`` (``model.prior: normal``)
+  or the aggregate posterior of the training flows (``aggregate``: fitted when training ends, kept in the weights).
 - **registration**: an unsupervised siamese registration network on (F, G) (LNCC or MSE + MONAI
   ``DiffusionLoss``); its encoder, frozen, is the cvae stage's ``registration`` pyramid
   (``--set model.registration_run=RUN``).
@@ -34,7 +37,7 @@ from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
 from medsynth.data.prepare import unit_to_hu
 from medsynth.errors import MedsynthError
-from medsynth.latent import channel_directions, direction_grid, interpolate_latents, plane_basis
+from medsynth.latent import channel_directions, direction_grid, gaussian_kl, interpolate_latents, plane_basis
 from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import epe_map_mm, invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
@@ -42,7 +45,7 @@ from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seed
-from medsynth.training import MedsynthModule, load_module
+from medsynth.training import MedsynthModule, load_module, warmed_up
 
 HEART = ("left_atrium", "right_atrium", "rv_blood_pool", "lv_blood_pool", "lv_myocardium")  # CARDIAC_LABELS names
 
@@ -60,6 +63,13 @@ class FlowCVAEModelConfig(StrictModel):
     max_displacement: float = Field(20.0, gt=0, description="output bound per axis (tanh)")
     displacement_unit: Literal["mm", "voxels"] = "mm"
     recon_sigma_mm: float = Field(1.0, gt=0, description="likelihood scale: the ELBO's end-point error is divided by it")
+    moving_weight: float = Field(0.0, ge=0, description=(
+        "extra weight of moving voxels in the end-point error: 1 + w where the true |u| exceeds moving_threshold of the "
+        "case's largest |u|, else 1 (the heart, a few per cent of the grid, otherwise regresses to the mean flow)"))
+    moving_threshold: float = Field(0.1, gt=0, lt=1, description="moving voxels: |u| above this fraction of the case's largest |u| (mm)")
+    prior: Literal["normal", "aggregate"] = Field("normal", description=(
+        "what prior samples draw from: N(0, I), or the aggregate posterior of the training flows as a diagonal Gaussian, "
+        "fitted when training ends (decoding N(0, I) drifts off the codes the decoder learned: the low implied EF)"))
     kl_weight: float = Field(1.0, ge=0, description="beta")
     kl_warmup_epochs: float = Field(5.0, ge=0)
     registration_run: str | None = Field(None, description="cvae stage with pyramid=registration: the registration run")
@@ -82,6 +92,7 @@ class FlowCVAESampleConfig(StrictModel):
         "halves", description="halves: the two halves of the latent channels; channels: grid_channels; random: a random orthonormal pair")
     grid_channels: list[int] = [0, 1]
     grid_span: float = Field(2.5, gt=0, description="grid coefficients in [-span, span] (per-element value along each direction)")
+    temperature: float = Field(1.0, gt=0, description="random mode (and evaluation): z = m + temperature * s * e, e ~ N(0, I) (m, s: model.prior)")
 
 
 class FlowCVAEEvaluateConfig(StrictModel):
@@ -91,7 +102,7 @@ class FlowCVAEEvaluateConfig(StrictModel):
     generated_per_frame: int = Field(4, ge=1, description="generated (and classic, PCA) fields per unlabelled frame (downstream)")
     pca_modes: int = Field(4, ge=0, description="principal modes of the PCA motion model of L's fields (at most L - 1)")
     downstream_seeds: int = Field(1, ge=1, description="downstream trainings per arm, seeds seed .. seed + n - 1 (mean and sd)")
-    downstream_steps: int = Field(300, ge=1)
+    downstream_steps: int | None = Field(None, ge=1, description="Adam steps per downstream training (None: the protocol's DOWNSTREAM_STEPS)")
     seed: int = 0
 
 
@@ -150,13 +161,22 @@ class CVAEStage:
             registration = load_module(self.model.registration_run, FlowCVAERecipe())
             module.net.pyramid.load_state_dict(registration.net.encoder.state_dict())
 
+    def voxel_weights(self, flow: Tensor, affines: Tensor) -> Tensor:
+        """Weights ``(B, *S)`` of the reconstruction error: ``1 + model.moving_weight`` where the true field ``(B, 3, *S)``
+        (voxels) moves more than ``model.moving_threshold`` of its case's largest |u| in mm, else 1."""
+        magnitude = torch.linalg.vector_norm(voxel_to_mm(flow, affines), dim=1)  # (B, *S) mm
+        peak = magnitude.flatten(1).amax(1).clamp_min(1e-6).view(-1, *[1] * (magnitude.ndim - 1))
+        return 1.0 + self.model.moving_weight * (magnitude > self.model.moving_threshold * peak).to(magnitude.dtype)
+
     def losses(self, module: FlowCVAEModule, batch: dict[str, Any], beta: float) -> dict[str, Tensor]:
         frame, flow, affines = batch["image"].float(), batch["flow"].float(), batch["affine"]
         recon, mu, logvar = module.net(flow, frame)
         error = epe_map_mm(recon, flow, affines)  # (B, *S) mm
         voxels = error[0].numel()
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()  # KL(N(mu, s^2) || N(0, 1)), summed
-        nll = error.mean() / self.model.recon_sigma_mm
+        kl = gaussian_kl(mu, logvar)
+        # the weighted mean keeps the unweighted EPE's scale (per voxel), so recon_sigma_mm and beta mean the same
+        weights = self.voxel_weights(flow, affines) if self.model.moving_weight > 0 else torch.ones_like(error)
+        nll = (weights * error).sum() / weights.sum() / self.model.recon_sigma_mm
         return {"loss": nll + beta * kl / voxels, "epe_mm": error.mean(), "kl": kl, "beta": torch.tensor(beta)}
 
 
@@ -193,17 +213,44 @@ class FlowCVAEModule(MedsynthModule):
             raise MedsynthError("flow-cvae: model.image_shape is unset (train with --data)")
         self.stage = STAGES[config.model.stage](config)
         self.net = self.stage.build()
+        if config.model.stage == "cvae" and config.model.prior == "aggregate":  # N(0, I) until on_fit_end fits them
+            shape = self.net.latent_shape(config.model.image_shape)
+            self.register_buffer("prior_mean", torch.zeros(shape))
+            self.register_buffer("prior_std", torch.ones(shape))
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.stage.before_fit(self)
 
+    def on_fit_end(self) -> None:  # our own: MONAI and Lightning have no VAE prior fitting
+        if hasattr(self, "prior_mean") and self.config.data_dir is not None:
+            self.fit_aggregate_prior(load_split(self.config.data_dir, "train"))
+
+    @torch.no_grad()
+    def fit_aggregate_prior(self, cases: list[dict[str, Any]], chunk: int = 16) -> None:
+        """The aggregate posterior (1/N) sum_i q(z | u_i, F_i) of the training pairs (unaugmented) as a diagonal
+        Gaussian: per latent element, ``prior_mean`` = mean of the posterior means, ``prior_std`` = sqrt(their
+        variance + the mean posterior variance). Shapes ``(C_z, *S / 2^L)``."""
+        was_training, stats = self.net.training, []
+        self.net.eval()
+        for start in range(0, len(cases), chunk):
+            part = cases[start:start + chunk]
+            frames, flows = stack_items(part, "image").float().to(self.device), stack_items(part, "flow").float().to(self.device)
+            stats.append(self.net.encode(flows, self.net.pyramid(frames)))
+        self.net.train(was_training)
+        mu, variance = torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats]).exp()
+        self.prior_mean.copy_(mu.mean(0))
+        self.prior_std.copy_((mu.var(0, unbiased=False) + variance.mean(0)).sqrt())
+
+    def prior_stats(self) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation ``(C_z, *S / 2^L)`` of the Gaussian that prior samples draw from (CPU)."""
+        if hasattr(self, "prior_mean"):
+            return self.prior_mean.cpu(), self.prior_std.cpu()
+        shape = self.net.latent_shape(self.config.model.image_shape)
+        return torch.zeros(shape), torch.ones(shape)
+
     def kl_beta(self) -> float:
-        warmup, weight = self.config.model.kl_warmup_epochs, self.config.model.kl_weight
-        trainer = self._trainer
-        if warmup <= 0 or trainer is None or trainer.num_training_batches in (0, float("inf")):
-            return weight
-        return weight * min(1.0, trainer.global_step / (warmup * trainer.num_training_batches))
+        return warmed_up(self, self.config.model.kl_weight, self.config.model.kl_warmup_epochs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.stage.losses(self, batch, self.kl_beta())
@@ -294,14 +341,16 @@ class FlowCVAERecipe(Recipe):
         """Latent codes ``(N, *latent_shape)`` of a request made on ``count`` condition frames."""
         shape = module.net.latent_shape(module.config.model.image_shape)
         dim, settings = int(np.prod(shape)), module.config.sample
+        mean, std = module.prior_stats()  # random, grid and plane: standard-normal coordinates mapped to z = mean + std * e
         generator = torch.Generator().manual_seed(item_seed(request.seed, 0))
         if request.mode == "random":
-            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(item_seed(request.seed, k)))
-                                for k in range(request.n * count)])
+            return mean + settings.temperature * std * torch.stack([
+                torch.randn(shape, generator=torch.Generator().manual_seed(item_seed(request.seed, k))) for k in range(request.n * count)])
         if request.mode == "grid":
-            return direction_grid(self.directions(module, generator), max(2, round(request.n ** 0.5)), settings.grid_span).view(-1, *shape)
+            steps = max(2, round(request.n ** 0.5))
+            return mean + std * direction_grid(self.directions(module, generator), steps, settings.grid_span).view(-1, *shape)
         if request.mode == "plane":  # prior draws on a random plane, scaled to the prior's per-element size
-            return (torch.randn(request.n, 2, generator=generator) @ (plane_basis(dim, generator) * dim**0.5)).view(-1, *shape)
+            return mean + std * (torch.randn(request.n, 2, generator=generator) @ (plane_basis(dim, generator) * dim**0.5)).view(-1, *shape)
         cases = [c for c in first_split(module.config.data_dir, ("test", "val")) + load_split(module.config.data_dir, "train") if "flow" in c]
         if len(cases) < 2:
             raise MedsynthError(f"interpolate: need two real flows in {module.config.data_dir}")

@@ -108,7 +108,7 @@ class MotionLDMEvaluateConfig(StrictModel):
     generated_per_subject: int = Field(2, ge=1, description="generated motions (every moving phase) per unlabelled CT; classic and PCA draw as many fields")
     pca_modes: int = Field(4, ge=0, description="principal modes of the PCA motion model of L's fields (at most L x moving phases - 1)")
     downstream_seeds: int = Field(1, ge=1, description="downstream trainings per arm, seeds seed .. seed + n - 1 (mean and sd)")
-    downstream_steps: int = Field(200, ge=1)
+    downstream_steps: int | None = Field(None, ge=1, description="downstream optimiser steps per training (None: the protocol's DOWNSTREAM_STEPS)")
     seed: int = 0
 
 
