@@ -40,6 +40,7 @@ SWEEP = [
     ("motion-ldm", "motion-ldm-tiny", [], "ldm", 2, [[48, 48, 12], [64, 64, 16], [96, 96, 24]]),
     ("motion-ldm", "motion-ldm-tiny", ["model.image_ae.use_checkpoint=true"], "image-ae", 2, [[48, 48, 12], [64, 64, 16], [96, 96, 24]]),
     ("diffae", "diffae-tiny", [], "autoencoder", 8, [[32, 32], [64, 64], [96, 96]]),
+    ("class-diffusion", "class-diffusion-tiny", [], "diffusion", 8, [[64, 64], [128, 128], [192, 192]]),
 ]
 GPU_CONFIGS = ["cvae-224", "cvae-448", "sdm-low-64", "sdm-high-128", "flow-cvae-86", "motion-ldm-256", "diffae-128"]
 # The demos' data: (recipe, phantom, n, size, phantom options, prepare settings) as demo.py makes them.
