@@ -219,7 +219,7 @@ def test_cvae_refuses_condition(capsys, run, tmp_path):
 
 def test_concurrent_training_is_refused_with_the_holders_pid_and_ctrl_c_exits_130(capsys, prepared, tmp_path):
     out = tmp_path / "busy"
-    first = popen("train", "cvae", "--data", prepared, *TINY, "--set", "train.max_epochs=1000", "--out", out)
+    first = popen("train", "cvae", "--data", prepared, *TINY, "--set", "train.max_epochs=1000000", "--out", out)  # still running at the Ctrl-C, however slow the checks
     try:
         wait_for(lambda: (out / "checkpoints" / "last.ckpt").exists(), first)
         for argv in (["train", "cvae", "--data", prepared, *TINY, "--out", out, "--force"], ["train", "--resume", out], ["sample", out]):
