@@ -67,8 +67,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def popen(*argv: str, cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    # Ctrl-C as a terminal sends it, also when the suite itself runs in the background (`make test &`), where the
+    # shell starts it with SIGINT ignored and a child would inherit that
     return subprocess.Popen([sys.executable, "-m", "medsynth.cli", *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=cwd)
+                            text=True, env=env, cwd=cwd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
