@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from medsynth import api
-from medsynth.data.phantoms.cilia import make_cilia_dataset
 from medsynth.errors import MedsynthError
 from medsynth.recipes import get_recipe
 from medsynth.runs import Run
@@ -20,13 +19,6 @@ from medsynth.training import load_module
 
 TINY = list(get_recipe("class-diffusion").tiny_example.overrides)
 CLASSES = ["normal", "disarranged", "oda_defect", "ida_defect", "cp_defect"]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cilia")
-    make_cilia_dataset(root / "raw", n_per_class=6, size=32, seed=0)
-    return api.prepare(root / "raw", root / "prepared", size=32, normalize="none", seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,18 +9,10 @@ from safetensors.torch import load_file
 from conftest import train_until_killed
 
 from medsynth import api
-from medsynth.data.phantoms.cilia import make_cilia_dataset
 from medsynth.errors import MedsynthError
 
 TINY = ["model.channels=[8, 16]", "model.strides=[2, 2]", "model.latent_size=4", "model.embed_dim=4",
         "train.batch_size=8", "train.num_threads=1", "evaluate.n_per_class=4", "evaluate.classifier_epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cilia")
-    make_cilia_dataset(root / "raw", n_per_class=6, size=32, seed=0)
-    return api.prepare(root / "raw", root / "prepared", size=32, normalize="none", seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
