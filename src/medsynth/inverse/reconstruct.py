@@ -588,8 +588,8 @@ def reconstruct_files(prior: SlicePrior | None, sax_path: str | Path, lax_paths:
                  "on the cardiac phantom): another subject, session or frame of reference?")
     if spec.step_size is not None:
         cause = f"method {method}: lower {spec.step_size} (now {getattr(settings, spec.step_size):g}), or check the prior's weights"
-    else:
-        cause = f"method {method}: the SAX stack {Path(sax_path).name} holds non-finite values"
+    else:  # the baselines and diffpir (a projection: no step size to blame)
+        cause = f"method {method}: the SAX stack {Path(sax_path).name} holds non-finite values" + (", or the prior's weights do" if spec.reads else "")
     per_frame = max(1, _iterations(method, settings)) if spec.reads else 1
     volumes, histories = [], []
     fine_affine = None
