@@ -124,8 +124,11 @@ def test_evaluation_reports_the_issue_19_keys(trained):
     keys = ["tstr_accuracy", "tstr_accuracy_real_reference", "downstream_accuracy_real_only", "downstream_accuracy_classic",
             "downstream_accuracy_with_generated", "downstream_accuracy_oracle", "spectrum_ratio_high", "spectrum_ratio_high_real_reference",
             "classifier_accuracy_real", "classifier_accuracy_generated", "memorisation_max_ssim"]
-    for key in keys:
-        assert math.isfinite(metrics[key]), key
+    for key in keys:  # accuracies are shares of images, in [0, 1]; an SSIM is at most 1; a ratio of spectral energies above 0
+        if key.startswith("spectrum_ratio"):
+            assert 0 < metrics[key] < math.inf, key
+        else:
+            assert (-1.0 if "ssim" in key else 0.0) <= metrics[key] <= 1.0, key
     assert set(metrics["classifier_accuracy_generated_per_class"]) == set(CLASSES)
     assert metrics["n_generated_per_class"] == 4 and metrics["downstream_n_labelled"] + metrics["downstream_n_unlabelled"] > 0
     for key in ("downstream_gain_share_generated", "downstream_gain_share_classic"):
