@@ -21,7 +21,7 @@ import medsynth
 
 SRC = Path(medsynth.__file__).parent
 LAYERS = {  # top-level name under medsynth -> layer (higher imports lower)
-    "cli": 8, "__main__": 8, "demo": 7, "api": 6, "plan": 6, "recipes": 5, "inverse": 4,
+    "cli": 8, "__main__": 8, "demo": 7, "api": 6, "plan": 6, "folds": 6, "recipes": 5, "inverse": 4,
     "diffusion": 3, "motion": 3, "evaluate": 3, "report": 3, "nets": 2, "data": 1,
     "training": 0, "runs": 0, "config": 0, "console": 0, "errors": 0, "seeds": 0, "latent": 0, "__init__": 0,
 }

@@ -3,7 +3,7 @@
 The CLI (`medsynth ...`) calls exactly these functions (and :mod:`medsynth.demo`, which sits
 above this module). Lightning, torch and the recipes are imported inside the functions that
 need them, so ``import medsynth.api`` and the commands that train nothing start fast.
-One file over 450 lines on purpose: every entry point a user imports, one function per command.
+One function per command; fold sets are orchestrated in :mod:`medsynth.folds`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from medsynth.recipes import RECIPES, get_recipe
 from medsynth.runs import (
     Run,
     atomic_write_bytes,
-    atomic_write_json,
     check_output,
-    fold_summary,
     is_rank_zero,
     remove_stale_temps,
     write_staged,
@@ -77,23 +75,33 @@ def train(
     folds: int | None = None,
     fold_seed: int | None = None,
     only_folds: Sequence[int] | None = None,
+    stage: str | None = None,
 ) -> Run:
     """Train a recipe into a run directory, or continue one (``resume``) with its full state.
 
     ``init`` (a run, ``model.safetensors`` or a ``.ckpt``) starts a new run from those weights
     (fine-tuning); the optimiser, schedule and step start afresh. ``folds`` trains a
-    cross-validation fold set instead (see :func:`train_folds`; ``fold_seed`` and ``only_folds``
-    are its); ``resume`` on a fold set continues it (:func:`resume_folds`).
+    cross-validation fold set instead (see :func:`medsynth.folds.train_folds`; ``fold_seed`` and
+    ``only_folds`` are its); ``resume`` on a fold set continues it (:func:`medsynth.folds.resume_folds`).
     """
     from medsynth.training import build_trainer, export_weights, fit, read_checkpoint, seed_everything, with_effective_batch
 
+    if stage is not None:  # `--stage S`: one of the recipe's declared stages (Recipe.stage_choices), trained as model.stage=S
+        if recipe is None and (resume is None or Run.open(resume).is_fold_set):
+            raise MedsynthError(f"train --stage {stage}: name the recipe it belongs to (medsynth train RECIPE ... --stage {stage})")
+        named = recipe if recipe is not None else str(read_yaml(Run.open(resume).config_path).get("recipe"))
+        overrides = [*overrides, get_recipe(named).stage_setting(stage)]
     if folds is not None:
+        from medsynth.folds import train_folds
+
         if resume is not None:
             raise MedsynthError("train: --folds starts a fold set; --resume RUN continues one (use one)")
-        return train_folds(recipe, data, folds, config=config, overrides=overrides, out=out, force=force, progress=progress,
+        return train_folds(train, recipe, data, folds, config=config, overrides=overrides, out=out, force=force, progress=progress,
                            init=init, seed=fold_seed, only=only_folds)
     if resume is not None and Run.open(resume).is_fold_set:
-        return resume_folds(resume, config=config, overrides=overrides, progress=progress, only=only_folds)
+        from medsynth.folds import resume_folds
+
+        return resume_folds(train, resume, config=config, overrides=overrides, progress=progress, only=only_folds)
     if init is not None and resume is not None:
         raise MedsynthError("train: --init starts a new run from weights; --resume continues a run (use one)")
     # Everything is checked before the first write: settings, data, checkpoint, weights, devices.
@@ -197,91 +205,6 @@ def plan(data: str | Path, recipe: str, out: str | Path, gpu: str | None = None,
     return make_plan(data, recipe, gpu=gpu, memory=memory, hours=hours, config=config, overrides=overrides, out=out)
 
 
-def train_folds(recipe: str | None, data: str | Path | None, folds: int, config: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None, force: bool = False,
-                progress: bool = True, init: str | Path | None = None, seed: int | None = None,
-                only: Sequence[int] | None = None) -> Run:
-    """K-fold cross-validation by subject: ``folds`` full runs ``OUT/fold-<i>/`` of ``recipe`` on ``data``.
-
-    Fold ``i`` holds out the subjects :func:`~medsynth.data.splits.fold_assignments` gives it
-    (its test split; classes spread evenly over the folds); the others are split into train/val by the prepared dataset's
-    ``val_fraction``. Its data is a view, ``OUT/fold-<i>/data/dataset.json`` naming the prepared
-    files (:func:`~medsynth.data.splits.fold_view`). ``folds`` = the number of subjects is
-    leave-one-out. ``OUT/folds.json`` records the set::
-
-        {"recipe": "cvae", "folds": K, "seed": S, "data_dir": "/abs/prepared",
-         "config": "/abs/config.yaml" | null, "overrides": ["train.max_epochs=5", ...],
-         "init": "/abs/weights" | null, "subjects": [[held-out subjects of fold 0], ...]}
-
-    Folds run in sequence, each as :func:`train` would run it (its own devices setting). With
-    several devices they could run in parallel, one process per device (``CUDA_VISIBLE_DEVICES=i
-    medsynth train --resume OUT`` claiming unstarted folds); that dispatcher is not written yet,
-    so several devices serve each fold in turn.
-
-    Args:
-        seed: of the fold assignment (default: the prepared dataset's split seed).
-        only: train only these folds now (the others start on ``train(resume=OUT)``).
-
-    Raises:
-        BadInputError: ``folds`` larger than the number of subjects (names ``data``), or ``data``
-            not a prepared dataset.
-        MedsynthError: ``OUT`` already holds a run or fold set (without ``force``).
-    """
-    from medsynth.config import resolve_config_path
-    from medsynth.data.datasets import load_prepared_manifest
-    from medsynth.data.splits import fold_assignments, subject_strata
-
-    if recipe is None or data is None:
-        raise MedsynthError("train --folds: name a recipe and --data DIR (a prepared dataset)")
-    chosen = get_recipe(recipe)
-    manifest = load_prepared_manifest(data)
-    subjects = manifest.subjects()
-    if folds > len(subjects):
-        raise BadInputError(data, f"--folds {folds} is larger than the number of subjects ({len(subjects)})")
-    seed = int((manifest.prepare or {}).get("settings", {}).get("seed", 0)) if seed is None else seed
-    fold_set = Run(Path(out or Path("runs") / f"{chosen.name}-folds-{time.strftime('%Y%m%d-%H%M%S')}"))
-    fold_set.check_new(force)
-    with fold_set.lock():
-        atomic_write_json(fold_set.folds_path, {
-            "recipe": chosen.name, "folds": folds, "seed": seed, "data_dir": str(Path(data).resolve()),
-            "config": str(resolve_config_path(config).resolve()) if config is not None else None,
-            "overrides": list(overrides), "init": str(Path(init).resolve()) if init is not None else None,
-            "subjects": fold_assignments(subjects, folds, seed, strata=subject_strata(manifest.cases))})
-        return resume_folds(fold_set.path, progress=progress, only=only, fresh=force)
-
-
-def resume_folds(run: str | Path, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 progress: bool = True, only: Sequence[int] | None = None, fresh: bool = False) -> Run:
-    """Train the folds of a fold set that are not finished: a fold with ``model.safetensors`` is
-    done (skipped), one with ``checkpoints/last.ckpt`` is resumed (``config``/``overrides`` as
-    for a resumed run), any other starts from its ``folds.json`` settings plus ``overrides``."""
-    fold_set = Run.open(run)
-    with fold_set.lock():
-        _train_folds_left(fold_set, config, overrides, progress, only, fresh)
-    return fold_set
-
-
-def _train_folds_left(fold_set: Run, config: str | Path | None, overrides: list[str] | tuple[str, ...], progress: bool,
-                      only: Sequence[int] | None, fresh: bool) -> None:
-    from medsynth.data.splits import fold_view
-
-    spec = fold_set.read_folds()
-    for index, held_out in enumerate(spec["subjects"]):
-        fold = fold_set.fold(index)
-        if only is not None and index not in only:
-            continue
-        if fold.weights_path.exists() and not fresh:
-            note(f"{fold.path}: trained, skipped")
-            continue
-        if fold.last_checkpoint.exists() and not fresh:
-            train(resume=fold.path, config=config, overrides=overrides, progress=progress)
-            continue
-        view = fold_view(spec["data_dir"], held_out, fold.path / "data", seed=int(spec["seed"]))
-        train(spec["recipe"], data=view, config=spec.get("config") if config is None else config,
-              overrides=[*spec.get("overrides", []), *overrides], out=fold.path, force=True, progress=progress,
-              init=spec.get("init"))
-
-
 def load_initial_weights(module: MedsynthModule, source: str | Path) -> MedsynthModule:
     """Fine-tuning: load weights from a run folder, a ``.safetensors`` file or a ``.ckpt`` (safely)."""
     from medsynth.training import load_state, weights_of
@@ -360,7 +283,9 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
     if Run.open(run).is_fold_set:
         if data is not None or reconstruction is not None:
             raise MedsynthError(f"{run}: each fold of a fold set is evaluated on its own held-out subjects; --data is not taken")
-        return evaluate_folds(run)
+        from medsynth.folds import evaluate_folds
+
+        return evaluate_folds(evaluate, run)
     Run.open(run).check_free()
     opened, chosen, module = load_run(run, overrides)
     data_dir = Path(data) if data is not None else Path(module.config.data_dir or "")
@@ -373,22 +298,6 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
         if reconstruction is not None:
             metrics |= chosen.evaluate_reconstruction(opened, module, Path(reconstruction))
         return opened.write_metrics(metrics)
-
-
-def evaluate_folds(run: str | Path) -> dict[str, Any]:
-    """Evaluate every fold of a fold set on its held-out subjects (each fold's metrics.json stays) and
-    write ``RUN/metrics.json``: ``folds`` and every numeric metric as ``<key>_per_fold``, ``<key>_mean``
-    and ``<key>_sd`` (:func:`~medsynth.runs.fold_summary`)."""
-    fold_set = Run.open(run)
-    spec = fold_set.read_folds()
-    with fold_set.lock():
-        per_fold = []
-        for index in range(int(spec["folds"])):
-            fold = fold_set.fold(index)
-            if not fold.weights_path.exists():
-                raise MedsynthError(f"{fold.path}: fold {index} is not trained yet; run `medsynth train --resume {fold_set.path}`")
-            per_fold.append(evaluate(fold.path))
-        return fold_set.write_metrics({"folds": int(spec["folds"]), **fold_summary(per_fold)})
 
 
 def report(run: str | Path) -> Path:

@@ -126,7 +126,7 @@ def _prepare(p: argparse.ArgumentParser) -> None:
 
 
 def _train(p: argparse.ArgumentParser) -> None:
-    from medsynth.recipes import RECIPES
+    from medsynth.recipes import RECIPES, get_recipe
 
     names = ", ".join(RECIPES)
     p.add_argument("recipe", nargs="?", default=None, metavar="RECIPE", help=f"the recipe to train: {names}")
@@ -139,8 +139,9 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=None, help="shortcut for --set train.strategy=... (e.g. ddp)")
     p.add_argument("--num-nodes", type=int, default=None, help="shortcut for --set train.num_nodes=... (machines; torchrun or SLURM start them)")
     p.add_argument("--force", action="store_true", help="start over in an existing run directory")
-    p.add_argument("--stage", choices=["low", "high", "registration", "cvae", "all", "image-ae", "field-vae", "ldm"], default=None,
-                   help="shortcut for --set model.stage=... (sdm: low|high; flow-cvae: registration|cvae; motion-ldm: all|image-ae|field-vae|ldm)")
+    stages = {name: get_recipe(name).stage_choices() for name in RECIPES}  # from each recipe's declared stages
+    p.add_argument("--stage", choices=list(dict.fromkeys(s for choices in stages.values() for s in choices)), default=None,
+                   help="the stage to train, as model.stage (" + "; ".join(f"{name}: {'|'.join(c)}" for name, c in stages.items() if c) + ")")
     p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (a run, .safetensors or .ckpt)")
     p.add_argument("--folds", type=int, default=None, metavar="K",
                    help="K-fold cross-validation by subject: K runs in OUT/fold-<i>/ (K = number of subjects: leave-one-out)")
@@ -363,17 +364,17 @@ def run_command(args: argparse.Namespace) -> None:
         overrides += [f"train.devices={args.devices}"] if args.devices else []
         overrides += [f"train.strategy={args.strategy}"] if args.strategy else []
         overrides += [f"train.num_nodes={args.num_nodes}"] if args.num_nodes is not None else []
-        overrides += [f"model.stage={args.stage}"] if args.stage else []
         if args.dry_run:
             import json
 
-            estimate = api.estimate(args.recipe, data=args.data, config=args.config, overrides=overrides, size=args.size)
+            staged = [*overrides, f"model.stage={args.stage}"] if args.stage else overrides
+            estimate = api.estimate(args.recipe, data=args.data, config=args.config, overrides=staged, size=args.size)
             print(json.dumps(estimate.as_dict(), indent=2) if args.json else estimate.table())
             return
         if args.json or args.size:
             raise MedsynthError("train: --json and --size go with --dry-run")
         run = api.train(args.recipe, data=args.data, config=args.config, overrides=overrides, out=args.out,
-                        resume=args.resume, force=args.force, init=args.init, folds=args.folds, progress=progress)
+                        resume=args.resume, force=args.force, init=args.init, folds=args.folds, progress=progress, stage=args.stage)
         from medsynth.runs import is_rank_zero
 
         if is_rank_zero():  # the other ranks of a multi-process run print nothing

@@ -1,23 +1,26 @@
 """``medsynth demo``: each recipe's whole chain on a phantom, sized to finish in minutes on a CPU.
 
 A demo is data (:class:`Demo`: the phantom and its options, the prepare settings, the
-recipe and its shipped config, the sample calls); :func:`run_demo` runs any of them:
-phantom -> prepare -> train -> sample -> evaluate -> report, then prints the recipe's
-headline metrics beside their references. This module sits above :mod:`medsynth.api`.
+recipe and its shipped config, the sample calls), derived from the recipe's own
+``tiny_example`` with the demo's sizes on top (:data:`DEMO_SIZES`), so every recipe of
+``RECIPES`` has one; :func:`run_demo` runs any of them: phantom -> prepare -> train ->
+sample -> evaluate -> report, then prints the recipe's headline metrics beside their
+references. This module sits above :mod:`medsynth.api`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from medsynth import api
 from medsynth.console import console, step
 from medsynth.errors import MedsynthError
-from medsynth.recipes import get_recipe
+from medsynth.recipes import RECIPES, get_recipe
 from medsynth.report.headline import headlines, rounded
 
 
@@ -40,7 +43,7 @@ class Demo:
     """One recipe's demo: what to make, how to prepare it, what to train and sample."""
 
     recipe: str
-    config: str  # a shipped config name (configs/<name>.yaml)
+    config: str | None  # a shipped config name (configs/<name>.yaml)
     phantom: str
     n: int  # images per class (cilia) or subjects
     size: int | tuple[int, ...]  # the phantom's grid: one side, or (X, Y, Z)
@@ -48,32 +51,34 @@ class Demo:
     phantom_options: dict[str, Any] = field(default_factory=dict)
     prepare: dict[str, Any] = field(default_factory=dict)  # api.prepare settings (``recipe`` fills the rest)
     samples: tuple[SampleCall, ...] = (SampleCall(),)
-    seed: int = 0
+    seed: int = 0  # of the phantom, the prepared split and the samples
     register: dict[str, Any] | None = None  # api.register settings: the phantom is registered and its fields train the recipe
     overrides: tuple[str, ...] = ()  # config overrides of the training run (the demo's size)
     baseline: tuple[str, ...] | None = None  # overrides of a second run on the same data (diffae: the DDIM baseline)
     reconstruction: tuple[str, ...] | None = None  # evaluate --reconstruction of the phantom's held-out subjects, with these overrides
 
 
-DEMOS: dict[str, Demo] = {
+MERGED = ("phantom_options", "prepare")  # DEMO_SIZES settings laid over the tiny example's; the others replace it
+
+# Each shipped demo's own sizes: only what differs from its recipe's ``tiny_example`` (the phantom, config and the
+# rest come from there). ``overrides`` replace the tiny example's (those make a test run tiny; a demo sets its own).
+# A recipe of RECIPES with no entry here gets a demo from its tiny example alone.
+DEMO_SIZES: dict[str, dict[str, Any]] = {
     # Cilia phantom -> prepare (64 px) -> train cvae (configs/cvae-tiny.yaml) -> sample -> evaluate -> report.
-    "cvae": Demo(
-        recipe="cvae", config="cvae-tiny", phantom="cilia", n=160, size=64, summary="cilia phantom (5 classes)",
-        prepare={"size": 64, "normalize": "none"},
+    "cvae": dict(
+        n=160, size=64, summary="cilia phantom (5 classes)", prepare={"size": 64}, overrides=(),
         samples=(SampleCall(n=16), SampleCall(n=49, mode="grid"), SampleCall(n=8, mode="interpolate")),
     ),
     # Coronary phantom -> prepare (the recipe's defaults: HU window -1000..1000 -> [0, 1], crop) -> train the
     # sdm low-res stage (configs/sdm-tiny.yaml) -> sample held-out label maps and one label-map file.
-    "sdm": Demo(
-        recipe="sdm", config="sdm-tiny", phantom="coronary", n=40, size=24, summary="coronary phantom (CTCA-like, 9 labels)",
-        prepare={"recipe": "sdm"},
+    "sdm": dict(
+        n=40, size=24, summary="coronary phantom (CTCA-like, 9 labels)", overrides=(),
         samples=(SampleCall(n=4), SampleCall(condition="labelsTr/coronary_000.nii.gz", out="condition")),
     ),
     # Cardiac phantom flow pairs (ES frame + exact ES->ED field) at 32^3 -> prepare (the recipe's defaults: HU window ->
     # [0, 1]) -> train flow-cvae (configs/flow-cvae-tiny.yaml) -> prior flows on held-out frames, a 5 x 5 latent grid.
-    "flow-cvae": Demo(
-        recipe="flow-cvae", config="flow-cvae-tiny", phantom="cardiac", n=28, size=32, summary="cardiac phantom (flow pairs)",
-        phantom_options={"flow_pairs": True}, prepare={"recipe": "flow-cvae", "size": 32},
+    "flow-cvae": dict(
+        n=28, size=32, summary="cardiac phantom (flow pairs)", prepare={"size": 32},
         # the utility protocol's five downstream arms (issue 18) at its own budget (DOWNSTREAM_STEPS, 600 steps each)
         overrides=(),
         samples=(SampleCall(n=8), SampleCall(n=25, mode="grid")),
@@ -81,9 +86,8 @@ DEMOS: dict[str, Demo] = {
     # Lung 4D CT phantom (6 phases, 48 x 48 x 12) -> B-spline registration of every phase to end-inhale -> prepare (HU window to [0, 1])
     # -> train motion-ldm's three stages (configs/motion-ldm-tiny.yaml) on the registered fields -> every phase of
     # two samples for each held-out CT, with 4D CT, fields and movies.
-    "motion-ldm": Demo(
-        recipe="motion-ldm", config="motion-ldm-tiny", phantom="lung", n=12, size=(48, 48, 12), summary="lung 4D CT phantom (6 phases)",
-        phantom_options={"frames": 6}, prepare={"recipe": "motion-ldm", "ct_window": (-1000.0, 500.0)},
+    "motion-ldm": dict(
+        n=12, size=(48, 48, 12), summary="lung 4D CT phantom (6 phases)", phantom_options={"frames": 6},
         register={"pairs": "reference", "config": "register-demo"}, samples=(SampleCall(n=2),),
         overrides=("evaluate.downstream_steps=300",),  # five downstream arms (issue 18) within the 15-minute budget
     ),
@@ -91,9 +95,8 @@ DEMOS: dict[str, Demo] = {
     # -> 2D slices (32 px) -> train diffae and its DDIM baseline (model.semantic=false) -> random, interpolate, autoencode ->
     # evaluate, with every reconstruction method on a held-out subject (ED and ES) at demo settings (10 DDIM steps,
     # 4 Adam iterations for latent) -> report with a figure per method and the optimisation curves.
-    "diffae": Demo(
-        recipe="diffae", config="diffae-tiny", phantom="cardiac", n=12, size=32, summary="cardiac cine-MRI phantom (UK Biobank layout)",
-        phantom_options={"modality": "mri", "views": True, "frames": 2, "hr_factor": 4}, prepare={"recipe": "diffae", "size": 32},
+    "diffae": dict(
+        n=12, size=32, summary="cardiac cine-MRI phantom (UK Biobank layout)", phantom_options={"hr_factor": 4}, prepare={"size": 32},
         # diffae-tiny's own model ([32, 64, 64] + attention) took 5 min per 15 epochs on this CPU: a smaller model here,
         # 40 epochs (32 encoder + UNet, about 2 min per run); one held-out subject (ED and ES) at 10 DDIM steps, inverted
         # with 20 fixed-point refinements per step (50.0 dB round trips against 44.9 with the default 10).
@@ -106,6 +109,46 @@ DEMOS: dict[str, Demo] = {
                         "evaluate.reconstruct.iterations=4"),
     ),
 }
+
+
+def demo_of(name: str) -> Demo:
+    """Recipe ``name``'s demo: its ``tiny_example`` (phantom, options, prepare settings, config, overrides) with the
+    entry of :data:`DEMO_SIZES` on top; the prepare step always takes the recipe's ``prepare_defaults``.
+
+    Raises:
+        MedsynthError: no such recipe, or it declares no tiny example.
+    """
+    example = get_recipe(name).tiny_example
+    if example is None:
+        raise MedsynthError(f"recipe '{name}' declares no tiny_example, so it has no demo")
+    prepare = dict(example.prepare)
+    seed = int(prepare.pop("seed", 0))  # the demo's one seed: phantom, split and samples
+    derived = Demo(recipe=name, config=example.config, phantom=example.phantom, n=example.n, size=example.size,
+                   summary=f"{example.phantom} phantom", phantom_options=dict(example.phantom_options),
+                   prepare={"recipe": name, **prepare}, seed=seed, overrides=tuple(example.overrides))
+    own = dict(DEMO_SIZES.get(name, {}))
+    for key in MERGED:
+        own[key] = {**getattr(derived, key), **own.get(key, {})}
+    return replace(derived, **own)
+
+
+class _Demos(Mapping[str, Demo]):
+    """Every recipe's demo by name, derived when asked for (:func:`demo_of`): the names are ``RECIPES``' at that time,
+    so a newly registered recipe is listed (the CLI's choices) without an edit here."""
+
+    def __getitem__(self, name: str) -> Demo:
+        if name not in RECIPES:
+            raise KeyError(name)
+        return demo_of(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(RECIPES))
+
+    def __len__(self) -> int:
+        return len(RECIPES)
+
+
+DEMOS: Mapping[str, Demo] = _Demos()
 
 
 def run_demo(name: str = "cvae", out: str | Path = "demo-output", force: bool = False, progress: bool = True) -> Path:

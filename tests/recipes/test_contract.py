@@ -107,11 +107,34 @@ def test_one_seed_gives_byte_identical_files(run, tmp_path):
     assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
 
 
-def test_evaluation_gives_finite_numbers(run, metrics):
+# What a metric's name promises, for every recipe: (a word of the key, lowest, highest value).
+METRIC_RANGES = (("accuracy", 0.0, 1.0), ("dice", 0.0, 1.0), ("folding", 0.0, 1.0), ("ssim", -1.0, 1.0), ("mm", 0.0, math.inf))
+# Order statistics of one metric over items: a key with one of these words, and the same key with "mean" instead.
+AT_MOST_THE_MEAN, AT_LEAST_THE_MEAN = ("min", "best_of_n"), ("max",)
+
+
+def _with_mean(key: str, word: str) -> str:
+    return f"_{key}_".replace(f"_{word}_", "_mean_", 1)[1:-1]
+
+
+def test_evaluation_gives_the_headline_metrics_in_the_ranges_their_names_promise(name, run, metrics):
     found = numbers(metrics)
     assert found, "evaluate returned no numbers"
     assert [key for key, value in found if not math.isfinite(value)] == [], "not finite (return None for an undefined metric)"
     assert json.loads((run / "metrics.json").read_text()).keys() >= metrics.keys()
+    assert set(get_recipe(name).headline_metrics) <= metrics.keys()
+    values = dict(found)
+    for key, value in found:
+        words = key.replace(".", "_").split("_")
+        for word, low, high in METRIC_RANGES:
+            if word in words and "ratio" not in words:  # a ratio of two (segmenter_dice_ratio) may pass 1
+                assert low <= value <= high, f"{key} = {value} outside [{low}, {high}]"
+        assert not key.startswith(("n_", "downstream_n_")) or (value >= 0 and value == int(value)), f"{key} = {value}: not a count"
+        for words_below, sign in ((AT_MOST_THE_MEAN, 1), (AT_LEAST_THE_MEAN, -1)):
+            for word in words_below:
+                mean = _with_mean(key, word)
+                if mean != key and mean in values:  # min <= mean, best of n <= mean, max >= mean
+                    assert sign * (values[mean] - value) >= -1e-9, f"{key} = {value} against {mean} = {values[mean]}"
 
 
 def test_report_renders(name, run, metrics):

@@ -165,7 +165,10 @@ def test_evaluate_and_report(low_run, high_run):
     report = api.report(low_run.path).read_text()
     assert "data:image/png;base64," in report and "segmenter_dice_generated" in report
     high = api.evaluate(high_run.path)
-    assert high["reference"].startswith("low-res run") and np.isfinite(high["seam_ratio"])
+    assert high["reference"].startswith("low-res run")
+    # patches blended with overlap: a step across a patch border is an ordinary step, ratio near 1 (measured 0.998; a
+    # seam gives well above 1, tests/evaluate/test_segmentation.py)
+    assert 0.75 < high["seam_ratio"] < 1.33 and high["seam_step_inside"] > 0
 
 
 def test_resume_after_sigkill_restores_weights_optimiser_ema_and_step(prepared, tmp_path):

@@ -27,7 +27,7 @@ CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if "recipe" in 
 SHIPPED_SIDE = {"cvae-tiny": 64, "cvae-224": 224, "cvae-448": 448,
                 "sdm-tiny": 24, "sdm-tiny-high": 32, "sdm-low-64": None, "sdm-high-128": None, "sdm-bench-48": 48,
                 "flow-cvae-tiny": 32, "flow-cvae-86": None, "motion-ldm-tiny": 48, "motion-ldm-256": None,
-                "diffae-tiny": 32, "diffae-128": 128, "class-diffusion-tiny": 64}
+                "diffae-tiny": 32, "diffae-128": 128, "diffae-bench-64": 64, "class-diffusion-tiny": 64}
 CILIA_CLASSES = ["normal", "disarranged", "oda_defect", "ida_defect", "cp_defect"]
 CORONARY_LABELS = {0: "background", 1: "myocardium", 2: "blood_pool", 3: "coronary"}
 

@@ -17,6 +17,7 @@ from monai.networks.nets import Classifier
 from torch import nn
 
 from medsynth.evaluate.augmentation import classic_augmentation
+from medsynth.seeds import seeded
 from medsynth.training import fit_minibatches
 
 Augmentation = Literal["judge", "classic", "none"]
@@ -76,30 +77,31 @@ def train_classifier(
     ``augmentation``: ``"judge"`` (flips, 90-degree turns, blur and noise, so that a classifier that
     judges generated images looks at structure, not at the sharpness that separates real from
     generated), ``"classic"`` (nnU-Net's augmentation, :func:`~medsynth.evaluate.augmentation.classic_augmentation`:
-    the free baseline of the utility test) or ``"none"``.
+    the free baseline of the utility test) or ``"none"``. Everything random comes from ``seed``; the global torch RNG
+    is left as it was.
     """
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = ImageClassifier(tuple(images.shape[1:]), num_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * max(1, -(-len(images) // batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    with seeded(seed):  # the weights and the dropout draws
+        model = ImageClassifier(tuple(images.shape[1:]), num_classes)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        steps = epochs * max(1, -(-len(images) // batch_size))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
 
-    classic = classic_augmentation(images.ndim - 2, with_label=False, seed=seed, noise_std=0.03) if augmentation == "classic" else None
+        classic = classic_augmentation(images.ndim - 2, with_label=False, seed=seed, noise_std=0.03) if augmentation == "classic" else None
 
-    def batch_of(index: torch.Tensor) -> torch.Tensor:
-        x = images[index].float()
-        if augmentation == "judge":
-            return augment_batch(x, generator)
-        if classic is not None:
-            return torch.stack([torch.as_tensor(classic({"image": image})["image"]) for image in x]).float()
-        return x
+        def batch_of(index: torch.Tensor) -> torch.Tensor:
+            x = images[index].float()
+            if augmentation == "judge":
+                return augment_batch(x, generator)
+            if classic is not None:
+                return torch.stack([torch.as_tensor(classic({"image": image})["image"]) for image in x]).float()
+            return x
 
-    def loss_of(index: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(batch_of(index)), labels[index])
+        def loss_of(index: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(model(batch_of(index)), labels[index])
 
-    return fit_minibatches(model, loss_of, len(images), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                           scheduler=scheduler, generator=generator)
+        return fit_minibatches(model, loss_of, len(images), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                               scheduler=scheduler, generator=generator)
 
 
 @torch.no_grad()

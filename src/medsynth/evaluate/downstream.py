@@ -44,7 +44,7 @@ from medsynth.errors import MedsynthError
 from medsynth.evaluate.fields import epe_map_mm
 from medsynth.motion.augment import mean_magnitude_mm, motion_envelope, random_smooth_fields
 from medsynth.motion.fields import invert, warp_image
-from medsynth.seeds import item_seed
+from medsynth.seeds import item_seed, seeded
 
 __all__ = ["ARMS", "DOWNSTREAM_STEPS", "MotionPairs", "PCAMotionModel", "check_modes", "check_pools", "evaluate_motion_network", "motion_utility", "pairs_from_frames",
            "train_motion_network"]
@@ -103,8 +103,8 @@ def train_motion_network(pairs: MotionPairs, *, steps: int = DOWNSTREAM_STEPS, s
 
     Loss: mean end-point error in mm (each pair's own affine) + ``smoothness`` x MONAI
     ``DiffusionLoss`` (mean squared first derivatives of the voxel field, VoxelMorph's regulariser).
-    Weights are initialised under ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (the
-    caller's RNG is untouched); batches follow seeded permutations of the pairs (``torch.Generator``).
+    Weights are initialised under :func:`medsynth.seeds.seeded` (the caller's RNG is untouched); batches follow
+    seeded permutations of the pairs (``torch.Generator``).
 
     Args:
         pairs: see :data:`MotionPairs`.
@@ -125,8 +125,7 @@ def train_motion_network(pairs: MotionPairs, *, steps: int = DOWNSTREAM_STEPS, s
     inputs = _inputs(fixed, moving).to(device)
     flow = flow.to(device)
     regulariser = DiffusionLoss()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         network = _build_network(channels).to(device)
     optimiser = torch.optim.Adam(network.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(steps, 1))  # decays to 0: the result at the budget's end is settled

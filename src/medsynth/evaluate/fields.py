@@ -18,6 +18,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from medsynth.data.fields import batched_field, mm_to_voxel, voxel_to_mm
+from medsynth.data.io import spacing_of
 from medsynth.motion.fields import epe_map_mm, jacobian_determinant  # epe_map_mm: re-exported
 
 __all__ = [
@@ -222,10 +223,10 @@ def mean_flow_baseline(train_flows: torch.Tensor, train_affines: Affine, target_
     if tuple(flows.shape[2:]) != tuple(target_shape):
         raise ValueError(f"training flows on a {tuple(flows.shape[2:])} grid, target on {tuple(target_shape)}: resample (prepare) them onto one grid")
     target = _affines(target_affine, 1)[0]
-    spacing = np.linalg.norm(target[:3, :3], axis=0)
+    spacing = spacing_of(target)
     for affine in _affines(train_affines, len(flows)):
-        if not np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=0.01):
-            raise ValueError(f"training flow spacing {np.linalg.norm(affine[:3, :3], axis=0).round(4).tolist()} mm differs from the target's {spacing.round(4).tolist()} mm")
+        if not np.allclose(spacing_of(affine), spacing, rtol=0.01):
+            raise ValueError(f"training flow spacing {spacing_of(affine).round(4).tolist()} mm differs from the target's {spacing.round(4).tolist()} mm")
     mean_mm = voxel_to_mm(flows, train_affines).mean(dim=0)
     return mm_to_voxel(mean_mm, target)
 

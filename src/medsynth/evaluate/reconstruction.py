@@ -27,6 +27,7 @@ from scipy.ndimage import binary_dilation
 
 from medsynth.evaluate import metrics
 from medsynth.evaluate.segmentation import Segmenter
+from medsynth.seeds import seeded
 from medsynth.training import fit_minibatches
 
 __all__ = ["PSNR_CAP", "STRUCTURES", "class_indices", "ejection_fraction", "heart_mask", "lv_volume_ml", "psnr",
@@ -143,8 +144,7 @@ def train_slice_segmenter(slices: torch.Tensor, labels: torch.Tensor, num_classe
     Returns:
         The segmenter in eval mode; the global torch RNG is left as it was.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         generator = torch.Generator().manual_seed(seed)
         slices = slices.float()
         model = Segmenter(num_classes, channels, float(slices.mean()), float(slices.std().clamp_min(1e-6)), spatial_dims=2)

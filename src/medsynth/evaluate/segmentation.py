@@ -29,6 +29,7 @@ from torch import nn
 
 from medsynth.config import StrictModel
 from medsynth.evaluate.augmentation import classic_augmentation
+from medsynth.seeds import seeded
 from medsynth.training import fit_minibatches
 
 
@@ -102,8 +103,7 @@ def train_segmenter(
     Returns:
         The trained :class:`Segmenter`, in eval mode.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         generator = torch.Generator().manual_seed(seed)
         images = images.float()
         model = Segmenter(num_classes, channels, offset=float(images.mean()), scale=float(images.std().clamp_min(1e-6)))

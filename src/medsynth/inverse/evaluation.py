@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from medsynth.data.cine import HR_LABEL_NAME, HR_NAME, SAX_NAME, cine_frame, import_ukbb, lax_views
-from medsynth.data.io import load_image
+from medsynth.data.io import load_image, spacing_of
 from medsynth.data.splits import subject_splits
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.evaluate.reconstruction import (
@@ -194,7 +194,7 @@ def reconstruction_metrics(prior: SlicePrior | None, data_dir: str | Path, ddim_
             lax = [(name, *cine_frame(path, t)) for name, path in sorted(views.items())]
             operators = [PlaneOperator(hr_affine, truth.shape, Plane.from_affine(affine, image.shape), profile_samples=1)
                          for _, image, affine in lax]
-            case = _Truth(truth, truth_labels, heart_mask(truth_labels), np.linalg.norm(hr_affine[:3, :3], axis=0),
+            case = _Truth(truth, truth_labels, heart_mask(truth_labels), spacing_of(hr_affine),
                           float(abs(np.linalg.det(hr_affine[:3, :3]))), operators,
                           [(_lax_labels(truth_labels, op, len(values)), op.mask().numpy()) for op in operators])
 

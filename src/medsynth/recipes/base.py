@@ -6,19 +6,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from medsynth.config import RecipeConfig
+from medsynth.config import RecipeConfig, apply_overrides
 from medsynth.data.io import READABLE_SUFFIXES, suffix_of
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
-from medsynth.training import MedsynthModule
+from medsynth.training import MedsynthModule, load_module, staged_optimizer
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,133 @@ class TinyExample:
     overrides: tuple[str, ...] = ()  # ``key=value`` config overrides that make it tiny (epochs are set by the test)
 
 
+# -- stages -----------------------------------------------------------------------------------------
+
+ALL_STAGES = "all"  # ``model.stage: all``: the run trains every stage of its recipe, one after another
+
+
+@dataclass(frozen=True)
+class Load:
+    """An earlier run that a stage reads: a setting names it, and it must have trained a given stage."""
+
+    key: str  # the dotted config key holding the run's folder ("model.image_ae_run")
+    stage: str  # the stage that run must have trained (alone, or in turn with others)
+    # module attributes copied from that run's module when training starts: "a.b" (the same in both), or "mine=theirs"
+    # ("net.pyramid=net.encoder"); () where the recipe uses the run otherwise (sdm samples references from it)
+    weights: tuple[str, ...] = ()
+    when: str | None = None  # "key=value": the setting under which the stage reads it (None: always)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a staged recipe, as data (``Recipe.stages``): the CLI offers its name to ``train --stage``, and
+    the shared code below reads it (which stage trains at an epoch, the staged optimiser, the weight average's start,
+    the runs it loads). A run picks its stages with ``model.stage``: one stage's name, or ``all`` (every stage, one
+    after another); a recipe whose config has no ``model.stage`` trains all its stages in every run (diffae).
+
+    Behaviour of its own lives on the stage object: a subclass with methods that take the module (diffae,
+    motion-ldm), or, where the methods hold settings of the run (sdm's grids and patches), the class ``behaviour``
+    that the module builds with the run's config.
+    """
+
+    name: str
+    networks: tuple[str, ...] = ("net",)  # module attributes that train in it: its parameter group of the staged optimiser
+    epochs: str | None = None  # dotted config key of its epochs when a later stage follows in the run; the last one trains the rest
+    loads: tuple[Load, ...] = ()  # the earlier runs it reads
+    averaged: bool = True  # False: train.ema_decay starts after it (its networks stay exactly what the later stages learnt on)
+    behaviour: type | None = None  # the class of its methods built with the run's config (None: the methods are the stage's own)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A declared variant of a recipe (diffae's DDIM baseline): the settings that select it and the stages it trains."""
+
+    name: str
+    settings: tuple[str, ...]  # "key=value" settings (as ``--set`` takes them) that all hold in its configs
+    stages: tuple[Stage, ...] = ()  # its stages, instead of the recipe's
+
+
+def setting(config: Any, key: str) -> Any:
+    """The value of a dotted config key; a numeric part indexes a list (``model.stage_epochs.0``)."""
+    value = config
+    for part in key.split("."):
+        value = value[int(part)] if part.isdigit() else getattr(value, part)
+    return value
+
+
+def holds(config: Any, item: str) -> bool:
+    """Whether the ``key=value`` setting ``item`` (its value parsed as ``--set`` parses it) holds in ``config``."""
+    key = item.partition("=")[0].strip()
+    value: Any = apply_overrides({}, [item])
+    for part in key.split("."):
+        value = value[part]
+    return setting(config, key) == value
+
+
+def stages_trained(stages: Sequence[Stage], config: Any) -> tuple[Stage, ...]:
+    """The stages a run of ``config`` trains, in order: the one ``model.stage`` names, else all of them."""
+    chosen = getattr(getattr(config, "model", None), "stage", ALL_STAGES)
+    return tuple(stages) if chosen == ALL_STAGES else tuple(s for s in stages if s.name == chosen)
+
+
+def stage_object(stages: Sequence[Stage], config: Any) -> Any:
+    """The stage object of a run that trains one stage whose methods hold the run's settings: its ``behaviour(config)``."""
+    (only,) = stages_trained(stages, config)
+    return only.behaviour(config)
+
+
+def stage_at(plan: Sequence[Stage], config: Any, epoch: int) -> Stage:
+    """The stage of a run's ``plan`` (:func:`stages_trained`) that trains in ``epoch``: each its ``epochs`` in turn, the last the rest."""
+    end = 0
+    for earlier in plan[:-1]:
+        end += stage_epochs(earlier, config)
+        if epoch < end:
+            return earlier
+    return plan[-1]
+
+
+def stage_epochs(stage: Stage, config: Any) -> int:
+    """The epochs of a stage that a later one follows in its run (``Stage.epochs``)."""
+    if stage.epochs is None:
+        raise MedsynthError(f"stage '{stage.name}' declares no epochs setting, so no stage can follow it in a run")
+    return int(setting(config, stage.epochs))
+
+
+def ema_first_epoch(plan: Sequence[Stage], config: Any) -> int:
+    """The epoch from which ``train.ema_decay`` averages a run of ``plan``: after the last stage declared not ``averaged``
+    that a later stage follows (0: from the start)."""
+    end, first = 0, 0
+    for earlier in plan[:-1]:
+        end += stage_epochs(earlier, config)
+        first = first if earlier.averaged else end
+    return first
+
+
+def stage_optimizer(module: MedsynthModule, stages: Sequence[Stage], plan: Sequence[Stage]) -> Any:
+    """:func:`~medsynth.training.staged_optimizer` of a module that holds the networks of every declared stage: one parameter
+    group per stage (its ``networks``), each on its own schedule over the epochs it trains in the run's ``plan``."""
+    names = [s.name for s in stages]
+    groups = [torch.nn.ModuleList([module.get_submodule(a) for a in s.networks]) if len(s.networks) > 1
+              else module.get_submodule(s.networks[0]) for s in stages]
+    return staged_optimizer(module, groups, lambda epoch: names.index(stage_at(plan, module.config, epoch).name))
+
+
+def needed_loads(plan: Sequence[Stage], config: Any) -> list[tuple[Stage, Load]]:
+    """The loads of a run's stages that apply: their ``when`` holds and the run does not train their stage itself."""
+    trained = {s.name for s in plan}
+    return [(s, load) for s in plan for load in s.loads
+            if load.stage not in trained and (load.when is None or holds(config, load.when))]
+
+
+def load_stage_weights(module: MedsynthModule, recipe: Recipe) -> None:
+    """Copy into ``module`` the networks its run's stages take from earlier runs (``Load.weights``), when training starts."""
+    for _, load in needed_loads(recipe.stages_trained(module.config), module.config):
+        other = recipe.stage_run(module.config, load.key)
+        for item in load.weights:
+            mine, _, theirs = item.partition("=")
+            module.get_submodule(mine).load_state_dict(other.get_submodule(theirs or mine).state_dict())
+
+
 class Recipe(ABC):
     """A generative system: its config, LightningModule, data, sampler, evaluation and report."""
 
@@ -62,6 +189,8 @@ class Recipe(ABC):
     takes_phases: ClassVar[bool] = False  # `sample --phases` selects what to generate
     # its runs are slice priors of `medsynth reconstruct`, scored by `evaluate --reconstruction` (evaluate_reconstruction)
     reconstructs: ClassVar[bool] = False
+    stages: ClassVar[tuple[Stage, ...]] = ()  # a staged recipe's stages, in training order
+    variants: ClassVar[tuple[Variant, ...]] = ()  # declared variants (settings that select other stages)
 
     def resolve_config(self, config: RecipeConfig) -> RecipeConfig:
         """Fill the fields that depend on the data (channels, shapes, classes)."""
@@ -91,8 +220,9 @@ class Recipe(ABC):
     def check_data(self, config: RecipeConfig) -> None:
         """Check everything training will read (the resolved ``config``'s data and the runs it names) before the run's
         first file is written: ``train`` calls it once, before ``config.yaml``, so a refusal leaves nothing behind and a
-        retry with good data is not refused. The default checks that every prepared case file is there; a recipe
-        that reads more (registration grids, another run's weights) adds its checks.
+        retry with good data is not refused. The default checks that every prepared case file is there and that the
+        earlier runs the run's stages load (``Load.weights``) trained what they must (read safely); a recipe that reads
+        more (registration grids) adds its checks. It also says in one line when the run's last stage gets no epoch.
 
         Raises:
             MedsynthError: one line naming the file (or setting) and the problem.
@@ -100,14 +230,76 @@ class Recipe(ABC):
         from medsynth.data.datasets import check_prepared_files
 
         check_prepared_files(config.data_dir)
+        plan = self.stages_trained(config)
+        for _, load in needed_loads(plan, config):
+            if load.weights:
+                self.stage_run(config, load.key)
+        if len(plan) > 1 and config.train.max_epochs <= (start := sum(stage_epochs(s, config) for s in plan[:-1])):
+            from medsynth.console import note
+
+            note(f"{self.name}: train.max_epochs={config.train.max_epochs} leaves no epoch for its last stage '{plan[-1].name}' after "
+                 f"the {start} epochs of {', '.join(f'{s.name} ({s.epochs})' for s in plan[:-1])}: it stays untrained")
+
+    # -- stages (see Stage)
+
+    def variant(self, config: RecipeConfig) -> Variant | None:
+        """The declared variant whose settings all hold in ``config`` (None: the recipe itself)."""
+        return next((v for v in self.variants if all(holds(config, item) for item in v.settings)), None)
+
+    def stages_of(self, config: RecipeConfig) -> tuple[Stage, ...]:
+        """The stages declared for ``config``: its variant's, else the recipe's."""
+        chosen = self.variant(config)
+        return chosen.stages if chosen is not None else self.stages
+
+    def stages_trained(self, config: RecipeConfig) -> tuple[Stage, ...]:
+        """The stages a run of ``config`` trains, in order (:func:`stages_trained`)."""
+        return stages_trained(self.stages_of(config), config)
+
+    def stage_choices(self) -> tuple[str, ...]:
+        """What ``train --stage`` (``model.stage``) takes: the values the config's ``model.stage`` accepts (each checked
+        to be a declared stage or ``all``); () for a recipe whose runs train all their stages (no ``model.stage``)."""
+        model = self.config_class.model_fields.get("model")
+        stage = model.annotation.model_fields.get("stage") if model is not None and hasattr(model.annotation, "model_fields") else None
+        choices = get_args(stage.annotation) if stage is not None else ()
+        declared = [s.name for s in self.stages]
+        if choices and set(choices) - {ALL_STAGES} != set(declared):
+            raise MedsynthError(f"recipe '{self.name}': model.stage takes {', '.join(choices)}, its declared stages are {', '.join(declared)}")
+        return choices
+
+    def stage_setting(self, stage: str) -> str:
+        """The ``model.stage=STAGE`` setting of ``train --stage STAGE``, or one line when the recipe has no such stage."""
+        choices = self.stage_choices()
+        if stage not in choices:
+            offered = (f"its stages are {', '.join(choices)}" if choices else
+                       "it trains all its stages in one run (no --stage)" if self.stages else "it has no stages (no --stage)")
+            raise MedsynthError(f"train --stage {stage}: recipe '{self.name}' has no stage '{stage}': {offered}")
+        return f"model.stage={stage}"
+
+    def stage_run(self, config: RecipeConfig, key: str) -> MedsynthModule:
+        """The module of the earlier run that setting ``key`` names (a ``Load`` of one of ``config``'s stages), weights read
+        safely, checked to have trained the stage the load asks for.
+
+        Raises:
+            MedsynthError: the setting unset; BadInputError: not a run of this recipe, or one that did not train that stage.
+        """
+        stage, load = next((s, load) for s in self.stages_of(config) for load in s.loads if load.key == key)
+        path = setting(config, key)
+        if path is None:
+            raise MedsynthError(f"{self.name}: the '{stage.name}' stage needs {key}: set it to a run that trained the "
+                                f"'{load.stage}' stage" + (f" (or train --stage {ALL_STAGES})" if ALL_STAGES in self.stage_choices() else ""))
+        other = load_module(path, self)
+        trained = [s.name for s in self.stages_trained(other.config)]
+        if load.stage not in trained:
+            raise BadInputError(path, f"{key} must be a run that trained the '{load.stage}' stage; this one trained {', '.join(trained)}")
+        return other
 
     def callbacks(self, config: RecipeConfig) -> list[Callback]:
         """Extra Lightning callbacks for this recipe's training (beside checkpointing, RNG, EMA)."""
         return []
 
     def ema_first_epoch(self, config: RecipeConfig) -> int:
-        """The epoch from which ``train.ema_decay`` averages the weights (a staged recipe: its last stage's first)."""
-        return 0
+        """The epoch from which ``train.ema_decay`` averages the weights (:func:`ema_first_epoch` of the run's stages)."""
+        return ema_first_epoch(self.stages_trained(config), config)
 
     def report_sections(self, run: Run, module: MedsynthModule) -> list[ReportSection]:
         """Recipe-specific blocks of the report (figures, grids)."""

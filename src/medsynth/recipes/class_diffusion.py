@@ -40,7 +40,7 @@ from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_fi
 from medsynth.report.html import image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
-from medsynth.seeds import item_seed, item_seeds
+from medsynth.seeds import class_seed, item_seeds
 
 
 class ClassDiffusionModelConfig(DenoiserConfig):
@@ -144,7 +144,7 @@ class ClassDiffusionRecipe(Recipe):
 
     def generate(self, module: ClassDiffusionModule, class_index: int, n: int, seed: int) -> Tensor:
         """``n`` images of one class ``(n, C, *S)`` in [0, 1]; item i's seed depends on (seed, class, i) only."""
-        seeds = item_seeds(item_seed(seed, class_index, stride=1000), n)
+        seeds = item_seeds(class_seed(seed, class_index), n)
         return module.sample_images(torch.full((n,), class_index, dtype=torch.long), seeds)
 
     def generate_for(self, module: ClassDiffusionModule, classes: Tensor, seed: int) -> Tensor:

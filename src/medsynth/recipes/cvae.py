@@ -30,7 +30,7 @@ from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_fi
 from medsynth.report.html import figure_html, image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
-from medsynth.seeds import item_seed
+from medsynth.seeds import class_seed
 from medsynth.training import MedsynthModule, warmed_up
 
 
@@ -194,7 +194,7 @@ class CVAERecipe(Recipe):
 
     def latents(self, module: CVAEModule, request: SampleRequest, class_index: int) -> torch.Tensor:
         dim = module.config.model.latent_size
-        generator = torch.Generator().manual_seed(item_seed(request.seed, class_index, stride=1000))
+        generator = torch.Generator().manual_seed(class_seed(request.seed, class_index))
         mode = LatentMode(request.mode)
         if mode is LatentMode.RANDOM:
             return random_latents(request.n, dim, generator)

@@ -14,7 +14,8 @@ and with ``model.semantic: false`` its DDIM baseline.
 
 Training (one run): for ``model.stage_epochs`` epochs the encoder and UNet train jointly, end to end, on the
 diffusion loss; then the encoder is frozen, the code statistics fitted, and the latent DDIM trains the rest
-(``training.staged_optimizer``: one parameter group and cosine schedule per stage). The baseline has one stage.
+(``STAGES``; ``recipes.base.stage_optimizer``: one parameter group and cosine schedule per stage). The DDIM baseline
+is a declared variant (``DDIM``: ``model.semantic: false``): its own module (:class:`DDIMModule`) with one stage.
 
 Data: ``medsynth prepare <ukbb|acdc|phantom views> --recipe diffae --size 32`` (``slices: true``): one 2D
 case per subject, frame and SAX slice (the phantom's thin-slice truth ``sa_hr`` where present), intensities
@@ -47,11 +48,20 @@ from medsynth.inverse.evaluation import EVAL_METHODS
 from medsynth.inverse.latent import ReconstructSettings
 from medsynth.latent import slerp
 from medsynth.nets.latent_mlp import LatentMLP
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
+from medsynth.recipes.base import (
+    Recipe,
+    SampleRequest,
+    Stage,
+    TinyExample,
+    Variant,
+    require_finite,
+    stage_at,
+    stage_optimizer,
+    stages_trained,
+)
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_generators, item_noise, item_seeds
-from medsynth.training import staged_optimizer
 
 
 class DiffAEModelConfig(DenoiserConfig):
@@ -66,10 +76,6 @@ class DiffAEModelConfig(DenoiserConfig):
     cond_drop_prob: float = Field(0.0, ge=0, lt=1, description="no guidance: DiffAE decodes its own code")
     image_size: int | None = None
     labels: dict[str, str] = {}
-
-    def stage_at(self, epoch: int) -> str:
-        """``autoencoder`` or ``latent``: what trains in ``epoch``."""
-        return "autoencoder" if not self.semantic or epoch < self.stage_epochs else "latent"
 
 
 class DiffAESampleConfig(SamplerConfig):
@@ -114,54 +120,73 @@ def to_unit(x: Tensor) -> Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-# -- the LightningModule ------------------------------------------------------------------------------
+# -- the stages ---------------------------------------------------------------------------------------
 
 
-class DiffAEModule(DiffusionModule):
-    """Semantic encoder, conditional UNet and latent DDIM; ``model.stage_at(epoch)`` picks what trains."""
+class AutoencoderStage(Stage):
+    """The encoder and the UNet, end to end on the diffusion loss (:meth:`DiffAEModule.training_pair`)."""
+
+    def training_step(self, module: DiffAEModule, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return DiffusionModule.training_step(module, batch, batch_idx)
+
+    def validation_step(self, module: DiffAEModule, batch: dict[str, Any], batch_idx: int) -> None:
+        return DiffusionModule.validation_step(module, batch, batch_idx)
+
+    def on_train_epoch_start(self, module: DiffAEModule) -> None: ...
+
+
+class LatentStage(Stage):
+    """The latent DDIM on the frozen encoder's normalised codes (the code statistics fitted when it starts)."""
+
+    def training_step(self, module: DiffAEModule, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, logs = module.latent_loss(module.latent_net, module.latent_pair(batch))
+        module.log_dict({f"train/latent_{k}": v for k, v in logs.items()}, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, module: DiffAEModule, batch: dict[str, Any], batch_idx: int) -> None:
+        generator = torch.Generator(device=module.device).manual_seed(batch_idx)
+        loss, logs = module.latent_loss(module.latent_net, module.latent_pair(batch), None, generator)
+        module.log_dict({f"val/latent_{k}": v for k, v in logs.items()} | {"val/loss": loss}, prog_bar=True, on_epoch=True,
+                        batch_size=len(batch["image"]))
+
+    def on_train_epoch_start(self, module: DiffAEModule) -> None:
+        if not bool(module.z_fitted):
+            module.fit_code_statistics()
+
+
+STAGES = (AutoencoderStage("autoencoder", ("encoder", "net"), epochs="model.stage_epochs"), LatentStage("latent", ("latent_net",)))
+# The DDIM baseline: an unconditional UNet, one stage (DDIMModule).
+DDIM = Variant("ddim", ("model.semantic=false",), stages=(Stage("ddim", ("net",)),))
+
+
+# -- the LightningModules -----------------------------------------------------------------------------
+
+
+class DDIMModule(DiffusionModule):
+    """The DDIM baseline (variant ``DDIM``): an unconditional UNet trained on the diffusion loss; a slice prior
+    (:class:`~medsynth.inverse.prior.SlicePrior`) without a semantic code. :class:`DiffAEModule` adds the code."""
 
     config: DiffAEConfig
+    semantic = False  # SlicePrior: no semantic encoder, z_sem is None
+    random_kind = "DDIM"  # how its random slices are made (the report's title)
 
     def __init__(self, config: DiffAEConfig):
         model = config.model
         if model.image_size is None:
             raise MedsynthError("diffae: model.image_size is unset (train with --data)")
-        size = model.image_size
-        if model.semantic:
-            unet = model.build_unet(2, 1, 1, num_class_embeds=1)
-            # z_sem joins the timestep embedding (the module docstring says why)
-            unet.class_embedding = nn.Linear(model.semantic_dim, model.channels[0] * 4)
-        else:
-            unet = model.build_unet(2, 1, 1)
-        super().__init__(config, ConditionedDenoiser(unet, tensor_as="class_labels"), model.make_schedule())
-        self.semantic = model.semantic
-        self.image_size = size
-        if model.semantic:
-            self.encoder = Regressor(in_shape=(1, size, size), out_shape=(model.semantic_dim,), channels=tuple(model.encoder_channels),
-                                     strides=(2,) * len(model.encoder_channels), num_res_units=1)
-            self.latent_net = LatentMLP(model.semantic_dim, model.latent_hidden, model.latent_layers)
-            self.latent_schedule = model.make_schedule()
-            self.latent_loss = DiffusionLoss(self.latent_schedule)
-            # statistics of z_sem over the training slices (saved with the weights), set when the latent stage starts
-            self.register_buffer("z_mean", torch.zeros(model.semantic_dim))
-            self.register_buffer("z_std", torch.ones(model.semantic_dim))
-            self.register_buffer("z_fitted", torch.tensor(False))
+        super().__init__(config, ConditionedDenoiser(self.denoiser_unet(model), tensor_as="class_labels"), model.make_schedule())
+        self.image_size = model.image_size
 
-    @property
-    def stage(self) -> str:
-        return self.config.model.stage_at(self.current_epoch)
-
-    def configure_optimizers(self) -> Any:
-        if not self.semantic:
-            return super().configure_optimizers()
-        return staged_optimizer(self, (nn.ModuleList([self.encoder, self.net]), self.latent_net),
-                                lambda epoch: int(self.config.model.stage_at(epoch) == "latent"))
+    @staticmethod
+    def denoiser_unet(model: DiffAEModelConfig) -> nn.Module:
+        """The decoder UNet (2D, one channel in and out)."""
+        return model.build_unet(2, 1, 1)
 
     # -- the public interface of the inverse layer
 
     def encode_semantic(self, x: Tensor) -> Tensor | None:
         """Slices ``x`` (B, 1, H, W) in [-1, 1] -> ``z_sem`` (B, D); None for the DDIM baseline."""
-        return self.encoder(x) if self.semantic else None
+        return None
 
     def invert(self, x: Tensor, z_sem: Tensor | None, steps: int) -> Tensor:
         """Deterministic DDIM inversion: slices ``x`` (B, 1, H, W) in [-1, 1] and their codes -> x_T (B, 1, H, W)
@@ -183,6 +208,10 @@ class DiffAEModule(DiffusionModule):
         x0, _ = self.schedule.predict_x0_eps(prediction, x_t, t)
         return x0
 
+    def slice_priors(self, ddim: DDIMModule | None) -> tuple[DiffAEModule | None, DDIMModule | None]:
+        """(the DiffAE prior, the DDIM prior) of ``evaluate --reconstruction`` with this run and ``evaluate.ddim_run``'s module."""
+        return None, self
+
     # -- training
 
     def training_pair(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, Any]:
@@ -190,29 +219,95 @@ class DiffAEModule(DiffusionModule):
         x0 = to_model(batch["image"])
         return x0, self.encode_semantic(x0)
 
+    # -- sampling
+
+    def codes(self, generators: list[torch.Generator], settings: DiffAESampleConfig) -> Tensor | None:
+        """New codes z_sem (len(generators), D) for random slices, item i's draws from ``generators[i]`` (the baseline: None)."""
+        return None
+
+    @torch.no_grad()
+    def random(self, seeds: list[int], settings: DiffAESampleConfig) -> Tensor:
+        """New slices (len(seeds), 1, H, W) in [-1, 1], one per seed: z_sem from the latent DDIM (the baseline:
+        none), x_T ~ N(0, I), decoded; item i's draws come from its own generator."""
+        self.eval()
+        size, outputs = self.image_size, []
+        for start in range(0, len(seeds), settings.batch_size):
+            generators = item_generators(seeds[start:start + settings.batch_size])
+            z_sem = self.codes(generators, settings)
+            x_T = item_noise((1, size, size), generators).to(self.device)
+            outputs.append(run_sampler(self.net, x_T, self.schedule, z_sem, settings, generators))
+        return torch.cat(outputs).clamp(-1, 1)
+
+    @torch.no_grad()
+    def autoencode(self, x: Tensor, steps: int, batch_size: int = 16) -> Tensor:
+        """Slices (B, 1, H, W) in [-1, 1] -> encode, invert, decode -> (B, 1, H, W), unclamped."""
+        self.eval()
+        outputs = []
+        for start in range(0, len(x), batch_size):
+            part = x[start:start + batch_size].to(self.device).float()
+            z_sem = self.encode_semantic(part)
+            outputs.append(self.decode(z_sem, self.invert(part, z_sem, steps), steps))
+        return torch.cat(outputs)
+
+
+class DiffAEModule(DDIMModule):
+    """Semantic encoder, conditional UNet and latent DDIM; the stage of the epoch (``STAGES``) trains."""
+
+    semantic = True  # SlicePrior: z_sem from the encoder
+    random_kind = "latent DDIM code, DDIM decoding"
+
+    def __init__(self, config: DiffAEConfig):
+        super().__init__(config)
+        model = config.model
+        size = model.image_size
+        self.encoder = Regressor(in_shape=(1, size, size), out_shape=(model.semantic_dim,), channels=tuple(model.encoder_channels),
+                                 strides=(2,) * len(model.encoder_channels), num_res_units=1)
+        self.latent_net = LatentMLP(model.semantic_dim, model.latent_hidden, model.latent_layers)
+        self.latent_schedule = model.make_schedule()
+        self.latent_loss = DiffusionLoss(self.latent_schedule)
+        # statistics of z_sem over the training slices (saved with the weights), set when the latent stage starts
+        self.register_buffer("z_mean", torch.zeros(model.semantic_dim))
+        self.register_buffer("z_std", torch.ones(model.semantic_dim))
+        self.register_buffer("z_fitted", torch.tensor(False))
+        self.plan = stages_trained(STAGES, config)
+
+    @staticmethod
+    def denoiser_unet(model: DiffAEModelConfig) -> nn.Module:
+        """The decoder UNet, z_sem joining its timestep embedding (the module docstring says why)."""
+        unet = model.build_unet(2, 1, 1, num_class_embeds=1)
+        unet.class_embedding = nn.Linear(model.semantic_dim, model.channels[0] * 4)
+        return unet
+
+    @property
+    def stage(self) -> AutoencoderStage | LatentStage:
+        """The stage that trains in the current epoch."""
+        return stage_at(self.plan, self.config, self.current_epoch)
+
+    def configure_optimizers(self) -> Any:
+        return stage_optimizer(self, STAGES, self.plan)
+
+    def encode_semantic(self, x: Tensor) -> Tensor:
+        """Slices ``x`` (B, 1, H, W) in [-1, 1] -> ``z_sem`` (B, D)."""
+        return self.encoder(x)
+
+    def slice_priors(self, ddim: DDIMModule | None) -> tuple[DiffAEModule | None, DDIMModule | None]:
+        return self, ddim
+
+    # -- training
+
     def latent_pair(self, batch: dict[str, Any]) -> Tensor:
         """Normalised codes (B, D) of a batch under the frozen encoder."""
         with torch.no_grad():
             return (self.encoder(to_model(batch["image"])) - self.z_mean) / self.z_std
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        if self.stage == "autoencoder":
-            return super().training_step(batch, batch_idx)
-        loss, logs = self.latent_loss(self.latent_net, self.latent_pair(batch))
-        self.log_dict({f"train/latent_{k}": v for k, v in logs.items()}, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
-        return loss
+        return self.stage.training_step(self, batch, batch_idx)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.stage == "autoencoder":
-            return super().validation_step(batch, batch_idx)
-        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        loss, logs = self.latent_loss(self.latent_net, self.latent_pair(batch), None, generator)
-        self.log_dict({f"val/latent_{k}": v for k, v in logs.items()} | {"val/loss": loss}, prog_bar=True, on_epoch=True,
-                      batch_size=len(batch["image"]))
+        return self.stage.validation_step(self, batch, batch_idx)
 
     def on_train_epoch_start(self) -> None:
-        if self.semantic and self.stage == "latent" and not bool(self.z_fitted):
-            self.fit_code_statistics()
+        self.stage.on_train_epoch_start(self)
 
     @torch.no_grad()
     def fit_code_statistics(self) -> None:
@@ -229,33 +324,11 @@ class DiffAEModule(DiffusionModule):
 
     # -- sampling
 
-    @torch.no_grad()
-    def random(self, seeds: list[int], settings: DiffAESampleConfig) -> Tensor:
-        """New slices (len(seeds), 1, H, W) in [-1, 1], one per seed: z_sem from the latent DDIM (the baseline:
-        none), x_T ~ N(0, I), decoded; item i's draws come from its own generator."""
-        self.eval()
-        size, outputs = self.image_size, []
-        for start in range(0, len(seeds), settings.batch_size):
-            generators = item_generators(seeds[start:start + settings.batch_size])
-            z_sem = None
-            if self.semantic:
-                z = run_sampler(self.latent_net, item_noise((self.config.model.semantic_dim,), generators).to(self.device),
-                                self.latent_schedule, None, settings.model_copy(update={"clip_x0": settings.latent_clip}), generators)
-                z_sem = z * self.z_std + self.z_mean
-            x_T = item_noise((1, size, size), generators).to(self.device)
-            outputs.append(run_sampler(self.net, x_T, self.schedule, z_sem, settings, generators))
-        return torch.cat(outputs).clamp(-1, 1)
-
-    @torch.no_grad()
-    def autoencode(self, x: Tensor, steps: int, batch_size: int = 16) -> Tensor:
-        """Slices (B, 1, H, W) in [-1, 1] -> encode, invert, decode -> (B, 1, H, W), unclamped."""
-        self.eval()
-        outputs = []
-        for start in range(0, len(x), batch_size):
-            part = x[start:start + batch_size].to(self.device).float()
-            z_sem = self.encode_semantic(part)
-            outputs.append(self.decode(z_sem, self.invert(part, z_sem, steps), steps))
-        return torch.cat(outputs)
+    def codes(self, generators: list[torch.Generator], settings: DiffAESampleConfig) -> Tensor:
+        """New codes z_sem (len(generators), D) from the latent DDIM, item i's draws from ``generators[i]``."""
+        z = run_sampler(self.latent_net, item_noise((self.config.model.semantic_dim,), generators).to(self.device),
+                        self.latent_schedule, None, settings.model_copy(update={"clip_x0": settings.latent_clip}), generators)
+        return z * self.z_std + self.z_mean
 
 
 # -- the recipe -----------------------------------------------------------------------------------
@@ -281,6 +354,8 @@ class DiffAERecipe(Recipe):
     headline_metrics = ("autoencode_psnr", "autoencode_ssim", "mmd_classifier_features", "ms_ssim_generated", "memorisation_max_ssim")
     prepare_defaults = {"slices": True, "normalize": "percentile"}
     reconstructs = True  # its runs (and its DDIM baseline's) are the slice priors of `medsynth reconstruct`
+    stages = STAGES
+    variants = (DDIM,)
     tiny_example = TinyExample(  # 16 x 16 slices of 4 phantom subjects, 2 frames; the resume test crosses the stage boundary
         phantom="cardiac", n=4, size=32, phantom_options={"modality": "mri", "views": True, "frames": 2, "hr_factor": 2},
         prepare={"size": 16, "seed": 0}, config="diffae-tiny",
@@ -296,17 +371,12 @@ class DiffAERecipe(Recipe):
         if height != width or height % multiple:
             raise MedsynthError(f"diffae: slices {height} x {width} must be square and divisible by {multiple} (model.channels levels); "
                                 "prepare with --size")
-        model, train = config.model, config.train
-        if model.semantic and train.max_epochs <= model.stage_epochs:
-            from medsynth.console import note
-
-            note(f"diffae: train.max_epochs={train.max_epochs} leaves no epoch for the latent DDIM after model.stage_epochs "
-                 f"{model.stage_epochs}: sample --mode random will draw codes from an untrained latent model")
+        model = config.model
         labels = {str(k): v for k, v in (info.get("labels") or {}).items()}
         return config.model_copy(update={"model": model.model_copy(update={"image_size": height, "labels": labels})})
 
-    def build_module(self, config: DiffAEConfig) -> DiffAEModule:
-        return DiffAEModule(config)
+    def build_module(self, config: DiffAEConfig) -> DDIMModule:
+        return DDIMModule(config) if self.variant(config) == DDIM else DiffAEModule(config)
 
     def build_datamodule(self, config: DiffAEConfig) -> L.LightningDataModule:
         return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
@@ -314,7 +384,7 @@ class DiffAERecipe(Recipe):
 
     # -- sampling
 
-    def sample(self, module: DiffAEModule, request: SampleRequest, out: Path) -> list[Path]:
+    def sample(self, module: DDIMModule, request: SampleRequest, out: Path) -> list[Path]:
         """random: ``n`` new slices; interpolate: ``n`` strips between pairs of held-out slices; autoencode: ``n``
         held-out slices beside their encode -> invert -> decode. PNGs in [0, 1], a grid or strip figure each."""
         from medsynth.report.html import image_grid, save_figure
@@ -349,7 +419,7 @@ class DiffAERecipe(Recipe):
 
     @staticmethod
     @torch.no_grad()
-    def interpolate(module: DiffAEModule, a: Tensor, b: Tensor, frames: int, steps: int) -> Tensor:
+    def interpolate(module: DDIMModule, a: Tensor, b: Tensor, frames: int, steps: int) -> Tensor:
         """Two real slices (1, H, W) in [0, 1] -> ``frames`` decoded slices (frames, 1, H, W) in [-1, 1] from slerp of
         their x_T and lerp of their z_sem (both ends included)."""
         module.eval()
@@ -363,7 +433,7 @@ class DiffAERecipe(Recipe):
 
     # -- evaluation
 
-    def evaluate(self, run: Run, module: DiffAEModule, data_dir: Path) -> dict[str, Any]:
+    def evaluate(self, run: Run, module: DDIMModule, data_dir: Path) -> dict[str, Any]:
         """Autoencoding PSNR/SSIM/MSE of held-out slices at ``evaluate.steps``; random samples against held-out
         slices: feature MMD (a network trained here to count the structures in a slice), MS-SSIM diversity and the
         memorisation audit, each with its real reference."""
@@ -398,7 +468,7 @@ class DiffAERecipe(Recipe):
         # random_mmd*: the same figures under issue 20's names (random slices against real ones)
         metrics.update({"mmd_classifier_features": mmd, "mmd_classifier_features_real_reference": mmd_reference,
                         "random_mmd": mmd, "random_mmd_real_reference": mmd_reference,
-                        "n_generated": len(generated), "n_test_real": len(test_x), "semantic": module.semantic,
+                        "n_generated": len(generated), "n_test_real": len(test_x), "semantic": self.variant(module.config) != DDIM,
                         "sampler": module.config.sample.describe(module.schedule)})
         folder = run.samples / "evaluate"
         for name, images in (("autoencode", torch.cat([real, recon], dim=3)), ("generated", generated[:16])):
@@ -406,7 +476,7 @@ class DiffAERecipe(Recipe):
                 save_image(image, folder / name / f"{k:03d}.png")
         return metrics
 
-    def evaluate_reconstruction(self, run: Run, module: DiffAEModule, data: Path) -> dict[str, Any]:
+    def evaluate_reconstruction(self, run: Run, module: DDIMModule, data: Path) -> dict[str, Any]:
         """``evaluate --reconstruction DATA``: every method on the held-out subjects of DATA (the run's test split by
         subject, from its prepared dataset) against their thin-slice truth (:func:`~medsynth.inverse.evaluation.
         reconstruction_metrics`); the DDIM prior from ``evaluate.ddim_run``. Volumes and histories go to
@@ -418,20 +488,20 @@ class DiffAERecipe(Recipe):
         ddim = None
         if settings.ddim_run:
             ddim = load_module(Run.open(settings.ddim_run), self).eval()
-            if getattr(ddim, "semantic", True):
+            if self.variant(ddim.config) != DDIM:
                 raise MedsynthError(f"{settings.ddim_run}: evaluate.ddim_run must be a DDIM-baseline run (model.semantic=false)")
         from medsynth.data.manifest import Manifest
 
         splits = {case.subject: case.split for case in Manifest.load(module.config.data_dir).cases}
         held = sorted(s for s, split in splits.items() if split == "test")[: settings.reconstruction_subjects] or None
         train = sorted(s for s, split in splits.items() if split == "train") or None
-        return reconstruction_metrics(module if module.semantic else None, data, ddim if module.semantic else module,
-                                      settings.reconstruction_methods, settings.reconstruct, held_out=held, train=train,
+        diffae, ddim = module.slice_priors(ddim)
+        return reconstruction_metrics(diffae, data, ddim, settings.reconstruction_methods, settings.reconstruct, held_out=held, train=train,
                                       segmenter_epochs=settings.segmenter_epochs, seed=settings.seed, out=run.samples / "reconstruction")
 
     # -- report
 
-    def report_sections(self, run: Run, module: DiffAEModule) -> list[ReportSection]:
+    def report_sections(self, run: Run, module: DDIMModule) -> list[ReportSection]:
         from medsynth.data.io import load_image
         from medsynth.report.html import figure_html, image_grid
 
@@ -440,7 +510,7 @@ class DiffAERecipe(Recipe):
             return [ReportSection("Slices", "<p>Run <code>medsynth evaluate</code> first: it writes the slices shown here.</p>")]
         sections = []
         for name, title in (("autoencode", "Held-out slices (left) and their encode -> invert -> decode (right)"),
-                            ("generated", "Random slices" + (" (latent DDIM code, DDIM decoding)" if module.semantic else " (DDIM)"))):
+                            ("generated", f"Random slices ({module.random_kind})")):
             images = [load_image(path).as_tensor() for path in sorted((folder / name).glob("*.png"))[:16]]
             if images:
                 sections.append(ReportSection(title, figure_html(image_grid(images, ncols=8), name)))

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from pydantic import Field
 from torch import Tensor
 
@@ -41,11 +42,21 @@ from medsynth.latent import channel_directions, direction_grid, gaussian_kl, int
 from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import epe_map_mm, invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_volumes, require_finite
+from medsynth.recipes.base import (
+    Load,
+    Recipe,
+    SampleRequest,
+    Stage,
+    TinyExample,
+    condition_volumes,
+    load_stage_weights,
+    require_finite,
+    stage_object,
+)
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seed
-from medsynth.training import MedsynthModule, load_module, warmed_up
+from medsynth.training import MedsynthModule, warmed_up
 
 HEART = ("left_atrium", "right_atrium", "rv_blood_pool", "lv_blood_pool", "lv_myocardium")  # CARDIAC_LABELS names
 
@@ -142,6 +153,8 @@ def diastole(batch: dict[str, Any]) -> Tensor:
 class CVAEStage:
     """The conditional VAE: p(u | z, F) with the frame's pyramid at every level."""
 
+    generates = True  # its runs sample flows (and their report shows them)
+
     def __init__(self, config: FlowCVAEConfig):
         self.config, self.model = config, config.model
 
@@ -154,12 +167,21 @@ class CVAEStage:
         return FlowCVAE(pyramid, model.channels, model.latent_channels, bound_voxels(model), model.residual,
                         model.image_shape if model.mean_flow_offset else None)
 
+    def add_buffers(self, module: FlowCVAEModule) -> None:
+        """With ``model.prior: aggregate``, the prior's mean and standard deviation: N(0, I) until ``on_fit_end`` fits them."""
+        if self.model.prior == "aggregate":
+            shape = module.net.latent_shape(self.model.image_shape)
+            module.register_buffer("prior_mean", torch.zeros(shape))
+            module.register_buffer("prior_std", torch.ones(shape))
+
     def before_fit(self, module: FlowCVAEModule) -> None:
+        """Centre the decoder on the mean training flow (the registration pyramid is loaded by ``STAGES``' declaration)."""
         if self.model.mean_flow_offset and self.config.data_dir is not None:  # no data (a bare step): stays at zero
             module.net.decoder.set_offset(stack_items(load_split(self.config.data_dir, "train"), "flow").mean(0))
-        if self.model.pyramid == "registration":
-            registration = load_module(self.model.registration_run, FlowCVAERecipe())
-            module.net.pyramid.load_state_dict(registration.net.encoder.state_dict())
+
+    def evaluate(self, recipe: FlowCVAERecipe, module: FlowCVAEModule, data_dir: Path, train: list[dict[str, Any]],
+                 test: list[dict[str, Any]]) -> dict[str, Any]:
+        return recipe.prior_metrics(module, data_dir, train, test)
 
     def voxel_weights(self, flow: Tensor, affines: Tensor) -> Tensor:
         """Weights ``(B, *S)`` of the reconstruction error: ``1 + model.moving_weight`` where the true field ``(B, 3, *S)``
@@ -183,6 +205,8 @@ class CVAEStage:
 class RegistrationStage(CVAEStage):
     """Unsupervised registration of (F, G): ``warp_image(G, u) ~ F``; its encoder becomes a pyramid."""
 
+    generates = False  # a registration network: nothing to sample
+
     def build(self) -> torch.nn.Module:
         from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
@@ -191,7 +215,18 @@ class RegistrationStage(CVAEStage):
         self.smoothness = DiffusionLoss()
         return RegistrationNet(self.model.pyramid_channels, self.model.channels, bound_voxels(self.model), self.model.residual)
 
-    def before_fit(self, module: FlowCVAEModule) -> None: ...  # nothing to load or centre: trained from scratch
+    def add_buffers(self, module: FlowCVAEModule) -> None: ...  # no prior
+
+    def before_fit(self, module: FlowCVAEModule) -> None: ...  # nothing to centre: trained from scratch
+
+    def evaluate(self, recipe: FlowCVAERecipe, module: FlowCVAEModule, data_dir: Path, train: list[dict[str, Any]],
+                 test: list[dict[str, Any]]) -> dict[str, Any]:
+        """End-point error (mm) of the registration of the held-out pairs, beside that of a zero field."""
+        fixed, moving, truth, affines = pairs(test)
+        with torch.no_grad():
+            flows = module.net(fixed, moving)
+        return {"registration_epe_mm": float(epe_map_mm(flows, truth, affines).mean()),
+                "registration_epe_zero_mm": float(epe_map_mm(torch.zeros_like(truth), truth, affines).mean())}
 
     def losses(self, module: FlowCVAEModule, batch: dict[str, Any], beta: float) -> dict[str, Tensor]:
         fixed, moving = batch["image"].float(), diastole(batch)
@@ -201,7 +236,12 @@ class RegistrationStage(CVAEStage):
         return {"loss": loss, "similarity": similarity, "epe_mm": epe_map_mm(flow, batch["flow"].float(), batch["affine"]).mean()}
 
 
-STAGES: dict[str, type[CVAEStage]] = {"cvae": CVAEStage, "registration": RegistrationStage}
+# One per run (model.stage); the cvae stage on a registration pyramid takes the frozen encoder of a registration run.
+STAGES = (
+    Stage("cvae", behaviour=CVAEStage, loads=(Load("model.registration_run", "registration", weights=("net.pyramid=net.encoder",),
+                                                   when="model.pyramid=registration"),)),
+    Stage("registration", behaviour=RegistrationStage),
+)
 
 
 class FlowCVAEModule(MedsynthModule):
@@ -211,16 +251,14 @@ class FlowCVAEModule(MedsynthModule):
         super().__init__(config)
         if config.model.image_shape is None:
             raise MedsynthError("flow-cvae: model.image_shape is unset (train with --data)")
-        self.stage = STAGES[config.model.stage](config)
+        self.stage = stage_object(STAGES, config)
         self.net = self.stage.build()
-        if config.model.stage == "cvae" and config.model.prior == "aggregate":  # N(0, I) until on_fit_end fits them
-            shape = self.net.latent_shape(config.model.image_shape)
-            self.register_buffer("prior_mean", torch.zeros(shape))
-            self.register_buffer("prior_std", torch.ones(shape))
+        self.stage.add_buffers(self)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
+    def setup(self, stage: str) -> None:  # Lightning's stage (fit, validate, ...)
+        if TrainerFn(stage) is TrainerFn.FITTING:
             self.stage.before_fit(self)
+            load_stage_weights(self, FlowCVAERecipe())
 
     def on_fit_end(self) -> None:  # our own: MONAI and Lightning have no VAE prior fitting
         if hasattr(self, "prior_mean") and self.config.data_dir is not None:
@@ -280,6 +318,7 @@ class FlowCVAERecipe(Recipe):
     name = "flow-cvae"
     config_class = FlowCVAEConfig
     sample_modes = ("random", "grid", "plane", "interpolate")
+    stages = STAGES
     headline_metrics = ("flow_epe_mean_mm", "flow_epe_zero_mm", "flow_epe_mean_flow_mm", "folding_share",
                         "downstream_epe_real_only_mm", "downstream_epe_classic_mm", "downstream_epe_with_generated_mm",
                         "downstream_epe_oracle_mm", "downstream_gain_share_generated")
@@ -302,19 +341,10 @@ class FlowCVAERecipe(Recipe):
         if any(s % factor for s in shape):
             raise MedsynthError(f"flow-cvae: volume shape {shape} must be divisible by {factor} (2^levels for model.channels)")
         run = model.registration_run
-        if model.stage == "cvae" and model.pyramid == "registration" and run is None:
-            raise MedsynthError("flow-cvae: model.pyramid=registration needs model.registration_run (train --stage registration first)")
         return config.model_copy(update={"model": model.model_copy(update={
             "image_shape": shape, "reference_affine": np.asarray(info["affine"]).tolist(),
             "ct_window": [float(v) for v in settings["ct_window"]],
             "registration_run": str(Path(run).resolve()) if run else None})})
-
-    def check_data(self, config: FlowCVAEConfig) -> None:
-        """The prepared files and, for the cvae stage on a registration pyramid, ``model.registration_run`` (read safely,
-        as ``before_fit`` will), before the first write."""
-        super().check_data(config)
-        if config.model.stage == "cvae" and config.model.pyramid == "registration":
-            load_module(config.model.registration_run, FlowCVAERecipe())
 
     def build_module(self, config: FlowCVAEConfig) -> FlowCVAEModule:
         return FlowCVAEModule(config)
@@ -379,7 +409,7 @@ class FlowCVAERecipe(Recipe):
         return written
 
     def sample(self, module: FlowCVAEModule, request: SampleRequest, out: Path) -> list[Path]:
-        if module.config.model.stage != "cvae":
+        if not module.stage.generates:
             raise MedsynthError("flow-cvae: this is a registration-stage run; sample from a cvae-stage run")
         if request.class_name is not None:
             raise MedsynthError("flow-cvae is conditioned on a CT frame, not a class: use --condition FRAME.nii.gz or a folder")
@@ -422,21 +452,20 @@ class FlowCVAERecipe(Recipe):
         return module.decode(self.latents(module, SampleRequest(n=n, seed=seed), 1), frame[None])
 
     def evaluate(self, run: Run, module: FlowCVAEModule, data_dir: Path) -> dict[str, Any]:
+        """The run's stage's metrics on the held-out pairs (:meth:`prior_metrics` for a cvae run)."""
+        module = module.eval()
+        train, test = load_split(data_dir, "train"), first_split(data_dir, ("test", "val"))
+        if not train or not test:
+            raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) flow pairs")
+        return module.stage.evaluate(self, module, data_dir, train, test)
+
+    def prior_metrics(self, module: FlowCVAEModule, data_dir: Path, train: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, Any]:
         """Field metrics of prior samples on held-out frames (:func:`medsynth.evaluate.fields.field_report`) and the
         downstream utility of generated flows for unlabelled frames (:func:`medsynth.evaluate.downstream.motion_utility`)."""
         from medsynth.evaluate.downstream import check_pools, motion_utility
         from medsynth.evaluate.fields import field_report
 
-        settings, module = module.config.evaluate, module.eval()
-        train, test = load_split(data_dir, "train"), first_split(data_dir, ("test", "val"))
-        if not train or not test:
-            raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) flow pairs")
-        if module.config.model.stage == "registration":
-            fixed, moving, truth, affines = pairs(test)
-            with torch.no_grad():
-                flows = module.net(fixed, moving)
-            return {"registration_epe_mm": float(epe_map_mm(flows, truth, affines).mean()),
-                    "registration_epe_zero_mm": float(epe_map_mm(torch.zeros_like(truth), truth, affines).mean())}
+        settings = module.config.evaluate
         n_labelled, n_unlabelled = check_pools(  # before any work
             len(train), settings.downstream_real_subjects, settings.downstream_unlabelled_subjects, pca_modes=settings.pca_modes,
             labelled_setting="evaluate.downstream_real_subjects", unlabelled_setting="evaluate.downstream_unlabelled_subjects",
@@ -478,7 +507,7 @@ class FlowCVAERecipe(Recipe):
         from medsynth.motion.render import render_still
         from medsynth.report.html import file_html
 
-        if module.config.model.stage != "cvae":
+        if not module.stage.generates:
             return []
         folder = run.samples / "report"
         name, image, affine = self.frames(module, None)[0]

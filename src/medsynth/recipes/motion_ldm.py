@@ -34,6 +34,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from pydantic import Field
 from torch import Tensor
 
@@ -52,13 +53,23 @@ from medsynth.diffusion.sampling import SamplerConfig
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.motion.fields import resample_field, warp_image
 from medsynth.motion.phase_series import PhaseData
-from medsynth.recipes.base import ConditionVolume, Recipe, SampleRequest, TinyExample, condition_volumes, require_finite
+from medsynth.recipes.base import (
+    ConditionVolume,
+    Load,
+    Recipe,
+    SampleRequest,
+    Stage,
+    TinyExample,
+    condition_volumes,
+    load_stage_weights,
+    require_finite,
+    stage_at,
+    stage_optimizer,
+    stages_trained,
+)
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seed, item_seeds
-from medsynth.training import load_module, staged_optimizer
-
-STAGES = ("image-ae", "field-vae", "ldm")
 
 
 class MotionLDMModelConfig(DenoiserConfig):
@@ -81,13 +92,6 @@ class MotionLDMModelConfig(DenoiserConfig):
     reference_affine: list[list[float]] | None = None
     ct_window: list[float] | None = None
     labels: dict[str, str] = {}
-
-    def stage_at(self, epoch: int) -> str:
-        """The stage that trains in ``epoch``."""
-        if self.stage != "all":
-            return self.stage
-        image, field = self.stage_epochs
-        return "image-ae" if epoch < image else "field-vae" if epoch < image + field else "ldm"
 
 
 class MotionLDMDataConfig(StrictModel):
@@ -120,11 +124,81 @@ class MotionLDMConfig(RecipeConfig):
     evaluate: MotionLDMEvaluateConfig = MotionLDMEvaluateConfig()
 
 
+# -- the three stages ---------------------------------------------------------------------------------
+
+
+class AutoencoderStage(Stage):
+    """An autoencoder stage: its losses (``losses``), logged as ``train/<stage>_<loss>`` and ``val/<stage>_<loss>``."""
+
+    def losses(self, module: MotionLDMModule, batch: dict[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def training_step(self, module: MotionLDMModule, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.losses(module, batch)
+        module.log_dict({f"train/{self.name}_{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
+        return losses["loss"]
+
+    def validation_step(self, module: MotionLDMModule, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(module, batch)
+        module.log_dict({"val/loss": losses["loss"], **{f"val/{self.name}_{k}": v for k, v in losses.items()}}, prog_bar=True,
+                        on_epoch=True, batch_size=len(batch["image"]))
+
+    def on_train_epoch_start(self, module: MotionLDMModule) -> None: ...
+
+
+class ImageAEStage(AutoencoderStage):
+    """The image autoencoder on the phase images in [-1, 1]: L1 + a small KL."""
+
+    def losses(self, module: MotionLDMModule, batch: dict[str, Any]) -> dict[str, Tensor]:
+        x = batch["image"].float() * 2 - 1
+        recon, mu, sigma = module.image_ae.reconstruct(x)
+        losses = {"l1": (recon - x).abs().mean(), "kl": module.image_ae.kl_loss(mu, sigma)}
+        losses["loss"] = losses["l1"] + module.config.model.image_ae.kl_weight * losses["kl"]
+        return losses
+
+
+class FieldVAEStage(AutoencoderStage):
+    """The field VAE on the fields (mm / ``model.field_scale_mm``): L1 + gradient smoothness + bending energy + a small KL."""
+
+    def losses(self, module: MotionLDMModule, batch: dict[str, Any]) -> dict[str, Tensor]:
+        model, x = module.config.model, batch["field"].float()
+        recon, mu, sigma = module.field_vae.reconstruct(x)
+        losses = {"l1": (recon - x).abs().mean(), "smoothness": module.smoothness(recon), "bending": module.bending(recon),
+                  "kl": module.field_vae.kl_loss(mu, sigma)}
+        losses["loss"] = (losses["l1"] + model.field_smoothness * losses["smoothness"] + model.field_bending * losses["bending"]
+                          + model.field_vae.kl_weight * losses["kl"])
+        return losses
+
+
+class LDMStage(Stage):
+    """The latent denoiser on the frozen autoencoders' scaled latents (:meth:`MotionLDMModule.training_pair`)."""
+
+    def training_step(self, module: MotionLDMModule, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return DiffusionModule.training_step(module, batch, batch_idx)
+
+    def validation_step(self, module: MotionLDMModule, batch: dict[str, Any], batch_idx: int) -> None:
+        return DiffusionModule.validation_step(module, batch, batch_idx)
+
+    def on_train_epoch_start(self, module: MotionLDMModule) -> None:
+        if not bool(module.scales_fitted):
+            module.fit_latent_scales()
+
+
+# Trained in turn in one run (model.stage: all; the autoencoders frozen after their stage, so the weight average starts
+# with the LDM), or one per run: the ldm stage alone then loads the autoencoders of the runs that trained them.
+STAGES = (
+    ImageAEStage("image-ae", ("image_ae",), epochs="model.stage_epochs.0", averaged=False),
+    FieldVAEStage("field-vae", ("field_vae",), epochs="model.stage_epochs.1", averaged=False),
+    LDMStage("ldm", ("net",), loads=(Load("model.image_ae_run", "image-ae", weights=("image_ae",)),
+                                     Load("model.field_vae_run", "field-vae", weights=("field_vae",)))),
+)
+
+
 # -- the LightningModule ------------------------------------------------------------------------------
 
 
 class MotionLDMModule(DiffusionModule):
-    """The image autoencoder, the field VAE and the latent denoiser; ``model.stage_at(epoch)`` picks what trains."""
+    """The image autoencoder, the field VAE and the latent denoiser; the stage of the epoch (``STAGES``) trains."""
 
     config: MotionLDMConfig
 
@@ -144,62 +218,30 @@ class MotionLDMModule(DiffusionModule):
         # Posterior means under the frozen autoencoders, in memory (a resumed run encodes again: deterministic).
         self.image_cache, self.field_cache = LatentCache(None), LatentCache(None)
         self._means: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+        self.plan = stages_trained(STAGES, config)  # the stages this run trains, in turn
 
     @property
-    def stage(self) -> str:
-        return self.config.model.stage_at(self.current_epoch)
+    def stage(self) -> ImageAEStage | FieldVAEStage | LDMStage:
+        """The stage that trains in the current epoch."""
+        return stage_at(self.plan, self.config, self.current_epoch)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.config.model.stage == "ldm":
-            self.load_autoencoders()
-
-    def load_autoencoders(self) -> None:
-        """Stage ldm alone: the autoencoders of ``model.image_ae_run`` and ``model.field_vae_run``."""
-        for attribute, other in stage_runs(self.config.model).items():
-            getattr(self, attribute).load_state_dict(getattr(other, attribute).state_dict())
+    def setup(self, stage: str) -> None:  # Lightning's stage (fit, validate, ...)
+        if TrainerFn(stage) is TrainerFn.FITTING:
+            load_stage_weights(self, MotionLDMRecipe())  # the ldm stage alone: the autoencoders of the runs that trained them
 
     def configure_optimizers(self) -> Any:
-        return staged_optimizer(self, (self.image_ae, self.field_vae, self.net), lambda epoch: STAGES.index(self.config.model.stage_at(epoch)))
-
-    # -- the autoencoder stages
-
-    def autoencoder_losses(self, stage: str, batch: dict[str, Any]) -> dict[str, Tensor]:
-        model = self.config.model
-        if stage == "image-ae":
-            x = batch["image"].float() * 2 - 1
-            recon, mu, sigma = self.image_ae.reconstruct(x)
-            losses = {"l1": (recon - x).abs().mean(), "kl": self.image_ae.kl_loss(mu, sigma)}
-            losses["loss"] = losses["l1"] + model.image_ae.kl_weight * losses["kl"]
-            return losses
-        x = batch["field"].float()
-        recon, mu, sigma = self.field_vae.reconstruct(x)
-        losses = {"l1": (recon - x).abs().mean(), "smoothness": self.smoothness(recon), "bending": self.bending(recon),
-                  "kl": self.field_vae.kl_loss(mu, sigma)}
-        losses["loss"] = (losses["l1"] + model.field_smoothness * losses["smoothness"] + model.field_bending * losses["bending"]
-                          + model.field_vae.kl_weight * losses["kl"])
-        return losses
+        return stage_optimizer(self, STAGES, self.plan)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        stage = self.stage
-        if stage == "ldm":
-            return super().training_step(batch, batch_idx)
-        losses = self.autoencoder_losses(stage, batch)
-        self.log_dict({f"train/{stage}_{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
-        return losses["loss"]
+        return self.stage.training_step(self, batch, batch_idx)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        stage = self.stage
-        if stage == "ldm":
-            return super().validation_step(batch, batch_idx)
-        losses = self.autoencoder_losses(stage, batch)
-        self.log_dict({"val/loss": losses["loss"], **{f"val/{stage}_{k}": v for k, v in losses.items()}}, prog_bar=True, on_epoch=True,
-                      batch_size=len(batch["image"]))
-
-    # -- the latent diffusion stage
+        return self.stage.validation_step(self, batch, batch_idx)
 
     def on_train_epoch_start(self) -> None:
-        if self.stage == "ldm" and not bool(self.scales_fitted):
-            self.fit_latent_scales()
+        self.stage.on_train_epoch_start(self)
+
+    # -- the latent diffusion stage
 
     def posterior_means(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Posterior means ``(L, *latent)`` of every subject's reference image and every case's field
@@ -249,25 +291,6 @@ class MotionLDMModule(DiffusionModule):
         fields = self.field_vae.decode(self.field_vae.from_diffusion(z), shape) * self.config.model.field_scale_mm
         fields[labels == self.config.model.reference_phase] = 0.0
         return fields.float().cpu()
-
-
-def stage_runs(model: MotionLDMModelConfig) -> dict[str, MotionLDMModule]:
-    """Stage ldm alone: the modules of ``model.image_ae_run`` and ``model.field_vae_run`` (weights read safely), by attribute.
-
-    Raises:
-        MedsynthError: a run unset, not a motion-ldm run, or one that did not train that stage.
-    """
-    runs = {}
-    for attribute, key in (("image_ae", "image_ae_run"), ("field_vae", "field_vae_run")):
-        path = getattr(model, key)
-        if path is None:
-            raise MedsynthError(f"motion-ldm: the ldm stage needs the earlier stages: set model.{key} to a run that trained them (or train --stage all)")
-        other = load_module(path, MotionLDMRecipe())
-        stage = attribute.replace("_", "-")  # image-ae, field-vae
-        if other.config.model.stage not in ("all", stage):
-            raise BadInputError(path, f"this run trained the '{other.config.model.stage}' stage, not the {stage}")
-        runs[attribute] = other
-    return runs
 
 
 def phase_data(config: MotionLDMConfig, data_dir: Path | None = None) -> PhaseData:
@@ -367,6 +390,7 @@ class MotionLDMRecipe(Recipe):
     name = "motion-ldm"
     config_class = MotionLDMConfig
     monitor = None  # val/loss changes meaning with the stage: no "best" checkpoint across stages
+    stages = STAGES
     sample_modes = ("random",)
     takes_phases = True
     headline_metrics = ("warped_ssim_generated", "field_epe_mean_mm", "folding_share", "lung_volume_ratio_generated",
@@ -399,11 +423,6 @@ class MotionLDMRecipe(Recipe):
                 raise BadInputError(registration, "no registration.json: not a `medsynth register --data` folder")
             reference_phase = int(read_structured(summary, "registration summary")["reference_phase"])
             data = data.model_copy(update={"registration": str(registration)})
-        if model.stage == "all" and config.train.max_epochs <= sum(model.stage_epochs):
-            from medsynth.console import note
-
-            note(f"motion-ldm: train.max_epochs={config.train.max_epochs} leaves no epoch for the LDM after model.stage_epochs "
-                 f"{model.stage_epochs}: only the autoencoders train")
         check_latent_grid(model, list(info["image_shape"]))
         window = settings.get("ct_window") if settings.get("normalize") == "ct" else None
         model = model.model_copy(update={
@@ -415,16 +434,11 @@ class MotionLDMRecipe(Recipe):
         return config.model_copy(update={"model": model, "data": data})
 
     def check_data(self, config: MotionLDMConfig) -> None:
-        """The prepared files, the registration grids (:func:`check_registration`) and, for stage ldm alone, the
-        autoencoder runs it loads (:func:`stage_runs`), before the first write."""
+        """The prepared files and the autoencoder runs that stage ldm alone loads (``Recipe.check_data``), and the
+        registration grids (:func:`check_registration`), before the first write."""
         super().check_data(config)
         if config.data.registration is not None:
             check_registration(config)
-        if config.model.stage == "ldm":
-            stage_runs(config.model)
-
-    def ema_first_epoch(self, config: MotionLDMConfig) -> int:
-        return sum(config.model.stage_epochs) if config.model.stage == "all" else 0
 
     def build_module(self, config: MotionLDMConfig) -> MotionLDMModule:
         return MotionLDMModule(config)
@@ -467,8 +481,8 @@ class MotionLDMRecipe(Recipe):
             raise MedsynthError(f"motion-ldm: no --condition given and no held-out reference phases in {module.config.data_dir}")
         generated = []
         for c, ct in enumerate(conditions):
-            for k in range(request.n):
-                fields = module.fields_mm(ct.unit, phases, [item_seed(request.seed, c * 100_000 + k * 1000 + p) for p in phases], settings)
+            for k in range(request.n):  # item (CT c, sample k, phase p): up to 100 samples of 1000 phases per CT
+                fields = module.fields_mm(ct.unit, phases, [item_seed(request.seed, c, k, p, sizes=(100, 1000)) for p in phases], settings)
                 on_ct = [resample_field(f, ct.grid_affine, tuple(ct.image.shape[1:]), ct.affine) for f in mm_to_voxel(fields.double(), ct.grid_affine)]
                 generated.append((ct.name if request.n == 1 else f"{ct.name}_s{k:02d}", ct.image, ct.affine, torch.stack(on_ct).float()))
         require_finite([fields for *_, fields in generated], "motion-ldm fields")

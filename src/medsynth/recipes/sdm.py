@@ -48,11 +48,20 @@ from medsynth.diffusion.sampling import generate_by_shape
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.evaluate.segmentation import LabelMapFidelityConfig, label_map_fidelity
 from medsynth.nets.patch_embedding import coordinate_channels
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, condition_files, condition_name, require_finite
+from medsynth.recipes.base import (
+    Load,
+    Recipe,
+    SampleRequest,
+    Stage,
+    TinyExample,
+    condition_files,
+    condition_name,
+    require_finite,
+    stage_object,
+)
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seeds
-from medsynth.training import load_module
 
 
 class SDMModelConfig(DenoiserConfig):
@@ -103,6 +112,9 @@ class LowStage:
                                 f"(2^(levels-1) for model.channels {self.model.channels})")
         return self.model.patch_size
 
+    def check_config(self) -> None:
+        """Refuse a config this stage cannot build a module from (one line)."""
+
     def check_shape(self, path: Path | str, shape: tuple[int, ...]) -> None:
         need = self.model.low_res_factor * self.multiple
         if any(s % need for s in shape):
@@ -146,6 +158,10 @@ class HighStage(LowStage):
         if any(p % m for p in patch):
             raise MedsynthError(f"sdm: model.patch_size {patch} must be divisible by {m} (2^(levels-1) for model.channels)")
         return patch
+
+    def check_config(self) -> None:
+        if self.model.patch_size is None:
+            raise MedsynthError("sdm: model.patch_size is unset for the high stage (train with --data)")
 
     def check_shape(self, path: Path | str, shape: tuple[int, ...]) -> None:
         if any(s < p for s, p in zip(shape, self.model.patch_size)):
@@ -191,7 +207,10 @@ class HighStage(LowStage):
         return {"reference": kind, **{f"seam_{key}": value for key, value in seams.items()}}
 
 
-STAGES: dict[str, type[LowStage]] = {"low": LowStage, "high": HighStage}
+# One per run (model.stage); the high stage samples its references from a low-stage run (sample.low_res_run).
+DECLARED_STAGES = (Stage("low", behaviour=LowStage),
+                   Stage("high", behaviour=HighStage, loads=(Load("sample.low_res_run", "low"),)))
+STAGES: dict[str, type[LowStage]] = {s.name: s.behaviour for s in DECLARED_STAGES}  # name -> stage class (medsynth.plan builds them)
 
 
 # -- the LightningModule ------------------------------------------------------------------------
@@ -206,9 +225,8 @@ class SDMModule(DiffusionModule):
         model = config.model
         if model.image_shape is None or not model.classes:
             raise MedsynthError("sdm: model.image_shape and model.classes are unset (train with --data)")
-        if model.stage == "high" and model.patch_size is None:
-            raise MedsynthError("sdm: model.patch_size is unset for the high stage (train with --data)")
-        stage = STAGES[model.stage](config)
+        stage = stage_object(DECLARED_STAGES, config)
+        stage.check_config()
         unet = model.build_unet(3, 1 + stage.concat_channels, 1, label_nc=len(model.classes),
                                 spade_intermediate_channels=model.spade_channels)
         # The null condition: an empty label map; the reference and position channels are kept.
@@ -245,6 +263,7 @@ class SDMRecipe(Recipe):
     name = "sdm"
     config_class = SDMConfig
     sample_modes = ("random",)
+    stages = DECLARED_STAGES
     headline_metrics = ("segmenter_dice_real", "segmenter_dice_generated", "segmenter_dice_ratio", "tstr_dice",
                         "downstream_dice_with_generated", "spectrum_ratio_high", "memorisation_max_ssim")
     # HU window -> [0, 1] (written back in HU); --size crops/pads around the heart at the --spacing grid.
@@ -263,7 +282,7 @@ class SDMRecipe(Recipe):
         shape, factor = list(info["image_shape"]), config.model.low_res_factor
         if any(s % factor for s in shape):
             raise MedsynthError(f"sdm: volume shape {shape} is not divisible by model.low_res_factor {factor}")
-        patch = STAGES[config.model.stage](config).resolve_patch(shape, data_dir)
+        patch = stage_object(DECLARED_STAGES, config).resolve_patch(shape, data_dir)
         labels = dict(sorted(info["labels"].items()))
         window = settings.get("ct_window") if settings.get("normalize") == "ct" else None
         model = config.model.model_copy(update={
@@ -289,14 +308,10 @@ class SDMRecipe(Recipe):
         return unit_to_hu((x.float() + 1) / 2, module.config.model.intensity_window)
 
     def low_res_module(self, module: SDMModule) -> SDMModule:
-        """The run named by ``sample.low_res_run``, checked against the high-res stage."""
+        """The run named by ``sample.low_res_run`` (:meth:`~medsynth.recipes.base.Recipe.stage_run`), checked against the high-res stage."""
         path = module.config.sample.low_res_run
-        if path is None:
-            raise MedsynthError("sdm high stage: set sample.low_res_run to a trained low-res run (it makes the references)")
-        low = load_module(path, self)
+        low = self.stage_run(module.config, "sample.low_res_run")
         model, high = low.config.model, module.config.model
-        if model.stage != "low":
-            raise BadInputError(path, f"sample.low_res_run must be a low-stage sdm run, this one is '{model.stage}'")
         if (model.low_res_factor, model.label_values) != (high.low_res_factor, high.label_values):
             raise BadInputError(path, "low-res run has another low_res_factor or other classes than this high-res run")
         return low.to(module.device)
