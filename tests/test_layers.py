@@ -7,7 +7,7 @@ submodule when ``name`` is one, else the package) make a graph of medsynth modul
 (a) no import circle among modules (no strongly connected component of two or more modules);
 (b) no module imports a module of a higher layer, in the order
     cli > demo > api > recipes > inverse > services (diffusion, motion, evaluate, report) > nets > data > ground floor
-    (training, runs, config, console, errors, seeds, latent, the package ``__init__``);
+    (training, runs, config, console, errors, seeds, latent_space, the package ``__init__``);
 (c) the services of one layer do not import each other in a circle at the package level
     (``evaluate`` may use ``report``, but then ``report`` must not use ``evaluate``).
 """
@@ -23,7 +23,7 @@ SRC = Path(medsynth.__file__).parent
 LAYERS = {  # top-level name under medsynth -> layer (higher imports lower)
     "cli": 8, "__main__": 8, "demo": 7, "api": 6, "plan": 6, "folds": 6, "recipes": 5, "inverse": 4,
     "diffusion": 3, "motion": 3, "evaluate": 3, "report": 3, "nets": 2, "data": 1,
-    "training": 0, "runs": 0, "config": 0, "console": 0, "errors": 0, "seeds": 0, "latent": 0, "__init__": 0,
+    "training": 0, "runs": 0, "config": 0, "console": 0, "errors": 0, "seeds": 0, "latent_space": 0, "__init__": 0,
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from medsynth.data.cine import HR_LABEL_NAME, HR_NAME, INFO_NAME, SAX_NAME
 from medsynth.errors import BadInputError, MedsynthError
-from medsynth.evaluate.reconstruction import PSNR_CAP
+from medsynth.evaluate.cardiac import PSNR_CAP
 from medsynth.inverse.evaluation import EVAL_METHODS, reconstruction_figures, reconstruction_metrics
 
 X, FINE, FACTOR = 16, 5, 2  # in-plane pixels, thin slices of the truth, thick = every second thin slice

@@ -18,7 +18,7 @@ from medsynth.inverse.latent import (
     run_adam,
 )
 from medsynth.inverse.prior import resize_slices
-from medsynth.latent import slerp
+from medsynth.latent_space import slerp
 from slice_cases import FACTOR, FINE, N, ShiftPrior, measurements, truth_volume
 
 

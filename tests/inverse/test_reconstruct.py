@@ -26,7 +26,7 @@ from medsynth.inverse import (
     reconstruct_stack,
 )
 from medsynth.inverse.prior import from_unit, to_unit
-from medsynth.latent import slerp
+from medsynth.latent_space import slerp
 from oblique_geometry import oblique_affine, world
 
 

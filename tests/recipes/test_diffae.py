@@ -13,7 +13,7 @@ from monai.metrics import PSNRMetric
 
 from medsynth import api
 from medsynth.data.datasets import load_split, stack_items
-from medsynth.latent import slerp
+from medsynth.latent_space import slerp
 from medsynth.recipes import get_recipe
 from medsynth.recipes.diffae import DDIMModule, DiffAEConfig, DiffAEModule, structure_classes, to_model
 

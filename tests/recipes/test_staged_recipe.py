@@ -64,6 +64,15 @@ def test_the_cli_offers_its_declared_stages(name, capsys, monkeypatch):
                                                "it has no stages (no --stage)")
 
 
+def test_the_demo_list_offers_it_from_its_tiny_example(name):
+    from medsynth.demo import DEMOS
+
+    example = get_recipe(name).tiny_example
+    assert name in DEMOS and build_parser("demo").parse_args(["demo", name]).recipe == name
+    demo = DEMOS[name]
+    assert (demo.phantom, demo.n, demo.size, demo.config) == (example.phantom, example.n, example.size, example.config)
+
+
 def test_trains_stage_by_stage(name, prepared, tmp_path):  # noqa: F811 (the contract's fixture)
     recipe, example = get_recipe(name), get_recipe(name).tiny_example
     settings = [*example.overrides, "train.max_epochs=4"]  # the autoencoder 2 epochs, then the prior 2

@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from medsynth.config import StrictModel
-from medsynth.latent import gaussian_kl
+from medsynth.latent_space import gaussian_kl
 from medsynth.runs import atomic_write_bytes
 
 

@@ -3,7 +3,7 @@
 For each held-out subject and its ED and ES frames (``Info.cfg``), the acquired ``sa.nii.gz`` (+ the
 ``la_*.nii.gz`` views) is reconstructed by every method of :data:`EVAL_METHODS` at the factor that puts the
 fine grid on the truth's (``sa_hr.nii.gz``, ``sa_hr_gt.nii.gz``, as the cardiac phantom writes them), and
-judged by :mod:`medsynth.evaluate.reconstruction`: PSNR/SSIM (whole, heart), Dice/HD95 of a 2D segmenter
+judged by :mod:`medsynth.evaluate.cardiac`: PSNR/SSIM (whole, heart), Dice/HD95 of a 2D segmenter
 trained on the training subjects' thin slices, Dice on the LAX planes (labels resliced nearest-neighbour:
 one-hot sampled by a :class:`~medsynth.inverse.operators.PlaneOperator`, argmax), EDV/ESV/EF errors and the
 seconds per volume. The truth itself, segmented the same way, is scored as ``truth``: the segmenter's ceiling.
@@ -25,7 +25,7 @@ from medsynth.data.cine import HR_LABEL_NAME, HR_NAME, SAX_NAME, cine_frame, imp
 from medsynth.data.io import load_image, spacing_of
 from medsynth.data.splits import subject_splits
 from medsynth.errors import BadInputError, MedsynthError
-from medsynth.evaluate.reconstruction import (
+from medsynth.evaluate.cardiac import (
     class_indices,
     ejection_fraction,
     heart_mask,

@@ -52,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from medsynth.config import StrictModel
 from medsynth.inverse.operators import PlaneOperator, SliceStackOperator
 from medsynth.inverse.prior import SlicePrior, lerp, resize_slices
-from medsynth.latent import slerp
+from medsynth.latent_space import slerp
 
 __all__ = ["LaxView", "Measurements", "ReconstructSettings", "ReconstructionHistory", "data_terms", "initial_codes", "optimise_codes", "run_adam"]
 

@@ -8,7 +8,7 @@ intensities there and back (:func:`to_unit`, :func:`from_unit`) and resizes slic
 (:func:`resize_slices`), so the prior never sees world geometry.
 
 Codes between two observed slices are interpolated as DiffAE does: spherical interpolation of
-x_T (:func:`medsynth.latent.slerp`: x_T is Gaussian noise, whose norm concentrates, so a straight line would
+x_T (:func:`medsynth.latent_space.slerp`: x_T is Gaussian noise, whose norm concentrates, so a straight line would
 leave the shell the decoder was trained on), linear interpolation of z_sem.
 """
 

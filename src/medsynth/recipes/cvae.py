@@ -24,7 +24,7 @@ from medsynth.data.class_images import ClassImageDataConfig, class_image_datamod
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.class_generator import ClassGeneratorEvaluateConfig, evaluate_class_generator, real_vs_generated_section
-from medsynth.latent import LatentMode, gaussian_kl, grid_latents, interpolate_latents, plane_latents, random_latents
+from medsynth.latent_space import LatentMode, gaussian_kl, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
 from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
 from medsynth.report.html import figure_html, image_grid, save_figure

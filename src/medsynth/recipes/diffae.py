@@ -46,7 +46,7 @@ from medsynth.diffusion.sampling import SamplerConfig, run_sampler
 from medsynth.errors import MedsynthError
 from medsynth.inverse.evaluation import EVAL_METHODS
 from medsynth.inverse.latent import ReconstructSettings
-from medsynth.latent import slerp
+from medsynth.latent_space import slerp
 from medsynth.nets.latent_mlp import LatentMLP
 from medsynth.recipes.base import (
     Recipe,

@@ -38,7 +38,7 @@ from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
 from medsynth.data.prepare import unit_to_hu
 from medsynth.errors import MedsynthError
-from medsynth.latent import channel_directions, direction_grid, gaussian_kl, interpolate_latents, plane_basis
+from medsynth.latent_space import channel_directions, direction_grid, gaussian_kl, interpolate_latents, plane_basis
 from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import epe_map_mm, invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medsynth import api
-from medsynth.evaluate.reconstruction import (
+from medsynth.evaluate.cardiac import (
     PSNR_CAP,
     class_indices,
     ejection_fraction,

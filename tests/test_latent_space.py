@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medsynth.errors import MedsynthError
-from medsynth.latent import (
+from medsynth.latent_space import (
     channel_directions,
     direction_grid,
     grid_latents,
@@ -58,7 +58,7 @@ def test_direction_grid_spans_two_directions():
 def test_the_one_kl_is_the_closed_form_kl_to_the_standard_normal():
     from torch.distributions import Normal, kl_divergence
 
-    from medsynth.latent import gaussian_kl
+    from medsynth.latent_space import gaussian_kl
 
     generator = torch.Generator().manual_seed(0)
     mu, logvar = torch.randn(4, 3, 5, 5, generator=generator), torch.randn(4, 3, 5, 5, generator=generator)
