@@ -36,11 +36,10 @@ from medsynth.recipes.base import (
     Recipe,
     SampleRequest,
     Stage,
+    StagedModule,
     TinyExample,
     load_stage_weights,
     require_finite,
-    stage_at,
-    stage_optimizer,
     stages_trained,
 )
 from medsynth.runs import Run
@@ -82,12 +81,30 @@ class GaussianPrior(nn.Module):
         return (0.5 * ((z - self.mean) / self.log_std.exp()) ** 2 + self.log_std).mean()
 
 
-class AutoencoderStage(Stage):
+class LossStage(Stage):
+    """A stage whose steps minimise its ``loss`` (logged as train/loss and val/loss)."""
+
+    def loss(self, module: FixtureModule, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, module: FixtureModule, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.loss(module, batch["image"].float())
+        module.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, module: FixtureModule, batch: dict[str, Any], batch_idx: int) -> None:
+        module.log("val/loss", self.loss(module, batch["image"].float()), on_epoch=True, batch_size=len(batch["image"]))
+
+    def on_train_epoch_start(self, module: FixtureModule) -> None:
+        pass
+
+
+class AutoencoderStage(LossStage):
     def loss(self, module: FixtureModule, x: Tensor) -> Tensor:
         return F.mse_loss(module.autoencoder(x), x)
 
 
-class PriorStage(Stage):
+class PriorStage(LossStage):
     def loss(self, module: FixtureModule, x: Tensor) -> Tensor:
         with torch.no_grad():
             z = module.autoencoder.encode(x)
@@ -100,8 +117,9 @@ STAGES = (
 )
 
 
-class FixtureModule(MedsynthModule):
+class FixtureModule(StagedModule, MedsynthModule):
     config: FixtureConfig
+    declared = STAGES
 
     def __init__(self, config: FixtureConfig):
         super().__init__(config)
@@ -114,24 +132,9 @@ class FixtureModule(MedsynthModule):
         self.prior = GaussianPrior(self.code_shape)
         self.plan = stages_trained(STAGES, config)
 
-    @property
-    def stage(self) -> AutoencoderStage | PriorStage:
-        return stage_at(self.plan, self.config, self.current_epoch)
-
     def setup(self, stage: str) -> None:  # Lightning's stage
         if TrainerFn(stage) is TrainerFn.FITTING:
             load_stage_weights(self, StagedFixtureRecipe())
-
-    def configure_optimizers(self) -> Any:
-        return stage_optimizer(self, STAGES, self.plan)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.stage.loss(self, batch["image"].float())
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("val/loss", self.stage.loss(self, batch["image"].float()), on_epoch=True, batch_size=len(batch["image"]))
 
     @torch.no_grad()
     def generate(self, seeds: list[int]) -> Tensor:

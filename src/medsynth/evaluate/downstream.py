@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiffusionLoss
 from monai.networks.nets import UNet
+from pydantic import Field
 
+from medsynth.config import StrictModel
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.fields import epe_map_mm
@@ -62,6 +64,19 @@ beats real only at no budget tried (150-1500 steps): warped pairs there differ f
 MotionPairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | np.ndarray]
 """``(fixed (N, 1, *S), moving (N, 1, *S), flow (N, 3, *S) voxels, affines (N, 4, 4))`` with
 ``warp_image(moving, flow) ~= fixed`` (pull convention: ``fixed(x) = moving(x + flow(x))``)."""
+
+
+class MotionUtilitySettings(StrictModel):
+    """The protocol's settings in a motion recipe's ``evaluate`` section (flow-cvae, motion-ldm); each recipe sets its
+    own pool size default and adds how many generated motions it draws per unlabelled frame."""
+
+    downstream_real_subjects: int = Field(4, ge=1, description="labelled pool L: the first training subjects, whose real pairs train the downstream network")
+    downstream_unlabelled_subjects: int | None = Field(None, ge=1, description="unlabelled pool U: the next training subjects, only their "
+                                                                              "reference frame (image or CT) used (None: all the rest)")
+    pca_modes: int = Field(4, ge=0, description="principal modes of the PCA motion model of L's fields (at most L's fields - 1)")
+    downstream_seeds: int = Field(1, ge=1, description="downstream trainings per arm, seeds seed .. seed + n - 1 (mean and sd)")
+    downstream_steps: int | None = Field(None, ge=1, description="Adam steps per downstream training (None: the protocol's DOWNSTREAM_STEPS)")
+    seed: int = 0
 
 
 def _check(pairs: MotionPairs, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -174,6 +174,34 @@ def load_stage_weights(module: MedsynthModule, recipe: Recipe) -> None:
             module.get_submodule(mine).load_state_dict(other.get_submodule(theirs or mine).state_dict())
 
 
+class StagedModule:
+    """The Lightning hooks of a module whose stages carry their own methods (diffae, motion-ldm: ``Stage`` subclasses
+    with ``training_step``, ``validation_step`` and ``on_train_epoch_start`` taking the module): each hook goes to the
+    stage that trains in the current epoch, and the optimiser has one group per declared stage. Listed before the
+    LightningModule among the bases; the module sets ``declared`` (its recipe's stages) and, in ``__init__``, ``plan``
+    (the stages its run trains, :func:`stages_trained`)."""
+
+    declared: ClassVar[tuple[Stage, ...]]
+    plan: tuple[Stage, ...]
+
+    @property
+    def stage(self) -> Any:
+        """The stage that trains in the current epoch."""
+        return stage_at(self.plan, self.config, self.current_epoch)
+
+    def configure_optimizers(self) -> Any:
+        return stage_optimizer(self, self.declared, self.plan)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.stage.training_step(self, batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        return self.stage.validation_step(self, batch, batch_idx)
+
+    def on_train_epoch_start(self) -> None:
+        self.stage.on_train_epoch_start(self)
+
+
 class Recipe(ABC):
     """A generative system: its config, LightningModule, data, sampler, evaluation and report."""
 

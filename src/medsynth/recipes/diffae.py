@@ -52,11 +52,10 @@ from medsynth.recipes.base import (
     Recipe,
     SampleRequest,
     Stage,
+    StagedModule,
     TinyExample,
     Variant,
     require_finite,
-    stage_at,
-    stage_optimizer,
     stages_trained,
 )
 from medsynth.report.sections import ReportSection
@@ -250,8 +249,10 @@ class DDIMModule(DiffusionModule):
         return torch.cat(outputs)
 
 
-class DiffAEModule(DDIMModule):
+class DiffAEModule(StagedModule, DDIMModule):
     """Semantic encoder, conditional UNet and latent DDIM; the stage of the epoch (``STAGES``) trains."""
+
+    declared = STAGES
 
     semantic = True  # SlicePrior: z_sem from the encoder
     random_kind = "latent DDIM code, DDIM decoding"
@@ -278,14 +279,6 @@ class DiffAEModule(DDIMModule):
         unet.class_embedding = nn.Linear(model.semantic_dim, model.channels[0] * 4)
         return unet
 
-    @property
-    def stage(self) -> AutoencoderStage | LatentStage:
-        """The stage that trains in the current epoch."""
-        return stage_at(self.plan, self.config, self.current_epoch)
-
-    def configure_optimizers(self) -> Any:
-        return stage_optimizer(self, STAGES, self.plan)
-
     def encode_semantic(self, x: Tensor) -> Tensor:
         """Slices ``x`` (B, 1, H, W) in [-1, 1] -> ``z_sem`` (B, D)."""
         return self.encoder(x)
@@ -299,15 +292,6 @@ class DiffAEModule(DDIMModule):
         """Normalised codes (B, D) of a batch under the frozen encoder."""
         with torch.no_grad():
             return (self.encoder(to_model(batch["image"])) - self.z_mean) / self.z_std
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.stage.training_step(self, batch, batch_idx)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        return self.stage.validation_step(self, batch, batch_idx)
-
-    def on_train_epoch_start(self) -> None:
-        self.stage.on_train_epoch_start(self)
 
     @torch.no_grad()
     def fit_code_statistics(self) -> None:

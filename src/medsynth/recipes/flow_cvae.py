@@ -38,6 +38,7 @@ from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
 from medsynth.data.prepare import unit_to_hu
 from medsynth.errors import MedsynthError
+from medsynth.evaluate.downstream import MotionUtilitySettings
 from medsynth.latent_space import channel_directions, direction_grid, gaussian_kl, interpolate_latents, plane_basis
 from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import epe_map_mm, invert, warp_image
@@ -106,15 +107,10 @@ class FlowCVAESampleConfig(StrictModel):
     temperature: float = Field(1.0, gt=0, description="random mode (and evaluation): z = m + temperature * s * e, e ~ N(0, I) (m, s: model.prior)")
 
 
-class FlowCVAEEvaluateConfig(StrictModel):
+class FlowCVAEEvaluateConfig(MotionUtilitySettings):
     n_samples: int = Field(8, ge=2, description="prior samples per held-out frame")
     downstream_real_subjects: int = Field(8, ge=1, description="labelled pool L: the first training subjects, whose real pairs train the downstream network")
-    downstream_unlabelled_subjects: int | None = Field(None, ge=1, description="unlabelled pool U: the next training subjects, only their frame used (None: all the rest)")
     generated_per_frame: int = Field(4, ge=1, description="generated (and classic, PCA) fields per unlabelled frame (downstream)")
-    pca_modes: int = Field(4, ge=0, description="principal modes of the PCA motion model of L's fields (at most L - 1)")
-    downstream_seeds: int = Field(1, ge=1, description="downstream trainings per arm, seeds seed .. seed + n - 1 (mean and sd)")
-    downstream_steps: int | None = Field(None, ge=1, description="Adam steps per downstream training (None: the protocol's DOWNSTREAM_STEPS)")
-    seed: int = 0
 
 
 class FlowCVAEConfig(RecipeConfig):

@@ -51,6 +51,7 @@ from medsynth.diffusion.denoiser import ConditionedDenoiser
 from medsynth.diffusion.module import DiffusionModule
 from medsynth.diffusion.sampling import SamplerConfig
 from medsynth.errors import BadInputError, MedsynthError
+from medsynth.evaluate.downstream import MotionUtilitySettings
 from medsynth.motion.fields import resample_field, warp_image
 from medsynth.motion.phase_series import PhaseData
 from medsynth.recipes.base import (
@@ -59,12 +60,11 @@ from medsynth.recipes.base import (
     Recipe,
     SampleRequest,
     Stage,
+    StagedModule,
     TinyExample,
     condition_volumes,
     load_stage_weights,
     require_finite,
-    stage_at,
-    stage_optimizer,
     stages_trained,
 )
 from medsynth.report.sections import ReportSection
@@ -105,15 +105,9 @@ class MotionLDMSampleConfig(SamplerConfig):
     movie_style: Literal["quiver", "magnitude"] = "quiver"
 
 
-class MotionLDMEvaluateConfig(StrictModel):
+class MotionLDMEvaluateConfig(MotionUtilitySettings):
     n_samples: int = Field(4, ge=1, description="generated motions per held-out subject")
-    downstream_real_subjects: int = Field(4, ge=1, description="labelled pool L: the first training subjects, whose real pairs train the downstream network")
-    downstream_unlabelled_subjects: int | None = Field(None, ge=1, description="unlabelled pool U: the next training subjects, only their reference CT used (None: all the rest)")
     generated_per_subject: int = Field(2, ge=1, description="generated motions (every moving phase) per unlabelled CT; classic and PCA draw as many fields")
-    pca_modes: int = Field(4, ge=0, description="principal modes of the PCA motion model of L's fields (at most L x moving phases - 1)")
-    downstream_seeds: int = Field(1, ge=1, description="downstream trainings per arm, seeds seed .. seed + n - 1 (mean and sd)")
-    downstream_steps: int | None = Field(None, ge=1, description="downstream optimiser steps per training (None: the protocol's DOWNSTREAM_STEPS)")
-    seed: int = 0
 
 
 class MotionLDMConfig(RecipeConfig):
@@ -197,8 +191,10 @@ STAGES = (
 # -- the LightningModule ------------------------------------------------------------------------------
 
 
-class MotionLDMModule(DiffusionModule):
+class MotionLDMModule(StagedModule, DiffusionModule):
     """The image autoencoder, the field VAE and the latent denoiser; the stage of the epoch (``STAGES``) trains."""
+
+    declared = STAGES
 
     config: MotionLDMConfig
 
@@ -220,26 +216,9 @@ class MotionLDMModule(DiffusionModule):
         self._means: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self.plan = stages_trained(STAGES, config)  # the stages this run trains, in turn
 
-    @property
-    def stage(self) -> ImageAEStage | FieldVAEStage | LDMStage:
-        """The stage that trains in the current epoch."""
-        return stage_at(self.plan, self.config, self.current_epoch)
-
     def setup(self, stage: str) -> None:  # Lightning's stage (fit, validate, ...)
         if TrainerFn(stage) is TrainerFn.FITTING:
             load_stage_weights(self, MotionLDMRecipe())  # the ldm stage alone: the autoencoders of the runs that trained them
-
-    def configure_optimizers(self) -> Any:
-        return stage_optimizer(self, STAGES, self.plan)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.stage.training_step(self, batch, batch_idx)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        return self.stage.validation_step(self, batch, batch_idx)
-
-    def on_train_epoch_start(self) -> None:
-        self.stage.on_train_epoch_start(self)
 
     # -- the latent diffusion stage
 
