@@ -117,7 +117,7 @@ def bench_sample(args: argparse.Namespace) -> list[dict]:
         return downsample_image(images, factor), downsample_labels(labels, len(classes), factor)[:, 0], labels
 
     def units(x01: torch.Tensor) -> torch.Tensor:
-        return recipe.to_units(x01 * 2 - 1, module)
+        return recipe.to_units(x01 * 2 - 1, module.config)
 
     train_x, train_y, _ = split("train")
     test_x, test_y, test_full = split("test")

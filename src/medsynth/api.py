@@ -9,6 +9,7 @@ One function per command; fold sets are orchestrated in :mod:`medsynth.folds`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -303,7 +304,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, progress: bool = T
 def report(run: str | Path) -> Path:
     """Write RUN/report.html: the recipe's headline metrics beside their references, its figures,
     curves, every metric and the config (for a fold set: the mean ± sd over its folds)."""
-    from medsynth.report.html import fold_table, write_report
+    from medsynth.report.html import fold_table, settings_table, write_report
 
     opened = Run.open(run)
     opened.check_free()
@@ -314,7 +315,8 @@ def report(run: str | Path) -> Path:
             return write_report(opened, title, [("Cross-validation: mean ± sd over folds", fold_table(opened.read_metrics()))])
     opened, chosen, module = load_run(run)
     with opened.lock():
-        sections = [(section.title, section.html) for section in chosen.report_sections(opened, module)]
+        sections = [("Data format", settings_table(dataclasses.asdict(chosen.data_format))),
+                    *((section.title, section.html) for section in chosen.report_sections(opened, module))]
         return write_report(opened, f"medsynth {chosen.name} — {opened.path.name}", sections, headline=chosen.headline_metrics)
 
 

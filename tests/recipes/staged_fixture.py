@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
@@ -27,11 +26,12 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import PreparedDataModule, first_split, require_prepared, stack_items
+from medsynth.data.datasets import first_split, require_prepared, stack_items
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
 from medsynth.recipes import RECIPES, LazyRecipe
 from medsynth.recipes.base import (
+    DataFormat,
     Load,
     Recipe,
     SampleRequest,
@@ -146,6 +146,7 @@ class FixtureModule(StagedModule, MedsynthModule):
 class StagedFixtureRecipe(Recipe):
     name = NAME
     config_class = FixtureConfig
+    data_format = DataFormat("any 2D image", 2, "none", "images (PNG) in the prepared [0, 1]", window=None)
     monitor = None  # val/loss changes meaning with the stage
     condition_refusal = f"{NAME} draws images without a condition"
     headline_metrics = ("reconstruction_mse", "generated_mean")
@@ -160,10 +161,6 @@ class StagedFixtureRecipe(Recipe):
 
     def build_module(self, config: FixtureConfig) -> FixtureModule:
         return FixtureModule(config)
-
-    def build_datamodule(self, config: FixtureConfig) -> L.LightningDataModule:
-        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
-                                  seed=config.train.seed, in_memory=True)
 
     def sample(self, module: FixtureModule, request: SampleRequest, out: Path) -> list[Path]:
         if request.class_name is not None:

@@ -9,6 +9,7 @@ tiny example fails here. Phantom, preparation and training run once per recipe (
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -24,7 +25,7 @@ from conftest import train_until_killed
 from medsynth import api
 from medsynth.config import read_yaml, validate_config
 from medsynth.recipes import RECIPES, get_recipe
-from medsynth.recipes.base import TinyExample
+from medsynth.recipes.base import DataFormat, TinyExample, setting
 from medsynth.report.html import MIN_CELL_PX, embedded_images
 
 RESUME_EPOCHS = 6  # killed after its second epoch, so four are left to resume
@@ -76,6 +77,21 @@ def metrics(run) -> dict[str, Any]:
 
 def test_declares_a_tiny_example(name):
     tiny_example(name)
+
+
+def test_declares_its_data_format_and_writes_in_its_units(name):
+    recipe = get_recipe(name)
+    assert isinstance(recipe.data_format, DataFormat), f"recipe '{name}' declares no data_format (a medsynth.recipes.base.DataFormat)"
+    fmt, config = recipe.data_format, recipe.config_class()
+    lo, hi = fmt.model_range
+    ends = torch.tensor([lo, (lo + hi) / 2, hi])
+    if fmt.window is None:  # the prepared [0, 1]
+        assert torch.allclose(recipe.to_units(ends, config), torch.tensor([0.0, 0.5, 1.0]))
+    else:  # HU through the run's window, wherever the config keeps it
+        window = [-1000.0, 500.0]
+        *path, last = fmt.window.split(".")
+        setattr(setting(config, ".".join(path)) if path else config, last, window)
+        assert torch.allclose(recipe.to_units(ends, config), torch.tensor([-1000.0, -250.0, 500.0]))
 
 
 def test_trains_one_epoch_into_a_run(run):
@@ -142,6 +158,7 @@ def test_report_renders(name, run, metrics):
     assert report == run / "report.html" and report.is_file()
     page = report.read_text()
     assert name in page and "<table" in page
+    assert "<h2>Data format</h2>" in page and html.escape(get_recipe(name).data_format.condition) in page
     images = embedded_images(page)  # each decodes, or this raises
     assert any(alt == "training curves" for alt, *_ in images)
     small = [(alt, shown) for alt, _, _, shown in images if shown < MIN_CELL_PX]

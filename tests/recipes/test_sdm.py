@@ -130,7 +130,7 @@ def test_high_stage_patched_sampling_is_seamless(high_run, prepared):
     assert all(s >= 2 * p for s, p in zip(labels.shape[2:], patch))
     reference = upsample_image(downsample_image(case["image"][None], 2), 2) * 2 - 1
     settings = module.config.sample.model_copy(update={"steps": 10, "guidance": 1.0, "patch_overlap": 0.5})
-    volume = recipe.to_units(recipe.generate(module, labels, [0], reference, settings), module)[0]
+    volume = recipe.to_units(recipe.generate(module, labels, [0], reference, settings), module.config)[0]
     borders = sliding_window_borders(volume.shape[1:], patch, settings.patch_overlap)
     assert all(borders)
     score = seam_score(volume, borders)
@@ -141,7 +141,7 @@ def test_high_stage_patched_sampling_is_seamless(high_run, prepared):
     starts = [(x, y, z) for x in (0, 8) for y in (0, 8) for z in (0, 8)]
     for k, start in enumerate(starts):
         window = (slice(None), slice(None), *(slice(s, s + p) for s, p in zip(start, patch)))
-        tiles[window] = recipe.to_units(module.volumes(labels[window], [k], settings, reference[window]), module)
+        tiles[window] = recipe.to_units(module.volumes(labels[window], [k], settings, reference[window]), module.config)
     tiled = seam_score(tiles[0], sliding_window_borders(volume.shape[1:], patch, 0.0))
     assert tiled["ratio"] > 1.1, tiled
 

@@ -62,7 +62,7 @@ def sdm_config(name: str, side: int, stage: str | None = None):
     patch = model.patch_size if SHIPPED_SIDE[name] else [2 * multiple] * 3  # the deepest level keeps 2^3 voxels
     return config.model_copy(update={"data_dir": None, "model": model.model_copy(update={
         "stage": stage, "image_shape": [side] * 3, "classes": list(CORONARY_LABELS.values()), "label_values": list(CORONARY_LABELS),
-        "reference_affine": np.diag([0.8, 0.8, 1.0, 1.0]).tolist(), "intensity_window": [-1000.0, 1000.0],
+        "reference_affine": np.diag([0.8, 0.8, 1.0, 1.0]).tolist(), "ct_window": [-1000.0, 1000.0],
         "patch_size": patch if stage == "high" else None})})
 
 

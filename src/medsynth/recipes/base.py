@@ -47,6 +47,19 @@ class TinyExample:
     overrides: tuple[str, ...] = ()  # ``key=value`` config overrides that make it tiny (epochs are set by the test)
 
 
+@dataclass(frozen=True)
+class DataFormat:
+    """What a recipe takes and writes, declared as a MONAI bundle's ``network_data_format`` declares it: the report and
+    ``Recipe.to_units`` read it, so no recipe converts its outputs' intensities by hand."""
+
+    modality: str  # the images it is made for ("CT", "cine MRI", "electron microscopy")
+    spatial_dims: int | None  # 2 or 3; None: the prepared data decides (cvae)
+    condition: str  # what a sample is conditioned on ("class label", "label map", "CT frame", "none")
+    output: str  # what ``sample`` writes, with its units
+    model_range: tuple[float, float] = (0.0, 1.0)  # the network's intensities: the prepared [0, 1] mapped linearly to this range
+    window: str | None = "model.ct_window"  # dotted config key of the HU window of ``--normalize ct`` (None: no CT units)
+
+
 # -- stages -----------------------------------------------------------------------------------------
 
 ALL_STAGES = "all"  # ``model.stage: all``: the run trains every stage of its recipe, one after another
@@ -217,6 +230,7 @@ class Recipe(ABC):
     takes_phases: ClassVar[bool] = False  # `sample --phases` selects what to generate
     # its runs are slice priors of `medsynth reconstruct`, scored by `evaluate --reconstruction` (evaluate_reconstruction)
     reconstructs: ClassVar[bool] = False
+    data_format: ClassVar[DataFormat]  # what it takes and writes (every recipe declares one)
     stages: ClassVar[tuple[Stage, ...]] = ()  # a staged recipe's stages, in training order
     variants: ClassVar[tuple[Variant, ...]] = ()  # declared variants (settings that select other stages)
 
@@ -228,9 +242,25 @@ class Recipe(ABC):
     def build_module(self, config: RecipeConfig) -> MedsynthModule:
         """The LightningModule with fresh weights."""
 
-    @abstractmethod
     def build_datamodule(self, config: RecipeConfig) -> L.LightningDataModule:
-        """The training/validation data."""
+        """The training/validation data: the prepared dataset's splits, held in memory, with :meth:`datamodule_options`."""
+        from medsynth.data.datasets import PreparedDataModule
+
+        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
+                                  seed=config.train.seed, in_memory=True, **self.datamodule_options(config))
+
+    def datamodule_options(self, config: RecipeConfig) -> dict[str, Any]:
+        """Further ``PreparedDataModule`` settings of this recipe (``transform``, ``train_transform``)."""
+        return {}
+
+    def to_units(self, x: torch.Tensor, config: RecipeConfig) -> torch.Tensor:
+        """Network intensities (``data_format.model_range``) -> the data's units: HU through the run's CT window
+        (``data_format.window``), else the prepared [0, 1]. Shape kept."""
+        from medsynth.data.prepare import unit_to_hu
+
+        lo, hi = self.data_format.model_range
+        window = setting(config, self.data_format.window) if self.data_format.window else None
+        return unit_to_hu((x.float() - lo) / (hi - lo), window)
 
     @abstractmethod
     def sample(self, module: MedsynthModule, request: SampleRequest, out: Path) -> list[Path]:

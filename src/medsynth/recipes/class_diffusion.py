@@ -36,7 +36,7 @@ from medsynth.diffusion.module import DiffusionModule
 from medsynth.diffusion.sampling import SamplerConfig
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.class_generator import ClassGeneratorEvaluateConfig, evaluate_class_generator, real_vs_generated_section
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
+from medsynth.recipes.base import DataFormat, Recipe, SampleRequest, TinyExample, require_finite
 from medsynth.report.html import image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
@@ -117,6 +117,8 @@ class ClassDiffusionModule(DiffusionModule):
 
 class ClassDiffusionRecipe(Recipe):
     name = "class-diffusion"
+    data_format = DataFormat("electron microscopy (cilia cross-sections), or any class-labelled 2D/3D image", None, "class label",
+                             "images per class: PNG (2D) or NIfTI (3D), in the prepared [0, 1]", model_range=(-1.0, 1.0), window=None)
     config_class = ClassDiffusionConfig
     sample_modes = ("random",)
     headline_metrics = ("classifier_accuracy_real", "classifier_accuracy_generated", "tstr_accuracy", "downstream_accuracy_with_generated",

@@ -26,7 +26,7 @@ from medsynth.errors import MedsynthError
 from medsynth.evaluate.class_generator import ClassGeneratorEvaluateConfig, evaluate_class_generator, real_vs_generated_section
 from medsynth.latent_space import LatentMode, gaussian_kl, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
-from medsynth.recipes.base import Recipe, SampleRequest, TinyExample, require_finite
+from medsynth.recipes.base import DataFormat, Recipe, SampleRequest, TinyExample, require_finite
 from medsynth.report.html import figure_html, image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
@@ -160,6 +160,8 @@ def grid_steps(n: int) -> int:
 
 class CVAERecipe(Recipe):
     name = "cvae"
+    data_format = DataFormat("electron microscopy (cilia cross-sections), or any class-labelled 2D/3D image", None, "class label",
+                             "images per class: PNG (2D) or NIfTI (3D), in the prepared [0, 1]", window=None)
     config_class = CVAEConfig
     sample_modes = tuple(mode.value for mode in LatentMode)  # random, grid, plane, interpolate
     headline_metrics = ("classifier_accuracy_real", "classifier_accuracy_generated", "tstr_accuracy", "downstream_accuracy_with_generated",

@@ -27,14 +27,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from monai.networks.nets import Regressor
 from pydantic import Field
 from torch import Tensor, nn
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import PreparedDataModule, load_split, require_prepared, stack_items
+from medsynth.data.datasets import load_split, require_prepared, stack_items
 from medsynth.data.io import save_image
 from medsynth.diffusion.config import DenoiserConfig
 from medsynth.diffusion.denoiser import ConditionedDenoiser
@@ -49,6 +48,7 @@ from medsynth.inverse.latent import ReconstructSettings
 from medsynth.latent_space import slerp
 from medsynth.nets.latent_mlp import LatentMLP
 from medsynth.recipes.base import (
+    DataFormat,
     Recipe,
     SampleRequest,
     Stage,
@@ -331,6 +331,8 @@ def structure_classes(labels: Tensor) -> Tensor:
 
 class DiffAERecipe(Recipe):
     name = "diffae"
+    data_format = DataFormat("cine MRI (short-axis slices)", 2, "none (a slice's own semantic code)",
+                             "slices (PNG) in [0, 1]; as a reconstruction prior, fine SAX volumes in the stack's units", model_range=(-1.0, 1.0), window=None)
     config_class = DiffAEConfig
     monitor = None  # val/loss changes meaning with the stage
     sample_modes = ("random", "interpolate", "autoencode")
@@ -361,10 +363,6 @@ class DiffAERecipe(Recipe):
 
     def build_module(self, config: DiffAEConfig) -> DDIMModule:
         return DDIMModule(config) if self.variant(config) == DDIM else DiffAEModule(config)
-
-    def build_datamodule(self, config: DiffAEConfig) -> L.LightningDataModule:
-        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
-                                  seed=config.train.seed, in_memory=True)
 
     # -- sampling
 

@@ -25,7 +25,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
@@ -33,10 +32,9 @@ from pydantic import Field
 from torch import Tensor
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import PreparedDataModule, first_split, load_prepared_info, load_split, require_prepared, stack_items
+from medsynth.data.datasets import first_split, load_prepared_info, load_split, require_prepared, stack_items
 from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
-from medsynth.data.prepare import unit_to_hu
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.downstream import MotionUtilitySettings
 from medsynth.latent_space import channel_directions, direction_grid, gaussian_kl, interpolate_latents, plane_basis
@@ -44,6 +42,7 @@ from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import epe_map_mm, invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
 from medsynth.recipes.base import (
+    DataFormat,
     Load,
     Recipe,
     SampleRequest,
@@ -312,6 +311,8 @@ class FlowCVAEModule(MedsynthModule):
 
 class FlowCVAERecipe(Recipe):
     name = "flow-cvae"
+    data_format = DataFormat("CT (cardiac)", 3, "CT frame (end-systole)",
+                             "displacement field to end-diastole (mm vectors, NIfTI with the frame's affine) and the warped frame (HU)")
     config_class = FlowCVAEConfig
     sample_modes = ("random", "grid", "plane", "interpolate")
     stages = STAGES
@@ -345,11 +346,9 @@ class FlowCVAERecipe(Recipe):
     def build_module(self, config: FlowCVAEConfig) -> FlowCVAEModule:
         return FlowCVAEModule(config)
 
-    def build_datamodule(self, config: FlowCVAEConfig) -> L.LightningDataModule:
-        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
-                                  seed=config.train.seed, in_memory=True,
-                                  train_transform=partial(augment_pair, shift=config.data.shift_voxels, zoom=config.data.zoom,
-                                                          noise_std=config.data.noise_std) if config.data.augment else None)
+    def datamodule_options(self, config: FlowCVAEConfig) -> dict[str, Any]:
+        return {"train_transform": partial(augment_pair, shift=config.data.shift_voxels, zoom=config.data.zoom,
+                                           noise_std=config.data.noise_std) if config.data.augment else None}
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -398,10 +397,10 @@ class FlowCVAERecipe(Recipe):
         """Per flow: ``<name>_field.nii.gz`` (mm, the frame's affine) and ``<name>_warped.nii.gz`` (the synthetic diastole)."""
         _, image, affine = frame
         warped = warp_image(image.expand(len(flows), *image.shape[1:]), invert(flows))
-        window, written = module.config.model.ct_window, []
+        written = []
         for name, flow, volume in zip(names, flows, warped):
             written.append(save_field(flow, folder / f"{name}_field.nii.gz", affine))
-            written.append(save_image(unit_to_hu(volume, window), folder / f"{name}_warped.nii.gz", affine=affine))
+            written.append(save_image(self.to_units(volume, module.config), folder / f"{name}_warped.nii.gz", affine=affine))
         return written
 
     def sample(self, module: FlowCVAEModule, request: SampleRequest, out: Path) -> list[Path]:
@@ -507,7 +506,7 @@ class FlowCVAERecipe(Recipe):
             return []
         folder = run.samples / "report"
         name, image, affine = self.frames(module, None)[0]
-        frame = save_image(unit_to_hu(image[0], module.config.model.ct_window), folder / f"{name}_frame.nii.gz", affine=affine)
+        frame = save_image(self.to_units(image[0], module.config), folder / f"{name}_frame.nii.gz", affine=affine)
         field = self.write(module, (name, image, affine), self.prior_flows(module, image[0], 1, 0), [f"{name}_prior"], folder)[0]
         stills = [render_still(frame, folder / f"flow_{style}.png", field=field, style=style) for style in ("magnitude", "quiver")]
         grid = self.sample(module, SampleRequest(n=25, mode="grid"), folder)

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
@@ -39,11 +38,10 @@ from pydantic import Field
 from torch import Tensor
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import PreparedDataModule, load_prepared_manifest, load_split, require_prepared, stack_items
+from medsynth.data.datasets import load_prepared_manifest, load_split, require_prepared, stack_items
 from medsynth.data.fields import mm_to_voxel
 from medsynth.data.io import AFFINE_TOLERANCE
 from medsynth.data.manifest import MANIFEST_NAME
-from medsynth.data.prepare import unit_to_hu
 from medsynth.diffusion.autoencoder import AutoencoderConfig, LatentAutoencoder, LatentCache
 from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.config import DenoiserConfig
@@ -56,6 +54,7 @@ from medsynth.motion.fields import resample_field, warp_image
 from medsynth.motion.phase_series import PhaseData
 from medsynth.recipes.base import (
     ConditionVolume,
+    DataFormat,
     Load,
     Recipe,
     SampleRequest,
@@ -367,6 +366,8 @@ def cached(means: dict[str, Tensor], keys: Sequence[str], encode: Any, device: t
 
 class MotionLDMRecipe(Recipe):
     name = "motion-ldm"
+    data_format = DataFormat("4D CT (breathing)", 3, "CT volume (its reference phase)",
+                             "a displacement field per phase (mm vectors) and the warped 4D CT (HU), with the CT's affine")
     config_class = MotionLDMConfig
     monitor = None  # val/loss changes meaning with the stage: no "best" checkpoint across stages
     stages = STAGES
@@ -422,9 +423,8 @@ class MotionLDMRecipe(Recipe):
     def build_module(self, config: MotionLDMConfig) -> MotionLDMModule:
         return MotionLDMModule(config)
 
-    def build_datamodule(self, config: MotionLDMConfig) -> L.LightningDataModule:
-        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size, num_workers=config.train.num_workers,
-                                  seed=config.train.seed, in_memory=True, transform=phase_data(config))
+    def datamodule_options(self, config: MotionLDMConfig) -> dict[str, Any]:
+        return {"transform": phase_data(config)}
 
     # -- sampling
 
@@ -435,7 +435,7 @@ class MotionLDMRecipe(Recipe):
             return condition_volumes(Path(condition), model.image_shape, model.ct_window, phase=model.reference_phase)  # a 4D scan: its reference phase
         series = phase_data(module.config)
         held_out = [c for c in load_split(module.config.data_dir, "test") if c["phase"] == model.reference_phase]
-        return [ConditionVolume(series.subject[c["id"]], unit_to_hu(c["image"], model.ct_window), c["affine"].numpy(), c["image"], c["affine"].numpy())
+        return [ConditionVolume(series.subject[c["id"]], self.to_units(c["image"], module.config), c["affine"].numpy(), c["image"], c["affine"].numpy())
                 for c in held_out]
 
     def requested_phases(self, module: MotionLDMModule, phases: Sequence[int] | None) -> list[int]:
@@ -513,7 +513,7 @@ class MotionLDMRecipe(Recipe):
                         "training_fields": "registration" if module.config.data.registration else "dataset"})
         subject, reference = next(iter(test)), next(iter(test.values()))[model.reference_phase]
         folder = run.samples / "evaluate" / subject  # one generated motion of a held-out subject, for the report
-        write_motion(folder, unit_to_hu(reference["image"], model.ct_window), reference["affine"].numpy(), generated[subject][0],
+        write_motion(folder, self.to_units(reference["image"], module.config), reference["affine"].numpy(), generated[subject][0],
                      range(model.phases), views=("axial", "coronal"), style=module.config.sample.movie_style)
         return metrics
 

@@ -26,17 +26,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from torch import Tensor
 
 from medsynth.config import RecipeConfig
-from medsynth.data.datasets import PreparedDataModule, first_split, require_prepared
+from medsynth.data.datasets import first_split, require_prepared
 from medsynth.data.io import save_image
 from medsynth.data.labels import load_labelled, load_labelled_split, read_label_map, save_labelled, value_lookup, values_of
-from medsynth.data.prepare import hu_to_unit, unit_to_hu
+from medsynth.data.prepare import hu_to_unit
 from medsynth.diffusion import cascade
 from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.config import DenoiserConfig
@@ -49,6 +48,7 @@ from medsynth.errors import BadInputError, MedsynthError
 from medsynth.evaluate.segmentation import LabelMapFidelityConfig, label_map_fidelity
 from medsynth.nets.patch_embedding import coordinate_channels
 from medsynth.recipes.base import (
+    DataFormat,
     Load,
     Recipe,
     SampleRequest,
@@ -66,14 +66,15 @@ from medsynth.seeds import item_seeds
 
 class SDMModelConfig(DenoiserConfig):
     """Network, schedule and stage. ``image_shape``, ``classes``, ``label_values``,
-    ``reference_affine`` and ``intensity_window`` are filled from the prepared data."""
+    ``reference_affine`` and ``ct_window`` are filled from the prepared data."""
 
     stage: Literal["low", "high"] = Field("low", description="low: whole low-res volume; high: high-res patches + low-res reference")
     image_shape: list[int] | None = Field(None, description="prepared (high-res) volume shape")
     classes: list[str] = []
     label_values: list[int] = Field([], description="label value of each class index (contiguous remapping)")
     reference_affine: list[list[float]] | None = None
-    intensity_window: list[float] | None = Field(None, description="HU window of --normalize ct: outputs are written in HU")
+    ct_window: list[float] | None = Field(None, validation_alias=AliasChoices("ct_window", "intensity_window"),  # its name before
+                                          description="HU window of --normalize ct: outputs are written in HU")
     low_res_factor: int = Field(2, ge=1, description="low-res grid = prepared grid / this factor (average pooling)")
     patch_size: list[int] | None = Field(None, description="high stage: training patch (voxels); default half the volume")
     spade_channels: int = Field(16, ge=1, description="hidden channels of each SPADE block (MONAI default 128)")
@@ -261,6 +262,8 @@ class SDMModule(DiffusionModule):
 
 class SDMRecipe(Recipe):
     name = "sdm"
+    data_format = DataFormat("CT (coronary CTA)", 3, "label map", "CT volumes (HU) and their label maps, NIfTI with the label map's affine",
+                             model_range=(-1.0, 1.0))
     config_class = SDMConfig
     sample_modes = ("random",)
     stages = DECLARED_STAGES
@@ -288,7 +291,7 @@ class SDMRecipe(Recipe):
         model = config.model.model_copy(update={
             "image_shape": shape, "classes": list(labels.values()), "label_values": list(labels),
             "reference_affine": np.asarray(info["affine"]).tolist() if info.get("affine") is not None else None,
-            "intensity_window": [float(v) for v in window] if window else None, "patch_size": patch,
+            "ct_window": [float(v) for v in window] if window else None, "patch_size": patch,
         })
         sample = config.sample
         if sample.low_res_run is not None:
@@ -297,15 +300,6 @@ class SDMRecipe(Recipe):
 
     def build_module(self, config: SDMConfig) -> SDMModule:
         return SDMModule(config)
-
-    def build_datamodule(self, config: SDMConfig) -> L.LightningDataModule:
-        return PreparedDataModule(Path(config.data_dir), batch_size=config.train.batch_size,
-                                  num_workers=config.train.num_workers, seed=config.train.seed, in_memory=True)
-
-    @staticmethod
-    def to_units(x: Tensor, module: SDMModule) -> Tensor:
-        """Model range [-1, 1] to the data's units: HU with a CT window, else [0, 1]."""
-        return unit_to_hu((x.float() + 1) / 2, module.config.model.intensity_window)
 
     def low_res_module(self, module: SDMModule) -> SDMModule:
         """The run named by ``sample.low_res_run`` (:meth:`~medsynth.recipes.base.Recipe.stage_run`), checked against the high-res stage."""
@@ -348,7 +342,7 @@ class SDMRecipe(Recipe):
         written, folder = [], out / request.mode
         for index, (name, labels, affine) in enumerate(jobs):
             grid_affine = cascade.low_res_affine(affine, factor)
-            written.append(save_image(self.to_units(volumes[index], module).cpu(), folder / f"{name}.nii.gz", affine=grid_affine))
+            written.append(save_image(self.to_units(volumes[index], module.config).cpu(), folder / f"{name}.nii.gz", affine=grid_affine))
             if request.condition is None:
                 values = values_of(cascade.downsample_labels(labels, len(model.classes), factor)[0], model.label_values)
                 save_image(values, folder / "labels" / f"{name}.nii.gz", affine=grid_affine)
@@ -370,7 +364,7 @@ class SDMRecipe(Recipe):
                     "y": cascade.downsample_labels(labels, num_classes, factor)[:, 0]}
 
         def units(x01: Tensor) -> Tensor:
-            return self.to_units(x01 * 2 - 1, module)
+            return self.to_units(x01 * 2 - 1, module.config)
 
         train, test = load("train"), load("test") or load("val")
         if not train or not test:
@@ -387,7 +381,7 @@ class SDMRecipe(Recipe):
         metrics: dict[str, Any] = {
             "stage": model.stage,
             **label_map_fidelity(units(train["x"]), train["y"], units(test["x"]), test["y"], units(generated), cond_y,
-                                 model.classes, units="HU" if model.intensity_window else "[0, 1]",
+                                 model.classes, units="HU" if model.ct_window else "[0, 1]",
                                  epochs=settings.segmenter_epochs, seed=settings.seed, channels=settings.segmenter_channels),
             **audit,
             "memorisation_real_test_max_ssim": audit["memorisation_max_ssim_real_reference"],
@@ -438,7 +432,7 @@ class SDMRecipe(Recipe):
         if not generated:
             return [ReportSection("Generated volumes", "<p>Run <code>medsynth evaluate</code> first: it writes the generated volumes shown here.</p>")]
         model, factor = module.config.model, module.stage.grid_factor
-        pairs = [(name, "generated", module.classes_of(labels), hu_to_unit(volume, model.intensity_window))
+        pairs = [(name, "generated", module.classes_of(labels), hu_to_unit(volume, model.ct_window))
                  for name, labels, volume in generated]
         pairs += [(case["id"], "real", cascade.downsample_labels(module.classes_of(case["label"][None]), len(model.classes), factor)[0],
                    cascade.downsample_image(case["image"][None], factor)[0]) for case in first_split(module.config.data_dir, ("test", "val"))[:6]]

@@ -11,7 +11,7 @@ import html
 import io
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,12 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
     walk("", metrics)
     return "<table><tr><th>metric</th><th>value</th></tr>" + "".join(rows) + "</table>"
+
+
+def settings_table(values: Mapping[str, Any]) -> str:
+    """A two-column table of named settings (a recipe's declared data format), values as text."""
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in values.items())
+    return "<table>" + rows + "</table>"
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
