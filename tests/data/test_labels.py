@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from medsynth.data.datasets import first_split, require_prepared
+from medsynth.data.datasets import first_split, held_out, held_out_split, require_prepared
 from medsynth.data.labels import load_labelled, load_labelled_split, read_label_map, save_labelled, value_lookup, values_of
+from medsynth.data.manifest import Manifest
 from medsynth.data.prepare import hu_to_unit, prepare_dataset, unit_to_hu
 from medsynth.diffusion.condition import Condition
 from medsynth.diffusion.config import DenoiserConfig
@@ -103,6 +104,17 @@ def test_require_prepared_and_labelled_splits(tmp_path):
         load_labelled_split(out, "train", [0, 2])  # 5 lies beyond the table
     assert [item["id"] for item in first_split(out, ("val", "test"))] == [item["id"] for item in first_split(out, ("test",))]
     assert first_split(None, ("test",)) == [] and first_split(tmp_path, ("test",)) == []
+
+
+def test_held_out_is_the_test_split_else_val(tmp_path):
+    out = _prepared(tmp_path)
+    test_ids = [item["id"] for item in first_split(out, ("test",))]
+    assert held_out_split(out) == "test" and [item["id"] for item in held_out(out)] == test_ids
+    manifest = Manifest.load(out)  # the same cases, their test split renamed val
+    manifest.cases = [case.model_copy(update={"split": "val" if case.split == "test" else case.split}) for case in manifest.cases]
+    manifest.save(out)
+    assert held_out_split(out) == "val" and [item["id"] for item in held_out(out)] == test_ids
+    assert held_out_split(None) is None and held_out(tmp_path / "nowhere") == []
 
 
 def test_generate_by_shape_batches_per_shape_in_order():

@@ -72,8 +72,8 @@ def class_indices(classes: list[str], class_name: str | None) -> list[int]:
     raise MedsynthError(f"unknown class '{class_name}' (this model knows: {', '.join(classes)})")
 
 
-def real_images(data_dir: str | Path | None, split: str, class_index: int | None = None) -> list[torch.Tensor]:
-    """The prepared images ``(C, *spatial)`` of a split (of one class index, or all); none if the data are not at hand."""
-    if data_dir is None or not Path(data_dir).exists():
+def real_images(data_dir: str | Path | None, split: str | None, class_index: int | None = None) -> list[torch.Tensor]:
+    """The prepared images ``(C, *spatial)`` of a split (of one class index, or all); none if the data or the split are not at hand."""
+    if data_dir is None or split is None or not Path(data_dir).exists():
         return []
     return [item["image"] for item in load_split(Path(data_dir), split) if class_index is None or item["class"] == class_index]

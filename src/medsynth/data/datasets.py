@@ -185,6 +185,21 @@ def load_split(root: str | Path, split: str | None) -> list[Sample]:
     return [dataset[i] for i in range(len(dataset))]
 
 
+HELD_OUT = ("test", "val")  # "held out", everywhere: the first non-empty of these splits
+
+
+def held_out_split(root: str | Path | None) -> str | None:
+    """The name of the held-out split of a prepared dataset: the first of :data:`HELD_OUT` with items (None: none)."""
+    if root is None or not (Path(root) / MANIFEST_NAME).exists():
+        return None
+    return next((split for split in HELD_OUT if load_split(root, split)), None)
+
+
+def held_out(root: str | Path | None) -> list[Sample]:
+    """The held-out items of a prepared dataset (:func:`held_out_split`; none when ``root`` is not one)."""
+    return first_split(root, HELD_OUT)
+
+
 def first_split(root: str | Path | None, splits: Sequence[str]) -> list[Sample]:
     """The items of the first non-empty split of ``splits`` (none when ``root`` is not a prepared dataset)."""
     if root is None or not (Path(root) / MANIFEST_NAME).exists():

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor
 
 from medsynth.config import StrictModel
-from medsynth.data.datasets import load_split, stack_items
+from medsynth.data.datasets import held_out, load_split, stack_items
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.classifier import accuracy_by_class, classify, train_classifier
 from medsynth.evaluate.metrics import feature_mmd, memorisation_audit, ms_ssim_diversity, real_reference, spectrum_ratio_high
@@ -60,7 +60,7 @@ def evaluate_class_generator(generate_for: GenerateFor, data_dir: Path, classes:
     Raises:
         MedsynthError: the dataset has no test split.
     """
-    train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
+    train, test = load_split(data_dir, "train"), held_out(data_dir)
     if not test:
         raise MedsynthError(f"{data_dir}: the prepared dataset has no test split to evaluate on")
     train_x, train_y = stack_items(train, "image"), stack_items(train, "class")

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from medsynth.config import RecipeConfig
 from medsynth.data.class_images import ClassImageDataConfig, class_image_datamodule, class_image_info, class_indices, real_images
+from medsynth.data.datasets import held_out_split
 from medsynth.data.io import save_image
 from medsynth.diffusion.config import DenoiserConfig
 from medsynth.diffusion.denoiser import ConditionedDenoiser
@@ -185,7 +186,7 @@ class ClassDiffusionRecipe(Recipe):
 
     def report_sections(self, run: Run, module: ClassDiffusionModule) -> list[ReportSection]:
         classes = module.config.model.classes
-        real = [real_images(module.config.data_dir, "test", k) for k in range(len(classes))]
+        real = [real_images(module.config.data_dir, held_out_split(module.config.data_dir), k) for k in range(len(classes))]
         fake = [self.generate(module, k, 6, seed=0) for k in range(len(classes))]
         sampler = module.config.sample.describe(module.schedule)
         section = real_vs_generated_section(real, fake, classes)

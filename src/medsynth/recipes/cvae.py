@@ -21,6 +21,7 @@ from torch.func import functional_call
 from medsynth.config import RecipeConfig, StrictModel
 from medsynth.console import note
 from medsynth.data.class_images import ClassImageDataConfig, class_image_datamodule, class_image_info, class_indices, real_images
+from medsynth.data.datasets import held_out_split
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.class_generator import ClassGeneratorEvaluateConfig, evaluate_class_generator, real_vs_generated_section
@@ -257,7 +258,7 @@ class CVAERecipe(Recipe):
 
     def report_sections(self, run: Run, module: CVAEModule) -> list[ReportSection]:
         classes = module.config.model.classes
-        real = [real_images(module.config.data_dir, "test", k) for k in range(len(classes))]
+        real = [real_images(module.config.data_dir, held_out_split(module.config.data_dir), k) for k in range(len(classes))]
         fake = [self.generate(module, k, self.latents(module, SampleRequest(n=6, seed=0), k)) for k in range(len(classes))]
         sections = [real_vs_generated_section(real, fake, classes)]
         grid_request = SampleRequest(n=49, mode="grid")

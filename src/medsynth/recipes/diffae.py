@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import load_split, require_prepared, stack_items
+from medsynth.data.datasets import held_out, held_out_split, load_split, require_prepared, stack_items
 from medsynth.data.io import save_image
 from medsynth.diffusion.config import DenoiserConfig
 from medsynth.diffusion.denoiser import ConditionedDenoiser
@@ -318,11 +318,6 @@ class DiffAEModule(StagedModule, DDIMModule):
 # -- the recipe -----------------------------------------------------------------------------------
 
 
-def held_out(data_dir: str | Path) -> list[dict[str, Any]]:
-    """The prepared held-out slices (test, else val)."""
-    return load_split(data_dir, "test") or load_split(data_dir, "val")
-
-
 def structure_classes(labels: Tensor) -> Tensor:
     """Label maps (N, 1, H, W) -> the number of structures (non-zero label values) in each slice (N,):
     0 beyond the heart, rising from apex to base. The feature network's training target."""
@@ -475,7 +470,7 @@ class DiffAERecipe(Recipe):
         from medsynth.data.manifest import Manifest
 
         splits = {case.subject: case.split for case in Manifest.load(module.config.data_dir).cases}
-        held = sorted(s for s, split in splits.items() if split == "test")[: settings.reconstruction_subjects] or None
+        held = sorted(s for s, split in splits.items() if split == held_out_split(module.config.data_dir))[: settings.reconstruction_subjects] or None
         train = sorted(s for s, split in splits.items() if split == "train") or None
         diffae, ddim = module.slice_priors(ddim)
         return reconstruction_metrics(diffae, data, ddim, settings.reconstruction_methods, settings.reconstruct, held_out=held, train=train,

@@ -32,7 +32,7 @@ from pydantic import Field
 from torch import Tensor
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import first_split, load_prepared_info, load_split, require_prepared, stack_items
+from medsynth.data.datasets import first_split, held_out, load_prepared_info, load_split, require_prepared, stack_items
 from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
 from medsynth.errors import MedsynthError
@@ -376,7 +376,7 @@ class FlowCVAERecipe(Recipe):
             return mean + std * direction_grid(self.directions(module, generator), steps, settings.grid_span).view(-1, *shape)
         if request.mode == "plane":  # prior draws on a random plane, scaled to the prior's per-element size
             return mean + std * (torch.randn(request.n, 2, generator=generator) @ (plane_basis(dim, generator) * dim**0.5)).view(-1, *shape)
-        cases = [c for c in first_split(module.config.data_dir, ("test", "val")) + load_split(module.config.data_dir, "train") if "flow" in c]
+        cases = [c for c in held_out(module.config.data_dir) + load_split(module.config.data_dir, "train") if "flow" in c]
         if len(cases) < 2:
             raise MedsynthError(f"interpolate: need two real flows in {module.config.data_dir}")
         pair = [cases[int(i)] for i in torch.randperm(len(cases), generator=generator)[:2]]
@@ -449,7 +449,7 @@ class FlowCVAERecipe(Recipe):
     def evaluate(self, run: Run, module: FlowCVAEModule, data_dir: Path) -> dict[str, Any]:
         """The run's stage's metrics on the held-out pairs (:meth:`prior_metrics` for a cvae run)."""
         module = module.eval()
-        train, test = load_split(data_dir, "train"), first_split(data_dir, ("test", "val"))
+        train, test = load_split(data_dir, "train"), held_out(data_dir)
         if not train or not test:
             raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) flow pairs")
         return module.stage.evaluate(self, module, data_dir, train, test)

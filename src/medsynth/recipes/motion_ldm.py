@@ -38,7 +38,7 @@ from pydantic import Field
 from torch import Tensor
 
 from medsynth.config import RecipeConfig, StrictModel
-from medsynth.data.datasets import load_prepared_manifest, load_split, require_prepared, stack_items
+from medsynth.data.datasets import HELD_OUT, held_out, load_prepared_manifest, require_prepared, stack_items
 from medsynth.data.fields import mm_to_voxel
 from medsynth.data.io import AFFINE_TOLERANCE
 from medsynth.data.manifest import MANIFEST_NAME
@@ -434,9 +434,9 @@ class MotionLDMRecipe(Recipe):
         if condition is not None:
             return condition_volumes(Path(condition), model.image_shape, model.ct_window, phase=model.reference_phase)  # a 4D scan: its reference phase
         series = phase_data(module.config)
-        held_out = [c for c in load_split(module.config.data_dir, "test") if c["phase"] == model.reference_phase]
+        held_out_cases = [c for c in held_out(module.config.data_dir) if c["phase"] == model.reference_phase]
         return [ConditionVolume(series.subject[c["id"]], self.to_units(c["image"], module.config), c["affine"].numpy(), c["image"], c["affine"].numpy())
-                for c in held_out]
+                for c in held_out_cases]
 
     def requested_phases(self, module: MotionLDMModule, phases: Sequence[int] | None) -> list[int]:
         count = module.config.model.phases
@@ -480,7 +480,7 @@ class MotionLDMRecipe(Recipe):
 
         model, settings, module = module.config.model, module.config.evaluate, module.eval()
         series = phase_data(module.config, data_dir)
-        train, test = series.by_subject(("train",)), series.by_subject(("test", "val"))
+        train, test = series.by_subject(("train",)), series.by_subject(HELD_OUT)
         if not train or not test:
             raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) subjects")
         pools = self.pools(len(train), model.phases - 1, settings)  # before any work

@@ -32,7 +32,7 @@ from pydantic import AliasChoices, Field
 from torch import Tensor
 
 from medsynth.config import RecipeConfig
-from medsynth.data.datasets import first_split, require_prepared
+from medsynth.data.datasets import first_split, held_out, held_out_split, require_prepared
 from medsynth.data.io import save_image
 from medsynth.data.labels import load_labelled, load_labelled_split, read_label_map, save_labelled, value_lookup, values_of
 from medsynth.data.prepare import hu_to_unit
@@ -366,7 +366,7 @@ class SDMRecipe(Recipe):
         def units(x01: Tensor) -> Tensor:
             return self.to_units(x01 * 2 - 1, module.config)
 
-        train, test = load("train"), load("test") or load("val")
+        train, test = load("train"), (load(split) if (split := held_out_split(data_dir)) else {})
         if not train or not test:
             raise MedsynthError(f"{data_dir}: evaluation needs training and held-out (test or val) cases")
 
@@ -435,6 +435,6 @@ class SDMRecipe(Recipe):
         pairs = [(name, "generated", module.classes_of(labels), hu_to_unit(volume, model.ct_window))
                  for name, labels, volume in generated]
         pairs += [(case["id"], "real", cascade.downsample_labels(module.classes_of(case["label"][None]), len(model.classes), factor)[0],
-                   cascade.downsample_image(case["image"][None], factor)[0]) for case in first_split(module.config.data_dir, ("test", "val"))[:6]]
+                   cascade.downsample_image(case["image"][None], factor)[0]) for case in held_out(module.config.data_dir)[:6]]
         figure = figure_html(label_map_grid(pairs, len(model.classes), ncols=4), "label maps and volumes")
         return [ReportSection("Label maps with generated (top) and real (bottom) volumes, middle axial slices", figure)]
