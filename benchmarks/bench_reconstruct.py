@@ -3,7 +3,7 @@
 Two benchmarks:
 
 ``prior`` (the issue's benchmark): the cardiac phantom's cine acquisition (``phantom cardiac --modality mri
---views``: 64 px planes, 10-slice SAX stacks of 8 mm slabs 10 mm apart, three LAX views, thin truth at factor 8) for
+--views``: 64 px planes, SAX stacks of 7-9 slabs 8 mm thick and 10 mm apart, three LAX views, thin truth at factor 8) for
 ``--n`` subjects; ``prepare --recipe diffae --size 64`` (their thin slices); DiffAE (``configs/diffae-bench-64.yaml``)
 and its DDIM baseline (``model.semantic=false``) trained side by side, one thread each, within the 60-minute budget;
 then ``medsynth evaluate --reconstruction`` on the held-out subjects (ED and ES) by every method, and the report.

@@ -234,8 +234,8 @@ def _reconstruct(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lax", nargs="*", default=[], metavar="LA", help="long-axis views (X, Y, 1[, T]), e.g. la_2ch.nii.gz la_4ch.nii.gz")
     p.add_argument("--factor", type=int, default=8, help="through-plane refinement: (S - 1) * factor + 1 slices (2 .. 64)")
     p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
-                   help=f"{DEFAULT_METHOD} (default: the best within a minute), latent (the original, slow), diffpir (posterior "
-                        "sampling) or an interpolation baseline")
+                   help=f"{DEFAULT_METHOD} (default, posterior sampling: the best within a minute), pnp, latent (the original, slow) "
+                        "or an interpolation baseline")
     p.add_argument("--prior-run", default=None, help="use this run's prior instead of RUN's (e.g. the DDIM baseline)")
     p.add_argument("--out", required=True, help="output NIfTI: the fine volume, (X, Y, Z[, T]) with the fine affine")
     p.add_argument("--keep-steps", action="store_true", help="also write the volume at every optimisation step (OUT_steps/)")

@@ -12,8 +12,8 @@ Methods (:data:`METHODS`, declared with the settings each reads in :data:`METHOD
   axis (``scipy.interpolate``; ``cubic`` is a not-a-knot cubic spline, exact on polynomials up to
   degree 3 with 4 or more slices, on quadratics with 3); need no prior, ignore the LAX views
   (which are still checked).
-- ``latent`` (the original, :mod:`medsynth.inverse.latent`), ``pnp`` (faster, the default, :mod:`medsynth.inverse.pnp`)
-  and ``diffpir`` (posterior sampling, :mod:`medsynth.inverse.diffpir`): through a :class:`~medsynth.inverse.prior.SlicePrior`. Intensities are mapped to the
+- ``latent`` (the original, :mod:`medsynth.inverse.latent`), ``pnp`` (:mod:`medsynth.inverse.pnp`) and ``diffpir``
+  (posterior sampling, the default: the best on the 64 px benchmark, :mod:`medsynth.inverse.diffpir`): through a :class:`~medsynth.inverse.prior.SlicePrior`. Intensities are mapped to the
   prior's [-1, 1] with the frame's SAX percentiles and back; slices are resized in-plane to the prior's
   size and back.
 
@@ -107,7 +107,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
 BASELINES = tuple(name for name, spec in METHOD_SPECS.items() if not spec.reads)
 # The best method on the benchmark among those that rebuild a 10-slice stack at factor 8 within a minute on a 2-core
 # CPU (BENCHMARKS.md, "diffae and medsynth reconstruct"); the original's ``latent`` stays available by name.
-DEFAULT_METHOD = "pnp"
+DEFAULT_METHOD = "diffpir"
 METHODS = tuple(METHOD_SPECS)
 MAX_FACTOR = 64  # 8 mm slices at factor 64 are 0.125 mm apart: finer than any MRI pixel
 PRIOR_FLOATS_PER_PIXEL = 64  # one slice's pass through the prior holds about this many floats per pixel (rough: UNet feature maps)
