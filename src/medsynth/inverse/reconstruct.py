@@ -47,7 +47,7 @@ from medsynth.console import note
 from medsynth.data.cine import cine_header
 from medsynth.data.io import NIFTI_SUFFIXES, check_finite_output, load_image, save_image
 from medsynth.errors import BadInputError, MedsynthError, NonFiniteOutputError
-from medsynth.inverse.diffpir import sample_posterior
+from medsynth.inverse.diffpir import diffpir_timesteps, sample_posterior
 from medsynth.inverse.latent import (
     LaxView,
     Measurements,
@@ -504,6 +504,9 @@ def estimate_bytes(in_plane: Sequence[int], slices: int, frames: int, method: st
 
 
 def _iterations(method: str, settings: ReconstructSettings) -> int:
+    """Iterations a method runs per frame (its progress bar's share): diffpir's distinct timesteps, else its iteration setting."""
+    if method == "diffpir":
+        return len(diffpir_timesteps(settings.diffpir_t_start, settings.diffpir_iterations))
     key = next((k for k in METHOD_SPECS[method].reads if k.endswith("iterations")), None)
     return int(getattr(settings, key)) if key else 0
 
