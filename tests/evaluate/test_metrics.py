@@ -94,3 +94,15 @@ def test_the_one_ssim_is_monais_ssim_metric_and_its_mask_keeps_the_windows_centr
     left = ssim(a[:, :, :13], b[:, :, :13], window)  # the windows centred in rows 3..9 span rows 0..12
     assert torch.allclose(ssim(a, b, window, mask), left, atol=1e-6)
     assert torch.isnan(ssim(a, b, window, torch.zeros(20, 24, 9, dtype=torch.bool))).all()
+
+
+def test_the_ssim_window_rule_is_a_parameter():
+    from medsynth.evaluate.metrics import ssim
+
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.rand(2, 1, 20, 24, 4, generator=generator), torch.rand(2, 1, 20, 24, 4, generator=generator)
+    assert torch.equal(ssim(a, b, 7, fit="per_axis"), ssim(a, b, [7, 7, 3]))  # each axis: the largest odd window it holds
+    assert torch.equal(ssim(a, b, 7, fit="isotropic"), ssim(a, b, 3))  # one window, fitted to the thinnest axis
+    assert torch.equal(ssim(a[..., :1], b[..., :1], 7, fit="isotropic"), ssim(a[..., :1], b[..., :1], 1))
+    with pytest.raises(RuntimeError, match="Kernel size"):  # no rule: a 7-voxel window does not fit 4 slices
+        ssim(a, b, 7)

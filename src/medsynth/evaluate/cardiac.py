@@ -59,12 +59,11 @@ def ssim(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, w
     axis, odd) of volumes (X, Y, Z) mapped to [0, 1] by the truth's range; over the windows centred in ``mask`` when
     given."""
     lo, hi = unit_scale(truth)
-    win = max(1, min(win_size, *(n if n % 2 else n - 1 for n in truth.shape)))
 
     def unit(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((np.asarray(a, np.float64) - lo) / (hi - lo)).float()[None, None]
 
-    return float(metrics.ssim(unit(recon), unit(truth), win, mask)[0])
+    return float(metrics.ssim(unit(recon), unit(truth), win_size, mask, fit="isotropic")[0])
 
 
 def class_indices(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,17 +18,24 @@ from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int | Sequence[int] = 7, mask: torch.Tensor | np.ndarray | None = None
-         ) -> torch.Tensor:
+def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int | Sequence[int] = 7, mask: torch.Tensor | np.ndarray | None = None,
+         fit: Literal["none", "per_axis", "isotropic"] = "none") -> torch.Tensor:
     """The package's SSIM: one value per item of images ``(B, C, *S)`` in [0, 1], ``(B,)``.
 
     MONAI's ``compute_ssim_and_cs`` with ``SSIMMetric``'s settings (Gaussian window, sigma 1.5, k1 0.01, k2 0.03,
-    data range 1) and ``win_size`` (one odd size, or one per axis: each caller's rule for its data). The mean is
-    over the windows that fit (each axis loses ``win - 1``: what ``SSIMMetric`` averages), or, with ``mask``
+    data range 1) and ``win_size`` (one odd size, or one per axis). ``fit`` is the window rule for images thinner than
+    the window: ``none`` keeps it; ``per_axis`` shrinks it on each axis to the largest odd size that fits (thin CT
+    volumes); ``isotropic`` shrinks it to the one odd size that fits the thinnest axis (reconstructed stacks). The mean
+    is over the windows that fit (each axis loses ``win - 1``: what ``SSIMMetric`` averages), or, with ``mask``
     (``*S``, bool), over the windows centred in it (NaN where none is).
     """
     dims = a.ndim - 2
     window = [int(win_size)] * dims if isinstance(win_size, int) else [int(w) for w in win_size]
+    odd = [n if n % 2 else n - 1 for n in a.shape[2:]]  # the largest odd window each axis holds
+    if fit == "per_axis":
+        window = [min(w, n) for w, n in zip(window, odd)]
+    elif fit == "isotropic":
+        window = [max(1, min(max(window), *odd))] * dims
     value, _ = compute_ssim_and_cs(a, b, spatial_dims=dims, kernel_size=window, kernel_sigma=[1.5] * dims, data_range=1.0)
     if mask is None:
         return value.view(value.shape[0], -1).mean(1)
