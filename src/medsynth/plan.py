@@ -169,11 +169,12 @@ def _cvae(config: Any, size: list[int]) -> list[Example]:
 def _sdm(config: Any, size: list[int]) -> list[Example]:
     import torch
 
-    from medsynth.recipes.sdm import STAGES
+    from medsynth.recipes import get_recipe
+    from medsynth.recipes.base import stage_object
 
     classes = config.model.classes or ["background", "myocardium", "blood_pool", "coronary"]
     config = _update(config, "model", image_shape=list(size), classes=classes, label_values=list(range(len(classes))))
-    patch = STAGES[config.model.stage](config).resolve_patch(list(size), Path("--size"))
+    patch = stage_object(get_recipe("sdm").stages, config).resolve_patch(list(size), Path("--size"))
     config = _update(config, "model", patch_size=patch)
     settings, factor = config.sample, config.model.low_res_factor
     items = settings.batch_size
@@ -240,7 +241,9 @@ def _motion_ldm(config: Any, size: list[int]) -> list[Example]:
                          class_labels=torch.zeros(items, dtype=torch.long))
         return module.denoiser(settings)(_rand(items, model.field_vae.latent_channels, *latent), torch.zeros(items, dtype=torch.long), cond)
 
-    stages = [model.stage] if model.stage != "all" else ["image-ae", "field-vae", "ldm"]
+    from medsynth.recipes import get_recipe
+
+    stages = [stage.name for stage in get_recipe("motion-ldm").stages_trained(config)]  # one, or all in turn
     steps = settings.steps_for(model.make_schedule())
     return [Example(stage, _update(config, "model", stage=stage), batch, sample, items, steps,
                     cached_latents if stage == "ldm" else None) for stage in stages]

@@ -211,7 +211,6 @@ class HighStage(LowStage):
 # One per run (model.stage); the high stage samples its references from a low-stage run (sample.low_res_run).
 DECLARED_STAGES = (Stage("low", behaviour=LowStage),
                    Stage("high", behaviour=HighStage, loads=(Load("sample.low_res_run", "low"),)))
-STAGES: dict[str, type[LowStage]] = {s.name: s.behaviour for s in DECLARED_STAGES}  # name -> stage class (medsynth.plan builds them)
 
 
 # -- the LightningModule ------------------------------------------------------------------------
