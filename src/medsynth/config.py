@@ -113,11 +113,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             if not isinstance(child, dict):
                 raise MedsynthError(f"override '{item}': '{part}' is not a config section")
             node = child
-        node[leaf] = _parse_value(raw)
+        node[leaf] = parse_value(raw)
     return data
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """A YAML scalar or list; ``1e-4`` is a float (YAML 1.1 would keep it a string)."""
     try:
         value = yaml.safe_load(raw)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from medsynth.config import RecipeConfig, apply_overrides
+from medsynth.config import RecipeConfig, parse_value
 from medsynth.data.io import READABLE_SUFFIXES, suffix_of
 from medsynth.errors import BadInputError, MedsynthError
 from medsynth.report.sections import ReportSection
@@ -116,11 +116,8 @@ def setting(config: Any, key: str) -> Any:
 
 def holds(config: Any, item: str) -> bool:
     """Whether the ``key=value`` setting ``item`` (its value parsed as ``--set`` parses it) holds in ``config``."""
-    key = item.partition("=")[0].strip()
-    value: Any = apply_overrides({}, [item])
-    for part in key.split("."):
-        value = value[part]
-    return setting(config, key) == value
+    key, _, raw = item.partition("=")
+    return setting(config, key.strip()) == parse_value(raw)
 
 
 def stages_trained(stages: Sequence[Stage], config: Any) -> tuple[Stage, ...]:
