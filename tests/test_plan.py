@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from medsynth import api
 from medsynth.cli import main
 from medsynth.config import CONFIG_DIR, load_config, read_yaml
+from medsynth.errors import MedsynthError
 from medsynth.plan import GPUS, count_steps, device_bytes, estimate, examples, measure_cpu
 from medsynth.recipes import get_recipe
 
@@ -60,6 +62,38 @@ def test_counts_are_linear_in_the_batch_and_bf16_halves_activations():
     mixed = count_steps(example, [4], "bf16-mixed")[0]
     assert mixed.train_step_flops == four.train_step_flops
     assert 0.4 < mixed.activation_bytes / four.activation_bytes < 0.8  # bf16 activations, some fp32 kept (losses, casts)
+
+
+@pytest.mark.parametrize(("recipe", "config", "size", "spread"), [
+    ("sdm", "sdm-tiny", [16], [16, 16, 16]),  # data_format.spatial_dims 3: one size is a cube
+    ("diffae", "diffae-tiny", [32], [32, 32]),  # 2: a square
+    ("cvae", "cvae-tiny", [32, 32, 32], [32, 32, 32]),  # None (the data decides): 2 or 3 sizes as given
+])
+def test_one_size_is_spread_over_the_recipes_spatial_dims(recipe, config, size, spread):
+    chosen = examples(_config({"recipe": recipe, "config": config}), size)
+    assert get_recipe(recipe).input_size(chosen[0].config) == spread
+
+
+@pytest.mark.parametrize(("recipe", "config", "size", "words"), [
+    ("sdm", "sdm-tiny", [16, 16], "sdm: --size [16, 16]: one or three sizes (X Y Z)"),
+    ("diffae", "diffae-tiny", [32, 32, 32], "diffae: --size [32, 32, 32]: one or two sizes (X Y)"),
+    ("diffae", "diffae-tiny", [32, 16], "diffae: --size [32, 16]: slices are square"),
+    ("cvae", "cvae-tiny", [32], "cvae: --size [32]: 2 or 3 sizes"),
+])
+def test_a_size_the_recipe_cannot_take_is_refused_in_one_line(recipe, config, size, words):
+    with pytest.raises(MedsynthError, match=re.escape(words)):
+        examples(_config({"recipe": recipe, "config": config}), size)
+
+
+def test_a_recipe_without_plan_examples_is_refused_in_one_line():
+    from medsynth.recipes.base import Recipe
+
+    class Bare(get_recipe("cvae").__class__):  # a recipe that declares no plan examples (the base's default)
+        name = "bare"
+        plan_examples = Recipe.plan_examples
+
+    with pytest.raises(MedsynthError, match="^recipe 'bare' declares no plan examples"):
+        Bare().plan_examples(_config(TINY[0]), [32, 32])
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)

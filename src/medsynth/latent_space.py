@@ -6,7 +6,9 @@ from the ``generator`` passed in, so the same seed gives the same codes bit for 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -109,3 +111,22 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, summed over every latent element, averaged over the batch:
     the one KL term of the VAEs (cvae, flow-cvae, the latent-diffusion autoencoders)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
+
+
+@dataclass(frozen=True)
+class KLTerm:
+    """The KL term of a VAE's ELBO as a callable loss (as edm's ``loss.py`` writes its losses): ``term(mu, logvar)`` is
+    :func:`gaussian_kl`; its weight beta is ``weight``, ramped linearly from 0 over the first ``warmup_epochs``
+    epochs of training (:meth:`beta`; ``medsynth.training.warmed_up``). Validation weighs it by the full ``weight``."""
+
+    weight: float
+    warmup_epochs: float = 0.0
+
+    def __call__(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        return gaussian_kl(mu, logvar)
+
+    def beta(self, module: Any) -> float:
+        """beta at the module's current training step (the full weight outside a Trainer)."""
+        from medsynth.training import warmed_up
+
+        return warmed_up(module, self.weight, self.warmup_epochs)

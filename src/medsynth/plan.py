@@ -35,13 +35,16 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medsynth.config import RecipeConfig, load_config
 from medsynth.errors import BadInputError, MedsynthError
+
+if TYPE_CHECKING:
+    from medsynth.recipes.base import Example
 
 # Fraction of the dense bf16 tensor peak a training or sampling step is assumed to reach (stated, not measured).
 EFFICIENCY = 0.4
@@ -105,207 +108,45 @@ def device_bytes(peak_bytes: int) -> int:
     return int(peak_bytes * ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES
 
 
-# -- what each recipe trains and samples, on an input of a given size ------------------------------------------
+def __getattr__(name: str) -> Any:
+    """``medsynth.plan.Example``: :class:`medsynth.recipes.base.Example`, imported when first asked for (the recipes
+    import torch and Lightning; the CLI imports this module to build its parser, so it imports them lazily)."""
+    if name == "Example":
+        from medsynth.recipes.base import Example
+
+        return Example
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass
-class Example:
-    """One trainable stage of a recipe at an input size: its config (data fields filled), a batch and a sampling call.
-
-    ``batch`` and ``sample`` are called inside the tensor mode that counts (fake or real), so they build their
-    tensors there. ``sample(module)`` runs one call of the sampling network on ``sample_items`` items;
-    ``sample_calls`` such calls make one batch of generated items (the sampler's steps).
-    """
-
-    stage: str
-    config: RecipeConfig
-    batch: Callable[[int], dict[str, Any]]  # batch size -> the batch dict the recipe's training_step takes
-    sample: Callable[[Any], Any]
-    sample_items: int
-    sample_calls: int
-    prepare: Callable[[Any, dict[str, Any]], None] | None = None  # (module, batch): state a trainer would set
-
-
-def _update(config: RecipeConfig, section: str, **values: Any) -> RecipeConfig:
-    part = getattr(config, section)
-    return config.model_copy(update={section: part.model_copy(update=values)})
-
-
-def _rand(*shape: int) -> Any:
-    import torch
-
-    return torch.rand(*shape)
+# -- what a recipe trains and samples, on an input of a given size (its Recipe.plan_examples) ---------------------
 
 
 def input_size(config: RecipeConfig) -> list[int] | None:
-    """The spatial input size a config states (the data-filled field of its recipe), or None."""
-    model = getattr(config, "model", None)
-    if config.recipe in ("cvae", "class-diffusion"):
-        return list(model.in_shape[1:]) if model.in_shape else None
-    if config.recipe == "diffae":
-        return [model.image_size] * 2 if model.image_size else None
-    shape = getattr(model, "image_shape", None)
-    return list(shape) if shape else None
-
-
-def _cvae(config: Any, size: list[int]) -> list[Example]:
-    import torch
-
-    channels = config.model.in_shape[0] if config.model.in_shape else 1
-    classes = config.model.classes or [f"class_{i}" for i in range(5)]
-    # kl_warmup_epochs reads the Trainer's batches per epoch; 0 (the full weight) leaves the step's compute unchanged
-    config = _update(config, "model", spatial_dims=len(size), in_shape=[channels, *size], classes=classes, kl_warmup_epochs=0)
-    items = 64  # CVAERecipe.generate decodes in chunks of 64
-
-    def batch(b: int) -> dict[str, Any]:
-        return {"image": _rand(b, channels, *size), "class": torch.zeros(b, dtype=torch.long)}
-
-    def sample(module: Any) -> Any:
-        return module.decode(torch.zeros(items, config.model.latent_size), torch.zeros(items, dtype=torch.long))
-
-    return [Example("cvae", config, batch, sample, items, 1)]
-
-
-def _sdm(config: Any, size: list[int]) -> list[Example]:
-    import torch
-
-    from medsynth.recipes import get_recipe
-    from medsynth.recipes.base import stage_object
-
-    classes = config.model.classes or ["background", "myocardium", "blood_pool", "coronary"]
-    config = _update(config, "model", image_shape=list(size), classes=classes, label_values=list(range(len(classes))))
-    patch = stage_object(get_recipe("sdm").stages, config).resolve_patch(list(size), Path("--size"))
-    config = _update(config, "model", patch_size=patch)
-    settings, factor = config.sample, config.model.low_res_factor
-    items = settings.batch_size
-
-    def batch(b: int) -> dict[str, Any]:
-        return {"image": _rand(b, 1, *size), "label": torch.zeros(b, 1, *size, dtype=torch.long)}
-
-    def sample(module: Any) -> Any:
-        labels = torch.zeros(items, 1, *size, dtype=torch.long)
-        reference = _rand(items, 1, *size) if config.model.stage == "high" else None
-        cond = module.stage.condition(labels, reference)
-        grid = size if config.model.stage == "high" else [s // factor for s in size]
-        return module.denoiser(settings)(_rand(items, 1, *grid), torch.zeros(items, dtype=torch.long), cond)
-
-    return [Example(config.model.stage, config, batch, sample, items, settings.steps_for(config.model.make_schedule()))]
-
-
-def _flow_cvae(config: Any, size: list[int]) -> list[Example]:
-    import torch
-
-    model = config.model
-    config = _update(config, "model", image_shape=list(size), kl_warmup_epochs=0,
-                     reference_affine=model.reference_affine or torch.eye(4).tolist(), ct_window=model.ct_window or [-1000.0, 1000.0])
-    items = config.sample.batch_size if hasattr(config.sample, "batch_size") else 1
-
-    def batch(b: int) -> dict[str, Any]:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        with unset_fake_temporarily():  # a real tensor: the loss reads the affines with numpy
-            affine = torch.eye(4, dtype=torch.float64).expand(b, 4, 4)
-        return {"image": _rand(b, 1, *size), "flow": _rand(b, 3, *size), "moving": _rand(b, 1, *size), "affine": affine}
-
-    def sample(module: Any) -> Any:
-        return module.decode(torch.zeros(items, *module.net.latent_shape(size)), _rand(1, 1, *size))
-
-    return [Example(model.stage, config, batch, sample, items, 1)]
-
-
-def _motion_ldm(config: Any, size: list[int]) -> list[Example]:
-    import torch
-
-    from medsynth.diffusion.condition import Condition
-
-    model = config.model
-    config = _update(config, "model", image_shape=list(size), phases=model.phases or 10,
-                     reference_affine=model.reference_affine or torch.eye(4).tolist(), ct_window=model.ct_window or [-1000.0, 500.0])
-    settings = config.sample
-    items = settings.batch_size
-
-    def batch(b: int) -> dict[str, Any]:
-        return {"image": _rand(b, 1, *size), "reference": _rand(b, 1, *size), "field": _rand(b, 3, *size),
-                "phase": torch.zeros(b, dtype=torch.long), "id": [f"c{i}" for i in range(b)], "subject": [f"s{i}" for i in range(b)]}
-
-    def cached_latents(module: Any, batch: dict[str, Any]) -> None:
-        # as a trainer's run does: posterior means are encoded once per dataset and cached, not per step
-        with torch.no_grad():
-            image = module.image_ae.encode(batch["reference"] * 2 - 1)[0]
-            fields = module.field_vae.encode(batch["field"])[0]
-        module._means = (dict(zip(batch["subject"], image)), dict(zip(batch["id"], fields)))
-
-    def sample(module: Any) -> Any:
-        latent = module.image_ae.latent_shape(size)
-        cond = Condition(concat=torch.zeros(items, model.image_ae.latent_channels, *latent),
-                         class_labels=torch.zeros(items, dtype=torch.long))
-        return module.denoiser(settings)(_rand(items, model.field_vae.latent_channels, *latent), torch.zeros(items, dtype=torch.long), cond)
-
+    """The spatial input size a config states (the data-filled field of its recipe: ``Recipe.input_size``), or None."""
     from medsynth.recipes import get_recipe
 
-    stages = [stage.name for stage in get_recipe("motion-ldm").stages_trained(config)]  # one, or all in turn
-    steps = settings.steps_for(model.make_schedule())
-    return [Example(stage, _update(config, "model", stage=stage), batch, sample, items, steps,
-                    cached_latents if stage == "ldm" else None) for stage in stages]
-
-
-def _diffae(config: Any, size: list[int]) -> list[Example]:
-    import torch
-
-    if len(size) != 2 or size[0] != size[1]:
-        raise MedsynthError(f"diffae: --size {size}: slices are square (one size, or two equal ones)")
-    config = _update(config, "model", image_size=size[0])
-    settings = config.sample
-    items = settings.batch_size
-
-    def batch(b: int) -> dict[str, Any]:
-        return {"image": _rand(b, 1, *size)}
-
-    def sample(module: Any) -> Any:
-        z_sem = torch.zeros(items, config.model.semantic_dim) if config.model.semantic else None
-        return module.denoiser(settings)(_rand(items, 1, *size), torch.zeros(items, dtype=torch.long), z_sem)
-
-    # the latent DDIM (an MLP on z_sem) trains after the autoencoder stage: its step is negligible beside it
-    return [Example("autoencoder", config, batch, sample, items, settings.steps_for(config.model.make_schedule()))]
-
-
-def _class_diffusion(config: Any, size: list[int]) -> list[Example]:
-    import torch
-
-    channels = config.model.in_shape[0] if config.model.in_shape else 1
-    classes = config.model.classes or [f"class_{i}" for i in range(5)]
-    config = _update(config, "model", spatial_dims=len(size), in_shape=[channels, *size], classes=classes)
-    fold, settings = config.model.fold, config.sample
-    items = settings.batch_size
-    folded = [channels * fold ** len(size), *(s // fold for s in size)]  # what the UNet sees (space-to-depth)
-
-    def batch(b: int) -> dict[str, Any]:
-        return {"image": _rand(b, channels, *size), "class": torch.zeros(b, dtype=torch.long)}
-
-    def sample(module: Any) -> Any:
-        return module.denoiser(settings)(_rand(items, *folded), torch.zeros(items, dtype=torch.long), torch.zeros(items, dtype=torch.long))
-
-    return [Example("diffusion", config, batch, sample, items, settings.steps_for(config.model.make_schedule()))]
-
-
-EXAMPLES: dict[str, Callable[[Any, list[int]], list[Example]]] = {
-    "cvae": _cvae, "sdm": _sdm, "flow-cvae": _flow_cvae, "motion-ldm": _motion_ldm, "diffae": _diffae, "class-diffusion": _class_diffusion}
+    return get_recipe(config.recipe).input_size(config)
 
 
 def examples(config: RecipeConfig, size: Sequence[int] | None = None) -> list[Example]:
-    """The stages of ``config``'s recipe at ``size`` (None: the size the config states)."""
-    chosen = list(size) if size is not None else input_size(config)
+    """The stages of ``config``'s recipe at ``size`` (None: the size the config states), as its ``plan_examples`` declares
+    them. ``size`` is spread to the recipe's ``data_format.spatial_dims``: one size gives a cube (3D) or a square (2D);
+    a recipe whose data decides (None) takes 2 or 3 sizes."""
+    from medsynth.recipes import get_recipe
+
+    recipe = get_recipe(config.recipe)
+    chosen = list(size) if size is not None else recipe.input_size(config)
     if not chosen:
         raise MedsynthError(f"{config.recipe}: the config states no input size (model.image_shape / in_shape / image_size): give --size")
-    if config.recipe == "cvae" and len(chosen) not in (2, 3):
-        raise MedsynthError(f"cvae: --size {chosen}: 2 or 3 sizes")
-    if config.recipe in ("sdm", "flow-cvae", "motion-ldm") and len(chosen) != 3:
-        chosen = chosen * 3 if len(chosen) == 1 else chosen
-        if len(chosen) != 3:
-            raise MedsynthError(f"{config.recipe}: --size {list(size or [])}: one or three sizes (X Y Z)")
-    if config.recipe == "diffae" and len(chosen) == 1:
-        chosen = chosen * 2
-    return EXAMPLES[config.recipe](config, [int(s) for s in chosen])
+    dims = recipe.data_format.spatial_dims
+    if dims is None and len(chosen) not in (2, 3):
+        raise MedsynthError(f"{config.recipe}: --size {chosen}: 2 or 3 sizes")
+    if dims is not None and len(chosen) != dims:
+        chosen = chosen * dims if len(chosen) == 1 else chosen
+        if len(chosen) != dims:
+            axes = "X Y Z" if dims == 3 else "X Y"
+            raise MedsynthError(f"{config.recipe}: --size {list(size or [])}: one or {'three' if dims == 3 else 'two'} sizes ({axes})")
+    return recipe.plan_examples(config, [int(s) for s in chosen])
 
 
 # -- counting on fake tensors --------------------------------------------------------------------------------
@@ -625,10 +466,6 @@ def _size_of(config: RecipeConfig) -> list[int]:
 
 # -- the planner -------------------------------------------------------------------------------------------------
 
-DEFAULT_CONFIGS = {"cvae": "cvae-224", "sdm": "sdm-low-64", "flow-cvae": "flow-cvae-86", "motion-ldm": "motion-ldm-256",
-                   "diffae": "diffae-128"}
-
-
 @dataclass
 class Plan:
     """What ``medsynth plan`` chose, its estimate, and the config written."""
@@ -643,23 +480,6 @@ class Plan:
     path: Path | None = None
 
 
-def _candidates(config: RecipeConfig) -> list[dict[str, Any]]:
-    """Model settings to try, from the config's own to the leanest: gradient checkpointing where the recipe has it
-    (motion-ldm's autoencoders), then smaller patches (sdm high: halved down to 2x the network's stride)."""
-    model = config.model
-    found: list[dict[str, Any]] = [{}]
-    if config.recipe == "motion-ldm" and not (model.image_ae.use_checkpoint and model.field_vae.use_checkpoint):
-        found.append({"image_ae": model.image_ae.model_copy(update={"use_checkpoint": True}),
-                      "field_vae": model.field_vae.model_copy(update={"use_checkpoint": True})})
-    if config.recipe == "sdm" and model.stage == "high":
-        multiple = 2 ** (len(model.channels) - 1)
-        patch = list(model.patch_size)
-        while all(p // 2 >= 2 * multiple and (p // 2) % multiple == 0 for p in patch):
-            patch = [p // 2 for p in patch]
-            found.append({"patch_size": patch})
-    return found
-
-
 def plan(data: str | Path, recipe: str, gpu: str | None = None, memory: str | None = None, hours: float | None = None,
          config: str | Path | None = None, overrides: Sequence[str] = (), out: str | Path | None = None) -> Plan:
     """Fit ``recipe`` to a prepared dataset and a GPU (or a memory budget), as nnU-Net plans segmentation.
@@ -671,6 +491,7 @@ def plan(data: str | Path, recipe: str, gpu: str | None = None, memory: str | No
     there (YAML, the estimate as comments), after every check.
     """
     from medsynth.recipes import get_recipe
+    from medsynth.recipes.base import with_settings
     from medsynth.runs import read_structured
 
     data = Path(data)
@@ -687,7 +508,7 @@ def plan(data: str | Path, recipe: str, gpu: str | None = None, memory: str | No
     if not (data / "fingerprint.json").exists():
         raise BadInputError(data, "no fingerprint.json: prepared by an older version: re-run `medsynth prepare`")
     fingerprint = read_structured(data / "fingerprint.json", "fingerprint")
-    base = load_config(chosen_recipe.config_class, config or DEFAULT_CONFIGS[recipe], list(overrides),
+    base = load_config(chosen_recipe.config_class, config or chosen_recipe.plan_config, list(overrides),
                        base={"recipe": recipe, "data_dir": str(data.resolve())})
     base = base.model_copy(update={"data_dir": str(data.resolve())})
     resolved = chosen_recipe.resolve_config(base)
@@ -695,8 +516,8 @@ def plan(data: str | Path, recipe: str, gpu: str | None = None, memory: str | No
     precision = "bf16-mixed"
     best: tuple[Estimate, dict[str, Any], RecipeConfig] | None = None
     smallest: Estimate | None = None
-    for change in _candidates(resolved):
-        candidate = _update(resolved, "model", **change) if change else resolved
+    for change in chosen_recipe.plan_candidates(resolved):  # the config's own, then leaner ones
+        candidate = with_settings(resolved, "model", **change) if change else resolved
         chosen_examples = examples(candidate)
         per_stage = [count_steps(example, [1, 2], precision) for example in chosen_examples]
 
@@ -764,9 +585,9 @@ def plan(data: str | Path, recipe: str, gpu: str | None = None, memory: str | No
             model_update["stage_epochs"] = max(1, round(stage_epochs * epochs / candidate.train.max_epochs))
             epochs = max(epochs, model_update["stage_epochs"] + 1)
         train_update["max_epochs"] = epochs
-    planned = _update(candidate, "train", **train_update)
+    planned = with_settings(candidate, "train", **train_update)
     if model_update:
-        planned = _update(planned, "model", **model_update)
+        planned = with_settings(planned, "model", **model_update)
     changes = {f"train.{k}": v for k, v in train_update.items()} | {f"model.{k}": v for k, v in model_update.items()}
     result = Plan(chosen, budget, budget_name, accumulate, epochs, changes, planned)
     if out is not None:

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from medsynth.data.fields import mm_to_voxel
 from medsynth.data.phantoms.cardiac import make_cardiac_dataset
@@ -79,7 +80,7 @@ def test_write_motion_keeps_an_oblique_anisotropic_geometry_in_world_space(tmp_p
     ct = torch.from_numpy(points @ a + b).float()[None]  # (1, X, Y, Z): linear in world coordinates
     moves = {0: np.zeros(3), 2: np.array([2.0, -1.5, 3.0])}  # mm, per phase
     fields = torch.stack([mm_to_voxel(torch.from_numpy(d)[:, None, None, None].expand(3, *shape), affine) for d in moves.values()]).float()
-    written = write_motion(tmp_path, ct, affine, fields, phases=list(moves), views=("axial", "coronal"), style="magnitude")
+    written = write_motion(tmp_path, MetaTensor(ct, affine=torch.from_numpy(affine)), fields, phases=list(moves), views=("axial", "coronal"), style="magnitude")
     assert [p.name for p in written] == ["field_t00.nii.gz", "field_t02.nii.gz", "image_t00.nii.gz", "image_t02.nii.gz",
                                          "image_4d.nii.gz", "movie_axial.gif", "movie_coronal.gif"]
     for number, (phase, d) in enumerate(moves.items()):

@@ -32,6 +32,7 @@ from medsynth.errors import MedsynthError
 from medsynth.recipes import RECIPES, LazyRecipe
 from medsynth.recipes.base import (
     DataFormat,
+    Example,
     Load,
     Recipe,
     SampleRequest,
@@ -41,6 +42,7 @@ from medsynth.recipes.base import (
     load_stage_weights,
     require_finite,
     stages_trained,
+    with_settings,
 )
 from medsynth.runs import Run
 from medsynth.seeds import item_generators, item_noise, item_seeds
@@ -179,3 +181,26 @@ class StagedFixtureRecipe(Recipe):
         generated = module.generate(item_seeds(0, len(real)))
         return {"reconstruction_mse": float(F.mse_loss(recon, real)), "generated_mean": float(generated.mean()),
                 "real_mean": float(real.mean()), "n_held_out": len(real)}
+
+    # -- medsynth plan
+
+    def input_size(self, config: FixtureConfig) -> list[int] | None:
+        """The images' size (``model.image_size`` pixels, square: H W), or None."""
+        return [config.model.image_size] * 2 if config.model.image_size else None
+
+    def plan_examples(self, config: FixtureConfig, size: list[int]) -> list[Example]:
+        """The stages the run trains (both in turn, or one) on square images of ``size`` (H W pixels); a sampling call
+        decodes the codes of one ``sample`` call (its default ``--n``)."""
+        if size[0] != size[1]:
+            raise MedsynthError(f"{NAME}: --size {size}: images are square (one size, or two equal ones)")
+        config = with_settings(config, "model", image_size=size[0])
+        items = SampleRequest().n  # sample decodes its --n codes in one call
+
+        def batch(b: int) -> dict[str, Any]:
+            return {"image": torch.rand(b, 1, *size)}
+
+        def sample(module: FixtureModule) -> Tensor:
+            return module.autoencoder.decode(torch.zeros(items, *module.code_shape))
+
+        return [Example(stage.name, with_settings(config, "model", stage=stage.name), batch, sample, items, 1)
+                for stage in self.stages_trained(config)]

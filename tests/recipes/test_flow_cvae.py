@@ -110,11 +110,11 @@ def test_aggregate_prior_is_the_training_posteriors_mean_and_spread():
 
 def test_kl_warms_up_linearly():
     net = module(overrides=["model.kl_warmup_epochs=2", "model.kl_weight=0.5"])
-    assert net.kl_beta() == 0.5  # no trainer: the full weight
+    assert net.kl.beta(net) == 0.5  # no trainer: the full weight
     betas = []
     for step in (0, 5, 10, 15, 20, 40):  # global steps
         net._trainer = SimpleNamespace(num_training_batches=5, global_step=step)
-        betas.append(net.kl_beta())
+        betas.append(net.kl.beta(net))
     assert betas == pytest.approx([0.0, 0.25, 0.5, 0.5, 0.5, 0.5])  # 2 epochs of 5 batches: full weight at step 10
 
 

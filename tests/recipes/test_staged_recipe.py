@@ -22,11 +22,9 @@ from recipes.staged_fixture import ENTRY, NAME, GaussianPrior
 
 TESTS = Path(__file__).resolve().parents[1]
 
-# The contract's fixtures and tests, collected here again: this module's `name` gives them the fixture recipe. Its plan
-# test is left out: medsynth.plan estimates each recipe by code of its own (EXAMPLES), which a new recipe adds there.
+# The contract's fixtures and tests, collected here again: this module's `name` gives them the fixture recipe.
 prepared, run, metrics = contract.prepared, contract.run, contract.metrics
-globals().update({key: test for key, test in vars(contract).items()
-                  if key.startswith("test_") and key != "test_a_plan_of_its_data_trains_as_planned"})
+globals().update({key: test for key, test in vars(contract).items() if key.startswith("test_")})
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field
 
 from medsynth.config import StrictModel, TrainConfig
-from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_split
+from medsynth.data.datasets import PreparedDataModule, load_prepared_info, load_split, prepared_affine
 from medsynth.errors import MedsynthError
 
 
@@ -35,7 +34,7 @@ def class_image_info(data_dir: str | Path, who: str) -> dict[str, Any]:
         raise MedsynthError(f"{data_dir}: {who} needs a dataset with classes (class-per-folder images)")
     return {"spatial_dims": info["spatial_dims"], "in_shape": [info["in_channels"], *info["image_shape"]],
             "classes": list(info["classes"]),
-            "reference_affine": np.asarray(info["affine"]).tolist() if info.get("affine") is not None else None}
+            "reference_affine": prepared_affine(info)}
 
 
 def flips_and_turns(sample: dict[str, Any]) -> dict[str, Any]:

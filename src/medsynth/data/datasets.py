@@ -63,6 +63,12 @@ def load_prepared_info(root: str | Path) -> dict[str, Any]:
     }
 
 
+def prepared_affine(info: dict[str, Any]) -> list[list[float]] | None:
+    """The 4 x 4 (voxel -> world mm) that :func:`load_prepared_info` read from the first case, as the list a model
+    config keeps (``model.reference_affine``); None for data without one."""
+    return np.asarray(info["affine"], dtype=np.float64).tolist() if info.get("affine") is not None else None
+
+
 def require_prepared(root: str | Path, who: str, spatial_dims: int | None = None, one_shape: bool = False,
                      labels: bool = False, channels: int | None = None,
                      normalize: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:

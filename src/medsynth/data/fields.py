@@ -69,16 +69,20 @@ def mm_to_voxel(ddf_mm: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torc
     return unbatch_field(_apply(torch.linalg.inv(_linear_part(affine, field.shape[1], field)), field), unbatched)
 
 
-def save_field(ddf: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor) -> Path:
+def save_field(ddf: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | torch.Tensor | None = None) -> Path:
     """Write a voxel field as a NIfTI vector image in mm with the image's affine.
 
     Args:
-        ddf: displacement in voxels, ``(n, *S)`` (a batch of one is accepted).
+        ddf: displacement in voxels, ``(n, *S)`` (a batch of one is accepted); a ``MetaTensor`` carries its affine.
         path: ``.nii.gz`` / ``.nii`` file; nibabel reads it back as ``(X, Y, Z, 1, n)``
             with intent ``vector``.
-        affine: the 4x4 affine of the image the field lives on.
+        affine: the 4x4 affine of the image the field lives on (None: the ``MetaTensor``'s own).
     """
-    field = torch.as_tensor(ddf)
+    if affine is None:
+        if not isinstance(ddf, MetaTensor):
+            raise TypeError("save_field: a field without an affine (give affine= or a MetaTensor)")
+        affine = ddf.affine
+    field = ddf.as_tensor() if isinstance(ddf, MetaTensor) else torch.as_tensor(ddf)
     if field.ndim >= 3 and field.shape[1] == field.ndim - 2 and field.shape[0] == 1:
         field = field[0]
     return save_image(voxel_to_mm(field.float(), affine).float(), path, affine=affine)

@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from medsynth.data.io import load_image, spacing_of, suffix_of
 from medsynth.errors import BadInputError
@@ -287,18 +288,17 @@ def render_still(
     return out_png
 
 
-def write_motion(folder: str | Path, image: torch.Tensor, affine: np.ndarray, fields: torch.Tensor, phases: Sequence[int],
+def write_motion(folder: str | Path, image: MetaTensor, fields: torch.Tensor, phases: Sequence[int],
                  views: Sequence[View] = ("axial", "coronal", "sagittal"), style: Style = "quiver") -> list[Path]:
     """A motion over phases on disk: what ``medsynth sample`` writes for a generated breathing cycle.
 
-    Writes ``field_tNN.nii.gz`` (mm vectors with ``affine``), ``image_tNN.nii.gz`` (``image`` warped by
+    Writes ``field_tNN.nii.gz`` (mm vectors with the image's affine), ``image_tNN.nii.gz`` (``image`` warped by
     that field), ``image_4d.nii.gz`` (the phases as one 4D scan) and ``movie_<view>.gif`` per view
     (the field drawn as ``style``); the folder is a sequence :func:`load_frames` and ``medsynth render`` read.
 
     Args:
         folder: output folder.
-        image: ``(1, *S)`` the reference image (e.g. HU) on the grid of ``affine``.
-        affine: its 4x4 affine.
+        image: ``(1, *S)`` the reference image (e.g. HU), a ``MetaTensor`` carrying the 4x4 affine of its grid.
         fields: ``(P, 3, *S)`` voxel fields, ``warp_image(image, fields[i])`` = phase ``phases[i]``.
         phases: the phase number of each field (file names).
 
@@ -308,7 +308,8 @@ def write_motion(folder: str | Path, image: torch.Tensor, affine: np.ndarray, fi
     from medsynth.data.io import save_image
     from medsynth.motion.fields import save_field, warp_image
 
-    folder = Path(folder)
+    folder, affine = Path(folder), np.asarray(image.affine, dtype=np.float64)
+    image = image.as_tensor()
     frames = warp_image(image[None].expand(len(fields), *image.shape).float(), fields.float())[:, 0]
     field_paths = [save_field(f, folder / f"field_t{p:02d}.nii.gz", affine) for p, f in zip(phases, fields)]
     frame_paths = [save_image(frame[None], folder / f"image_t{p:02d}.nii.gz", affine=affine) for p, frame in zip(phases, frames)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, get_args
@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from monai.data import MetaTensor
 
 from medsynth.config import RecipeConfig, parse_value
 from medsynth.data.io import READABLE_SUFFIXES, suffix_of
@@ -58,6 +59,14 @@ class DataFormat:
     output: str  # what ``sample`` writes, with its units
     model_range: tuple[float, float] = (0.0, 1.0)  # the network's intensities: the prepared [0, 1] mapped linearly to this range
     window: str | None = "model.ct_window"  # dotted config key of the HU window of ``--normalize ct`` (None: no CT units)
+
+
+def model_affine(model: Any) -> np.ndarray:
+    """``(4, 4)`` voxel -> world mm of a model's grid as its prepared data gave it (the model config's
+    ``reference_affine``, filled by ``Recipe.data_settings``): the geometry of samples that no condition image
+    carries (a class's images, a patch grid); the identity for data without one (PNG)."""
+    affine = getattr(model, "reference_affine", None)
+    return np.asarray(affine if affine is not None else np.eye(4), dtype=np.float64)
 
 
 # -- stages -----------------------------------------------------------------------------------------
@@ -212,6 +221,33 @@ class StagedModule:
         self.stage.on_train_epoch_start(self)
 
 
+# -- what ``medsynth plan`` estimates (Recipe.plan_examples) ------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One trainable stage of a recipe at an input size: its config (data fields filled), a batch and a sampling call.
+
+    ``batch`` and ``sample`` are called inside the tensor mode that counts (fake or real), so they build their
+    tensors there. ``sample(module)`` runs one call of the sampling network on ``sample_items`` items;
+    ``sample_calls`` such calls make one batch of generated items (the sampler's steps).
+    """
+
+    stage: str
+    config: RecipeConfig
+    batch: Callable[[int], dict[str, Any]]  # batch size -> the batch dict the recipe's training_step takes
+    sample: Callable[[Any], Any]
+    sample_items: int
+    sample_calls: int
+    prepare: Callable[[Any, dict[str, Any]], None] | None = None  # (module, batch): state a trainer would set
+
+
+def with_settings(config: RecipeConfig, section: str, **values: Any) -> RecipeConfig:
+    """``config`` with the fields ``values`` of its section ``section`` (``model``, ``train``...) replaced (a copy)."""
+    part = getattr(config, section)
+    return config.model_copy(update={section: part.model_copy(update=values)})
+
+
 class Recipe(ABC):
     """A generative system: its config, LightningModule, data, sampler, evaluation and report."""
 
@@ -223,6 +259,7 @@ class Recipe(ABC):
     headline_metrics: ClassVar[tuple[str, ...]] = ()  # metrics.json keys the demo prints and the report opens with
     prepare_defaults: ClassVar[dict[str, Any]] = {}  # `medsynth prepare --recipe NAME` settings the user did not give
     tiny_example: ClassVar[TinyExample | None] = None  # required by the contract tests: every recipe declares one
+    plan_config: ClassVar[str | None] = None  # the shipped config `medsynth plan` starts from (a full-size one; None: the defaults)
     condition_refusal: ClassVar[str | None] = None  # why `sample --condition` is refused (None: the recipe takes it)
     takes_phases: ClassVar[bool] = False  # `sample --phases` selects what to generate
     # its runs are slice priors of `medsynth reconstruct`, scored by `evaluate --reconstruction` (evaluate_reconstruction)
@@ -249,6 +286,19 @@ class Recipe(ABC):
     def datamodule_options(self, config: RecipeConfig) -> dict[str, Any]:
         """Further ``PreparedDataModule`` settings of this recipe (``transform``, ``train_transform``)."""
         return {}
+
+    def data_settings(self, info: dict[str, Any], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The model fields every recipe fills from its prepared data (``info`` and the prepare ``settings`` of
+        :func:`~medsynth.data.datasets.require_prepared`), as its ``data_format`` declares them:
+        ``reference_affine`` (the data's 4 x 4 as a list, None without one) and, for a recipe in CT units, its window
+        field (``data_format.window``): the HU window of ``--normalize ct``, None for data normalised otherwise."""
+        from medsynth.data.datasets import prepared_affine
+
+        derived: dict[str, Any] = {"reference_affine": prepared_affine(info)}
+        if self.data_format.window:
+            window = (settings or {}).get("ct_window") if (settings or {}).get("normalize") == "ct" else None
+            derived[self.data_format.window.rsplit(".", 1)[-1]] = [float(v) for v in window] if window else None
+        return derived
 
     def to_units(self, x: torch.Tensor, config: RecipeConfig) -> torch.Tensor:
         """Network intensities (``data_format.model_range``) -> the data's units: HU through the run's CT window
@@ -360,6 +410,29 @@ class Recipe(ABC):
         """Recipe-specific blocks of the report (figures, grids)."""
         return []
 
+    # -- what `medsynth plan` and `train --dry-run` estimate (medsynth.plan)
+
+    def input_size(self, config: RecipeConfig) -> list[int] | None:
+        """The spatial input size ``config`` states (voxels/pixels, X Y [Z]: the data-filled field of the recipe's
+        model), or None where it states none. The default reads ``model.image_shape``."""
+        shape = getattr(getattr(config, "model", None), "image_shape", None)
+        return list(shape) if shape else None
+
+    def plan_examples(self, config: RecipeConfig, size: list[int]) -> list[Example]:
+        """The stages a run of ``config`` trains, each as an :class:`Example` at the spatial input ``size`` (voxels/pixels,
+        ``data_format.spatial_dims`` long, or 2 or 3 for a recipe whose data decides): its config with the data fields
+        filled for ``size``, a batch builder and one call of its sampling network.
+
+        Raises:
+            MedsynthError: the recipe declares none, or ``size`` does not suit it (one line).
+        """
+        raise MedsynthError(f"recipe '{self.name}' declares no plan examples (medsynth plan cannot estimate it)")
+
+    def plan_candidates(self, config: RecipeConfig) -> list[dict[str, Any]]:
+        """The ``model`` settings ``medsynth plan`` tries in turn where a batch of 1 does not fit: ``{}`` (the config's own)
+        first, then leaner ones (gradient checkpointing, smaller patches). The default tries nothing else."""
+        return [{}]
+
 
 def require_finite(outputs: torch.Tensor | Sequence[torch.Tensor], what: str) -> None:
     """Refuse (one line) to write generated ``outputs`` holding NaN or infinity: every recipe calls it
@@ -396,13 +469,35 @@ def condition_name(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ConditionVolume:
-    """A condition CT read for a model: as given and on the model's grid."""
+    """A condition volume (a CT frame) read for a model, as given and on the model's grid: the geometry carrier of
+    the conditioned recipes. Both forms are ``MetaTensor``s, so what is generated from one is written with its affine
+    (``save_image`` and ``save_field`` read a ``MetaTensor``'s own; :meth:`on_grid` wraps an output)."""
 
-    name: str  # the file name without its suffix
-    image: torch.Tensor  # (1, *S) as read (e.g. HU), on its own grid
-    affine: np.ndarray  # (4, 4) of that grid
-    unit: torch.Tensor  # (1, *shape) in [0, 1] on the model's grid
-    grid_affine: np.ndarray  # (4, 4) of the model's grid (the same field of view)
+    name: str  # the file name without its suffix (or the prepared case's id)
+    image: MetaTensor  # (1, *S) as read (e.g. HU), with the 4 x 4 of its own grid
+    unit: MetaTensor  # (1, *shape) in [0, 1] on the model's grid (the same field of view), with that grid's 4 x 4
+
+    @property
+    def affine(self) -> np.ndarray:
+        """``(4, 4)`` of the volume as given (voxel -> world mm)."""
+        return np.asarray(self.image.affine, dtype=np.float64)
+
+    @property
+    def grid_affine(self) -> np.ndarray:
+        """``(4, 4)`` of the model's grid over the volume's field of view."""
+        return np.asarray(self.unit.affine, dtype=np.float64)
+
+    def on_grid(self, output: torch.Tensor) -> MetaTensor:
+        """``output`` ``(C, *shape)``, made on the model's grid from this condition, carrying the grid's affine."""
+        return MetaTensor(output, affine=self.unit.affine)
+
+    @classmethod
+    def prepared(cls, name: str, item: dict[str, Any], image: torch.Tensor | None = None) -> ConditionVolume:
+        """A prepared item (``image`` ``(1, *shape)`` in [0, 1], ``affine``) as a condition: it is on the model's grid
+        already; ``image`` is the same volume in the data's units (HU; None: the [0, 1] one)."""
+        affine = torch.as_tensor(item["affine"], dtype=torch.float64)
+        unit = item["image"]
+        return cls(name, MetaTensor(unit if image is None else image, affine=affine), MetaTensor(unit, affine=affine))
 
 
 def condition_volumes(condition: Path, shape: Sequence[int], window: Sequence[float] | None, phase: int = 0) -> list[ConditionVolume]:
@@ -430,6 +525,6 @@ def condition_volumes(condition: Path, shape: Sequence[int], window: Sequence[fl
             note(f"{path}: shape {list(image.shape[1:])} resampled to the model grid {list(shape)} (same field of view)")
             grid = Resize(list(shape), mode="trilinear", anti_aliasing=True)(image)
         unit = hu_to_unit(grid.as_tensor().float(), window).clamp(0, 1)
-        volumes.append(ConditionVolume(condition_name(path), image.as_tensor().float(), np.asarray(image.affine, dtype=np.float64),
-                                       unit, np.asarray(grid.affine, dtype=np.float64)))
+        volumes.append(ConditionVolume(condition_name(path), MetaTensor(image.as_tensor().float(), affine=image.affine),
+                                       MetaTensor(unit, affine=grid.affine)))
     return volumes

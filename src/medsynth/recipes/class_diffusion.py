@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 from pydantic import Field
@@ -37,7 +36,16 @@ from medsynth.diffusion.module import DiffusionModule
 from medsynth.diffusion.sampling import SamplerConfig
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.class_generator import ClassGeneratorEvaluateConfig, evaluate_class_generator, real_vs_generated_section
-from medsynth.recipes.base import DataFormat, Recipe, SampleRequest, TinyExample, require_finite
+from medsynth.recipes.base import (
+    DataFormat,
+    Example,
+    Recipe,
+    SampleRequest,
+    TinyExample,
+    model_affine,
+    require_finite,
+    with_settings,
+)
 from medsynth.report.html import image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
@@ -163,7 +171,7 @@ class ClassDiffusionRecipe(Recipe):
             raise MedsynthError(f"unknown sampling mode '{request.mode}' (use: {', '.join(self.sample_modes)})")
         model = module.config.model
         suffix = ".png" if model.spatial_dims == 2 else ".nii.gz"
-        affine = np.asarray(model.reference_affine) if model.reference_affine is not None else None
+        affine = model_affine(model)
         batches = [(k, self.generate(module, k, request.n, request.seed)) for k in class_indices(model.classes, request.class_name)]
         require_finite([images for _, images in batches], f"class-diffusion {request.mode}")
         written: list[Path] = []
@@ -191,3 +199,27 @@ class ClassDiffusionRecipe(Recipe):
         sampler = module.config.sample.describe(module.schedule)
         section = real_vs_generated_section(real, fake, classes)
         return [ReportSection(f"{section.title} ({sampler})", section.html)]
+
+    # -- medsynth plan (Recipe.plan_examples)
+
+    def input_size(self, config: ClassDiffusionConfig) -> list[int] | None:
+        """The images' spatial size (``model.in_shape`` less its channels: H W or D H W, pixels/voxels), or None."""
+        return list(config.model.in_shape[1:]) if config.model.in_shape else None
+
+    def plan_examples(self, config: ClassDiffusionConfig, size: list[int]) -> list[Example]:
+        """One stage on images of ``size`` (H W or D H W); a sampling call denoises one batch of folded images."""
+        channels = config.model.in_shape[0] if config.model.in_shape else 1
+        classes = config.model.classes or [f"class_{i}" for i in range(5)]
+        config = with_settings(config, "model", spatial_dims=len(size), in_shape=[channels, *size], classes=classes)
+        fold, settings = config.model.fold, config.sample
+        items = settings.batch_size
+        folded = [channels * fold ** len(size), *(s // fold for s in size)]  # what the UNet sees (space-to-depth)
+
+        def batch(b: int) -> dict[str, Any]:
+            return {"image": torch.rand(b, channels, *size), "class": torch.zeros(b, dtype=torch.long)}
+
+        def sample(module: ClassDiffusionModule) -> torch.Tensor:
+            return module.denoiser(settings)(torch.rand(items, *folded), torch.zeros(items, dtype=torch.long),
+                                             torch.zeros(items, dtype=torch.long))
+
+        return [Example("diffusion", config, batch, sample, items, settings.steps_for(config.model.make_schedule()))]

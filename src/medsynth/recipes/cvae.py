@@ -25,14 +25,23 @@ from medsynth.data.datasets import held_out_split
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.class_generator import ClassGeneratorEvaluateConfig, evaluate_class_generator, real_vs_generated_section
-from medsynth.latent_space import LatentMode, gaussian_kl, grid_latents, interpolate_latents, plane_latents, random_latents
+from medsynth.latent_space import KLTerm, LatentMode, grid_latents, interpolate_latents, plane_latents, random_latents
 from medsynth.nets.cvae import ConditionalVAE
-from medsynth.recipes.base import DataFormat, Recipe, SampleRequest, TinyExample, require_finite
+from medsynth.recipes.base import (
+    DataFormat,
+    Example,
+    Recipe,
+    SampleRequest,
+    TinyExample,
+    model_affine,
+    require_finite,
+    with_settings,
+)
 from medsynth.report.html import figure_html, image_grid, save_figure
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import class_seed
-from medsynth.training import MedsynthModule, warmed_up
+from medsynth.training import MedsynthModule
 
 
 class CVAEModelConfig(StrictModel):
@@ -84,6 +93,7 @@ class CVAEModule(MedsynthModule):
             embed_dim=model.embed_dim, num_res_units=model.num_res_units,
             output_activation="none" if model.recon_loss == "bce" else "sigmoid",
         )
+        self.kl = KLTerm(model.kl_weight, model.kl_warmup_epochs)
         # MONAI's SSIMLoss names its window `win_size`; 7 px suits the 64-448 px sizes shipped.
         self.ssim = SSIMLoss(spatial_dims=model.spatial_dims, win_size=7) if model.ssim_weight > 0 else None
         self.discriminator = (PatchDiscriminator(spatial_dims=model.spatial_dims, num_layers_d=3, channels=model.discriminator_channels,
@@ -100,9 +110,6 @@ class CVAEModule(MedsynthModule):
         """Posterior means ``(B, D)``."""
         return self.net.encode_posterior(x, c)[0]
 
-    def kl_beta(self) -> float:
-        return warmed_up(self, self.config.model.kl_weight, self.config.model.kl_warmup_epochs)
-
     def _losses(self, batch: dict[str, Any], beta: float) -> dict[str, torch.Tensor]:
         x, c = batch["image"], batch["class"]
         out, mu, logvar, _ = self.net(x, c)
@@ -114,7 +121,7 @@ class CVAEModule(MedsynthModule):
         else:
             recon = (F.mse_loss if kind == "mse" else F.l1_loss)(out, x, reduction="mean") * per_image
             image = out
-        kl = gaussian_kl(mu, logvar)
+        kl = self.kl(mu, logvar)
         loss = recon + beta * kl
         if self.ssim is not None:
             loss = loss + self.config.model.ssim_weight * self.ssim(image.float(), x.float()) * per_image
@@ -142,16 +149,13 @@ class CVAEModule(MedsynthModule):
         return {**losses, "loss": losses["loss"] + weight * generator + per_image * discriminator, "adv_g": generator, "adv_d": discriminator}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        beta = self.kl_beta()
+        beta = self.kl.beta(self)
         losses = self._losses(batch, beta)
-        # Logged every `train.log_every_n_steps` steps only: per-step epoch aggregation costs ~5% of a CPU step.
-        if self.global_step % self.config.train.log_every_n_steps == 0:
-            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()} | {"train/beta": beta}, on_step=True, on_epoch=False)
+        self.log_losses("train", losses | {"beta": torch.tensor(beta)}, len(batch["image"]))
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self._losses(batch, self.config.model.kl_weight)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]), sync_dist=True)
+        self.log_losses("val", self._losses(batch, self.kl.weight), len(batch["image"]))
 
 
 def grid_steps(n: int) -> int:
@@ -168,6 +172,7 @@ class CVAERecipe(Recipe):
     headline_metrics = ("classifier_accuracy_real", "classifier_accuracy_generated", "tstr_accuracy", "downstream_accuracy_with_generated",
                         "spectrum_ratio_high", "memorisation_max_ssim")
     condition_refusal = "cvae is conditioned on classes: use --class NAME"
+    plan_config = "cvae-224"
     tiny_example = TinyExample(
         phantom="cilia", n=6, size=32, prepare={"size": 32, "normalize": "none", "seed": 0}, config="cvae-tiny",
         overrides=("model.channels=[8, 16]", "model.strides=[2, 2]", "model.latent_size=4", "model.embed_dim=4", "train.batch_size=8",
@@ -223,7 +228,7 @@ class CVAERecipe(Recipe):
         written: list[Path] = []
         model = module.config.model
         suffix = ".png" if model.spatial_dims == 2 else ".nii.gz"
-        affine = np.asarray(model.reference_affine) if model.reference_affine is not None else None
+        affine = model_affine(model)
         indices = class_indices(model.classes, request.class_name)
         if request.mode == LatentMode.GRID.value:
             steps = grid_steps(request.n)
@@ -272,3 +277,26 @@ class CVAERecipe(Recipe):
         except MedsynthError:
             pass  # no real images of that class are at hand: the report goes without interpolation
         return sections
+
+    # -- medsynth plan (Recipe.plan_examples)
+
+    def input_size(self, config: CVAEConfig) -> list[int] | None:
+        """The images' spatial size (``model.in_shape`` less its channels: H W or D H W, pixels/voxels), or None."""
+        return list(config.model.in_shape[1:]) if config.model.in_shape else None
+
+    def plan_examples(self, config: CVAEConfig, size: list[int]) -> list[Example]:
+        """One stage on images of ``size`` (H W or D H W); a sampling call decodes one chunk of 64 codes."""
+        channels = config.model.in_shape[0] if config.model.in_shape else 1
+        classes = config.model.classes or [f"class_{i}" for i in range(5)]
+        # kl_warmup_epochs reads the Trainer's batches per epoch; 0 (the full weight) leaves the step's compute unchanged
+        config = with_settings(config, "model", spatial_dims=len(size), in_shape=[channels, *size], classes=classes,
+                               kl_warmup_epochs=0)
+        items = 64  # CVAERecipe.generate decodes in chunks of 64
+
+        def batch(b: int) -> dict[str, Any]:
+            return {"image": torch.rand(b, channels, *size), "class": torch.zeros(b, dtype=torch.long)}
+
+        def sample(module: CVAEModule) -> torch.Tensor:
+            return module.decode(torch.zeros(items, config.model.latent_size), torch.zeros(items, dtype=torch.long))
+
+        return [Example("cvae", config, batch, sample, items, 1)]

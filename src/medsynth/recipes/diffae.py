@@ -49,6 +49,7 @@ from medsynth.latent_space import slerp
 from medsynth.nets.latent_mlp import LatentMLP
 from medsynth.recipes.base import (
     DataFormat,
+    Example,
     Recipe,
     SampleRequest,
     Stage,
@@ -57,6 +58,7 @@ from medsynth.recipes.base import (
     Variant,
     require_finite,
     stages_trained,
+    with_settings,
 )
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
@@ -337,6 +339,7 @@ class DiffAERecipe(Recipe):
     reconstructs = True  # its runs (and its DDIM baseline's) are the slice priors of `medsynth reconstruct`
     stages = STAGES
     variants = (DDIM,)
+    plan_config = "diffae-128"
     tiny_example = TinyExample(  # 16 x 16 slices of 4 phantom subjects, 2 frames; the resume test crosses the stage boundary
         phantom="cardiac", n=4, size=32, phantom_options={"modality": "mri", "views": True, "frames": 2, "hr_factor": 2},
         prepare={"size": 16, "seed": 0}, config="diffae-tiny",
@@ -494,3 +497,29 @@ class DiffAERecipe(Recipe):
         from medsynth.inverse.evaluation import reconstruction_figures
 
         return sections + [ReportSection(title, figure_html(fig, title)) for title, fig in reconstruction_figures(run.samples / "reconstruction")]
+
+    # -- medsynth plan (Recipe.plan_examples)
+
+    def input_size(self, config: DiffAEConfig) -> list[int] | None:
+        """The slices' size (``model.image_size`` pixels, square: H W), or None."""
+        return [config.model.image_size] * 2 if config.model.image_size else None
+
+    def plan_examples(self, config: DiffAEConfig, size: list[int]) -> list[Example]:
+        """The autoencoder stage on square slices of ``size`` (H W pixels); a sampling call denoises one batch (with a
+        semantic code, but in the DDIM baseline)."""
+        if len(size) != 2 or size[0] != size[1]:
+            raise MedsynthError(f"diffae: --size {size}: slices are square (one size, or two equal ones)")
+        config = with_settings(config, "model", image_size=size[0])
+        settings = config.sample
+        items = settings.batch_size
+        coded = self.variant(config) is not DDIM  # the DDIM baseline's UNet takes no z_sem
+
+        def batch(b: int) -> dict[str, Any]:
+            return {"image": torch.rand(b, 1, *size)}
+
+        def sample(module: DDIMModule) -> Tensor:
+            z_sem = torch.zeros(items, config.model.semantic_dim) if coded else None
+            return module.denoiser(settings)(torch.rand(items, 1, *size), torch.zeros(items, dtype=torch.long), z_sem)
+
+        # the latent DDIM (an MLP on z_sem) trains after the autoencoder stage: its step is negligible beside it
+        return [Example("autoencoder", config, batch, sample, items, settings.steps_for(config.model.make_schedule()))]

@@ -37,12 +37,14 @@ from medsynth.data.fields import save_field, voxel_to_mm
 from medsynth.data.io import load_image, save_image, spacing_of
 from medsynth.errors import MedsynthError
 from medsynth.evaluate.downstream import MotionUtilitySettings
-from medsynth.latent_space import channel_directions, direction_grid, gaussian_kl, interpolate_latents, plane_basis
+from medsynth.latent_space import KLTerm, channel_directions, direction_grid, interpolate_latents, plane_basis
 from medsynth.motion.augment import augment_pair
 from medsynth.motion.fields import epe_map_mm, invert, warp_image
 from medsynth.nets.flow_cvae import FlowCVAE, ImagePyramid, LearnedPyramid, RegistrationNet
 from medsynth.recipes.base import (
+    ConditionVolume,
     DataFormat,
+    Example,
     Load,
     Recipe,
     SampleRequest,
@@ -50,13 +52,15 @@ from medsynth.recipes.base import (
     TinyExample,
     condition_volumes,
     load_stage_weights,
+    model_affine,
     require_finite,
     stage_object,
+    with_settings,
 )
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
 from medsynth.seeds import item_seed
-from medsynth.training import MedsynthModule, warmed_up
+from medsynth.training import MedsynthModule
 
 HEART = ("left_atrium", "right_atrium", "rv_blood_pool", "lv_blood_pool", "lv_myocardium")  # CARDIAC_LABELS names
 
@@ -124,7 +128,7 @@ def bound_voxels(model: FlowCVAEModelConfig) -> list[float]:
     """``max_displacement`` per axis in voxels of the prepared grid."""
     if model.displacement_unit == "voxels":
         return [model.max_displacement] * 3
-    spacing = spacing_of(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)))
+    spacing = spacing_of(model_affine(model))
     return [float(model.max_displacement / s) for s in spacing[:3]]
 
 
@@ -190,7 +194,7 @@ class CVAEStage:
         recon, mu, logvar = module.net(flow, frame)
         error = epe_map_mm(recon, flow, affines)  # (B, *S) mm
         voxels = error[0].numel()
-        kl = gaussian_kl(mu, logvar)
+        kl = module.kl(mu, logvar)
         # the weighted mean keeps the unweighted EPE's scale (per voxel), so recon_sigma_mm and beta mean the same
         weights = self.voxel_weights(flow, affines) if self.model.moving_weight > 0 else torch.ones_like(error)
         nll = (weights * error).sum() / weights.sum() / self.model.recon_sigma_mm
@@ -247,6 +251,7 @@ class FlowCVAEModule(MedsynthModule):
         if config.model.image_shape is None:
             raise MedsynthError("flow-cvae: model.image_shape is unset (train with --data)")
         self.stage = stage_object(STAGES, config)
+        self.kl = KLTerm(config.model.kl_weight, config.model.kl_warmup_epochs)
         self.net = self.stage.build()
         self.stage.add_buffers(self)
 
@@ -282,18 +287,13 @@ class FlowCVAEModule(MedsynthModule):
         shape = self.net.latent_shape(self.config.model.image_shape)
         return torch.zeros(shape), torch.ones(shape)
 
-    def kl_beta(self) -> float:
-        return warmed_up(self, self.config.model.kl_weight, self.config.model.kl_warmup_epochs)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        losses = self.stage.losses(self, batch, self.kl_beta())
-        if self.global_step % self.config.train.log_every_n_steps == 0:
-            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False)
+        losses = self.stage.losses(self, batch, self.kl.beta(self))
+        self.log_losses("train", losses, len(batch["image"]))
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self.stage.losses(self, batch, self.config.model.kl_weight)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]))
+        self.log_losses("val", self.stage.losses(self, batch, self.kl.weight), len(batch["image"]))
 
     @torch.no_grad()
     def decode(self, z: Tensor, frame: Tensor) -> Tensor:
@@ -320,6 +320,7 @@ class FlowCVAERecipe(Recipe):
                         "downstream_epe_real_only_mm", "downstream_epe_classic_mm", "downstream_epe_with_generated_mm",
                         "downstream_epe_oracle_mm", "downstream_gain_share_generated")
     prepare_defaults = {"normalize": "ct"}  # HU window -1000..1000 -> [0, 1]; condition files are scaled the same way
+    plan_config = "flow-cvae-86"
     tiny_example = TinyExample(
         phantom="cardiac", n=6, size=16, phantom_options={"flow_pairs": True}, prepare={"size": 16, "seed": 0}, config="flow-cvae-tiny",
         overrides=("model.channels=[4, 8]", "model.pyramid_channels=[4, 4]", "model.latent_channels=2", "train.batch_size=2",
@@ -339,8 +340,7 @@ class FlowCVAERecipe(Recipe):
             raise MedsynthError(f"flow-cvae: volume shape {shape} must be divisible by {factor} (2^levels for model.channels)")
         run = model.registration_run
         return config.model_copy(update={"model": model.model_copy(update={
-            "image_shape": shape, "reference_affine": np.asarray(info["affine"]).tolist(),
-            "ct_window": [float(v) for v in settings["ct_window"]],
+            "image_shape": shape, **self.data_settings(info, settings),
             "registration_run": str(Path(run).resolve()) if run else None})})
 
     def build_module(self, config: FlowCVAEConfig) -> FlowCVAEModule:
@@ -352,15 +352,16 @@ class FlowCVAERecipe(Recipe):
 
     # -- generation ---------------------------------------------------------------------------
 
-    def frames(self, module: FlowCVAEModule, condition: Path | None) -> list[tuple[str, Tensor, np.ndarray]]:
-        """Condition frames ``(name, (1, 1, *S) in [0, 1], affine)``: the files given, or the held-out prepared frames."""
+    def frames(self, module: FlowCVAEModule, condition: Path | None) -> list[ConditionVolume]:
+        """Condition frames (their ``unit`` ``(1, *S)`` in [0, 1] on the model's grid): the files given, or the held-out
+        prepared frames."""
         model = module.config.model
         if condition is None:
             cases = first_split(module.config.data_dir, ("test", "val", "train"))
             if not cases:
                 raise MedsynthError(f"flow-cvae: no --condition given and no prepared frames in {module.config.data_dir}")
-            return [(case["id"], case["image"][None], case["affine"].numpy()) for case in cases]
-        return [(v.name, v.unit[None], v.grid_affine) for v in condition_volumes(Path(condition), model.image_shape, model.ct_window)]
+            return [ConditionVolume.prepared(case["id"], case, self.to_units(case["image"], module.config)) for case in cases]
+        return condition_volumes(Path(condition), model.image_shape, model.ct_window)
 
     def latents(self, module: FlowCVAEModule, request: SampleRequest, count: int) -> Tensor:
         """Latent codes ``(N, *latent_shape)`` of a request made on ``count`` condition frames."""
@@ -392,15 +393,15 @@ class FlowCVAERecipe(Recipe):
             return channel_directions(shape, (list(range(shape[0] // 2)), list(range(shape[0] // 2, shape[0]))))
         return channel_directions(shape, ([settings.grid_channels[0]], [settings.grid_channels[-1]]))
 
-    def write(self, module: FlowCVAEModule, frame: tuple[str, Tensor, np.ndarray], flows: Tensor, names: list[str],
-              folder: Path) -> list[Path]:
-        """Per flow: ``<name>_field.nii.gz`` (mm, the frame's affine) and ``<name>_warped.nii.gz`` (the synthetic diastole)."""
-        _, image, affine = frame
-        warped = warp_image(image.expand(len(flows), *image.shape[1:]), invert(flows))
+    def write(self, module: FlowCVAEModule, frame: ConditionVolume, flows: Tensor, names: list[str], folder: Path) -> list[Path]:
+        """Per flow ``(N, 3, *S)`` (voxels): ``<name>_field.nii.gz`` (mm) and ``<name>_warped.nii.gz`` (the synthetic
+        diastole, HU), both with the affine the frame carries."""
+        image = frame.unit.as_tensor()
+        warped = warp_image(image[None].expand(len(flows), *image.shape), invert(flows))
         written = []
         for name, flow, volume in zip(names, flows, warped):
-            written.append(save_field(flow, folder / f"{name}_field.nii.gz", affine))
-            written.append(save_image(self.to_units(volume, module.config), folder / f"{name}_warped.nii.gz", affine=affine))
+            written.append(save_field(frame.on_grid(flow), folder / f"{name}_field.nii.gz"))
+            written.append(save_image(frame.on_grid(self.to_units(volume, module.config)), folder / f"{name}_warped.nii.gz"))
         return written
 
     def sample(self, module: FlowCVAEModule, request: SampleRequest, out: Path) -> list[Path]:
@@ -418,9 +419,10 @@ class FlowCVAERecipe(Recipe):
         else:  # grid, plane, interpolate: on the first frame
             jobs = [(frames[0], k) for k in range(len(z))]
         written: list[Path] = []
-        for name in dict.fromkeys(frame[0] for frame, _ in jobs):
-            mine = [(frame, k) for frame, k in jobs if frame[0] == name]
-            flows = torch.cat([module.decode(z[[k for _, k in mine[i:i + 16]]], mine[0][0][1]) for i in range(0, len(mine), 16)])
+        for name in dict.fromkeys(frame.name for frame, _ in jobs):
+            mine = [(frame, k) for frame, k in jobs if frame.name == name]
+            condition = mine[0][0].unit.as_tensor()[None]  # (1, 1, *S)
+            flows = torch.cat([module.decode(z[[k for _, k in mine[i:i + 16]]], condition) for i in range(0, len(mine), 16)])
             require_finite(flows, f"flow-cvae {request.mode}")
             written += self.write(module, mine[0][0], flows, [f"{name}_{k:03d}" for _, k in mine], folder)
         if request.mode == "grid":
@@ -505,9 +507,10 @@ class FlowCVAERecipe(Recipe):
         if not module.stage.generates:
             return []
         folder = run.samples / "report"
-        name, image, affine = self.frames(module, None)[0]
-        frame = save_image(self.to_units(image[0], module.config), folder / f"{name}_frame.nii.gz", affine=affine)
-        field = self.write(module, (name, image, affine), self.prior_flows(module, image[0], 1, 0), [f"{name}_prior"], folder)[0]
+        held_out_frame = self.frames(module, None)[0]
+        name = held_out_frame.name
+        frame = save_image(held_out_frame.image, folder / f"{name}_frame.nii.gz")
+        field = self.write(module, held_out_frame, self.prior_flows(module, held_out_frame.unit.as_tensor(), 1, 0), [f"{name}_prior"], folder)[0]
         stills = [render_still(frame, folder / f"flow_{style}.png", field=field, style=style) for style in ("magnitude", "quiver")]
         grid = self.sample(module, SampleRequest(n=25, mode="grid"), folder)
         side = module.config.sample.grid_span
@@ -517,4 +520,27 @@ class FlowCVAERecipe(Recipe):
                           "middle axial slices", file_html(grid[-2])),
             ReportSection("The synthetic diastoles warp_image(F, invert(u)) of the grid, walked row by row (arrows: u)", file_html(grid[-1])),
         ]
+
+    # -- medsynth plan (Recipe.plan_examples)
+
+    def plan_examples(self, config: FlowCVAEConfig, size: list[int]) -> list[Example]:
+        """The run's stage on volumes of ``size`` (X Y Z voxels); a sampling call decodes one batch of fields."""
+        model = config.model
+        config = with_settings(config, "model", image_shape=list(size), kl_warmup_epochs=0,
+                               reference_affine=model.reference_affine or torch.eye(4).tolist(),
+                               ct_window=model.ct_window or [-1000.0, 1000.0])
+        items = config.sample.batch_size if hasattr(config.sample, "batch_size") else 1
+
+        def batch(b: int) -> dict[str, Any]:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():  # a real tensor: the loss reads the affines with numpy
+                affine = torch.eye(4, dtype=torch.float64).expand(b, 4, 4)
+            return {"image": torch.rand(b, 1, *size), "flow": torch.rand(b, 3, *size), "moving": torch.rand(b, 1, *size),
+                    "affine": affine}
+
+        def sample(module: FlowCVAEModule) -> Tensor:
+            return module.decode(torch.zeros(items, *module.net.latent_shape(size)), torch.rand(1, 1, *size))
+
+        return [Example(model.stage, config, batch, sample, items, 1)]
 

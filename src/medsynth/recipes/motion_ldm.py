@@ -55,6 +55,7 @@ from medsynth.motion.phase_series import PhaseData
 from medsynth.recipes.base import (
     ConditionVolume,
     DataFormat,
+    Example,
     Load,
     Recipe,
     SampleRequest,
@@ -65,6 +66,7 @@ from medsynth.recipes.base import (
     load_stage_weights,
     require_finite,
     stages_trained,
+    with_settings,
 )
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
@@ -377,6 +379,7 @@ class MotionLDMRecipe(Recipe):
                         "downstream_epe_real_only_mm", "downstream_epe_classic_mm", "downstream_epe_with_generated_mm",
                         "downstream_epe_oracle_mm", "downstream_gain_share_generated")
     prepare_defaults = {"normalize": "ct"}
+    plan_config = "motion-ldm-256"
     tiny_example = TinyExample(
         phantom="lung", n=6, size=32, phantom_options={"frames": 3}, prepare={"ct_window": (-1000.0, 500.0), "seed": 0},
         config="motion-ldm-tiny",  # (32, 32, 6) volumes; the resume test crosses both stage boundaries
@@ -404,11 +407,9 @@ class MotionLDMRecipe(Recipe):
             reference_phase = int(read_structured(summary, "registration summary")["reference_phase"])
             data = data.model_copy(update={"registration": str(registration)})
         check_latent_grid(model, list(info["image_shape"]))
-        window = settings.get("ct_window") if settings.get("normalize") == "ct" else None
         model = model.model_copy(update={
             "phases": len(phases), "reference_phase": reference_phase, "image_shape": list(info["image_shape"]),
-            "reference_affine": np.asarray(info["affine"]).tolist() if info.get("affine") is not None else None,
-            "ct_window": [float(v) for v in window] if window else None, "labels": {str(k): v for k, v in info["labels"].items()},
+            **self.data_settings(info, settings), "labels": {str(k): v for k, v in info["labels"].items()},
             **{key: str(Path(getattr(model, key)).resolve()) for key in ("image_ae_run", "field_vae_run") if getattr(model, key)},
         })
         return config.model_copy(update={"model": model, "data": data})
@@ -435,8 +436,7 @@ class MotionLDMRecipe(Recipe):
             return condition_volumes(Path(condition), model.image_shape, model.ct_window, phase=model.reference_phase)  # a 4D scan: its reference phase
         series = phase_data(module.config)
         held_out_cases = [c for c in held_out(module.config.data_dir) if c["phase"] == model.reference_phase]
-        return [ConditionVolume(series.subject[c["id"]], self.to_units(c["image"], module.config), c["affine"].numpy(), c["image"], c["affine"].numpy())
-                for c in held_out_cases]
+        return [ConditionVolume.prepared(series.subject[c["id"]], c, self.to_units(c["image"], module.config)) for c in held_out_cases]
 
     def requested_phases(self, module: MotionLDMModule, phases: Sequence[int] | None) -> list[int]:
         count = module.config.model.phases
@@ -461,12 +461,12 @@ class MotionLDMRecipe(Recipe):
         generated = []
         for c, ct in enumerate(conditions):
             for k in range(request.n):  # item (CT c, sample k, phase p): up to 100 samples of 1000 phases per CT
-                fields = module.fields_mm(ct.unit, phases, [item_seed(request.seed, c, k, p, sizes=(100, 1000)) for p in phases], settings)
+                fields = module.fields_mm(ct.unit.as_tensor(), phases, [item_seed(request.seed, c, k, p, sizes=(100, 1000)) for p in phases], settings)
                 on_ct = [resample_field(f, ct.grid_affine, tuple(ct.image.shape[1:]), ct.affine) for f in mm_to_voxel(fields.double(), ct.grid_affine)]
-                generated.append((ct.name if request.n == 1 else f"{ct.name}_s{k:02d}", ct.image, ct.affine, torch.stack(on_ct).float()))
+                generated.append((ct.name if request.n == 1 else f"{ct.name}_s{k:02d}", ct, torch.stack(on_ct).float()))
         require_finite([fields for *_, fields in generated], "motion-ldm fields")
-        return [path for name, ct, affine, fields in generated
-                for path in write_motion(out / request.mode / name, ct, affine, fields, phases, style=settings.movie_style)]
+        return [path for name, ct, fields in generated
+                for path in write_motion(out / request.mode / name, ct.image, fields, phases, style=settings.movie_style)]
 
     # -- evaluation
 
@@ -513,7 +513,7 @@ class MotionLDMRecipe(Recipe):
                         "training_fields": "registration" if module.config.data.registration else "dataset"})
         subject, reference = next(iter(test)), next(iter(test.values()))[model.reference_phase]
         folder = run.samples / "evaluate" / subject  # one generated motion of a held-out subject, for the report
-        write_motion(folder, self.to_units(reference["image"], module.config), reference["affine"].numpy(), generated[subject][0],
+        write_motion(folder, ConditionVolume.prepared(subject, reference, self.to_units(reference["image"], module.config)).image, generated[subject][0],
                      range(model.phases), views=("axial", "coronal"), style=module.config.sample.movie_style)
         return metrics
 
@@ -591,6 +591,50 @@ class MotionLDMRecipe(Recipe):
             axes.legend()
             sections.append(ReportSection("Lung volume over the breathing cycle, mean of the held-out subjects", figure_html(figure, "lung volume curve")))
         return sections
+
+    # -- medsynth plan (Recipe.plan_examples)
+
+    def plan_examples(self, config: MotionLDMConfig, size: list[int]) -> list[Example]:
+        """The stages the run trains (one, or all in turn) on volumes of ``size`` (X Y Z voxels); a sampling call
+        denoises one batch of field latents."""
+        model = config.model
+        config = with_settings(config, "model", image_shape=list(size), phases=model.phases or 10,
+                               reference_affine=model.reference_affine or torch.eye(4).tolist(),
+                               ct_window=model.ct_window or [-1000.0, 500.0])
+        settings = config.sample
+        items = settings.batch_size
+
+        def batch(b: int) -> dict[str, Any]:
+            return {"image": torch.rand(b, 1, *size), "reference": torch.rand(b, 1, *size), "field": torch.rand(b, 3, *size),
+                    "phase": torch.zeros(b, dtype=torch.long), "id": [f"c{i}" for i in range(b)],
+                    "subject": [f"s{i}" for i in range(b)]}
+
+        def cached_latents(module: MotionLDMModule, batch: dict[str, Any]) -> None:
+            # as a trainer's run does: posterior means are encoded once per dataset and cached, not per step
+            with torch.no_grad():
+                image = module.image_ae.encode(batch["reference"] * 2 - 1)[0]
+                fields = module.field_vae.encode(batch["field"])[0]
+            module._means = (dict(zip(batch["subject"], image)), dict(zip(batch["id"], fields)))
+
+        def sample(module: MotionLDMModule) -> Tensor:
+            latent = module.image_ae.latent_shape(size)
+            cond = Condition(concat=torch.zeros(items, model.image_ae.latent_channels, *latent),
+                             class_labels=torch.zeros(items, dtype=torch.long))
+            return module.denoiser(settings)(torch.rand(items, model.field_vae.latent_channels, *latent),
+                                             torch.zeros(items, dtype=torch.long), cond)
+
+        steps = settings.steps_for(model.make_schedule())
+        return [Example(stage.name, with_settings(config, "model", stage=stage.name), batch, sample, items, steps,
+                        cached_latents if isinstance(stage, LDMStage) else None) for stage in self.stages_trained(config)]
+
+    def plan_candidates(self, config: MotionLDMConfig) -> list[dict[str, Any]]:
+        """The config's own, then both autoencoders with gradient checkpointing (MONAI's), where it is not on already."""
+        model = config.model
+        found: list[dict[str, Any]] = [{}]
+        if not (model.image_ae.use_checkpoint and model.field_vae.use_checkpoint):
+            found.append({"image_ae": model.image_ae.model_copy(update={"use_checkpoint": True}),
+                          "field_vae": model.field_vae.model_copy(update={"use_checkpoint": True})})
+        return found
 
 
 # -- evaluation helpers -------------------------------------------------------------------------------

@@ -23,11 +23,12 @@ are average-pooled (labels by majority vote) on the fly.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
+from monai.data import MetaTensor
 from pydantic import AliasChoices, Field
 from torch import Tensor
 
@@ -49,6 +50,7 @@ from medsynth.evaluate.segmentation import LabelMapFidelityConfig, label_map_fid
 from medsynth.nets.patch_embedding import coordinate_channels
 from medsynth.recipes.base import (
     DataFormat,
+    Example,
     Load,
     Recipe,
     SampleRequest,
@@ -56,8 +58,10 @@ from medsynth.recipes.base import (
     TinyExample,
     condition_files,
     condition_name,
+    model_affine,
     require_finite,
     stage_object,
+    with_settings,
 )
 from medsynth.report.sections import ReportSection
 from medsynth.runs import Run
@@ -270,6 +274,7 @@ class SDMRecipe(Recipe):
                         "downstream_dice_with_generated", "spectrum_ratio_high", "memorisation_max_ssim")
     # HU window -> [0, 1] (written back in HU); --size crops/pads around the heart at the --spacing grid.
     prepare_defaults = {"normalize": "ct", "crop": True}
+    plan_config = "sdm-low-64"
     tiny_example = TinyExample(  # 16^3 volumes, the low stage on the 8^3 grid
         phantom="coronary", n=6, size=16, prepare={"ct_window": (-1000.0, 1000.0), "seed": 0}, config="sdm-tiny",
         overrides=("model.channels=[8, 16]", "model.attention_levels=[false, false]", "model.norm_num_groups=4", "model.num_head_channels=4",
@@ -286,11 +291,9 @@ class SDMRecipe(Recipe):
             raise MedsynthError(f"sdm: volume shape {shape} is not divisible by model.low_res_factor {factor}")
         patch = stage_object(DECLARED_STAGES, config).resolve_patch(shape, data_dir)
         labels = dict(sorted(info["labels"].items()))
-        window = settings.get("ct_window") if settings.get("normalize") == "ct" else None
         model = config.model.model_copy(update={
-            "image_shape": shape, "classes": list(labels.values()), "label_values": list(labels),
-            "reference_affine": np.asarray(info["affine"]).tolist() if info.get("affine") is not None else None,
-            "ct_window": [float(v) for v in window] if window else None, "patch_size": patch,
+            "image_shape": shape, "classes": list(labels.values()), "label_values": list(labels), "patch_size": patch,
+            **self.data_settings(info, settings),
         })
         sample = config.sample
         if sample.low_res_run is not None:
@@ -321,30 +324,31 @@ class SDMRecipe(Recipe):
         if request.class_name is not None:
             raise MedsynthError("sdm is conditioned on label maps, not classes: use --condition LABELS.nii.gz or a folder")
         module.eval()
-        jobs: list[tuple[str, Tensor, np.ndarray]] = []  # (name, class indices (1, 1, *S), affine)
+        jobs: list[tuple[str, MetaTensor]] = []  # (name, class indices (1, 1, *S) carrying the label map's affine)
         if request.condition is not None:
             for path in condition_files(Path(request.condition)):
-                labels, affine = read_label_map(path, module.config.model.label_values, module.config.model.classes)
+                indices, affine = read_label_map(path, module.config.model.label_values, module.config.model.classes)
+                labels = MetaTensor(indices, affine=affine)
                 module.stage.check_shape(path, tuple(labels.shape[2:]))
-                jobs += [(condition_name(path) if request.n == 1 else f"{condition_name(path)}_{k:02d}", labels, affine) for k in range(request.n)]
+                jobs += [(condition_name(path) if request.n == 1 else f"{condition_name(path)}_{k:02d}", labels) for k in range(request.n)]
         else:  # label maps of the prepared dataset's held-out cases, cycled
             cases = first_split(module.config.data_dir, ("test", "val", "train"))
             if not cases:
                 raise MedsynthError(f"sdm: no --condition given and no prepared label maps in {module.config.data_dir}")
             for k in range(request.n):
                 case = cases[k % len(cases)]
-                jobs.append((f"{case['id']}_{k:03d}", module.classes_of(case["label"][None]), case["affine"].numpy()))
+                jobs.append((f"{case['id']}_{k:03d}", MetaTensor(module.classes_of(case["label"][None]), affine=case["affine"])))
         model, factor = module.config.model, module.stage.grid_factor
-        volumes = generate_by_shape([labels for _, labels, _ in jobs], lambda labels, indices: self.generate(
+        volumes = generate_by_shape([labels.as_tensor() for _, labels in jobs], lambda labels, indices: self.generate(
             module, labels.to(module.device), item_seeds(request.seed, indices)))
         require_finite(volumes, f"sdm {request.mode}")
         written, folder = [], out / request.mode
-        for index, (name, labels, affine) in enumerate(jobs):
-            grid_affine = cascade.low_res_affine(affine, factor)
-            written.append(save_image(self.to_units(volumes[index], module.config).cpu(), folder / f"{name}.nii.gz", affine=grid_affine))
+        for index, (name, labels) in enumerate(jobs):
+            on_grid = partial(MetaTensor, affine=cascade.low_res_affine(labels.affine, factor))  # the generated grid's geometry
+            written.append(save_image(on_grid(self.to_units(volumes[index], module.config).cpu()), folder / f"{name}.nii.gz"))
             if request.condition is None:
-                values = values_of(cascade.downsample_labels(labels, len(model.classes), factor)[0], model.label_values)
-                save_image(values, folder / "labels" / f"{name}.nii.gz", affine=grid_affine)
+                values = values_of(cascade.downsample_labels(labels.as_tensor(), len(model.classes), factor)[0], model.label_values)
+                save_image(on_grid(values), folder / "labels" / f"{name}.nii.gz")
         return written
 
     def evaluate(self, run: Run, module: SDMModule, data_dir: Path) -> dict[str, Any]:
@@ -394,7 +398,7 @@ class SDMRecipe(Recipe):
         }
         if settings.utility:
             metrics |= self.utility(module, train, test, units, settings)
-        affine = cascade.low_res_affine(np.asarray(model.reference_affine if model.reference_affine is not None else np.eye(4)), factor)
+        affine = cascade.low_res_affine(model_affine(model), factor)
         save_labelled(run.samples / "evaluate", units(generated), values_of(cond_y[:, None], model.label_values), affine)
         return metrics
 
@@ -437,3 +441,42 @@ class SDMRecipe(Recipe):
                    cascade.downsample_image(case["image"][None], factor)[0]) for case in held_out(module.config.data_dir)[:6]]
         figure = figure_html(label_map_grid(pairs, len(model.classes), ncols=4), "label maps and volumes")
         return [ReportSection("Label maps with generated (top) and real (bottom) volumes, middle axial slices", figure)]
+
+    # -- medsynth plan (Recipe.plan_examples)
+
+    def plan_examples(self, config: SDMConfig, size: list[int]) -> list[Example]:
+        """The run's stage on volumes of ``size`` (X Y Z voxels, the prepared grid): the low stage on the low-res grid,
+        the high one on its training patch (resolved as training resolves it); a sampling call denoises one batch
+        (patch-tiled on the high stage)."""
+        classes = config.model.classes or ["background", "myocardium", "blood_pool", "coronary"]
+        config = with_settings(config, "model", image_shape=list(size), classes=classes, label_values=list(range(len(classes))))
+        stage = stage_object(self.stages, config)
+        config = with_settings(config, "model", patch_size=stage.resolve_patch(list(size), Path("--size")))
+        settings = config.sample
+        items = settings.batch_size
+
+        def batch(b: int) -> dict[str, Any]:
+            return {"image": torch.rand(b, 1, *size), "label": torch.zeros(b, 1, *size, dtype=torch.long)}
+
+        def sample(module: SDMModule) -> Tensor:
+            labels = torch.zeros(items, 1, *size, dtype=torch.long)
+            # a stage that concatenates channels (high) is conditioned on the upsampled low-res volume too
+            reference = torch.rand(items, 1, *size) if stage.concat_channels else None
+            cond = module.stage.condition(labels, reference)
+            grid = [s // stage.grid_factor for s in size]
+            return module.denoiser(settings)(torch.rand(items, 1, *grid), torch.zeros(items, dtype=torch.long), cond)
+
+        return [Example(config.model.stage, config, batch, sample, items, settings.steps_for(config.model.make_schedule()))]
+
+    def plan_candidates(self, config: SDMConfig) -> list[dict[str, Any]]:
+        """The config's own, then (the high stage, which trains on patches) its patch halved while each side stays at
+        least twice the UNet's stride (2^(levels-1)) and divisible by it."""
+        model = config.model
+        found: list[dict[str, Any]] = [{}]
+        if any(issubclass(stage.behaviour, HighStage) for stage in self.stages_trained(config)):
+            multiple = 2 ** (len(model.channels) - 1)
+            patch = list(model.patch_size)
+            while all(p // 2 >= 2 * multiple and (p // 2) % multiple == 0 for p in patch):
+                patch = [p // 2 for p in patch]
+                found.append({"patch_size": patch})
+        return found
