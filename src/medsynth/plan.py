@@ -108,16 +108,6 @@ def device_bytes(peak_bytes: int) -> int:
     return int(peak_bytes * ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES
 
 
-def __getattr__(name: str) -> Any:
-    """``medsynth.plan.Example``: :class:`medsynth.recipes.base.Example`, imported when first asked for (the recipes
-    import torch and Lightning; the CLI imports this module to build its parser, so it imports them lazily)."""
-    if name == "Example":
-        from medsynth.recipes.base import Example
-
-        return Example
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # -- what a recipe trains and samples, on an input of a given size (its Recipe.plan_examples) ---------------------
 
 
