@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medsynth.data.fields import mm_to_voxel, voxel_to_mm
+from medsynth.data.io import spacing_of
 from medsynth.motion.bspline import BSplineTransform
 from medsynth.motion.fields import jacobian_determinant
 
@@ -115,7 +116,7 @@ def random_smooth_fields(n: int, shape: Sequence[int], affine: Tensor, magnitude
     """
     affine = torch.as_tensor(affine, dtype=torch.float64)
     weight = 1.0 if envelope is None else torch.as_tensor(envelope, dtype=torch.float64)
-    spacing = torch.linalg.vector_norm(affine[:3, :3], dim=0)  # mm per voxel along each array axis
+    spacing = torch.from_numpy(spacing_of(affine.numpy()))  # mm per voxel along each array axis
     extent = spacing * (torch.as_tensor(list(shape), dtype=torch.float64) - 1)
     control = float(extent.min()) / 2 if control_mm is None else control_mm
     steps = tuple(max(1.0, control / float(s)) for s in spacing)  # control spacing in voxels per axis
