@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,20 @@ def test_the_ssim_window_rule_is_a_parameter():
     assert torch.equal(ssim(a[..., :1], b[..., :1], 7, fit="isotropic"), ssim(a[..., :1], b[..., :1], 1))
     with pytest.raises(RuntimeError, match="Kernel size"):  # no rule: a 7-voxel window does not fit 4 slices
         ssim(a, b, 7)
+
+
+def test_mmd_draws_real_at_random_and_its_reference_at_the_generated_count():
+    """Real features stored by subject (here two groups, one after the other) and a perfect generator (a random draw
+    of the same mixture, fewer items): the MMD and its reference at that count agree; cutting the real set to its
+    first rows (one group) made even the perfect generator look far."""
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.randn(400, 8, generator=generator)
+    groups[200:] += 2.0  # the second subject's features
+    perfect = groups[torch.randperm(400, generator=generator)[:64]] + 0.01 * torch.randn(64, 8, generator=generator)
+    scores = [feature_mmd(groups, perfect, seed=s) for s in range(20)]
+    references = [real_reference(feature_mmd, groups, seed=s, size=64) for s in range(20)]
+    first_rows = feature_mmd(groups[:64], perfect)  # what the first 64 stored rows gave
+    spread = float(torch.tensor(references).std())
+    assert abs(float(np.mean(scores)) - float(np.mean(references))) < 2 * spread
+    assert first_rows > float(np.mean(references)) + 5 * spread
+    assert real_reference(lambda a, b: float(len(a) + 1000 * len(b)), groups, size=64) == 64 + 1000 * 64

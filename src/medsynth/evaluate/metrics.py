@@ -71,11 +71,18 @@ def ms_ssim_diversity(images: torch.Tensor, max_pairs: int = 200, seed: int = 0)
     return float(metric(images[first].float(), images[second].float()).mean())
 
 
-def feature_mmd(real: torch.Tensor, generated: torch.Tensor) -> float:
-    """MMD (MONAI, linear kernel) between standardised features ``(N, F)`` of equal count."""
+def feature_mmd(real: torch.Tensor, generated: torch.Tensor, seed: int = 0) -> float:
+    """MMD (MONAI, linear kernel) between features ``(N, F)`` and ``(M, F)``, standardised by the real ones, at equal
+    counts: the larger set is cut to the smaller's count by a seeded random draw (its first rows are often one
+    subject's or one class's slices, which would score even real slices as far). Judge it against
+    :func:`real_reference` at the same count (``size=``): the estimate's spread grows as the count falls."""
     n = min(len(real), len(generated))
+
+    def drawn(x: torch.Tensor) -> torch.Tensor:
+        return x if len(x) == n else x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
+
     mean, std = real.mean(dim=0), real.std(dim=0).clamp_min(1e-6)
-    return float(MMDMetric()((real[:n] - mean) / std, (generated[:n] - mean) / std))
+    return float(MMDMetric()((drawn(real) - mean) / std, (drawn(generated) - mean) / std))
 
 
 def nearest_ssim(generated: torch.Tensor, reference: torch.Tensor, candidates: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,21 +135,21 @@ def split_halves(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def real_reference(metric: Callable[[torch.Tensor, torch.Tensor], float], real: torch.Tensor, seed: int = 0,
-                   min_per_half: int = 2) -> float:
-    """``metric(real[a], real[b])`` for two disjoint seeded halves ``a``, ``b`` of ``real``: the reference
+                   min_per_half: int = 2, size: int | None = None) -> float:
+    """``metric(real[a], real[b])`` for two disjoint seeded random subsets ``a``, ``b`` of ``real``: the reference
     a ``metric(real, generated)`` is judged against (``<metric>_real_reference`` in ``metrics.json``).
 
     Args:
         metric: a distance between two sets, e.g. :func:`feature_mmd`.
         real: ``(N, ...)`` real items (features or images).
         seed: seed of the split.
-        min_per_half: fewer items per half give ``nan`` (the metric would mean nothing).
-
-    Note:
-        Each half holds ``N // 2`` items, the real-vs-generated score usually more; for a biased
-        estimator such as MMD the reference is then slightly higher than at equal counts.
+        min_per_half: fewer items per subset give ``nan`` (the metric would mean nothing).
+        size: items per subset: the count the generated comparison is made at (a set-size-dependent estimate such as
+            MMD's is only comparable at equal counts); None: halves of ``N // 2``. At most ``N // 2``.
     """
     first, second = split_halves(len(real), seed)
+    if size is not None:
+        first, second = first[:size], second[:size]
     if len(first) < min_per_half:
         return math.nan
     return float(metric(real[first], real[second]))

@@ -444,7 +444,8 @@ class DiffAERecipe(Recipe):
             classes = structure_classes(stack_items(train, "label"))
             network = train_classifier(train_x, classes, int(classes.max()) + 1, epochs=settings.classifier_epochs, seed=settings.seed)
             real_features, fake_features = classify(network, test_x).features, classify(network, generated).features
-            mmd, mmd_reference = feature_mmd(real_features, fake_features), real_reference(feature_mmd, real_features, seed=settings.seed)
+            mmd = feature_mmd(real_features, fake_features, seed=settings.seed)
+            mmd_reference = real_reference(feature_mmd, real_features, seed=settings.seed, size=len(fake_features))
         # random_mmd*: the same figures under issue 20's names (random slices against real ones)
         metrics.update({"mmd_classifier_features": mmd, "mmd_classifier_features_real_reference": mmd_reference,
                         "random_mmd": mmd, "random_mmd_real_reference": mmd_reference,
