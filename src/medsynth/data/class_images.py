@@ -37,6 +37,18 @@ def class_image_info(data_dir: str | Path, who: str) -> dict[str, Any]:
             "reference_affine": prepared_affine(info)}
 
 
+def class_image_size(model: Any) -> list[int] | None:
+    """The spatial size a class-image model config states (``in_shape`` less its channels: H W or D H W), or None."""
+    return list(model.in_shape[1:]) if model.in_shape else None
+
+
+def class_image_fields(model: Any, size: list[int]) -> dict[str, Any]:
+    """The data-filled model fields for images of ``size`` (H W or D H W) where no data is at hand (``medsynth plan``):
+    its channels (1 when unset) and classes (five placeholders when unset)."""
+    channels = model.in_shape[0] if model.in_shape else 1
+    return {"spatial_dims": len(size), "in_shape": [channels, *size], "classes": model.classes or [f"class_{i}" for i in range(5)]}
+
+
 def flips_and_turns(sample: dict[str, Any]) -> dict[str, Any]:
     """A random flip and quarter turn of a 2D item's ``image`` (C, H, W).
 

@@ -27,7 +27,15 @@ from pydantic import Field
 from torch import Tensor
 
 from medsynth.config import RecipeConfig
-from medsynth.data.class_images import ClassImageDataConfig, class_image_datamodule, class_image_info, class_indices, real_images
+from medsynth.data.class_images import (
+    ClassImageDataConfig,
+    class_image_datamodule,
+    class_image_fields,
+    class_image_info,
+    class_image_size,
+    class_indices,
+    real_images,
+)
 from medsynth.data.datasets import held_out_split
 from medsynth.data.io import save_image
 from medsynth.diffusion.config import DenoiserConfig
@@ -203,14 +211,12 @@ class ClassDiffusionRecipe(Recipe):
     # -- medsynth plan (Recipe.plan_examples)
 
     def input_size(self, config: ClassDiffusionConfig) -> list[int] | None:
-        """The images' spatial size (``model.in_shape`` less its channels: H W or D H W, pixels/voxels), or None."""
-        return list(config.model.in_shape[1:]) if config.model.in_shape else None
+        return class_image_size(config.model)
 
     def plan_examples(self, config: ClassDiffusionConfig, size: list[int]) -> list[Example]:
         """One stage on images of ``size`` (H W or D H W); a sampling call denoises one batch of folded images."""
-        channels = config.model.in_shape[0] if config.model.in_shape else 1
-        classes = config.model.classes or [f"class_{i}" for i in range(5)]
-        config = with_settings(config, "model", spatial_dims=len(size), in_shape=[channels, *size], classes=classes)
+        config = with_settings(config, "model", **class_image_fields(config.model, size))
+        channels = config.model.in_shape[0]
         fold, settings = config.model.fold, config.sample
         items = settings.batch_size
         folded = [channels * fold ** len(size), *(s // fold for s in size)]  # what the UNet sees (space-to-depth)

@@ -20,7 +20,15 @@ from torch.func import functional_call
 
 from medsynth.config import RecipeConfig, StrictModel
 from medsynth.console import note
-from medsynth.data.class_images import ClassImageDataConfig, class_image_datamodule, class_image_info, class_indices, real_images
+from medsynth.data.class_images import (
+    ClassImageDataConfig,
+    class_image_datamodule,
+    class_image_fields,
+    class_image_info,
+    class_image_size,
+    class_indices,
+    real_images,
+)
 from medsynth.data.datasets import held_out_split
 from medsynth.data.io import save_image
 from medsynth.errors import MedsynthError
@@ -281,16 +289,13 @@ class CVAERecipe(Recipe):
     # -- medsynth plan (Recipe.plan_examples)
 
     def input_size(self, config: CVAEConfig) -> list[int] | None:
-        """The images' spatial size (``model.in_shape`` less its channels: H W or D H W, pixels/voxels), or None."""
-        return list(config.model.in_shape[1:]) if config.model.in_shape else None
+        return class_image_size(config.model)
 
     def plan_examples(self, config: CVAEConfig, size: list[int]) -> list[Example]:
         """One stage on images of ``size`` (H W or D H W); a sampling call decodes one chunk of 64 codes."""
-        channels = config.model.in_shape[0] if config.model.in_shape else 1
-        classes = config.model.classes or [f"class_{i}" for i in range(5)]
         # kl_warmup_epochs reads the Trainer's batches per epoch; 0 (the full weight) leaves the step's compute unchanged
-        config = with_settings(config, "model", spatial_dims=len(size), in_shape=[channels, *size], classes=classes,
-                               kl_warmup_epochs=0)
+        config = with_settings(config, "model", **class_image_fields(config.model, size), kl_warmup_epochs=0)
+        channels = config.model.in_shape[0]
         items = 64  # CVAERecipe.generate decodes in chunks of 64
 
         def batch(b: int) -> dict[str, Any]:
